@@ -1,0 +1,501 @@
+"""Typed run configuration: one frozen dataclass per section, loaded from YAML plus dotted overrides.
+
+Every default is the published MotionNFT / DiffusionNFT value (../shared/DESIGN.md §1, §3-§5) unless its help
+says otherwise. Errors name the dotted key (`rollout.group_size`) and what was expected, so a bad run fails at
+start-up, not inside a worker. This is the one module every package may import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, of the wrong type or out of range; the message names the dotted key."""
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
+    """A dataclass field whose help text feeds `--help`; immutable defaults only (tuples, not lists)."""
+    return field(default=default, metadata={"help": help})
+
+
+def _check(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+FAMILIES = ("flux_kontext", "qwen_image_edit")
+DTYPES = ("float32", "bfloat16", "float16")
+FLOW_ESTIMATORS = ("raft_large", "raft_small", "dis", "farneback")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    SECTION: ClassVar[str] = "model"
+    family: str = _f("flux_kontext", "policy family: flux_kontext | qwen_image_edit")
+    path: str = _f("", "pipeline dir (save_pretrained layout) or s3://bucket/prefix; empty needs model.tiny=true")
+    tiny: bool = _f(False, "build a tiny random-weight pipeline offline into cache_dir and train that")
+    dtype: str = _f("bfloat16", "weights/compute dtype of rollouts and learner: float32 | bfloat16 | float16")
+    guidance: float = _f(2.5, "FLUX Kontext distilled guidance embedding (rollouts and training); Qwen: unused")
+    cache_dir: str = _f("~/.cache/motionnft", "where S3 downloads and tiny models are kept")
+
+    def __post_init__(self) -> None:
+        _check(self.family in FAMILIES, "model.family", f"one of {FAMILIES}", self.family)
+        _check(self.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", self.dtype)
+        _check(self.guidance >= 0, "model.guidance", "a value >= 0", self.guidance)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    SECTION: ClassVar[str] = "data"
+    source: str = _f("", "MotionEdit parquet / JSONL manifest / folder, local or s3://; empty needs data.synthetic")
+    synthetic: int = _f(0, "if > 0 and source is empty: generate this many synthetic motion examples and use them")
+    synthetic_size: int = _f(64, "side in pixels of generated synthetic images")
+    eval_fraction: float = _f(0.1, "share of examples held out for evaluation (deterministic by id and seed)")
+    on_error: str = _f("skip", "a bad row (missing field/file, corrupt image): skip (logged) | raise")
+    seed: int = _f(0, "seed of the split and of the prompt order")
+
+    def __post_init__(self) -> None:
+        _check(self.synthetic >= 0, "data.synthetic", "an integer >= 0", self.synthetic)
+        _check(
+            self.synthetic_size >= 16 and self.synthetic_size % 16 == 0,
+            "data.synthetic_size",
+            "a multiple of 16 >= 16",
+            self.synthetic_size,
+        )
+        _check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "a value in [0, 1)", self.eval_fraction)
+        _check(self.on_error in ("skip", "raise"), "data.on_error", "skip | raise", self.on_error)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    SECTION: ClassVar[str] = "rollout"
+    group_size: int = _f(8, "K: candidate edits sampled per (image, instruction)")
+    prompts_per_step: int = _f(24, "P: prompts per training step (P*K samples)")
+    num_steps: int = _f(6, "DPM-Solver++(2M) steps on the shifted sigma grid linspace(1, 1/n, n)")
+    height: int = _f(512, "edit height in pixels (multiple of 16)")
+    width: int = _f(512, "edit width in pixels (multiple of 16)")
+    micro_batch: int = _f(8, "candidates per transformer call (several groups share a call)")
+    max_staleness: int = _f(1, "rollouts may use weights at most this many versions old (0 = on-policy)")
+    seed: int = _f(0, "base seed; candidate noise is a function of (seed, step, prompt, k)")
+
+    def __post_init__(self) -> None:
+        for key in ("group_size", "prompts_per_step", "num_steps", "micro_batch"):
+            _check(getattr(self, key) >= 1, f"rollout.{key}", "an integer >= 1", getattr(self, key))
+        _check(self.group_size >= 2, "rollout.group_size", "K >= 2 (group statistics need 2)", self.group_size)
+        _check(self.num_steps >= 2, "rollout.num_steps", "an integer >= 2", self.num_steps)
+        for key in ("height", "width"):
+            v = getattr(self, key)
+            _check(v >= 16 and v % 16 == 0, f"rollout.{key}", "a multiple of 16 >= 16", v)
+        _check(self.max_staleness >= 0, "rollout.max_staleness", "an integer >= 0", self.max_staleness)
+
+
+@dataclass(frozen=True)
+class FlowRewardConfig:
+    SECTION: ClassVar[str] = "reward.flow"
+    estimator: str = _f("raft_large", "raft_large | raft_small (torchvision RAFT) | dis | farneback (OpenCV, CPU)")
+    weights: str = _f("", "RAFT weights file, local or s3://; empty = random init (tests only)")
+    num_updates: int = _f(12, "RAFT refinement iterations")
+    max_batch: int = _f(32, "pairs per estimator call (>32 at 512^2 hits a cuDNN grid_sample limit on H100)")
+    q: float = _f(0.4, "exponent of the magnitude error L_q (DESIGN §3, reference scorer)")
+    motion_threshold: float = _f(0.002, "m: |V_g| above which a pixel counts for the direction term")
+    tau: float = _f(0.01, "movement hinge margin")
+    kappa: float = _f(0.5, "movement hinge share of the ground-truth motion")
+    w_magnitude: float = _f(0.7, "a: weight of L_q in D")
+    w_direction: float = _f(0.2, "b: weight of the direction error in D")
+    w_move: float = _f(0.1, "c: weight of the movement hinge in D")
+    quantize: bool = _f(True, "round the score to {0, .2, ..., 1} as the reference does")
+
+    def __post_init__(self) -> None:
+        _check(self.estimator in FLOW_ESTIMATORS, "reward.flow.estimator", f"one of {FLOW_ESTIMATORS}", self.estimator)
+        _check(self.num_updates >= 1, "reward.flow.num_updates", "an integer >= 1", self.num_updates)
+        _check(self.max_batch >= 1, "reward.flow.max_batch", "an integer >= 1", self.max_batch)
+        _check(self.q > 0, "reward.flow.q", "a value > 0", self.q)
+        for key in ("motion_threshold", "tau", "kappa", "w_magnitude", "w_direction", "w_move"):
+            _check(getattr(self, key) >= 0, f"reward.flow.{key}", "a value >= 0", getattr(self, key))
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    SECTION: ClassVar[str] = "reward.judge"
+    url: str = _f("", "existing OpenAI-compatible endpoint (http://host:port/v1); empty = start vLLM replicas")
+    model_path: str = _f("", "judge model dir for the replicas the service starts (reference: Qwen2.5-VL-32B)")
+    tiny: bool = _f(False, "build and serve a tiny random Qwen2-VL judge (CPU tests and demos)")
+    served_model_name: str = _f("judge", "model name used in requests")
+    mode: str = _f("score", "score: expected digit 0-5 from log-probs (training) | rubric: 3 criteria (eval)")
+    tensor_parallel_size: int = _f(1, "vLLM tensor parallel size per replica")
+    max_model_len: int = _f(4096, "vLLM context length")
+    timeout_s: float = _f(60.0, "per-request timeout")
+    max_retries: int = _f(3, "retries of a failed/unparseable request before the group fails")
+    backoff_s: float = _f(0.5, "first retry delay; doubles per retry")
+    max_concurrency: int = _f(16, "in-flight requests per reward worker")
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("score", "rubric"), "reward.judge.mode", "score | rubric", self.mode)
+        _check(self.timeout_s > 0, "reward.judge.timeout_s", "a value > 0", self.timeout_s)
+        _check(self.max_retries >= 0, "reward.judge.max_retries", "an integer >= 0", self.max_retries)
+        _check(self.max_concurrency >= 1, "reward.judge.max_concurrency", "an integer >= 1", self.max_concurrency)
+        _check(
+            self.tensor_parallel_size >= 1,
+            "reward.judge.tensor_parallel_size",
+            "an integer >= 1",
+            self.tensor_parallel_size,
+        )
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    SECTION: ClassVar[str] = "reward"
+    flow_weight: float = _f(0.5, "w_flow in R = w_flow*r_flow + w_mllm*r_mllm (0 = flow model never loaded)")
+    judge_weight: float = _f(0.5, "w_mllm (0 = judge never started)")
+    batch_pairs: int = _f(32, "candidate pairs a reward worker gathers across groups before one flow call")
+    max_wait_ms: float = _f(20.0, "longest a reward worker waits to fill a batch")
+    flow: FlowRewardConfig = field(default_factory=FlowRewardConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.flow_weight >= 0, "reward.flow_weight", "a value >= 0", self.flow_weight)
+        _check(self.judge_weight >= 0, "reward.judge_weight", "a value >= 0", self.judge_weight)
+        _check(
+            self.flow_weight + self.judge_weight > 0,
+            "reward.flow_weight",
+            "flow_weight + judge_weight > 0",
+            (self.flow_weight, self.judge_weight),
+        )
+        _check(self.batch_pairs >= 1, "reward.batch_pairs", "an integer >= 1", self.batch_pairs)
+        _check(self.max_wait_ms >= 0, "reward.max_wait_ms", "a value >= 0", self.max_wait_ms)
+
+
+@dataclass(frozen=True)
+class NFTConfig:
+    SECTION: ClassVar[str] = "nft"
+    beta: float = _f(1.0, "mixing of v_theta and v_old in the implicit policies v+ / v-")
+    adv_clip: float = _f(5.0, "normalised advantages are clipped to [-adv_clip, adv_clip] before r = A/10 + 0.5")
+    loss_scale: float = _f(5.0, "factor in front of the policy term (the reference's adv_clip_max multiplier)")
+    kl_weight: float = _f(1e-4, "weight of mean((v_theta - v_ref)^2)")
+    timestep_fraction: float = _f(0.99, "train on int(fraction * num_steps) grid points per sample")
+    group_min_std: float = _f(0.05, "a group trains only if its reward std > this ...")
+    group_max_mean: float = _f(0.9, "... and its mean < this; std < min_std and mean > max_mean bans the prompt")
+    decay_schedule: str = _f("linear_capped", "old-policy decay d(step): linear_capped | none | delayed")
+    ema_cap: float = _f(0.9, "cap of the eval EMA decay min((1+k)/(10+k), cap)")
+    lr: float = _f(3e-4, "AdamW learning rate")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "max global grad norm")
+    full_finetune: bool = _f(False, "train all transformer weights instead of a LoRA adapter")
+    lora_rank: int = _f(32, "LoRA rank r")
+    lora_alpha: int = _f(64, "LoRA alpha")
+    lora_targets: tuple[str, ...] = _f(LORA_TARGETS, "module names that get LoRA")
+    reference_forwards: str = _f("learner", "where v_old / v_ref are computed: learner | rollout")
+
+    def __post_init__(self) -> None:
+        _check(self.beta > 0, "nft.beta", "a value > 0", self.beta)
+        _check(self.adv_clip > 0, "nft.adv_clip", "a value > 0", self.adv_clip)
+        _check(0 < self.timestep_fraction <= 1, "nft.timestep_fraction", "a value in (0, 1]", self.timestep_fraction)
+        _check(
+            self.decay_schedule in ("linear_capped", "none", "delayed"),
+            "nft.decay_schedule",
+            "linear_capped | none | delayed",
+            self.decay_schedule,
+        )
+        _check(0 <= self.ema_cap < 1, "nft.ema_cap", "a value in [0, 1)", self.ema_cap)
+        _check(self.lr > 0, "nft.lr", "a value > 0", self.lr)
+        _check(
+            0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+            "nft.adam_beta1",
+            "betas in [0, 1)",
+            (self.adam_beta1, self.adam_beta2),
+        )
+        _check(self.grad_clip > 0, "nft.grad_clip", "a value > 0", self.grad_clip)
+        _check(self.lora_rank >= 1, "nft.lora_rank", "an integer >= 1", self.lora_rank)
+        _check(self.lora_alpha >= 1, "nft.lora_alpha", "an integer >= 1", self.lora_alpha)
+        _check(len(self.lora_targets) > 0, "nft.lora_targets", "a non-empty list of module names", self.lora_targets)
+        _check(
+            self.reference_forwards in ("learner", "rollout"),
+            "nft.reference_forwards",
+            "learner | rollout",
+            self.reference_forwards,
+        )
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    SECTION: ClassVar[str] = "learner"
+    micro_batch: int = _f(4, "samples per forward/backward on one rank (gradients accumulate over the step)")
+    activation_checkpointing: bool = _f(False, "recompute transformer blocks in backward (less memory, ~1.4x time)")
+    backend: str = _f("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU) | gloo | nccl")
+    steps: int = _f(300, "training steps")
+    seed: int = _f(0, "seed of timesteps and training noise")
+
+    def __post_init__(self) -> None:
+        _check(self.micro_batch >= 1, "learner.micro_batch", "an integer >= 1", self.micro_batch)
+        _check(self.backend in ("auto", "gloo", "nccl"), "learner.backend", "auto | gloo | nccl", self.backend)
+        _check(self.steps >= 1, "learner.steps", "an integer >= 1", self.steps)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    SECTION: ClassVar[str] = "checkpoint"
+    dir: str = _f("runs/default/checkpoints", "local dir or s3://bucket/prefix for sharded checkpoints")
+    every: int = _f(25, "save every N steps (and at the end); 0 = only at the end")
+    keep: int = _f(3, "complete checkpoints kept (older ones deleted)")
+    export_lora: bool = _f(True, "also write the eval-EMA adapter as diffusers-loadable safetensors")
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "checkpoint.every", "an integer >= 0", self.every)
+        _check(self.keep >= 1, "checkpoint.keep", "an integer >= 1", self.keep)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    SECTION: ClassVar[str] = "cluster"
+    address: str = _f("", "Ray address; empty = RAY_ADDRESS when set (ray job submit), else a local cluster")
+    num_cpus: int = _f(0, "CPUs of a local cluster (0 = all)")
+    rollout_workers: int = _f(1, "rollout actors")
+    rollout_gpus: float = _f(1.0, "GPUs per rollout actor (0 on CPU)")
+    reward_workers: int = _f(1, "reward actors (flow model + judge client)")
+    reward_gpus: float = _f(1.0, "GPUs per reward actor, for RAFT (0 on CPU)")
+    judge_replicas: int = _f(1, "vLLM judge replicas started by the service (when reward.judge.url is empty)")
+    judge_gpus: float = _f(1.0, "GPUs per judge replica (= tensor_parallel_size on GPU; 0 on CPU)")
+    learner_ranks: int = _f(1, "learner actors, one torch.distributed rank each (FSDP2 shards over them)")
+    learner_gpus: float = _f(1.0, "GPUs per learner rank (0 on CPU)")
+    cpus_per_actor: float = _f(1.0, "CPUs reserved by each actor")
+
+    def __post_init__(self) -> None:
+        for key in ("rollout_workers", "reward_workers", "learner_ranks"):
+            _check(getattr(self, key) >= 1, f"cluster.{key}", "an integer >= 1", getattr(self, key))
+        _check(self.judge_replicas >= 0, "cluster.judge_replicas", "an integer >= 0", self.judge_replicas)
+        for key in ("rollout_gpus", "reward_gpus", "judge_gpus", "learner_gpus", "cpus_per_actor"):
+            _check(getattr(self, key) >= 0, f"cluster.{key}", "a value >= 0", getattr(self, key))
+        _check(self.num_cpus >= 0, "cluster.num_cpus", "an integer >= 0", self.num_cpus)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    SECTION: ClassVar[str] = "logging"
+    dir: str = _f("runs/default", "run dir: resolved config, metrics.jsonl, plots")
+    every: int = _f(1, "print a metrics line every N steps")
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, "logging.every", "an integer >= 1", self.every)
+
+
+@dataclass(frozen=True)
+class Config:
+    SECTION: ClassVar[str] = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    nft: NFTConfig = field(default_factory=NFTConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.rollout.prompts_per_step * self.rollout.group_size
+
+
+def validate(cfg: Config, n_gpus: float | None = None) -> None:
+    """Checks that need more than one field or section (each section checks its own ranges)."""
+    _check(
+        bool(cfg.model.path) or cfg.model.tiny,
+        "model.path",
+        "a local dir or s3:// URI (or model.tiny=true)",
+        cfg.model.path,
+    )
+    _check(
+        bool(cfg.data.source) or cfg.data.synthetic > 0,
+        "data.source",
+        "a path/URI (or data.synthetic > 0)",
+        cfg.data.source,
+    )
+    if cfg.reward.judge_weight > 0:
+        j = cfg.reward.judge
+        _check(
+            bool(j.url or j.model_path or j.tiny),
+            "reward.judge.url",
+            "an endpoint URL, a reward.judge.model_path or reward.judge.tiny=true when reward.judge_weight > 0",
+            j.url,
+        )
+        _check(
+            bool(j.url) or cfg.cluster.judge_replicas >= 1,
+            "cluster.judge_replicas",
+            ">= 1 when the service starts the judge (reward.judge.url empty)",
+            cfg.cluster.judge_replicas,
+        )
+    if cfg.model.tiny and cfg.model.path:
+        raise ConfigError("model.tiny: set either model.path or model.tiny=true, not both")
+    if n_gpus is not None:
+        c = cfg.cluster
+        need = c.rollout_workers * c.rollout_gpus + c.reward_workers * c.reward_gpus + c.learner_ranks * c.learner_gpus
+        if cfg.reward.judge_weight > 0 and not cfg.reward.judge.url:
+            need += c.judge_replicas * c.judge_gpus
+        # An autoscaling cluster may add GPUs later, so this is only fatal when no GPU exists at all.
+        if need > 0 and n_gpus == 0:
+            raise ConfigError(
+                f"cluster: the pools ask for {need:g} GPUs but the cluster has none; set cluster.*_gpus=0 for CPU"
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading: YAML -> nested dict -> dataclasses, with dotted overrides and type checks that name the key.
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Type-check one leaf; ints are accepted for floats, lists for tuples, nothing else is converted."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, arg, value)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        return tuple(_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+            return float(value)  # PyYAML reads `1e-4` (no dot) as a string; it is plainly a number
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"{key}: unknown key{hint}")
+        tp = hints[name]
+        kwargs[name] = _build(tp, value, f"{key}.") if _is_section(tp) else _coerce(key, tp, value)
+    return cls(**kwargs)  # keys left out keep their defaults
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`rollout.group_size=4` -> ('rollout.group_size', 4); the value is parsed as a YAML literal."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. rollout.group_size=4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from e
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- dotted overrides, then per-section and cross-section validation."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r}: expected a mapping of sections at the top level")
+        tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON dumps and checkpoints."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per key: dotted name, type, default and help (for `--help`)."""
+    lines: list[str] = []
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        value = getattr(defaults, f.name)
+        if _is_section(tp):
+            lines.extend(describe(tp, f"{prefix}{f.name}."))
+            continue
+        shown = list(value) if isinstance(value, tuple) else value
+        tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+        lines.append(f"  {prefix}{f.name} ({tname}, default {shown!r}): {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,52 @@
+"""Entry point: `python -m learner.main --config configs/<name>.yaml [section.key=value ...]`.
+
+Under `ray job submit` RAY_ADDRESS is set and the driver joins that cluster; otherwise it starts an embedded
+local one (laptop, CI). Everything the run does is in the config; `--help` lists every key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from learner.config import ConfigError, config_to_dict, describe, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m learner.main",
+        description="MotionNFT post-training of image-editing diffusion models on Ray.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="overrides: dotted keys after the options, values parsed as YAML literals, e.g.\n"
+        "  python -m learner.main --config configs/tiny_cpu.yaml rollout.group_size=4 nft.beta=0.5\n\n"
+        "config keys (section.key (type, default): meaning):\n" + "\n".join(describe()),
+    )
+    parser.add_argument("--config", help="YAML file; keys it leaves out keep their defaults")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    print("resolved config:\n" + json.dumps(config_to_dict(cfg), indent=1), flush=True)
+    if args.print_config:
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local paths or S3, never a hub
+
+    from learner.loop import train  # heavy imports (torch, ray) only once the config is known to be good
+
+    train(cfg, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

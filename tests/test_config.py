@@ -1,0 +1,118 @@
+"""Config loading: defaults, YAML, dotted overrides, and errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from learner.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, parse_override
+from learner.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = ["model.tiny=true", "data.synthetic=8", "reward.judge.tiny=true"]
+
+
+def test_defaults_are_the_published_values():
+    cfg = load_config(None, MINIMAL)
+    assert (cfg.rollout.group_size, cfg.rollout.prompts_per_step, cfg.rollout.num_steps) == (8, 24, 6)
+    assert cfg.samples_per_step == 192
+    f = cfg.reward.flow
+    assert (f.q, f.motion_threshold, f.tau, f.kappa) == (0.4, 0.002, 0.01, 0.5)
+    assert (f.w_magnitude, f.w_direction, f.w_move) == (0.7, 0.2, 0.1)
+    n = cfg.nft
+    assert (n.beta, n.lr, n.weight_decay, n.grad_clip, n.lora_rank, n.lora_alpha) == (1.0, 3e-4, 1e-4, 1.0, 32, 64)
+    assert n.lora_targets[-1] == "to_add_out" and len(n.lora_targets) == 8
+    assert (cfg.reward.flow_weight, cfg.reward.judge_weight) == (0.5, 0.5)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert isinstance(cfg, Config)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model: {tiny: true}\ndata: {synthetic: 8}\nreward: {judge_weight: 0.0}\nrollout: {group_size: 4}\n"
+    )
+    cfg = load_config(path, ["rollout.group_size=6", "nft.beta=0.5", "nft.lora_targets=[to_q, to_k]"])
+    assert cfg.rollout.group_size == 6 and cfg.nft.beta == 0.5
+    assert cfg.nft.lora_targets == ("to_q", "to_k")
+    assert cfg.nft.lr == 3e-4  # untouched keys keep their defaults
+
+
+def test_int_accepted_for_float():
+    assert load_config(None, MINIMAL + ["nft.beta=1"]).nft.beta == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rollout.group_sise=4", "rollout.group_sise: unknown key; did you mean 'rollout.group_size'?"),
+        ("rollout.group_size=1", "rollout.group_size: expected K >= 2"),
+        ("rollout.group_size=four", "rollout.group_size: expected an integer, got 'four'"),
+        ("rollout.height=100", "rollout.height: expected a multiple of 16"),
+        ("nft.beta=-1", "nft.beta: expected a value > 0"),
+        ("model.family=sd3", "model.family: expected one of"),
+        ("model.tiny=yes please", "model.tiny: expected true/false"),
+        ("reward.flow.estimator=gmflow", "reward.flow.estimator: expected one of"),
+        ("reward.flow_weight=0", None),  # valid alone ...
+        ("cluster.learner_ranks=0", "cluster.learner_ranks: expected an integer >= 1"),
+        ("nft.lora_targets=to_q", "nft.lora_targets: expected a list"),
+        ("rollout=3", "rollout: expected a mapping"),
+        ("novel.key=1", "novel: unknown key"),
+        ("group_size", "expected key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    if message is None:
+        load_config(None, MINIMAL + [override])
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config(None, MINIMAL + [override])
+    assert message in str(e.value)
+
+
+def test_cross_section_checks():
+    with pytest.raises(ConfigError, match="model.path"):
+        load_config(None, ["data.synthetic=8", "reward.judge.tiny=true"])
+    with pytest.raises(ConfigError, match="data.source"):
+        load_config(None, ["model.tiny=true", "reward.judge.tiny=true"])
+    with pytest.raises(ConfigError, match="reward.judge.url"):
+        load_config(None, ["model.tiny=true", "data.synthetic=8"])
+    with pytest.raises(ConfigError, match="reward.flow_weight"):
+        load_config(None, MINIMAL + ["reward.flow_weight=0", "reward.judge_weight=0"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_dict_round_trip():
+    cfg = load_config(None, MINIMAL + ["nft.lora_targets=[to_q]"])
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_override_literal_parsing():
+    assert parse_override("a.b=1.5e-3") == ("a.b", 1.5e-3)
+    assert load_config(None, MINIMAL + ["nft.lr=1e-4"]).nft.lr == 1e-4  # YAML 1.1 reads 1e-4 as a string
+    assert parse_override("a.b=[x, y]") == ("a.b", ["x", "y"])
+    assert parse_override("a.b=s3://bucket/x") == ("a.b", "s3://bucket/x")
+
+
+def test_cli_help_documents_every_key(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for key in ("rollout.group_size", "reward.flow.q", "nft.decay_schedule", "cluster.learner_ranks"):
+        assert key in out
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "rollout.group_size=0"]) == 2
+    assert "rollout.group_size" in capsys.readouterr().err
