@@ -1,0 +1,123 @@
+"""Shared pytest fixtures.
+
+S3: ``s3_server`` runs moto's standalone S3 server as a real process on loopback (boto3 talks HTTP to it,
+exactly as to AWS or MinIO) and points the standard AWS environment at it for the whole session;
+``s3_bucket`` gives each test a fresh, empty bucket on that server.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+# ------------------------------------------------------------------------------------------------ S3 (moto)
+
+MOTO_START_TIMEOUT_S = 30.0
+MOTO_START_ATTEMPTS = 3  # a freshly picked free port can be taken by someone else before moto binds it
+_AWS_ENV_CLEARED = (  # would otherwise override the test endpoint/credentials or read host config
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_answering(proc: subprocess.Popen, endpoint: str, timeout_s: float) -> bool:
+    """Poll until the server answers HTTP; False if the process died or the time ran out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1.0):
+                return True
+        except urllib.error.HTTPError:
+            return True  # any HTTP answer means it is serving
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A moto S3 server process on 127.0.0.1; yields its endpoint URL (``http://127.0.0.1:<port>``).
+
+    For the session it sets AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID=test, AWS_SECRET_ACCESS_KEY=test and
+    AWS_DEFAULT_REGION=us-east-1 (clearing profile/session variables that would override them), so any
+    ``boto3.client("s3")`` reaches the server; the environment is restored and the process stopped at the end.
+    """
+    log_dir = tmp_path_factory.mktemp("moto")
+    proc, endpoint, log_path = None, None, None
+    for attempt in range(MOTO_START_ATTEMPTS):
+        port = _free_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        log_path = log_dir / f"moto-{attempt}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        if _wait_until_answering(proc, endpoint, MOTO_START_TIMEOUT_S):
+            break
+        _stop(proc)
+        proc = None
+    if proc is None:
+        pytest.fail(f"moto server did not start in {MOTO_START_ATTEMPTS} attempts; last log:\n{log_path.read_text()}")
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for name in _AWS_ENV_CLEARED:
+                mp.delenv(name, raising=False)
+            mp.setenv("AWS_ENDPOINT_URL", endpoint)
+            mp.setenv("AWS_ACCESS_KEY_ID", "test")
+            mp.setenv("AWS_SECRET_ACCESS_KEY", "test")
+            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+            yield endpoint
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on the moto server (unique name); emptied and deleted after the test."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    yield name
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=name):
+        keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=name, Delete={"Objects": keys})
+    client.delete_bucket(Bucket=name)
