@@ -180,8 +180,9 @@ class RewardConfig:
 class NFTConfig:
     SECTION: ClassVar[str] = "nft"
     beta: float = _f(1.0, "mixing of v_theta and v_old in the implicit policies v+ / v-")
-    adv_clip: float = _f(5.0, "normalised advantages are clipped to [-adv_clip, adv_clip] before r = A/10 + 0.5")
-    loss_scale: float = _f(5.0, "factor in front of the policy term (the reference's adv_clip_max multiplier)")
+    adv_clip_max: float = _f(
+        5.0, "clip of normalised advantages (r = clip(A)/(2*max) + 0.5) and factor of the policy loss (one constant)"
+    )
     kl_weight: float = _f(1e-4, "weight of mean((v_theta - v_ref)^2)")
     timestep_fraction: float = _f(0.99, "train on int(fraction * num_steps) grid points per sample")
     group_min_std: float = _f(0.05, "a group trains only if its reward std > this ...")
@@ -201,7 +202,7 @@ class NFTConfig:
 
     def __post_init__(self) -> None:
         _check(self.beta > 0, "nft.beta", "a value > 0", self.beta)
-        _check(self.adv_clip > 0, "nft.adv_clip", "a value > 0", self.adv_clip)
+        _check(self.adv_clip_max > 0, "nft.adv_clip_max", "a value > 0", self.adv_clip_max)
         _check(0 < self.timestep_fraction <= 1, "nft.timestep_fraction", "a value in (0, 1]", self.timestep_fraction)
         _check(
             self.decay_schedule in ("linear_capped", "none", "delayed"),

@@ -1,0 +1,128 @@
+"""Checkpoints: sharded learner state with torch.distributed.checkpoint, driver state, a diffusers LoRA export.
+
+Layout under `checkpoint.dir` (a local dir or s3://bucket/prefix)::
+
+    step_00000020/learner/      DCP shards (θ, old, eval EMA, optimizer, step) written by every rank
+    step_00000020/driver.json   step, policy version, data cursor, banned prompts, resolved config
+    step_00000020/lora/         the eval-EMA adapter as pytorch_lora_weights.safetensors (diffusers layout)
+    step_00000020/COMMITTED     written last: a checkpoint without it is never picked up
+
+Local checkpoints are assembled under `.tmp-step_*` and renamed into place; S3 ones are staged in a local
+dir, uploaded, and committed by uploading the marker last.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from learner import s3
+
+MARKER = "COMMITTED"
+
+
+def save_sharded(state: dict[str, Any], path: str | Path) -> None:
+    """Collective: every rank writes its shards of `state` (DTensors stay sharded) under `path`."""
+    dcp.save(state, checkpoint_id=str(path))
+
+
+def load_sharded(state: dict[str, Any], path: str | Path) -> None:
+    """Collective: loads in place into the tensors of `state` (resharding if the world size changed)."""
+    dcp.load(state, checkpoint_id=str(path))
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+class CheckpointManager:
+    """Driver-side bookkeeping: where step N goes, which checkpoint is the latest complete one, retention."""
+
+    def __init__(self, root: str, *, keep: int = 3, cache_dir: str | Path = "~/.cache/motionnft") -> None:
+        self.root, self.keep = root.rstrip("/"), keep
+        self.remote = s3.is_s3_uri(root)
+        self.cache = Path(cache_dir).expanduser() / "checkpoints"
+        if not self.remote:
+            Path(root).mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- writing
+
+    def staging_dir(self, step: int) -> Path:
+        """Where the ranks write step N before it is committed (same filesystem as the root when local)."""
+        base = self.cache / "staging" if self.remote else Path(self.root)
+        path = base / f".tmp-{step_name(step)}"
+        if path.exists():
+            shutil.rmtree(path)  # a crashed earlier attempt at the same step
+        path.mkdir(parents=True)
+        return path
+
+    def commit(self, step: int, staging: Path, driver_state: dict[str, Any]) -> str:
+        """Write driver.json, then atomically make the checkpoint visible; returns its location."""
+        (staging / "driver.json").write_text(json.dumps(driver_state, indent=1))
+        (staging / MARKER).write_text(str(step))
+        if self.remote:
+            uri = f"{self.root}/{step_name(step)}"
+            for f in sorted(staging.rglob("*")):
+                if f.is_file() and f.name != MARKER:
+                    s3.upload_file(f, f"{uri}/{f.relative_to(staging).as_posix()}")
+            s3.upload_file(staging / MARKER, f"{uri}/{MARKER}")  # last: only now is it complete
+            shutil.rmtree(staging)
+            location = uri
+        else:
+            final = Path(self.root) / step_name(step)
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+            location = str(final)
+        self._prune()
+        return location
+
+    def _prune(self) -> None:
+        for step in self.complete_steps()[: -self.keep]:
+            if self.remote:
+                s3.delete_prefix(f"{self.root}/{step_name(step)}")
+            else:
+                shutil.rmtree(Path(self.root) / step_name(step), ignore_errors=True)
+
+    # ---------------------------------------------------------------- reading
+
+    def complete_steps(self) -> list[int]:
+        if self.remote:
+            names = {k.split("/")[-2] for k in s3.list_prefix(self.root) if k.endswith(f"/{MARKER}")}
+        else:
+            names = {p.parent.name for p in Path(self.root).glob(f"step_*/{MARKER}")}
+        return sorted(int(n.removeprefix("step_")) for n in names if n.startswith("step_"))
+
+    def latest(self) -> int | None:
+        steps = self.complete_steps()
+        return steps[-1] if steps else None
+
+    def local_copy(self, step: int) -> Path:
+        """A local directory holding checkpoint `step` (downloaded once from S3)."""
+        if not self.remote:
+            return Path(self.root) / step_name(step)
+        return s3.download_prefix(f"{self.root}/{step_name(step)}", self.cache / "restore" / step_name(step))
+
+    def driver_state(self, step: int) -> dict[str, Any]:
+        return json.loads((self.local_copy(step) / "driver.json").read_text())
+
+
+def export_lora(
+    state: dict[str, torch.Tensor], out_dir: str | Path, *, family: str, rank: int, alpha: int, targets: list[str]
+) -> Path:
+    """Write an adapter so that `pipe.load_lora_weights(out_dir)` loads it into the matching diffusers pipeline."""
+    from diffusers import FluxKontextPipeline, QwenImageEditPipeline
+
+    pipeline = {"flux_kontext": FluxKontextPipeline, "qwen_image_edit": QwenImageEditPipeline}[family]
+    metadata = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(targets)}
+    pipeline.save_lora_weights(
+        str(out_dir),
+        transformer_lora_layers={k: v.contiguous() for k, v in state.items()},
+        transformer_lora_adapter_metadata=metadata,
+    )
+    return Path(out_dir)
