@@ -121,3 +121,32 @@ def s3_bucket(s3_server):
         if keys:
             client.delete_objects(Bucket=name, Delete={"Objects": keys})
     client.delete_bucket(Bucket=name)
+
+
+# ------------------------------------------------------------------------------------------------ models, Ray
+
+FAMILIES = ("flux_kontext", "qwen_image_edit")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory) -> dict:
+    """Both tiny random pipelines, built offline once per session (saved with save_pretrained)."""
+    from actors.tiny_models import build_tiny
+
+    root = tmp_path_factory.mktemp("tiny_pipelines")
+    return {family: build_tiny(family, root / family, seed=0) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded Ray cluster for the session (token auth off on loopback, see ENVIRONMENT.md)."""
+    import os
+
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
