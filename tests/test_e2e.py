@@ -1,0 +1,151 @@
+"""The main job end to end on Ray: `ray job submit`, checkpoint + resume equivalence, both model families.
+
+Each run is a real `python -m learner.main` process (2 FSDP2 learner ranks over gloo, 2 rollout workers, a
+reward worker). The judge is off here to keep the suite short (tests/test_reward_worker.py runs it live).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = str(Path(sys.executable).parent)
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")  # the job's `python` must be this venv's
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _overrides(tmp: Path, steps: int, family: str = "flux_kontext") -> list[str]:
+    return [
+        f"model.family={family}",
+        "reward.judge_weight=0",
+        "reward.flow_weight=1",
+        f"learner.steps={steps}",
+        "checkpoint.every=3",
+        f"checkpoint.dir={tmp / 'ckpt'}",
+        f"logging.dir={tmp / 'run'}",
+        # Every group trains (the tiny random policy's rewards barely vary), so each step has a learner loss.
+        "nft.group_min_std=-1",
+        "nft.group_max_mean=2",
+        "cluster.num_cpus=4",
+    ]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def _main(args: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "learner.main", "--config", str(ROOT / "configs/tiny_cpu.yaml"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_dashboard(url: str, timeout_s: float = 90.0) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def submitted_run(tmp_path_factory):
+    """Four steps submitted with `ray job submit` to a `ray start --head` cluster."""
+    tmp = tmp_path_factory.mktemp("submitted")
+    env, ray = _env(), os.path.join(VENV_BIN, "ray")
+    dash = _free_port()
+    start = [ray, "start", "--head", "--num-cpus=4", f"--port={_free_port()}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dash}", "--disable-usage-stats"]  # fmt: skip
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    try:
+        _wait_for_dashboard(f"http://127.0.0.1:{dash}/api/version")
+        cmd = [ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={ROOT}", "--",
+               "python", "-m", "learner.main", "--config", "configs/tiny_cpu.yaml", *_overrides(tmp, 4)]  # fmt: skip
+        t0 = time.time()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        print(f"ray job submit took {time.time() - t0:.0f}s")
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    return tmp, proc
+
+
+def test_ray_job_submit_succeeds(submitted_run):
+    tmp, proc = submitted_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout
+    metrics = _metrics(tmp / "run")
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    for m in metrics:
+        assert m["groups/valid"] == 2 and "learner/loss" in m and m["learner/n_valid"] == 8
+    # Version 0 is the initial policy; every trained step publishes one more.
+    assert [m["staleness/max"] for m in metrics][1:] != []
+    steps = sorted(p.name for p in (tmp / "ckpt").glob("step_*"))
+    assert steps == ["step_00000003", "step_00000004"]
+    for name in steps:
+        assert (tmp / "ckpt" / name / "COMMITTED").exists()
+        assert (tmp / "ckpt" / name / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_resume_matches_uninterrupted_run(submitted_run, tmp_path):
+    """Resume from the step-3 checkpoint of the submitted run: its step 3 equals the uninterrupted step 3."""
+    tmp, proc = submitted_run
+    assert proc.returncode == 0
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tmp / "ckpt" / "step_00000003", ckpt / "step_00000003")
+    args = _overrides(tmp_path, 4) + ["--resume"]
+    out = _main(args).stdout
+    assert "resumed from step_00000003: step 3, policy version 3" in out
+    resumed = _metrics(tmp_path / "run")
+    full = _metrics(tmp / "run")
+    assert [m["step"] for m in resumed] == [3]
+    for key in ("reward/mean", "reward/std", "learner/loss", "learner/policy_loss", "learner/grad_norm"):
+        assert resumed[0][key] == pytest.approx(full[3][key], rel=1e-6, abs=1e-9), key
+
+
+def test_qwen_image_edit_trains(tmp_path):
+    _main(_overrides(tmp_path, 2, family="qwen_image_edit") + ["checkpoint.every=0"])
+    metrics = _metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [0, 1] and all("learner/loss" in m for m in metrics)
+    assert (tmp_path / "ckpt" / "step_00000002" / "COMMITTED").exists()
+
+
+def test_bad_config_fails_fast_naming_the_key(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "learner.main",
+        "--config",
+        str(ROOT / "configs/tiny_cpu.yaml"),
+        "rollout.group_size=1",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "rollout.group_size" in proc.stderr
