@@ -102,7 +102,7 @@ def bench_weight_sync(args, policy: EditPolicy) -> None:
     from actors.rollout import PolicyWeights
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=args.workers + 1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.workers + 1, include_dashboard=False, log_to_driver=False)
 
     class Holder:
         """A rollout's weight endpoint without the sampler: loads into a policy in place."""

@@ -222,6 +222,11 @@ class NFTConfig:
         _check(self.lora_rank >= 1, "nft.lora_rank", "an integer >= 1", self.lora_rank)
         _check(self.lora_alpha >= 1, "nft.lora_alpha", "an integer >= 1", self.lora_alpha)
         _check(len(self.lora_targets) > 0, "nft.lora_targets", "a non-empty list of module names", self.lora_targets)
+        # Not built yet: refuse rather than silently train something else than asked.
+        _check(not self.full_finetune, "nft.full_finetune", "false (only LoRA training is implemented so far)",
+               self.full_finetune)
+        _check(self.reference_forwards == "learner", "nft.reference_forwards",
+               "'learner' (computing v_old/v_ref on the rollout pool is not implemented yet)", self.reference_forwards)
         _check(
             self.reference_forwards in ("learner", "rollout"),
             "nft.reference_forwards",

@@ -120,7 +120,7 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address)
     else:  # embedded cluster (laptop, CI): no token auth on loopback, see ENVIRONMENT.md
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=cfg.cluster.num_cpus or None, include_dashboard=False)
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or None, include_dashboard=False)
 
 
 def load_data(cfg: Config):
