@@ -115,6 +115,8 @@ class MetricsLog:
 def init_ray(cfg: Config) -> None:
     import ray
 
+    if ray.is_initialized():  # a caller (bench, notebook) already chose the cluster
+        return
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address)
