@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, QwenImageEditPipeline
@@ -28,6 +27,7 @@ from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
 from peft import LoraConfig
 
 from actors.solver import FlowDPMSolver
+from learner import s3  # the shared S3 helpers (boto3 only), like learner.config importable from anywhere
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "motionnft"
 LORA_INITS = {"gaussian": "gaussian", "kaiming": True}  # our name -> peft's `init_lora_weights`; B = 0 in both
@@ -122,41 +122,13 @@ def _pad_dim1(t: torch.Tensor, length: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- loading
-def download_s3_prefix(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Download every object under `s3://bucket/prefix` to `<cache_dir>/<bucket>/<prefix>` and return it.
-
-    `cache_dir` defaults to ~/.cache/motionnft. Files already there with the object's size are kept, so a
-    second call only lists the prefix. boto3 reads credentials and AWS_ENDPOINT_URL from the environment.
-    """
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    prefix = prefix.strip("/")
-    if not uri.startswith("s3://") or not bucket:
-        raise ValueError(f"S3 model path must look like s3://bucket/prefix, got {uri!r}")
-    local = Path(cache_dir or DEFAULT_CACHE_DIR) / bucket / prefix
-    key_prefix = f"{prefix}/" if prefix else ""
-    client = boto3.client("s3")
-    n_objects = 0
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
-        for obj in page.get("Contents", []):
-            relative = obj["Key"][len(key_prefix) :]
-            if not relative or relative.endswith("/"):
-                continue  # the prefix itself or a "folder" marker
-            n_objects += 1
-            dest = local / relative
-            if dest.is_file() and dest.stat().st_size == obj["Size"]:
-                continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            partial = dest.with_name(dest.name + ".partial")
-            client.download_file(bucket, obj["Key"], str(partial))
-            os.replace(partial, dest)  # a crashed download never looks complete
-    if n_objects == 0:
-        raise FileNotFoundError(f"no objects under {uri}")
-    return local
-
-
 def resolve_model_path(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """A local pipeline directory for `path` (a local dir, or s3://bucket/prefix downloaded first)."""
-    local = download_s3_prefix(str(path), cache_dir) if str(path).startswith("s3://") else Path(path)
+    if s3.is_s3_uri(path):
+        bucket, key = s3.split_s3_uri(str(path))
+        local = s3.download_prefix(str(path), Path(cache_dir or DEFAULT_CACHE_DIR) / bucket / key.strip("/"))
+    else:
+        local = Path(path)
     if not (local / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
     return local

@@ -16,6 +16,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
+from actors.tiny_models import QWEN_CHAT_TEMPLATE
+
 SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -29,20 +31,7 @@ SPECIAL_TOKENS = [
 BPE_VOCAB_SIZE = 600  # trained tokenizer size; the model's embedding table is padded to VOCAB_SIZE
 VOCAB_SIZE = 640
 
-# ChatML; image parts ("image" from transformers, "image_url" from OpenAI-style messages) become the
-# Qwen2-VL vision placeholder that the processor expands to one <|image_pad|> per merged patch.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] in ['image', 'image_url'] %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE  # the same ChatML with Qwen2-VL vision placeholders
 
 # A few sentences are enough: the byte-level alphabet already covers every character.
 _TRAINING_TEXT = [

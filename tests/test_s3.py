@@ -78,3 +78,20 @@ def test_missing_bucket_or_key_is_file_not_found_naming_the_uri(s3_bucket, tmp_p
             call(uri)
         assert uri in str(err.value)
     assert not (tmp_path / "x").exists()
+
+
+def test_policy_loads_from_s3(s3_bucket, tiny_pipelines, tmp_path):
+    """A pipeline uploaded to S3 loads through the same from_pretrained path as a local one."""
+    import torch
+
+    from actors.policy import EditPolicy
+    from learner import s3
+
+    uri = f"s3://{s3_bucket}/models/tiny-kontext"
+    s3.upload_dir(tiny_pipelines["flux_kontext"], uri)
+    remote = EditPolicy.from_pretrained(uri, family="flux_kontext", cache_dir=tmp_path)
+    local = EditPolicy.from_pretrained(str(tiny_pipelines["flux_kontext"]), family="flux_kontext")
+    assert (tmp_path / s3_bucket / "models" / "tiny-kontext" / "model_index.json").is_file()
+    for (name, a), (_, b) in zip(remote.transformer.state_dict().items(), local.transformer.state_dict().items(),
+                                 strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
