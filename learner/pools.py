@@ -179,9 +179,8 @@ def build_pools(cfg: Config) -> Pools:
             urls = (j.url,)
         else:
             judge_path = resolve_judge_path(cfg)
-            server = ray.remote(JudgeServerActor)
             judges = [
-                server.options(num_cpus=c.cpus_per_actor, num_gpus=c.judge_gpus).remote(
+                JudgeServerActor.options(num_cpus=c.cpus_per_actor, num_gpus=c.judge_gpus).remote(
                     judge_path,
                     served_model_name=j.served_model_name,
                     tensor_parallel_size=j.tensor_parallel_size,
