@@ -11,9 +11,7 @@ never used.
 
 import logging
 import math
-import os
 import tempfile
-import uuid
 import warnings
 from pathlib import Path
 from typing import Protocol
@@ -69,37 +67,13 @@ def check_flow_output(flow: torch.Tensor, estimator: str) -> torch.Tensor:
 
 
 def download_s3(uri: str, cache_dir: str | Path) -> Path:
-    """Download s3://bucket/key into cache_dir/bucket/key, reusing a cached copy of the same size.
+    """Download s3://bucket/key into cache_dir/bucket/key (learner.s3: cached by size, renamed into place)."""
+    from learner import s3  # the shared S3 helpers (boto3 only), importable from anywhere like learner.config
 
-    boto3 reads AWS_ENDPOINT_URL (and AWS_ENDPOINT_URL_S3) itself, so MinIO/moto endpoints need no argument.
-    The object lands in a uniquely named file that is renamed into place, so workers sharing a node and a
-    cache_dir never read a half-written file. A missing bucket or key raises FileNotFoundError.
-    """
-    import boto3  # only S3 weights need boto3; local runs and tests do not pay its import
-    from botocore.exceptions import ClientError
-
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    if not bucket or not key or key.endswith("/"):
+    bucket, key = s3.split_s3_uri(uri)
+    if not key or key.endswith("/"):
         raise ValueError(f"weights: expected s3://bucket/key, got {uri!r}")
-    local = Path(cache_dir) / bucket / key
-    client = boto3.client("s3")
-    try:
-        size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
-    except ClientError as err:
-        code = str(err.response.get("Error", {}).get("Code"))
-        if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
-            raise FileNotFoundError(f"weights: no such S3 object {uri!r}") from err
-        raise
-    if local.is_file() and local.stat().st_size == size:
-        return local
-    local.parent.mkdir(parents=True, exist_ok=True)
-    partial = local.with_name(f"{local.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        client.download_file(bucket, key, str(partial))
-        partial.replace(local)
-    finally:
-        partial.unlink(missing_ok=True)
-    return local
+    return s3.download_file(uri, Path(cache_dir) / bucket / key)
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
