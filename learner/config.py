@@ -102,19 +102,23 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class FlowRewardConfig:
+    """Motion-alignment reward (DESIGN §3). Source of every constant's default: the published MotionNFT scorer,
+    elainew728/motion-edit train/flow_grpo/motionedit_scorer.py (the paper gives the decomposition, the code the
+    numbers); num_updates=12 is torchvision RAFT's default; max_batch is the H100 limit measured in DESIGN §6."""
+
     SECTION: ClassVar[str] = "reward.flow"
     estimator: str = _f("raft_large", "raft_large | raft_small (torchvision RAFT) | dis | farneback (OpenCV, CPU)")
     weights: str = _f("", "RAFT weights file, local or s3://; empty = random init (tests only)")
-    num_updates: int = _f(12, "RAFT refinement iterations")
+    num_updates: int = _f(12, "RAFT refinement iterations (torchvision default)")
     max_batch: int = _f(32, "pairs per estimator call (>32 at 512^2 hits a cuDNN grid_sample limit on H100)")
-    q: float = _f(0.4, "exponent of the magnitude error L_q (DESIGN §3, reference scorer)")
-    motion_threshold: float = _f(0.002, "m: |V_g| above which a pixel counts for the direction term")
-    tau: float = _f(0.01, "movement hinge margin")
-    kappa: float = _f(0.5, "movement hinge share of the ground-truth motion")
-    w_magnitude: float = _f(0.7, "a: weight of L_q in D")
-    w_direction: float = _f(0.2, "b: weight of the direction error in D")
-    w_move: float = _f(0.1, "c: weight of the movement hinge in D")
-    quantize: bool = _f(True, "round the score to {0, .2, ..., 1} as the reference does")
+    q: float = _f(0.4, "exponent of the magnitude error L_q (reference scorer)")
+    motion_threshold: float = _f(0.002, "m: |V_g| above which a pixel counts for the direction term (reference)")
+    tau: float = _f(0.01, "movement hinge margin (reference scorer)")
+    kappa: float = _f(0.5, "movement hinge share of the ground-truth motion (reference scorer)")
+    w_magnitude: float = _f(0.7, "a: weight of L_q in D (reference scorer)")
+    w_direction: float = _f(0.2, "b: weight of the direction error in D (reference scorer)")
+    w_move: float = _f(0.1, "c: weight of the movement hinge in D (reference scorer)")
+    quantize: bool = _f(True, "round the score to {0, .2, ..., 1} (reference scorer; s itself is logged)")
 
     def __post_init__(self) -> None:
         _check(self.estimator in FLOW_ESTIMATORS, "reward.flow.estimator", f"one of {FLOW_ESTIMATORS}", self.estimator)
@@ -223,10 +227,18 @@ class NFTConfig:
         _check(self.lora_alpha >= 1, "nft.lora_alpha", "an integer >= 1", self.lora_alpha)
         _check(len(self.lora_targets) > 0, "nft.lora_targets", "a non-empty list of module names", self.lora_targets)
         # Not built yet: refuse rather than silently train something else than asked.
-        _check(not self.full_finetune, "nft.full_finetune", "false (only LoRA training is implemented so far)",
-               self.full_finetune)
-        _check(self.reference_forwards == "learner", "nft.reference_forwards",
-               "'learner' (computing v_old/v_ref on the rollout pool is not implemented yet)", self.reference_forwards)
+        _check(
+            not self.full_finetune,
+            "nft.full_finetune",
+            "false (only LoRA training is implemented so far)",
+            self.full_finetune,
+        )
+        _check(
+            self.reference_forwards == "learner",
+            "nft.reference_forwards",
+            "'learner' (computing v_old/v_ref on the rollout pool is not implemented yet)",
+            self.reference_forwards,
+        )
         _check(
             self.reference_forwards in ("learner", "rollout"),
             "nft.reference_forwards",
