@@ -160,10 +160,12 @@ class PolicyWeights:
 class RolloutWorker:
     """Ray shell over Sampler; wrap at the call site: `ray.remote(num_gpus=g)(RolloutWorker)`."""
 
-    def __init__(self, name: str, param_server: Any, build_policy: Any, sampler_kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, name: str, param_server: Any, build_policy: Any, sampler_kwargs: dict[str, Any], weight_kind: str = "lora"
+    ) -> None:
         policy = build_policy()
         self.name, self.param_server = name, param_server
-        self.weights = PolicyWeights(policy)
+        self.weights = PolicyWeights(policy, weight_kind)
         self.sampler = Sampler(policy, **sampler_kwargs)
 
     def ready(self) -> str:

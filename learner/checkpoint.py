@@ -8,12 +8,17 @@ Layout under `checkpoint.dir` (a local dir or s3://bucket/prefix)::
     step_00000020/COMMITTED     written last: a checkpoint without it is never picked up
 
 Local checkpoints are assembled under `.tmp-step_*` and renamed into place; S3 ones are staged in a local
-dir, uploaded, and committed by uploading the marker last.
+dir, uploaded, and committed by uploading the marker last (a step written again first loses its marker, then
+its old objects). The local cache of an S3 root (staging, restores) is keyed by the root, and a restore is
+downloaded afresh, so two runs sharing a cache never read each other's shards (DCP shards of one model have
+identical sizes, so a size-based cache check cannot tell them apart).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 from learner import s3
 
 MARKER = "COMMITTED"
+_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 def save_sharded(state: dict[str, Any], path: str | Path) -> None:
@@ -44,11 +50,16 @@ class CheckpointManager:
     """Driver-side bookkeeping: where step N goes, which checkpoint is the latest complete one, retention."""
 
     def __init__(self, root: str, *, keep: int = 3, cache_dir: str | Path = "~/.cache/motionnft") -> None:
-        self.root, self.keep = root.rstrip("/"), keep
-        self.remote = s3.is_s3_uri(root)
-        self.cache = Path(cache_dir).expanduser() / "checkpoints"
-        if not self.remote:
-            Path(root).mkdir(parents=True, exist_ok=True)
+        if keep < 1:
+            raise ValueError(f"checkpoint keep must be >= 1 (the newest checkpoint is never deleted), got {keep}")
+        self.root, self.keep = str(root).rstrip("/"), keep
+        self.remote = s3.is_s3_uri(self.root)
+        root_key = hashlib.blake2b(self.root.encode(), digest_size=6).hexdigest()
+        self.cache = Path(cache_dir).expanduser() / "checkpoints" / root_key  # one cache per root
+        if self.remote:
+            s3.split_s3_uri(self.root)  # a malformed URI fails here, not at the first save
+        else:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- writing
 
@@ -67,6 +78,11 @@ class CheckpointManager:
         (staging / MARKER).write_text(str(step))
         if self.remote:
             uri = f"{self.root}/{step_name(step)}"
+            # A step written before (a re-run after a crash) must not look complete while it is overwritten,
+            # nor keep shards the new save does not have: its marker goes first, then everything else.
+            bucket, key = s3.split_s3_uri(f"{uri}/{MARKER}")
+            s3.s3_client().delete_object(Bucket=bucket, Key=key)
+            s3.delete_prefix(uri)
             for f in sorted(staging.rglob("*")):
                 if f.is_file() and f.name != MARKER:
                     s3.upload_file(f, f"{uri}/{f.relative_to(staging).as_posix()}")
@@ -92,21 +108,31 @@ class CheckpointManager:
     # ---------------------------------------------------------------- reading
 
     def complete_steps(self) -> list[int]:
+        """Steps whose `step_N/COMMITTED` marker exists, ascending (staging dirs and partial uploads never)."""
         if self.remote:
-            names = {k.split("/")[-2] for k in s3.list_prefix(self.root) if k.endswith(f"/{MARKER}")}
+            children = [k[len(self.root) + 1 :].split("/") for k in s3.list_prefix(self.root)]
+            names = {parts[0] for parts in children if len(parts) == 2 and parts[1] == MARKER}
         else:
             names = {p.parent.name for p in Path(self.root).glob(f"step_*/{MARKER}")}
-        return sorted(int(n.removeprefix("step_")) for n in names if n.startswith("step_"))
+        return sorted(int(m.group(1)) for n in names if (m := _STEP_DIR.fullmatch(n)))
 
     def latest(self) -> int | None:
         steps = self.complete_steps()
         return steps[-1] if steps else None
 
     def local_copy(self, step: int) -> Path:
-        """A local directory holding checkpoint `step` (downloaded once from S3)."""
+        """A local directory holding checkpoint `step` (from S3: downloaded afresh, never a stale copy)."""
         if not self.remote:
-            return Path(self.root) / step_name(step)
-        return s3.download_prefix(f"{self.root}/{step_name(step)}", self.cache / "restore" / step_name(step))
+            path = Path(self.root) / step_name(step)
+            if not (path / MARKER).is_file():
+                raise FileNotFoundError(f"checkpoint {path} is not complete (no {MARKER} marker)")
+            return path
+        uri = f"{self.root}/{step_name(step)}"
+        if f"{uri}/{MARKER}" not in s3.list_prefix(uri):
+            raise FileNotFoundError(f"checkpoint {uri} is not complete (no {MARKER} marker)")
+        dest = self.cache / "restore" / step_name(step)
+        shutil.rmtree(dest, ignore_errors=True)
+        return s3.download_prefix(uri, dest)
 
     def driver_state(self, step: int) -> dict[str, Any]:
         return json.loads((self.local_copy(step) / "driver.json").read_text())
@@ -118,7 +144,10 @@ def export_lora(
     """Write an adapter so that `pipe.load_lora_weights(out_dir)` loads it into the matching diffusers pipeline."""
     from diffusers import FluxKontextPipeline, QwenImageEditPipeline
 
-    pipeline = {"flux_kontext": FluxKontextPipeline, "qwen_image_edit": QwenImageEditPipeline}[family]
+    pipelines = {"flux_kontext": FluxKontextPipeline, "qwen_image_edit": QwenImageEditPipeline}
+    if family not in pipelines:
+        raise ValueError(f"export_lora: family must be one of {sorted(pipelines)}, got {family!r}")
+    pipeline = pipelines[family]
     metadata = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(targets)}
     pipeline.save_lora_weights(
         str(out_dir),

@@ -16,6 +16,7 @@ import hashlib
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,12 @@ from actors.policy import Conditioning, EditPolicy
 from learner.nft_loss import ema_decay, nft_loss, noised, old_policy_decay, training_timesteps
 
 THETA, OLD = "default", "old"
+LOSS_KEYS = ("loss", "policy_loss", "kl_loss", "loss_pos", "loss_neg")  # per-step means, summed over ranks
+
+# Two adapters on one model is the design (θ and old), not an accident peft should warn about; and our forward
+# outputs are never modified in place, which is what FSDP2's view-tensor warning is about.
+warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
 @dataclass(frozen=True)
@@ -96,10 +103,17 @@ class NFTTrainer:
         self.policy, self.hyper = policy, hyper
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         tr = policy.transformer
-        for name in (THETA, OLD):
-            policy.add_lora(
-                rank=hyper.lora_rank, alpha=hyper.lora_alpha, target_modules=list(hyper.lora_targets), adapter_name=name
-            )
+        # θ's Gaussian init is a function of the seed alone: identical on every rank (each rank shards its own
+        # copy, so differing inits would stitch θ together from different draws) and across world sizes.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hyper.seed)
+            for name in (THETA, OLD):
+                policy.add_lora(
+                    rank=hyper.lora_rank,
+                    alpha=hyper.lora_alpha,
+                    target_modules=list(hyper.lora_targets),
+                    adapter_name=name,
+                )
         policy.load_lora_state_dict(policy.lora_state_dict(THETA), adapter_name=OLD)  # old = θ at the start
         tr.set_adapter(THETA)
         if activation_checkpointing:
@@ -163,8 +177,11 @@ class NFTTrainer:
         timesteps; FSDP averages gradients over ranks, hence the factor `world`.
         """
         h, t0 = self.hyper, time.perf_counter()
+        if not samples:
+            # Every rank must run the same FSDP collectives; an empty rank would leave the others waiting.
+            raise ValueError("train_step needs at least one sample per rank (pad with valid=False samples)")
         self.optimizer.zero_grad(set_to_none=True)
-        sums = {"loss": 0.0, "policy_loss": 0.0, "kl_loss": 0.0, "loss_pos": 0.0, "loss_neg": 0.0}
+        sums = dict.fromkeys(LOSS_KEYS, 0.0)
         # Padding samples (valid=False) still run forward/backward with zero weight: every rank must issue the
         # same FSDP collectives (see rank_micro_batches).
         for start in range(0, len(samples), h.micro_batch):
@@ -231,10 +248,13 @@ class NFTTrainer:
 
     def gather(self, which: str = OLD) -> dict[str, torch.Tensor] | None:
         """Full (unsharded) adapter tensors, keyed as `EditPolicy.lora_state_dict`; collective, rank 0 gets them."""
-        source = {"old": self.old, "theta": self.theta, "ema": self.ema}[which]
+        sources = {"old": self.old, "theta": self.theta, "ema": self.ema}
+        if which not in sources:
+            raise ValueError(f"gather: which must be one of {sorted(sources)}, got {which!r}")
+        source = sources[which]
         out = {}
-        for theta_name, p in self.theta.items():
-            full = _full(source[theta_name] if which != "theta" else p)
+        for theta_name in self.theta:
+            full = _full(source[theta_name])
             out[theta_name.replace(f".{THETA}.", ".")] = full.detach().to("cpu").clone()
         return out if self.rank == 0 else None
 
@@ -258,6 +278,16 @@ class NFTTrainer:
         set_optimizer_state_dict(self.policy.transformer, self.optimizer, state["optimizer"])
         self.step = int(state["step"])
         self._set_trainable()
+
+
+def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """One step's metrics from every rank's `train_step`: the losses are each rank's share of the global mean
+    (so they add up), n_valid adds up, grad_norm and old_decay are global already, train_s is the slowest."""
+    out = {k: sum(m[k] for m in per_rank) for k in (*LOSS_KEYS, "n_valid")}
+    out["grad_norm"] = per_rank[0]["grad_norm"]
+    out["old_decay"] = per_rank[0]["old_decay"]
+    out["train_s"] = max(m["train_s"] for m in per_rank)
+    return out
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -386,13 +416,7 @@ class LearnerGroup:
         import ray
 
         n_global = sum(len(x) for x in r)
-        per_rank = ray.get([w.train_step.remote(groups, r, n_global, step) for w in self.workers])
-        out = {k: sum(m[k] for m in per_rank) for k in ("loss", "policy_loss", "kl_loss", "loss_pos", "loss_neg")}
-        out["n_valid"] = sum(m["n_valid"] for m in per_rank)
-        out["grad_norm"] = per_rank[0]["grad_norm"]
-        out["old_decay"] = per_rank[0]["old_decay"]
-        out["train_s"] = max(m["train_s"] for m in per_rank)
-        return out
+        return merge_rank_metrics(ray.get([w.train_step.remote(groups, r, n_global, step) for w in self.workers]))
 
     def gather(self, which: str = OLD):
         """ObjectRef of rank 0's full adapter (the other ranks join the collective and return None)."""

@@ -147,7 +147,8 @@ def build_pools(cfg: Config) -> Pools:
     c, n, m = cfg.cluster, cfg.nft, cfg.model
     path = resolve_model_path(cfg)
     base = {"path": path, "family": m.family, "dtype": m.dtype, "guidance": m.guidance, "cache_dir": m.cache_dir}
-    lora = (n.lora_rank, n.lora_alpha, tuple(n.lora_targets))
+    lora = None if n.full_finetune else (n.lora_rank, n.lora_alpha, tuple(n.lora_targets))
+    weight_kind = "full" if n.full_finetune else "lora"
 
     param_server = ray.remote(num_cpus=0)(ParameterServer).remote(keep=2)
 
@@ -215,7 +216,11 @@ def build_pools(cfg: Config) -> Pools:
         ray.remote(RolloutWorker)
         .options(num_cpus=c.cpus_per_actor, num_gpus=c.rollout_gpus, max_restarts=2, max_task_retries=2)
         .remote(  # fmt: skip
-            f"rollout-{i}", param_server, PolicySpec(**base, use_gpu=c.rollout_gpus > 0, lora=lora), sampler_kwargs
+            f"rollout-{i}",
+            param_server,
+            PolicySpec(**base, use_gpu=c.rollout_gpus > 0, lora=lora),
+            sampler_kwargs,
+            weight_kind,
         )
         for i in range(c.rollout_workers)
     ]
