@@ -137,7 +137,7 @@ class PolicyWeights:
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.kind == "lora":
             return self.policy.lora_state_dict()
-        return {k: v.detach() for k, v in self.policy.transformer.state_dict().items()}
+        return {k: v.detach() for k, v in self.policy.transformer.named_parameters()}
 
     def manifest(self) -> WeightManifest:
         return WeightManifest.of(self.state_dict(), version=self.version, kind=self.kind)
@@ -151,7 +151,7 @@ class PolicyWeights:
             self.policy.load_lora_state_dict(state)
         else:
             with torch.no_grad():
-                current = self.policy.transformer.state_dict()
+                current = dict(self.policy.transformer.named_parameters())
                 for name, tensor in state.items():
                     current[name].copy_(tensor)
         self.version = version

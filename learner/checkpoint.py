@@ -155,3 +155,15 @@ def export_lora(
         transformer_lora_adapter_metadata=metadata,
     )
     return Path(out_dir)
+
+
+def export_transformer(state: dict[str, torch.Tensor], config: dict[str, Any], out_dir: str | Path) -> Path:
+    """Full fine-tuning: the transformer as `<out_dir>/config.json` + `diffusion_pytorch_model.safetensors`,
+    the layout of a pipeline's `transformer/` folder (`FluxTransformer2DModel.from_pretrained(out_dir)`)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=1, default=list))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "diffusion_pytorch_model.safetensors"))
+    return out

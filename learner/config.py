@@ -228,12 +228,6 @@ class NFTConfig:
         _check(len(self.lora_targets) > 0, "nft.lora_targets", "a non-empty list of module names", self.lora_targets)
         # Not built yet: refuse rather than silently train something else than asked.
         _check(
-            not self.full_finetune,
-            "nft.full_finetune",
-            "false (only LoRA training is implemented so far)",
-            self.full_finetune,
-        )
-        _check(
             self.reference_forwards == "learner",
             "nft.reference_forwards",
             "'learner' (computing v_old/v_ref on the rollout pool is not implemented yet)",
@@ -268,7 +262,9 @@ class CheckpointConfig:
     dir: str = _f("runs/default/checkpoints", "local dir or s3://bucket/prefix for sharded checkpoints")
     every: int = _f(25, "save every N steps (and at the end); 0 = only at the end")
     keep: int = _f(3, "complete checkpoints kept (older ones deleted)")
-    export_lora: bool = _f(True, "also write the eval-EMA adapter as diffusers-loadable safetensors")
+    export_lora: bool = _f(
+        True, "also write the eval-EMA weights for diffusers: lora/ (LoRA) or transformer/ (full fine-tuning)"
+    )
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "checkpoint.every", "an integer >= 0", self.every)

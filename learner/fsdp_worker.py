@@ -12,6 +12,7 @@ parameters in place (`lerp_`, `copy_`) on their local shards.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import socket
@@ -27,7 +28,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from actors.policy import Conditioning, EditPolicy
 from learner.nft_loss import ema_decay, nft_loss, noised, old_policy_decay, training_timesteps
 
-THETA, OLD = "default", "old"
+THETA, OLD, REF = "default", "old", "ref"
 LOSS_KEYS = ("loss", "policy_loss", "kl_loss", "loss_pos", "loss_neg")  # per-step means, summed over ranks
 
 # Two adapters on one model is the design (θ and old), not an accident peft should warn about; and our forward
@@ -55,6 +56,7 @@ class NFTHyper:
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     micro_batch: int = 4
     seed: int = 0
+    full_finetune: bool = False  # θ = every transformer weight; old and ref become frozen copies
 
 
 @dataclass
@@ -103,31 +105,37 @@ class NFTTrainer:
         self.policy, self.hyper = policy, hyper
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         tr = policy.transformer
-        # θ's Gaussian init is a function of the seed alone: identical on every rank (each rank shards its own
-        # copy, so differing inits would stitch θ together from different draws) and across world sizes.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hyper.seed)
-            for name in (THETA, OLD):
-                policy.add_lora(
-                    rank=hyper.lora_rank,
-                    alpha=hyper.lora_alpha,
-                    target_modules=list(hyper.lora_targets),
-                    adapter_name=name,
-                )
-        policy.load_lora_state_dict(policy.lora_state_dict(THETA), adapter_name=OLD)  # old = θ at the start
-        tr.set_adapter(THETA)
+        self.frozen: dict[str, torch.nn.Module] = {}  # full fine-tuning: the old policy and the reference
+        if hyper.full_finetune:
+            self.frozen = {OLD: copy.deepcopy(tr), REF: copy.deepcopy(tr)}  # before sharding: same weights
+        else:
+            # θ's Gaussian init is a function of the seed alone: identical on every rank (each rank shards its
+            # own copy, so differing inits would stitch θ together from different draws) and across world sizes.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hyper.seed)
+                for name in (THETA, OLD):
+                    policy.add_lora(
+                        rank=hyper.lora_rank,
+                        alpha=hyper.lora_alpha,
+                        target_modules=list(hyper.lora_targets),
+                        adapter_name=name,
+                    )
+            policy.load_lora_state_dict(policy.lora_state_dict(THETA), adapter_name=OLD)  # old = θ at the start
+            tr.set_adapter(THETA)
         if activation_checkpointing:
             tr.enable_gradient_checkpointing()
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
-        kwargs = {"mp_policy": mp} if mp is not None else {}
-        for blocks in ("transformer_blocks", "single_transformer_blocks"):
-            for block in getattr(tr, blocks, []):
-                fully_shard(block, **kwargs)
-        fully_shard(tr, **kwargs)
-        self.fsdp_modules = [m for m in tr.modules() if isinstance(m, FSDPModule)]
+        for module in (tr, *self.frozen.values()):
+            _shard(module, mp)
+        self.fsdp_modules = [m for module in (tr, *self.frozen.values()) for m in module.modules()
+                             if isinstance(m, FSDPModule)]  # fmt: skip
         named = dict(tr.named_parameters())
-        self.theta = {n: p for n, p in named.items() if f".{THETA}." in n and "lora_" in n}
-        self.old = {n: named[n.replace(f".{THETA}.", f".{OLD}.")] for n in self.theta}
+        if hyper.full_finetune:
+            self.theta = named
+            self.old = dict(self.frozen[OLD].named_parameters())
+        else:
+            self.theta = {n: p for n, p in named.items() if f".{THETA}." in n and "lora_" in n}
+            self.old = {n: named[n.replace(f".{THETA}.", f".{OLD}.")] for n in self.theta}
         if not self.theta:
             raise RuntimeError(f"no LoRA parameters matched targets {hyper.lora_targets}")
         self._set_trainable()
@@ -141,8 +149,9 @@ class NFTTrainer:
     # ------------------------------------------------------------------ adapters under FSDP2
 
     def _set_trainable(self) -> None:
-        for p in self.policy.transformer.parameters():
-            p.requires_grad_(False)
+        for module in (self.policy.transformer, *self.frozen.values()):
+            for p in module.parameters():
+                p.requires_grad_(False)
         for p in self.theta.values():
             p.requires_grad_(True)
 
@@ -153,6 +162,12 @@ class NFTTrainer:
     @torch.no_grad()
     def _frozen_velocity(self, adapter: str | None, x_t, t, cond) -> torch.Tensor:
         """v_old (adapter "old") or v_ref (adapter None = base model), without touching θ's grads."""
+        if self.frozen:  # full fine-tuning: the frozen copies run in θ's place
+            theta, self.policy.transformer = self.policy.transformer, self.frozen[adapter or REF]
+            try:
+                return self.policy.velocity(x_t, t, cond)
+            finally:
+                self.policy.transformer = theta
         tr = self.policy.transformer
         self._reshard()
         if adapter is None:
@@ -290,6 +305,15 @@ def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def _shard(module: torch.nn.Module, mp: MixedPrecisionPolicy | None) -> None:
+    """fully_shard each transformer block, then the root (which keeps embeddings and heads)."""
+    kwargs = {"mp_policy": mp} if mp is not None else {}
+    for blocks in ("transformer_blocks", "single_transformer_blocks"):
+        for block in getattr(module, blocks, []):
+            fully_shard(block, **kwargs)
+    fully_shard(module, **kwargs)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
@@ -358,7 +382,13 @@ class LearnerWorker:
         from actors.param_server import WeightManifest
 
         weights = self.trainer.gather(which)
-        return (None, None) if weights is None else (WeightManifest.of(weights, version=version).pack(), weights)
+        if weights is None:
+            return None, None
+        kind = "full" if self.hyper.full_finetune else "lora"
+        return WeightManifest.of(weights, version=version, kind=kind).pack(), weights
+
+    def transformer_config(self) -> dict[str, Any]:
+        return dict(self.trainer.policy.transformer.config)
 
     def save(self, path: str) -> None:
         from learner.checkpoint import save_sharded
@@ -433,6 +463,11 @@ class LearnerGroup:
         refs = [w.publishable.options(num_returns=2).remote(which, version) for w in self.workers]
         ray.get([x for pair in refs[1:] for x in pair])  # surfaces a failed rank; their values are None
         return refs[0]
+
+    def transformer_config(self) -> dict[str, Any]:
+        import ray
+
+        return ray.get(self.workers[0].transformer_config.remote())
 
     def save(self, path: str) -> None:
         import ray

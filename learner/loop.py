@@ -295,7 +295,12 @@ def save_checkpoint(cfg: Config, ckpt, pools, state: DriverState, export_lora) -
 
     staging = ckpt.staging_dir(state.step)
     pools.learner.save(str(staging / "learner"))
-    if cfg.checkpoint.export_lora:
+    if cfg.checkpoint.export_lora and cfg.nft.full_finetune:
+        from learner.checkpoint import export_transformer
+
+        ema = ray.get(pools.learner.gather("ema"))
+        export_transformer(ema, pools.learner.transformer_config(), staging / "transformer")
+    elif cfg.checkpoint.export_lora:
         ema = ray.get(pools.learner.gather("ema"))
         n = cfg.nft
         export_lora(ema, staging / "lora", family=cfg.model.family, rank=n.lora_rank, alpha=n.lora_alpha,

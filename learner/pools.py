@@ -158,6 +158,7 @@ def build_pools(cfg: Config) -> Pools:
         decay_schedule=n.decay_schedule, ema_cap=n.ema_cap, lr=n.lr, betas=(n.adam_beta1, n.adam_beta2),
         weight_decay=n.weight_decay, grad_clip=n.grad_clip, lora_rank=n.lora_rank, lora_alpha=n.lora_alpha,
         lora_targets=tuple(n.lora_targets), micro_batch=cfg.learner.micro_batch, seed=cfg.learner.seed,
+        full_finetune=n.full_finetune,
     )  # fmt: skip
     learner = LearnerGroup(
         c.learner_ranks,

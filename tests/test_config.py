@@ -61,7 +61,6 @@ def test_int_accepted_for_float():
         ("nft.lora_targets=to_q", "nft.lora_targets: expected a list"),
         ("rollout=3", "rollout: expected a mapping"),
         ("novel.key=1", "novel: unknown key"),
-        ("nft.full_finetune=true", "nft.full_finetune: expected false (only LoRA"),
         ("nft.reference_forwards=rollout", "nft.reference_forwards: expected 'learner'"),
         ("group_size", "expected key=value"),
     ],

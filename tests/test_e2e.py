@@ -149,3 +149,14 @@ def test_bad_config_fails_fast_naming_the_key(tmp_path):
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "rollout.group_size" in proc.stderr
+
+
+def test_full_finetune_end_to_end(tmp_path):
+    """Full weights flow learner -> parameter server -> rollouts; the checkpoint exports the EMA transformer."""
+    _main(_overrides(tmp_path, 2) + ["nft.full_finetune=true", "checkpoint.every=0"])
+    metrics = _metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [0, 1] and all("learner/loss" in m for m in metrics)
+    assert metrics[1]["staleness/max"] <= 1
+    step = tmp_path / "ckpt" / "step_00000002"
+    assert (step / "COMMITTED").exists() and not (step / "lora").exists()
+    assert (step / "transformer" / "diffusion_pytorch_model.safetensors").exists()

@@ -327,3 +327,42 @@ def test_learner_group_on_ray(ray_cluster, world1, tiny_paths, tmp_path):
         assert group.train_step(refs, r, step=1)["loss"] == uninterrupted["loss"]
     finally:
         group.shutdown()
+
+
+# ------------------------------------------------------------------------------------ full fine-tuning
+
+
+def test_full_finetune_trains_every_weight_and_moves_the_old_copy(world1, tiny_paths, tmp_path):
+    """nft.full_finetune: θ is the whole transformer, old and ref are frozen sharded copies, and the published
+    old weights load into a rollout policy as "full" weights; the export loads with from_pretrained."""
+    from diffusers import FluxTransformer2DModel
+
+    from learner.checkpoint import export_transformer
+
+    policy = load_policy(tiny_paths["flux_kontext"], "flux_kontext")
+    base = {n: p.detach().clone() for n, p in policy.transformer.named_parameters()}
+    samples = make_samples(policy, 3, seed=2)
+    trainer = NFTTrainer(policy, hyper(micro_batch=2, full_finetune=True, lr=1e-3))
+    metrics = trainer.train_step(rank_samples(samples, 1, 0, 2), len(samples), 0)
+    assert metrics["grad_norm"] > 0 and metrics["n_valid"] == 3
+    theta, old = trainer.gather("theta"), trainer.gather("old")
+    assert set(theta) == set(old) == set(base)  # every weight, under the transformer's own names
+    moved = [n for n in base if not torch.equal(theta[n], base[n])]
+    assert len(moved) > len(base) // 2
+    d = old_policy_decay(1)
+    for n in base:
+        torch.testing.assert_close(old[n], d * base[n] + (1 - d) * theta[n], rtol=0, atol=1e-6)
+    ref = {n: full(p).detach() for n, p in trainer.frozen["ref"].named_parameters()}
+    assert all(torch.equal(ref[n], base[n]) for n in base)  # the reference never trains
+
+    rollout = load_policy(tiny_paths["flux_kontext"], "flux_kontext")
+    weights = PolicyWeights(rollout, "full")
+    weights.load(1, WeightManifest.of(old, version=1, kind="full").pack(), old)
+    assert all(torch.equal(p, old[n]) for n, p in rollout.transformer.named_parameters())
+    with pytest.raises(ValueError, match="kind 'lora'"):  # a LoRA publish cannot land in a full-weight rollout
+        weights.load(2, WeightManifest.of(old, version=2, kind="lora").pack(), old)
+
+    out = export_transformer(trainer.gather("ema"), dict(policy.transformer.config), tmp_path / "transformer")
+    loaded = FluxTransformer2DModel.from_pretrained(out)
+    ema = trainer.gather("ema")
+    assert all(torch.equal(p, ema[n]) for n, p in loaded.named_parameters())
