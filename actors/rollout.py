@@ -19,6 +19,7 @@ import torch
 from actors.param_server import WeightManifest, WeightMismatchError
 from actors.policy import Conditioning, EditPolicy
 from actors.solver import FlowDPMSolver
+from learner.nft_loss import noised, training_draws, training_seed  # pure torch; shared with the learner
 
 
 class Prompt(Protocol):
@@ -40,6 +41,20 @@ class GroupSample:
     version: int  # policy version that generated the candidates
     seeds: list[int]  # noise seed of each candidate
     timing: dict[str, float] = field(default_factory=dict)
+    reference: dict[str, torch.Tensor] | None = None  # v_old, v_ref (K, T, L, D) at the training draws (DESIGN §6)
+
+
+@dataclass(frozen=True)
+class ReferenceForwards:
+    """Compute v_old and v_ref on the rollout (`nft.reference_forwards: rollout`, DESIGN §6).
+
+    The rollout holds exactly the policy that generated the candidates plus the base model, so it can evaluate
+    both at the learner's training draws (same seed, same order: `learner.nft_loss.training_draws`); the
+    learner then runs only θ's forward and backward, and under staleness v_old is the true behaviour policy.
+    """
+
+    seed: int  # learner.seed
+    fraction: float  # nft.timestep_fraction
 
 
 def candidate_seed(base_seed: int, step: int, prompt_id: str, k: int) -> int:
@@ -61,8 +76,10 @@ class Sampler:
         width: int,
         micro_batch: int,
         seed: int = 0,
+        reference: ReferenceForwards | None = None,
     ) -> None:
         self.policy = policy
+        self.reference = reference
         self.group_size = group_size
         self.num_steps = num_steps
         self.height = height
@@ -90,6 +107,7 @@ class Sampler:
         sigmas = self.policy.sigmas(self.num_steps, self.height, self.width)
         x0_rows: list[torch.Tensor] = []
         images_rows: list[torch.Tensor] = []
+        ref_rows: list[dict[str, torch.Tensor]] = []
         # 3. Solve the ODE for micro-batches of candidates, several groups per transformer call.
         for start in range(0, len(rows), self.micro_batch):
             chunk = rows[start : start + self.micro_batch]
@@ -99,7 +117,11 @@ class Sampler:
             x0 = self._solve(x, cond, sigmas)
             x0_rows.append(x0)
             images_rows.append(self.policy.decode(x0, self.height, self.width))
+            if self.reference is not None:
+                ids = [(prompts[g].id, i) for g, i in chunk]
+                ref_rows.append(self._reference_velocities(x0, cond, sigmas, ids, step))
         x0_all, images_all = torch.cat(x0_rows), torch.cat(images_rows)
+        ref_all = {key: torch.cat([r[key] for r in ref_rows]) for key in ("v_old", "v_ref")} if ref_rows else None
         elapsed = time.perf_counter() - t0
         timing = {"encode_s": t_encode, "sample_s": elapsed - t_encode, "total_s": elapsed}
         out = []
@@ -113,9 +135,26 @@ class Sampler:
                 version=version,
                 seeds=seeds[g],
                 timing=timing,
+                reference=None if ref_all is None else {key: v[sl].clone() for key, v in ref_all.items()},
             )
             out.append((sample, images_all[sl].clone()))
         return out
+
+    def _reference_velocities(self, x0, cond, sigmas, ids: list[tuple[str, int]], step: int) -> dict[str, torch.Tensor]:
+        """v_old (this policy) and v_ref (adapters off) at each candidate's training draws: (B, T, L, D) each."""
+        draws = [
+            training_draws(sigmas, x0.shape[1:], fraction=self.reference.fraction,
+                           seed=training_seed(self.reference.seed, step, prompt_id, k))
+            for prompt_id, k in ids
+        ]  # fmt: skip
+        v_old, v_ref = [], []
+        for j in range(draws[0][0].numel()):
+            t = torch.stack([times[j] for times, _ in draws]).to(x0.device, x0.dtype)
+            x_t = noised(x0, torch.stack([eps[j] for _, eps in draws]).to(x0.device, x0.dtype), t)
+            v_old.append(self.policy.velocity(x_t, t, cond).cpu())
+            with self.policy.adapters_disabled():
+                v_ref.append(self.policy.velocity(x_t, t, cond).cpu())
+        return {"v_old": torch.stack(v_old, dim=1), "v_ref": torch.stack(v_ref, dim=1)}
 
     def _solve(self, x: torch.Tensor, cond: Conditioning, sigmas: torch.Tensor) -> torch.Tensor:
         solver = FlowDPMSolver()

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from learner.config import load_config  # noqa: E402
 
 
-def run(config: str, overrides: list[str], staleness: int, steps: int) -> tuple[float, float]:
+def run(config: str, overrides: list[str], staleness: int, steps: int) -> tuple[float, float, float]:
     from learner.loop import train
 
     tmp = tempfile.mkdtemp(prefix=f"bench-staleness{staleness}-")
@@ -34,7 +34,8 @@ def run(config: str, overrides: list[str], staleness: int, steps: int) -> tuple[
     timed = rows[1:-1]  # skip start-up and the final step (a checkpoint drain point)
     rate = sum(r["perf/samples_per_s"] for r in timed) / len(timed)
     stale = sum(r["staleness/mean"] for r in timed) / len(timed)
-    return rate, stale
+    train_s = sum(r["learner/train_s"] for r in timed) / len(timed)
+    return rate, stale, train_s
 
 
 def main() -> None:

@@ -202,7 +202,9 @@ class NFTConfig:
     lora_rank: int = _f(32, "LoRA rank r")
     lora_alpha: int = _f(64, "LoRA alpha")
     lora_targets: tuple[str, ...] = _f(LORA_TARGETS, "module names that get LoRA")
-    reference_forwards: str = _f("learner", "where v_old / v_ref are computed: learner | rollout")
+    reference_forwards: str = _f(
+        "learner", "where v_old / v_ref are computed: learner | rollout (the rollout's behaviour policy, DESIGN §6)"
+    )
 
     def __post_init__(self) -> None:
         _check(self.beta > 0, "nft.beta", "a value > 0", self.beta)
@@ -226,11 +228,10 @@ class NFTConfig:
         _check(self.lora_rank >= 1, "nft.lora_rank", "an integer >= 1", self.lora_rank)
         _check(self.lora_alpha >= 1, "nft.lora_alpha", "an integer >= 1", self.lora_alpha)
         _check(len(self.lora_targets) > 0, "nft.lora_targets", "a non-empty list of module names", self.lora_targets)
-        # Not built yet: refuse rather than silently train something else than asked.
         _check(
-            self.reference_forwards == "learner",
+            not (self.full_finetune and self.reference_forwards == "rollout"),
             "nft.reference_forwards",
-            "'learner' (computing v_old/v_ref on the rollout pool is not implemented yet)",
+            "'learner' with nft.full_finetune (a full-weight rollout holds no base model for v_ref)",
             self.reference_forwards,
         )
         _check(

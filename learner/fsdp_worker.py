@@ -13,7 +13,6 @@ parameters in place (`lerp_`, `copy_`) on their local shards.
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import socket
 import time
@@ -26,7 +25,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from actors.policy import Conditioning, EditPolicy
-from learner.nft_loss import ema_decay, nft_loss, noised, old_policy_decay, training_timesteps
+from learner.nft_loss import ema_decay, nft_loss, noised, old_policy_decay, training_draws, training_seed
 
 THETA, OLD, REF = "default", "old", "ref"
 LOSS_KEYS = ("loss", "policy_loss", "kl_loss", "loss_pos", "loss_neg")  # per-step means, summed over ranks
@@ -70,12 +69,17 @@ class TrainSample:
     sigmas: torch.Tensor  # (num_steps,) the rollout grid
     r: float
     valid: bool = True
+    v_old: torch.Tensor | None = None  # (T, L, D) from the rollout, in training_draws order (reference_forwards)
+    v_ref: torch.Tensor | None = None
 
 
-def sample_seed(seed: int, step: int, prompt_id: str, k: int) -> int:
-    """Seed of a sample's training noise and timesteps: the same on every rank and after a resume."""
-    digest = hashlib.blake2b(f"train/{seed}/{step}/{prompt_id}/{k}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+def _train_sample(group: Any, k: int, r: float, valid: bool = True) -> TrainSample:
+    """Candidate k of a rollout's GroupSample, with the reference velocities when the rollout computed them."""
+    ref = group.reference
+    return TrainSample(
+        group.prompt_id, k, group.x0[k], group.cond, group.sigmas, r, valid,
+        v_old=None if ref is None else ref["v_old"][k], v_ref=None if ref is None else ref["v_ref"][k],
+    )  # fmt: skip
 
 
 def rank_micro_batches(n: int, world: int, rank: int, micro_batch: int) -> list[list[int]]:
@@ -221,23 +225,27 @@ class NFTTrainer:
         cond = Conditioning.cat([s.cond for s in batch]).to(device, dtype)
         r = torch.tensor([s.r for s in batch], dtype=torch.float64, device=device)
         valid = torch.tensor([s.valid for s in batch], dtype=torch.bool, device=device)
-        gens = [torch.Generator().manual_seed(sample_seed(h.seed, step, s.prompt_id, s.k)) for s in batch]
-        times = torch.cat(
-            [
-                training_timesteps(s.sigmas.float(), fraction=h.timestep_fraction, generator=g)
-                for s, g in zip(batch, gens, strict=True)
-            ]
-        )  # (B, T)
+        draws = [
+            training_draws(s.sigmas, s.x0.shape, fraction=h.timestep_fraction,
+                           seed=training_seed(h.seed, step, s.prompt_id, s.k))
+            for s in batch
+        ]  # fmt: skip
+        times = torch.stack([t for t, _ in draws])  # (B, T)
+        eps_all = torch.stack([e for _, e in draws])  # (B, T, L, D)
+        # v_old / v_ref computed by the rollout that sampled these candidates (nft.reference_forwards: rollout)
+        shipped = all(s.v_old is not None and s.v_ref is not None for s in batch)
         n_t = times.shape[1]
         weight = float(valid.sum()) / max(n_global, 1) / n_t * self.world
         for j in range(n_t):
-            eps = torch.stack([torch.randn(s.x0.shape, generator=g) for s, g in zip(batch, gens, strict=True)]).to(
-                device, dtype
-            )
+            eps = eps_all[:, j].to(device, dtype)
             t = times[:, j].to(device, dtype)
             x_t = noised(x0, eps, t)
-            v_old = self._frozen_velocity(OLD, x_t, t, cond)
-            v_ref = self._frozen_velocity(None, x_t, t, cond)
+            if shipped:
+                v_old = torch.stack([s.v_old[j] for s in batch]).to(device, dtype)
+                v_ref = torch.stack([s.v_ref[j] for s in batch]).to(device, dtype)
+            else:
+                v_old = self._frozen_velocity(OLD, x_t, t, cond)
+                v_ref = self._frozen_velocity(None, x_t, t, cond)
             v_theta = self.policy.velocity(x_t, t, cond)
             loss, m = nft_loss(
                 v_theta.float(), v_old.float(), v_ref.float(), x_t.float(), x0.float(), t.float(), r, valid,
@@ -367,11 +375,9 @@ class LearnerWorker:
         for i in idx:
             if i >= 0:
                 g, k = flat[i]
-                gs = fetched[g]
-                out.append(TrainSample(gs.prompt_id, k, gs.x0[k], gs.cond, gs.sigmas, r[g][k]))
+                out.append(_train_sample(fetched[g], k, r[g][k]))
             else:  # zero-weight padding keeps the ranks' collectives in step
-                out.append(TrainSample(pad_source.prompt_id, 0, pad_source.x0[0], pad_source.cond, pad_source.sigmas,
-                                       0.5, valid=False))  # fmt: skip
+                out.append(_train_sample(pad_source, 0, 0.5, valid=False))
         return out
 
     def gather(self, which: str = OLD) -> dict[str, torch.Tensor] | None:

@@ -7,6 +7,8 @@ Checked against the reference code: NVlabs/DiffusionNFT ``scripts/train_nft_sd3.
 Shapes: P prompts (groups) of K candidates; B samples in a training micro-batch; latents are (B, ...).
 """
 
+import hashlib
+
 import torch
 
 # ----------------------------------------------------------------------------- group statistics
@@ -283,3 +285,27 @@ def training_timesteps(
         [torch.randperm(steps, generator=generator, device=sigmas.device) for _ in range(num_samples)]
     )  # (B, steps): one permutation per sample, as the reference's perms_time
     return sigmas[order[:, :n_train]]
+
+
+def training_seed(seed: int, step: int, prompt_id: str, k: int) -> int:
+    """Seed of candidate k's training draws at a step: the same on every rank, on the rollout, after a resume."""
+    digest = hashlib.blake2b(f"train/{seed}/{step}/{prompt_id}/{k}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def training_draws(
+    sigmas: torch.Tensor, shape: torch.Size | tuple[int, ...], *, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample's training times and noise, in the one order every consumer must use.
+
+    The generator first permutes the grid (``training_timesteps``), then draws eps for timestep 0, 1, ...
+    Learner and rollout (``nft.reference_forwards: rollout``) both call this, so the x_t at which the rollout
+    computes v_old / v_ref is exactly the x_t the learner trains at.
+
+    Returns:
+        times (T,) and eps (T, *shape), float32 on the CPU.
+    """
+    g = torch.Generator().manual_seed(seed)
+    times = training_timesteps(sigmas.float().cpu(), fraction=fraction, generator=g)[0]
+    eps = torch.stack([torch.randn(tuple(shape), generator=g) for _ in range(times.numel())])
+    return times, eps

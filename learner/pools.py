@@ -139,7 +139,7 @@ def build_pools(cfg: Config) -> Pools:
     import ray
 
     from actors.param_server import ParameterServer
-    from actors.rollout import RolloutWorker
+    from actors.rollout import ReferenceForwards, RolloutWorker
     from learner.fsdp_worker import LearnerGroup, NFTHyper
     from rewards.judge import JudgeServerActor
     from rewards.worker import RewardWorker
@@ -213,6 +213,8 @@ def build_pools(cfg: Config) -> Pools:
     r = cfg.rollout
     sampler_kwargs = {"group_size": r.group_size, "num_steps": r.num_steps, "height": r.height, "width": r.width,
                       "micro_batch": r.micro_batch, "seed": r.seed}  # fmt: skip
+    if n.reference_forwards == "rollout":
+        sampler_kwargs["reference"] = ReferenceForwards(seed=cfg.learner.seed, fraction=n.timestep_fraction)
     rollouts = [
         ray.remote(RolloutWorker)
         .options(num_cpus=c.cpus_per_actor, num_gpus=c.rollout_gpus, max_restarts=2, max_task_retries=2)

@@ -61,7 +61,7 @@ def test_int_accepted_for_float():
         ("nft.lora_targets=to_q", "nft.lora_targets: expected a list"),
         ("rollout=3", "rollout: expected a mapping"),
         ("novel.key=1", "novel: unknown key"),
-        ("nft.reference_forwards=rollout", "nft.reference_forwards: expected 'learner'"),
+        ("nft.reference_forwards=sideways", "nft.reference_forwards: expected learner | rollout"),
         ("group_size", "expected key=value"),
     ],
 )
@@ -72,6 +72,12 @@ def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, MINIMAL + [override])
     assert message in str(e.value)
+
+
+def test_rollout_reference_forwards_need_lora():
+    load_config(None, MINIMAL + ["nft.reference_forwards=rollout"])
+    with pytest.raises(ConfigError, match="nft.reference_forwards"):
+        load_config(None, MINIMAL + ["nft.reference_forwards=rollout", "nft.full_finetune=true"])
 
 
 def test_cross_section_checks():

@@ -132,7 +132,8 @@ def test_resume_matches_uninterrupted_run(submitted_run, tmp_path):
 
 
 def test_qwen_image_edit_trains(tmp_path):
-    _main(_overrides(tmp_path, 2, family="qwen_image_edit") + ["checkpoint.every=0"])
+    """Qwen-Image-Edit end to end, with v_old / v_ref computed on the rollout pool (DESIGN §6)."""
+    _main(_overrides(tmp_path, 2, family="qwen_image_edit") + ["checkpoint.every=0", "nft.reference_forwards=rollout"])
     metrics = _metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [0, 1] and all("learner/loss" in m for m in metrics)
     assert (tmp_path / "ckpt" / "step_00000002" / "COMMITTED").exists()

@@ -366,3 +366,43 @@ def test_full_finetune_trains_every_weight_and_moves_the_old_copy(world1, tiny_p
     loaded = FluxTransformer2DModel.from_pretrained(out)
     ema = trainer.gather("ema")
     assert all(torch.equal(p, ema[n]) for n, p in loaded.named_parameters())
+
+
+# ------------------------------------------------------------------------------------ reference forwards
+
+
+def test_rollout_reference_forwards_train_like_learner_ones(world1, tiny_paths):
+    """nft.reference_forwards: rollout. v_old/v_ref computed by the rollout (its adapter = the published old
+    policy, adapters off = the base) at the shared training draws give the learner's own step."""
+    from actors.policy import Conditioning
+    from actors.rollout import ReferenceForwards
+
+    path = tiny_paths["flux_kontext"]
+    h = hyper(micro_batch=2, lr=1e-2)
+    learner_side = NFTTrainer(load_policy(path, "flux_kontext"), h)
+    rollout_side = NFTTrainer(load_policy(path, "flux_kontext"), h)
+    samples = make_samples(learner_side.policy, 4, seed=5)
+    for trainer in (learner_side, rollout_side):  # step 0 moves θ, so old != base afterwards
+        trainer.train_step(rank_samples(samples, 1, 0, 2), len(samples), 0)
+    old = learner_side.gather("old")
+
+    rollout = load_policy(path, "flux_kontext")
+    rollout.add_lora(rank=h.lora_rank, alpha=h.lora_alpha, target_modules=list(h.lora_targets))
+    PolicyWeights(rollout).load(1, WeightManifest.of(old, version=1).pack(), old)
+    sampler = Sampler(rollout, group_size=2, num_steps=3, height=32, width=32, micro_batch=4,
+                      reference=ReferenceForwards(seed=h.seed, fraction=h.timestep_fraction))  # fmt: skip
+    with torch.no_grad():
+        refs = sampler._reference_velocities(
+            torch.stack([s.x0 for s in samples]), Conditioning.cat([s.cond for s in samples]), samples[0].sigmas,
+            [(s.prompt_id, s.k) for s in samples], step=1,
+        )  # fmt: skip
+    assert not torch.allclose(refs["v_old"], refs["v_ref"])  # the old policy is not the base any more
+    shipped = [dataclasses.replace(s, v_old=refs["v_old"][i], v_ref=refs["v_ref"][i]) for i, s in enumerate(samples)]
+
+    a = learner_side.train_step(rank_samples(samples, 1, 0, 2), len(samples), 1)
+    b = rollout_side.train_step(rank_samples(shipped, 1, 0, 2), len(shipped), 1)
+    for key in (*LOSS_KEYS, "grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    theta_a, theta_b = learner_side.gather("theta"), rollout_side.gather("theta")
+    for n in theta_a:
+        torch.testing.assert_close(theta_b[n], theta_a[n], rtol=0, atol=1e-6)

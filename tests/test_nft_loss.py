@@ -390,3 +390,18 @@ def test_training_timesteps_reproducible_and_validated():
         training_timesteps(sigmas, fraction=0.1, generator=torch.Generator())  # int(0.6) = 0
     with pytest.raises(ValueError, match="1-D"):
         training_timesteps(sigmas[None], generator=torch.Generator())
+
+
+def test_training_draws_order_is_times_then_noise_per_timestep():
+    """The draw order is part of the contract between learner and rollout: pin it."""
+    from learner.nft_loss import training_draws, training_seed
+
+    sigmas = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.1])
+    seed = training_seed(0, 3, "p", 1)
+    times, eps = training_draws(sigmas, (2, 3), fraction=0.99, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    expected_t = training_timesteps(sigmas, fraction=0.99, generator=g)[0]
+    expected_eps = torch.stack([torch.randn(2, 3, generator=g) for _ in range(5)])
+    assert torch.equal(times, expected_t) and torch.equal(eps, expected_eps)
+    assert times.shape == (5,) and len(set(times.tolist())) == 5
+    assert training_seed(0, 3, "p", 1) != training_seed(0, 3, "p", 2) != training_seed(0, 4, "p", 1)
