@@ -47,11 +47,16 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     overrides = args.overrides or ["reward.judge_weight=0", "reward.flow_weight=1", "nft.group_min_std=-1",
                                    "nft.group_max_mean=2"]  # fmt: skip
-    sequential, s0 = run(args.config, overrides, 0, args.steps)
-    overlapped, s1 = run(args.config, overrides, 1, args.steps)
+    sequential, s0, _ = run(args.config, overrides, 0, args.steps)
+    overlapped, s1, learner_refs = run(args.config, overrides, 1, args.steps)
+    shipped, _, rollout_refs = run(args.config, [*overrides, "nft.reference_forwards=rollout"], 1, args.steps)
     print(
         f"step throughput: overlapped {overlapped:.2f} samples/s (mean staleness {s1:.2f})  "
         f"sequential {sequential:.2f} samples/s (staleness {s0:.2f})  ratio {overlapped / sequential:.2f}"
+    )
+    print(
+        f"learner step: v_old/v_ref from the rollouts {rollout_refs:.2f} s  computed by the learner "
+        f"{learner_refs:.2f} s  ratio {learner_refs / rollout_refs:.2f}  (overlapped loop: {shipped:.2f} samples/s)"
     )
 
 

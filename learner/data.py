@@ -536,3 +536,14 @@ class MotionEditDataset(Sequence[MotionExample]):
 
     def __repr__(self) -> str:
         return f"MotionEditDataset(n={len(self)}, resolution={self.resolution}, skipped={len(self.skipped)})"
+
+
+class ExampleServer:
+    """Ray actor shell holding a dataset: hands out decoded examples by index, each straight into the object
+    store, so neither the driver nor every task re-deserializes the whole set."""
+
+    def __init__(self, dataset: MotionEditDataset) -> None:
+        self.dataset = dataset
+
+    def get(self, index: int) -> MotionExample:
+        return self.dataset[index]

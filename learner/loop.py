@@ -127,16 +127,18 @@ def init_ray(cfg: Config) -> None:
 
 def load_data(cfg: Config):
     """Train and eval splits at the rollout resolution; synthetic data is generated once into the cache."""
+    from learner import synthetic
     from learner.data import MotionEditDataset
-    from learner.synthetic import generate_synthetic
+    from learner.pools import builder_key
 
     d = cfg.data
     source = d.source
     if not source:
-        out = Path(cfg.model.cache_dir).expanduser() / "synthetic" / f"n{d.synthetic}_s{d.synthetic_size}_seed{d.seed}"
+        name = f"n{d.synthetic}_s{d.synthetic_size}_seed{d.seed}-{builder_key(synthetic)}"
+        out = Path(cfg.model.cache_dir).expanduser() / "synthetic" / name
         source = str(out / "synthetic.parquet")
         if not Path(source).exists():
-            generate_synthetic(out, d.synthetic, size=d.synthetic_size, seed=d.seed)
+            synthetic.generate_synthetic(out, d.synthetic, size=d.synthetic_size, seed=d.seed)
     ds = MotionEditDataset.from_source(
         source, resolution=(cfg.rollout.height, cfg.rollout.width), on_error=d.on_error,
         cache_dir=str(Path(cfg.model.cache_dir).expanduser() / "data"),
@@ -181,16 +183,6 @@ def publish(pools, version: int) -> None:
     ray.get(pools.param_server.publish.remote(manifest, [weights]))
 
 
-class ExampleServer:
-    """Holds the training set in one actor and hands out decoded examples, each into the object store."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def get(self, index: int):
-        return self.dataset[index]
-
-
 def step_metrics(rewards, meta, r, valid, version: int, timing: dict[str, float], n_samples: int) -> dict:
     R = torch.tensor([g.reward for g in rewards], dtype=torch.float64)
     m: dict[str, float] = {"reward/mean": R.mean().item(), "reward/std": R.std(unbiased=False).item(),
@@ -213,6 +205,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
     import ray
 
     from learner.checkpoint import CheckpointManager, export_lora, step_name
+    from learner.data import ExampleServer
     from learner.pools import build_pools
 
     run_dir = Path(cfg.logging.dir)
@@ -237,7 +230,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
             print(f"--resume: no complete checkpoint under {cfg.checkpoint.dir}; starting fresh", flush=True)
         publish(pools, state.version)
         cursor = PromptCursor(train_ds.ids, cfg.data.seed)
-        examples = ray.remote(num_cpus=0)(ExampleServer).remote(train_ds)
+        examples = ray.remote(num_cpus=0)(ExampleServer).remote(train_ds)  # decoded examples go to the store
         log = MetricsLog(run_dir, cfg.logging.every, resume=latest is not None)
         steps, ahead = cfg.learner.steps, cfg.rollout.max_staleness
         pending: dict[int, StepRollouts] = {}

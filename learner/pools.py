@@ -6,6 +6,7 @@ so no model ever travels through the driver. Pool sizes and GPUs per role come f
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,15 +16,20 @@ import torch
 from learner.config import Config
 
 
+def builder_key(module: Any) -> str:
+    """A short hash of a builder module's source: caches of what it built are never reused across code changes."""
+    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:10]
+
+
 def resolve_model_path(cfg: Config) -> str:
     """The pipeline to load: `model.path`, or a tiny random one built offline into the cache (once)."""
     if not cfg.model.tiny:
         return cfg.model.path
-    from actors.tiny_models import build_tiny
+    from actors import tiny_models
 
-    out = Path(cfg.model.cache_dir).expanduser() / "tiny" / cfg.model.family
+    out = Path(cfg.model.cache_dir).expanduser() / "tiny" / f"{cfg.model.family}-{builder_key(tiny_models)}"
     if not (out / "model_index.json").exists():
-        build_tiny(cfg.model.family, out)
+        tiny_models.build_tiny(cfg.model.family, out)
     return str(out)
 
 
@@ -31,11 +37,11 @@ def resolve_judge_path(cfg: Config) -> str:
     j = cfg.reward.judge
     if not j.tiny:
         return j.model_path
-    from actors.tiny_judge import build_tiny_judge
+    from actors import tiny_judge
 
-    out = Path(cfg.model.cache_dir).expanduser() / "tiny" / "judge"
+    out = Path(cfg.model.cache_dir).expanduser() / "tiny" / f"judge-{builder_key(tiny_judge)}"
     if not (out / "config.json").exists():
-        build_tiny_judge(out)
+        tiny_judge.build_tiny_judge(out)
     return str(out)
 
 
