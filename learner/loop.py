@@ -245,9 +245,11 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
                     horizon = step if save_now else min(step + ahead, steps - 1)
                     for s in range(step, horizon + 1):
                         if s not in pending:
+                            # Rollouts pull the newest weights; demanding the version published now bounds
+                            # staleness at training time by s - step <= max_staleness, even when steps without
+                            # a valid group publish nothing.
                             idx = cursor.draw(cfg.rollout.prompts_per_step, state)
-                            pending[s] = submit_rollouts(pools, examples, idx, train_ds.ids, s,
-                                                         max(0, s - ahead))  # fmt: skip
+                            pending[s] = submit_rollouts(pools, examples, idx, train_ds.ids, s, state.version)
                     batch = pending.pop(step)
                 # 2-3. Rewards: each group is scored as soon as its rollout finishes.
                 with timed("rollout_and_reward", timing):

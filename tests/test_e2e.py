@@ -161,3 +161,14 @@ def test_full_finetune_end_to_end(tmp_path):
     step = tmp_path / "ckpt" / "step_00000002"
     assert (step / "COMMITTED").exists() and not (step / "lora").exists()
     assert (step / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_steps_without_a_valid_group_publish_nothing_and_go_on(tmp_path):
+    """Every group filtered out (std can never exceed 10): no update, no new version, and the overlapped
+    rollouts of later steps still find the weights they may use."""
+    _main(_overrides(tmp_path, 3) + ["nft.group_min_std=10", "checkpoint.every=0"])
+    metrics = _metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    for m in metrics:
+        assert m["groups/valid"] == 0 and "learner/loss" not in m
+        assert m["staleness/max"] == 0  # nothing was ever published after version 0
