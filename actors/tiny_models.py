@@ -112,14 +112,24 @@ _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 # ---------------------------------------------------------------------------------------- tokenizers
-def _bpe_vocab_and_merges(backend, trainer) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Train `backend` (a tokenizers.Tokenizer) in place; return its BPE vocab and merges."""
+def _bpe_vocab_and_merges(backend, trainer, specials: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Train `backend` (a tokenizers.Tokenizer) in place; return its BPE vocab and merges, canonicalised.
+
+    The trainer runs to completion (vocab_size above what the text can yield), where the token and merge *sets*
+    are fixed; only the ids and the order of equal-count merges depend on the process's hash seed. Ids are
+    therefore reassigned (specials first, then by length and text) and merges sorted the same way, so the same
+    seed builds the same tiny model in every process and on every machine.
+    """
     backend.train_from_iterator(_TRAINING_TEXT, trainer=trainer)
     model = json.loads(backend.to_str())["model"]
-    return model["vocab"], [tuple(m) for m in model["merges"]]
+    if len(model["vocab"]) >= trainer.vocab_size:
+        raise RuntimeError(f"BPE training stopped at vocab_size={trainer.vocab_size}: raise it to train to completion")
+    tokens = specials + sorted((t for t in model["vocab"] if t not in specials), key=lambda t: (len(t), t))
+    merges = sorted((tuple(m) for m in model["merges"]), key=lambda m: (len(m[0]) + len(m[1]), m))
+    return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def build_clip_tokenizer(vocab_size: int = 400) -> CLIPTokenizer:
+def build_clip_tokenizer(vocab_size: int = 1000) -> CLIPTokenizer:
     """CLIP byte-level BPE trained on a few sentences with CLIP's own normalizer and pre-tokenizer."""
     backend = CLIPTokenizer().backend_tokenizer  # carries CLIP's normalizer / pre-tokenizer
     trainer = trainers.BpeTrainer(
@@ -129,18 +139,21 @@ def build_clip_tokenizer(vocab_size: int = 400) -> CLIPTokenizer:
         end_of_word_suffix="</w>",
         show_progress=False,
     )
-    vocab, merges = _bpe_vocab_and_merges(backend, trainer)
+    vocab, merges = _bpe_vocab_and_merges(backend, trainer, ["<|startoftext|>", "<|endoftext|>"])
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # CLIP's 77-token context
 
 
-def build_t5_tokenizer(vocab_size: int = 200) -> T5Tokenizer:
-    """T5 Unigram (sentencepiece-style, pad=0, eos=1, unk=2) trained on a few sentences."""
-    backend = T5Tokenizer(extra_ids=0).backend_tokenizer  # carries T5's Metaspace pre-tokenizer
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
-    )
-    backend.train_from_iterator(_TRAINING_TEXT, trainer=trainer)
-    pieces = [tuple(p) for p in json.loads(backend.to_str())["model"]["vocab"]]
+def build_t5_tokenizer() -> T5Tokenizer:
+    """T5 Unigram (sentencepiece-style, pad=0, eos=1, unk=2) over the words and characters of a few sentences.
+
+    The pieces are listed, not trained: Unigram EM prunes differently from process to process, and a tiny test
+    model needs the same tokenizer everywhere. Whole words ("▁move") score above single characters, so known
+    words are one token and anything else falls back to characters.
+    """
+    words = sorted({"\u2581" + w for line in _TRAINING_TEXT for w in line.split()})
+    chars = sorted({c for line in _TRAINING_TEXT for c in line if not c.isspace()} | {"\u2581"})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(w, -2.0) for w in words] + [(c, -5.0) for c in chars]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
@@ -153,7 +166,7 @@ def build_qwen_tokenizer(vocab_size: int = 600) -> Qwen2Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    vocab, merges = _bpe_vocab_and_merges(backend, trainer)
+    vocab, merges = _bpe_vocab_and_merges(backend, trainer, list(QWEN_SPECIAL_TOKENS))
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,

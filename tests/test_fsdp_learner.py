@@ -8,7 +8,6 @@ in this process. Everything uses the tiny pipelines at 32x32 (4 latent tokens) a
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,22 +250,6 @@ class _Prompt:
     id: str
     prompt: str
     input_image: torch.Tensor
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local 4-CPU cluster for this module; RAY_AUTH_MODE=disabled first, so no auth token is written."""
-    previous = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
-    if previous is None:
-        del os.environ["RAY_AUTH_MODE"]
-    else:
-        os.environ["RAY_AUTH_MODE"] = previous
 
 
 def test_learner_group_on_ray(ray_cluster, world1, tiny_paths, tmp_path):
