@@ -352,11 +352,13 @@ class LearnerWorker:
         return ray.util.get_node_ip_address(), free_port()
 
     def setup(self, master: tuple[str, int], backend: str) -> bool:
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master[0], str(master[1])
+        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world))  # fmt: skip
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+        policy = self.build_policy()  # before the rendezvous: a rank that cannot load keeps no one waiting
         dist.init_process_group(backend, rank=self.rank, world_size=self.world)
-        self.trainer = NFTTrainer(self.build_policy(), self.hyper, **self.options)
+        self.trainer = NFTTrainer(policy, self.hyper, **self.options)
         return True
 
     def train_step(self, groups: list, r: list[list[float]], n_global: int, step: int) -> dict[str, float]:
@@ -445,7 +447,14 @@ class LearnerGroup:
             for k in range(n)
         ]
         master = ray.get(self.workers[0].address.remote())
-        ray.get([w.setup.remote(master, backend) for w in self.workers])
+        pending = [w.setup.remote(master, backend) for w in self.workers]
+        try:
+            while pending:  # the first rank to fail fails the group now; the rest would wait in the rendezvous
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
+        except Exception:
+            self.shutdown()
+            raise
 
     def train_step(self, groups: list, r: list[list[float]], step: int) -> dict[str, float]:
         """Train on `groups` (ObjectRefs of GroupSample, passed by reference) with optimality r; summed metrics."""

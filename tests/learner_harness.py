@@ -109,3 +109,15 @@ def run_jobs(fn: Callable, worlds: dict[str, int], out_dir: str | Path, **kwargs
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.start_processes(_entry, args=(jobs, fn, str(out_dir), kwargs), nprocs=len(jobs), start_method="spawn")
     return {name: torch.load(out_dir / f"{name}.pt", weights_only=False) for name in worlds}
+
+
+class BrokenOnRank1:
+    """A policy factory that fails on rank 1 only (a LearnerGroup must then fail at once, not hang)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self) -> EditPolicy:
+        if os.environ["RANK"] == "1":  # called before the rendezvous, like every build_policy
+            raise RuntimeError("rank 1 cannot load its model")
+        return load_policy(self.path, "flux_kontext")

@@ -389,3 +389,15 @@ def test_rollout_reference_forwards_train_like_learner_ones(world1, tiny_paths):
     theta_a, theta_b = learner_side.gather("theta"), rollout_side.gather("theta")
     for n in theta_a:
         torch.testing.assert_close(theta_b[n], theta_a[n], rtol=0, atol=1e-6)
+
+
+def test_learner_group_fails_fast_when_a_rank_fails_to_start(ray_cluster, tiny_paths):
+    import time
+
+    from tests.learner_harness import BrokenOnRank1
+
+    t0 = time.time()
+    with pytest.raises(ray_cluster.exceptions.RayTaskError, match="rank 1 cannot load its model"):
+        LearnerGroup(2, gpus_per_rank=0, cpus_per_rank=1, build_policy=BrokenOnRank1(str(tiny_paths["flux_kontext"])),
+                     hyper=hyper(), options={})  # fmt: skip
+    assert time.time() - t0 < 120
