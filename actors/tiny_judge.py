@@ -16,18 +16,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from actors.tiny_models import QWEN_CHAT_TEMPLATE
+from actors.tiny_models import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS
 
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
+SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS  # ChatML + vision placeholders, as the policy-side Qwen tokenizer
 BPE_VOCAB_SIZE = 600  # trained tokenizer size; the model's embedding table is padded to VOCAB_SIZE
 VOCAB_SIZE = 640
 
