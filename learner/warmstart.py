@@ -1,0 +1,375 @@
+"""Supervised warm start of a demo pipeline on synthetic motion pairs, so that RL starts from a policy that edits.
+
+A randomly initialised pipeline produces noise, and the flow reward of noise carries no signal about motion.
+Before the RL phase, the pipeline is fitted to the training pairs in two supervised stages (never on the
+held-out split):
+
+1. **VAE** (autoencoding): the VAE's encoder and decoder learn to reconstruct the training images (inputs and
+   targets), MSE in [-1, 1] on the latent mean (the pipelines encode with the mode, `sample_mode="argmax"`).
+   Then `shift_factor` and `scaling_factor` are set from the latent mean and std over the training images,
+   so the transformer sees unit-scale latents, as with the real FLUX VAE.
+2. **Transformer** (rectified flow matching): with x0 = latents of the TARGET image and the conditioning of
+   (instruction, input image), `loss = ||v_θ(x_t, t, c) − (ε − x0)||²` at `x_t = (1 − t)·x0 + t·ε`; t is
+   uniform, mapped through the scheduler's resolution-dependent time shift (the same mu that shifts the
+   rollout's sigma grid, so training covers the noise levels that sampling visits). All transformer weights
+   train; AdamW with a linear warm-up and a cosine decay to 10 %.
+
+The result is saved with `save_pretrained` and loads as `model.path` of a normal run. Everything is seeded;
+the same inputs give the same weights on the same machine (CPU kernels are deterministic for a thread count).
+A `warmstart.json` next to `model_index.json` records the settings and the loss curves; a finished directory
+is reused as it is (delete it to rebuild).
+
+CLI: ``python -m learner.warmstart --config <yaml> [--out DIR]`` (the run's data, warm-started from the demo
+pipeline; see `main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from actors.policy import Conditioning, EditPolicy
+
+RECORD_NAME = "warmstart.json"
+
+
+@dataclass(frozen=True)
+class WarmStartSettings:
+    """Everything the warm start does; recorded in warmstart.json."""
+
+    vae_steps: int = 600  # autoencoder steps (0 = keep the VAE as it is)
+    vae_lr: float = 2e-3
+    vae_batch: int = 16
+    steps: int = 400  # flow-matching steps of the transformer
+    lr: float = 3e-3
+    noop_fraction: float = 0.6  # share of flow-matching samples whose target is the input (a no-op edit)
+    batch: int = 32
+    warmup: int = 20  # linear warm-up steps of both stages
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    max_sequence_length: int = 48  # T5 tokens (Kontext); the synthetic instructions need <= 44
+    guidance: float = 2.5  # Kontext distilled guidance, as in rollouts and NFT training
+
+    def __post_init__(self) -> None:
+        for key in ("vae_steps", "steps", "warmup"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"warm start {key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.noop_fraction < 1.0:
+            raise ValueError(f"warm start noop_fraction must be in [0, 1), got {self.noop_fraction}")
+        for key in ("vae_lr", "lr", "vae_batch", "batch", "grad_clip", "max_sequence_length"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"warm start {key} must be > 0, got {getattr(self, key)}")
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1 over `warmup` steps, then cosine decay to 0.1 at `total` (a pure function of step)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _images(dataset: Sequence, which: str) -> torch.Tensor:
+    """uint8 (N, 3, H, W) of `which` ("input_image" | "target_image") of every example."""
+    return torch.stack([getattr(dataset[i], which) for i in range(len(dataset))])
+
+
+def _to_unit(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------------------------ stage 1: VAE
+
+
+def fit_vae(policy: EditPolicy, images: torch.Tensor, s: WarmStartSettings, log: list[float]) -> None:
+    """Autoencode `images` (uint8 (N, 3, H, W)) through the policy's VAE; then set its latent normalisation."""
+    vae = policy.vae
+    g = torch.Generator().manual_seed(s.seed)
+    params = [p for p in vae.parameters()]
+    if s.vae_steps > 0:
+        vae.train().requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=s.vae_lr, weight_decay=s.weight_decay)
+        for step in range(s.vae_steps):
+            for group in opt.param_groups:
+                group["lr"] = s.vae_lr * lr_factor(step, s.vae_steps, s.warmup)
+            x = _to_unit(images[torch.randint(0, len(images), (s.vae_batch,), generator=g)])
+            recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+            loss = F.mse_loss(recon, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+            opt.step()
+            log.append(loss.item())
+        vae.eval().requires_grad_(False)
+    # Latent statistics over the training images: the transformer works on (z - shift) * scale ~ unit scale.
+    with torch.no_grad():
+        z = torch.cat([vae.encode(_to_unit(images[i : i + 64])).latent_dist.mode() for i in range(0, len(images), 64)])
+    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
+
+
+# ---------------------------------------------------------------------------------------- stage 2: flow matching
+
+
+def shifted_times(u: torch.Tensor, mu: float) -> torch.Tensor:
+    """The schedulers' exponential time shift `e^mu / (e^mu + 1/u - 1)` of uniform u in (0, 1]."""
+    return math.exp(mu) / (math.exp(mu) + (1.0 / u - 1.0))
+
+
+def shift_mu(policy: EditPolicy, height: int, width: int) -> float:
+    """mu of the policy's dynamic shift at this image size (what `EditPolicy.sigmas` uses)."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
+
+    c = policy.pipe.scheduler.config
+    return calculate_shift(
+        policy.seq_len(height, width),
+        c.get("base_image_seq_len", 256),
+        c.get("max_image_seq_len", 4096),
+        c.get("base_shift", 0.5),
+        c.get("max_shift", 1.15),
+    )
+
+
+@torch.no_grad()
+def encode_pairs(policy: EditPolicy, dataset: Sequence, chunk: int = 32) -> tuple[Conditioning, torch.Tensor]:
+    """Conditioning of every (instruction, input) and the packed latents x0 (N, L, D) of every target."""
+    conds, targets = [], []
+    for start in range(0, len(dataset), chunk):
+        rows = [dataset[i] for i in range(start, min(start + chunk, len(dataset)))]
+        prompts = [r.prompt for r in rows]
+        conds.append(policy.encode(prompts, torch.stack([r.input_image for r in rows])))
+        # The target's packed latents are exactly what `encode` makes of an input image.
+        targets.append(policy.encode(prompts, torch.stack([r.target_image for r in rows])).tensors["image_latents"])
+    return Conditioning.cat(conds), torch.cat(targets)
+
+
+def fit_transformer(
+    policy: EditPolicy, cond: Conditioning, x0: torch.Tensor, s: WarmStartSettings, log: list[float]
+) -> None:
+    """Rectified flow matching of all transformer weights on (cond, x0) pairs."""
+    tr = policy.transformer
+    tr.train().requires_grad_(True)
+    params = [p for p in tr.parameters()]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    g = torch.Generator().manual_seed(s.seed + 1)
+    mu = shift_mu(policy, cond.height, cond.width)
+    for step in range(s.steps):
+        for group in opt.param_groups:
+            group["lr"] = s.lr * lr_factor(step, s.steps, s.warmup)
+        idx = torch.randint(0, x0.shape[0], (s.batch,), generator=g)
+        noop = torch.rand(s.batch, generator=g) < s.noop_fraction
+        x0_b = torch.where(noop[:, None, None], cond.tensors["image_latents"][idx], x0[idx])
+        eps = torch.randn(x0_b.shape, generator=g)
+        t = shifted_times(torch.rand(s.batch, generator=g).clamp_min(1e-3), mu)
+        x_t = (1 - t[:, None, None]) * x0_b + t[:, None, None] * eps
+        v = policy.velocity(x_t, t, cond.select(idx))
+        loss = F.mse_loss(v.float(), eps - x0_b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        opt.step()
+        log.append(loss.item())
+    tr.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------ entry
+
+
+def warm_start(
+    model_dir: str | os.PathLike,
+    train_set: Sequence,
+    out_dir: str | os.PathLike,
+    settings: WarmStartSettings | None = None,
+    *,
+    family: str = "flux_kontext",
+) -> Path:
+    """Fit the pipeline at `model_dir` to `train_set` (MotionExamples at the training resolution) and save it to
+    `out_dir`; returns `out_dir`. An `out_dir` that already holds a finished warm start is returned as is."""
+    s = settings or WarmStartSettings()
+    out_dir = Path(out_dir)
+    if (out_dir / RECORD_NAME).is_file() and (out_dir / "model_index.json").is_file():
+        return out_dir
+    if len(train_set) == 0:
+        raise ValueError("warm start: the training set is empty")
+    torch.manual_seed(s.seed)
+    kwargs = {"guidance_scale": s.guidance, "max_sequence_length": s.max_sequence_length}
+    policy = EditPolicy.from_pretrained(model_dir, family=family, **(kwargs if family == "flux_kontext" else {}))
+    t0 = time.perf_counter()
+    vae_log: list[float] = []
+    fit_vae(policy, torch.cat([_images(train_set, "input_image"), _images(train_set, "target_image")]), s, vae_log)
+    t_vae = time.perf_counter() - t0
+    cond, x0 = encode_pairs(policy, train_set)
+    fm_log: list[float] = []
+    fit_transformer(policy, cond, x0, s, fm_log)
+    record = {
+        "settings": asdict(s),
+        "base": str(model_dir),
+        "family": family,
+        "n_train": len(train_set),
+        "vae_loss": _summary(vae_log),
+        "fm_loss": _summary(fm_log),
+        "vae_s": round(t_vae, 1),
+        "total_s": round(time.perf_counter() - t0, 1),
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        policy.pipe.save_pretrained(tmp)
+        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _summary(log: list[float], points: int = 10) -> list[float]:
+    """Mean loss over `points` equal slices of the run (a short loss curve for the record)."""
+    if not log:
+        return []
+    return [round(float(np.mean(part)), 5) for part in np.array_split(np.asarray(log), min(points, len(log)))]
+
+
+# ------------------------------------------------------------------------------------------------ the CPU demo
+
+MOTIONS = ("right", "left", "up", "down", "translate", "any")
+
+
+def _matches(example, motion: str) -> bool:
+    """Whether a synthetic example is of the demo's motion kind (a translation direction, any translation, any)."""
+    if motion == "any":
+        return True
+    if example.motion_rot != 0.0:
+        return False
+    if motion == "translate":
+        return True
+    from learner.synthetic import DIRECTIONS
+
+    ux, uy = DIRECTIONS[motion]
+    return example.motion_dx * ux + example.motion_dy * uy > 0  # the move points the named way
+
+
+def demo_data(out_dir: str | os.PathLike, n: int, *, size: int, seed: int, motion: str = "right") -> Path:
+    """The first `n` synthetic examples (`learner.synthetic.make_example(seed, i, size)`, i = 0, 1, ...) whose
+    motion is `motion`, as a JSONL manifest with PNGs; ids and truth columns as the generator writes them.
+    Reused when present. Returns the manifest path."""
+    from PIL import Image
+
+    from learner.synthetic import JSONL_NAME, make_example
+
+    if motion not in MOTIONS:
+        raise ValueError(f"demo motion must be one of {MOTIONS}, got {motion!r}")
+    if n < 1:
+        raise ValueError(f"demo examples must be >= 1, got {n}")
+    out_dir = Path(out_dir)
+    if (out_dir / JSONL_NAME).is_file():
+        return out_dir / JSONL_NAME
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (tmp / "images").mkdir()
+        rows, index = [], 0
+        while len(rows) < n:
+            ex = make_example(seed, index, size)
+            index += 1
+            if not _matches(ex, motion):
+                continue
+            paths = [f"images/{ex.id}_input.png", f"images/{ex.id}_target.png"]
+            Image.fromarray(ex.input_image).save(tmp / paths[0])
+            Image.fromarray(ex.target_image).save(tmp / paths[1])
+            rows.append({"id": ex.id, "prompt": ex.prompt, "image": paths, "category": ex.category,
+                         "motion_dx": ex.motion_dx, "motion_dy": ex.motion_dy, "motion_rot": ex.motion_rot,
+                         "object_shape": ex.object_shape, "object_color": ex.object_color,
+                         "object_x": ex.object_x, "object_y": ex.object_y})  # fmt: skip
+        (tmp / JSONL_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.rename(tmp, out_dir)
+    except OSError:
+        if not (out_dir / JSONL_NAME).is_file():  # another process won the race: keep theirs
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir / JSONL_NAME
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    data: Path  # JSONL manifest: data.source of the run
+    model: Path  # warm-started pipeline: model.path of the run
+
+
+def prepare_demo(
+    cache_dir: str | os.PathLike,
+    *,
+    examples: int,
+    size: int,
+    data_seed: int,
+    motion: str,
+    eval_fraction: float,
+    split_seed: int,
+    model_seed: int,
+    settings: WarmStartSettings,
+) -> DemoPaths:
+    """Data and warm-started policy of the CPU demo, built once under `<cache_dir>/demo/` and reused.
+
+    The warm start sees only the training side of `MotionEditDataset.split(eval_fraction, split_seed)` at
+    `size` x `size`, the split the run itself makes (learner.loop.load_data), so the held-out examples stay
+    unseen. The warm-started directory's name hashes everything that determines its weights.
+    """
+    from actors.demo_models import DemoSizes, build_demo_flux_kontext
+    from learner.data import MotionEditDataset
+
+    root = Path(cache_dir).expanduser() / "demo"
+    data = demo_data(root / f"data_{motion}_n{examples}_s{size}_seed{data_seed}", examples, size=size,
+                     seed=data_seed, motion=motion)  # fmt: skip
+    sizes = DemoSizes()
+    key = json.dumps({"data": str(data), "eval_fraction": eval_fraction, "split_seed": split_seed,
+                      "model_seed": model_seed, "sizes": asdict(sizes), "settings": asdict(settings)},
+                     sort_keys=True)  # fmt: skip
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    base = build_demo_flux_kontext(root / f"base_seed{model_seed}_{digest}", seed=model_seed, sizes=sizes)
+    out = root / f"warm_{digest}"
+    if not (out / RECORD_NAME).is_file():
+        train, _ = MotionEditDataset.from_source(data, resolution=(size, size)).split(eval_fraction, split_seed)
+        warm_start(base, train, out, settings)
+    return DemoPaths(data=data, model=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m learner.warmstart", description=__doc__.splitlines()[0])
+    defaults = WarmStartSettings()
+    parser.add_argument("--cache-dir", default="~/.cache/motionnft", help="where data and pipelines are built")
+    parser.add_argument("--examples", type=int, default=400, help="synthetic examples of the demo motion")
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
+    parser.add_argument("--motion", default="right", choices=MOTIONS)
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--eval-fraction", type=float, default=0.15, help="held out (never warm-started on)")
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--model-seed", type=int, default=0)
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    settings = WarmStartSettings(**{name: getattr(args, name) for name in asdict(defaults)})
+    paths = prepare_demo(
+        args.cache_dir, examples=args.examples, size=args.size, data_seed=args.data_seed, motion=args.motion,
+        eval_fraction=args.eval_fraction, split_seed=args.split_seed, model_seed=args.model_seed, settings=settings,
+    )  # fmt: skip
+    print(f"data.source={paths.data}\nmodel.path={paths.model}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""learner/warmstart.py and actors/demo_models.py: schedules, demo data, a few real warm-start steps, caching."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from actors.demo_models import DemoSizes, build_demo_flux_kontext
+from actors.policy import EditPolicy
+from learner.data import MotionEditDataset
+from learner.warmstart import (
+    RECORD_NAME,
+    WarmStartSettings,
+    demo_data,
+    encode_pairs,
+    lr_factor,
+    prepare_demo,
+    shifted_times,
+    warm_start,
+)
+
+FEW_STEPS = WarmStartSettings(vae_steps=3, vae_batch=4, steps=3, batch=4, warmup=1, max_sequence_length=48)
+
+
+def test_lr_factor_warmup_then_cosine_to_a_tenth():
+    assert lr_factor(0, 100, 20) == pytest.approx(1 / 20)
+    assert lr_factor(19, 100, 20) == pytest.approx(1.0)
+    assert lr_factor(20, 100, 20) == pytest.approx(1.0)
+    assert lr_factor(60, 100, 20) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
+    assert lr_factor(100, 100, 20) == pytest.approx(0.1)
+    assert lr_factor(0, 10, 0) == pytest.approx(1.0)  # no warm-up
+
+
+def test_shifted_times_is_the_schedulers_exponential_shift():
+    u = torch.tensor([0.25, 0.5, 1.0])
+    assert torch.allclose(shifted_times(u, 0.0), u)  # mu = 0: no shift
+    # mu = ln 2: 2 / (2 + 1/u - 1) -> u=0.25: 2/5, u=0.5: 2/3, u=1: 1
+    assert torch.allclose(shifted_times(u, math.log(2.0)), torch.tensor([0.4, 2 / 3, 1.0]))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("noop_fraction", 1.0), ("steps", -1), ("lr", 0.0), ("max_sequence_length", 0)]
+)
+def test_settings_reject_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        WarmStartSettings(**{field: value})
+
+
+def test_demo_data_keeps_only_the_motion_and_is_reused(tmp_path):
+    path = demo_data(tmp_path / "right", 6, size=32, seed=0, motion="right")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 6
+    assert all(r["motion_dx"] > 0 and r["motion_dy"] == 0 and r["motion_rot"] == 0 for r in rows)
+    assert all(r["prompt"].endswith("to the right") for r in rows)
+    indices = [int(r["id"].rsplit("-", 1)[1]) for r in rows]
+    assert indices == sorted(indices) and len(set(indices)) == 6  # the first matches, in generator order
+    stamp = path.stat().st_mtime_ns
+    assert demo_data(tmp_path / "right", 6, size=32, seed=0, motion="right") == path
+    assert path.stat().st_mtime_ns == stamp
+    ds = MotionEditDataset.from_source(path, resolution=(32, 32))
+    assert len(ds) == 6 and ds[0].input_image.shape == (3, 32, 32)
+    up = [json.loads(x) for x in demo_data(tmp_path / "up", 3, size=32, seed=0, motion="up").read_text().splitlines()]
+    assert all(r["motion_dy"] < 0 and r["motion_dx"] == 0 for r in up)
+    with pytest.raises(ValueError, match="motion"):
+        demo_data(tmp_path / "x", 3, size=32, seed=0, motion="sideways")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    path = demo_data(tmp_path_factory.mktemp("data") / "d", 4, size=32, seed=0, motion="right")
+    return MotionEditDataset.from_source(path, resolution=(32, 32))
+
+
+def test_warm_start_fits_normalises_and_is_deterministic(tiny_pipelines, pairs, tmp_path):
+    base = tiny_pipelines["flux_kontext"]
+    out = warm_start(base, pairs, tmp_path / "a", FEW_STEPS)
+    record = json.loads((out / RECORD_NAME).read_text())
+    assert record["n_train"] == 4 and len(record["fm_loss"]) == 3 and len(record["vae_loss"]) == 3
+    fitted = EditPolicy.from_pretrained(out, family="flux_kontext", max_sequence_length=48)
+    before = EditPolicy.from_pretrained(base, family="flux_kontext", max_sequence_length=48)
+    changed = [n for n, p in fitted.transformer.named_parameters()
+               if not torch.equal(p, dict(before.transformer.named_parameters())[n])]  # fmt: skip
+    assert changed, "flow matching left every transformer weight unchanged"
+    # The VAE normalisation makes the training images' latents zero-mean, unit-std (inputs and targets pooled).
+    _, x0 = encode_pairs(fitted, pairs)
+    inputs = torch.cat([fitted.encode([e.prompt], e.input_image[None]).tensors["image_latents"] for e in pairs])
+    z = torch.cat([inputs, x0])
+    assert abs(z.mean().item()) < 1e-4 and abs(z.std().item() - 1.0) < 1e-3
+    # Same inputs, same seed -> the same weights; an existing result is reused, not retrained.
+    again = EditPolicy.from_pretrained(warm_start(base, pairs, tmp_path / "b", FEW_STEPS), family="flux_kontext")
+    for (name, p), q in zip(fitted.transformer.named_parameters(), again.transformer.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    stamp = (out / RECORD_NAME).stat().st_mtime_ns
+    assert warm_start(base, pairs, out, FEW_STEPS) == out and (out / RECORD_NAME).stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="empty"):
+        warm_start(base, pairs[0:0], tmp_path / "c", FEW_STEPS)
+
+
+def test_demo_pipeline_sizes(tmp_path):
+    path = build_demo_flux_kontext(tmp_path / "demo", seed=0)
+    policy = EditPolicy.from_pretrained(path, family="flux_kontext", max_sequence_length=48)
+    sizes = DemoSizes()
+    assert policy.vae_scale_factor == 2 and policy.seq_len(32, 32) == 64  # 16x16 latent -> 8x8 packed tokens
+    assert policy.transformer.config.num_attention_heads * policy.transformer.config.attention_head_dim == 64
+    assert policy.latent_channels == sizes.latent_channels
+    assert json.loads((path / "demo_sizes.json").read_text())["vae_channels"] == list(sizes.vae_channels)
+
+
+def test_prepare_demo_caches_by_settings(tmp_path):
+    kwargs = {"examples": 12, "size": 32, "data_seed": 0, "motion": "right", "eval_fraction": 0.5, "split_seed": 0,
+              "model_seed": 0}  # fmt: skip
+    first = prepare_demo(tmp_path, settings=FEW_STEPS, **kwargs)
+    record = json.loads((first.model / RECORD_NAME).read_text())
+    train, held = MotionEditDataset.from_source(first.data, resolution=(32, 32)).split(0.5, 0)
+    assert record["n_train"] == len(train) and len(held) > 0  # the held-out side is never warm-started on
+    stamp = (first.model / RECORD_NAME).stat().st_mtime_ns
+    assert prepare_demo(tmp_path, settings=FEW_STEPS, **kwargs) == first
+    assert (first.model / RECORD_NAME).stat().st_mtime_ns == stamp
+    other = prepare_demo(tmp_path, settings=WarmStartSettings(**{**FEW_STEPS.__dict__, "seed": 1}), **kwargs)
+    assert other.data == first.data and other.model != first.model
