@@ -204,7 +204,7 @@ def step_metrics(rewards, meta, r, valid, version: int, timing: dict[str, float]
 def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
     import ray
 
-    from learner.checkpoint import CheckpointManager, export_lora, step_name
+    from learner.checkpoint import CheckpointManager, step_name
     from learner.data import ExampleServer
     from learner.pools import build_pools
 
@@ -273,7 +273,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
                 state.step = step + 1
                 with timed("checkpoint", timing):
                     if save_now:
-                        save_checkpoint(cfg, ckpt, pools, state, export_lora)
+                        save_checkpoint(cfg, ckpt, pools, state)
             metrics.update(step_metrics(rewards, meta, r, valid, state.version - (1 if keep else 0), timing,
                                         cfg.samples_per_step))  # fmt: skip
             metrics["groups/banned_total"] = float(len(state.banned))
@@ -284,22 +284,22 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
     return last
 
 
-def save_checkpoint(cfg: Config, ckpt, pools, state: DriverState, export_lora) -> str:
-    """Learner shards (DCP, every rank), the eval-EMA adapter for diffusers, then driver state and commit."""
+def save_checkpoint(cfg: Config, ckpt, pools, state: DriverState) -> str:
+    """Learner shards (DCP, every rank), the eval-EMA weights for diffusers, then driver state and commit."""
     import ray
+
+    from learner.checkpoint import export_lora, export_transformer
 
     staging = ckpt.staging_dir(state.step)
     pools.learner.save(str(staging / "learner"))
-    if cfg.checkpoint.export_lora and cfg.nft.full_finetune:
-        from learner.checkpoint import export_transformer
-
-        ema = ray.get(pools.learner.gather("ema"))
-        export_transformer(ema, pools.learner.transformer_config(), staging / "transformer")
-    elif cfg.checkpoint.export_lora:
+    if cfg.checkpoint.export_lora:
         ema = ray.get(pools.learner.gather("ema"))
         n = cfg.nft
-        export_lora(ema, staging / "lora", family=cfg.model.family, rank=n.lora_rank, alpha=n.lora_alpha,
-                    targets=list(n.lora_targets))  # fmt: skip
+        if n.full_finetune:
+            export_transformer(ema, pools.learner.transformer_config(), staging / "transformer")
+        else:
+            export_lora(ema, staging / "lora", family=cfg.model.family, rank=n.lora_rank, alpha=n.lora_alpha,
+                        targets=list(n.lora_targets))  # fmt: skip
     where = ckpt.commit(state.step, staging, {"driver": asdict(state), "config": config_to_dict(cfg)})
     print(f"checkpoint: {where}", flush=True)
     return where

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -83,18 +84,29 @@ def submitted_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("submitted")
     env, ray = _env(), os.path.join(VENV_BIN, "ray")
     dash = _free_port()
-    start = [ray, "start", "--head", "--num-cpus=4", f"--port={_free_port()}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", "--disable-usage-stats"]  # fmt: skip
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    start = [ray, "start", "--head", "--block", "--num-cpus=4", f"--port={_free_port()}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"]  # fmt: skip
+    # --block in its own process group: stopping it stops exactly this cluster. (`ray stop` would kill every
+    # Ray process on the machine, other test sessions' and users' clusters included.)
+    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
     try:
         _wait_for_dashboard(f"http://127.0.0.1:{dash}/api/version")
         cmd = [ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={ROOT}", "--",
                "python", "-m", "learner.main", "--config", "configs/tiny_cpu.yaml", *_overrides(tmp, 4)]  # fmt: skip
         t0 = time.time()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(30):  # the dashboard answers before the head's job agent registers: wait for the agent
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent to submit job" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(2)
         print(f"ray job submit took {time.time() - t0:.0f}s")
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
     return tmp, proc
 
 
