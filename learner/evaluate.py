@@ -1,6 +1,8 @@
 """Held-out evaluation of a checkpoint: flow reward and its components, an image grid, a reward-vs-step plot.
 
-`python -m learner.evaluate --config <yaml> [key=value ...] [--checkpoint none|latest|all|DIR] [--out DIR]`
+`python -m learner.evaluate (--config <yaml> | --run <logging.dir>) [key=value ...] [--checkpoint none|latest|all|DIR]
+[--out DIR]`; `--run` reads the resolved config a run saved (`<logging.dir>/config.json`), so paths the driver
+filled in (a prepared model or data set) are the ones evaluated.
 
 1. The policy is the run's base pipeline (`model.*`, loaded exactly as rollout workers load it) plus, for a
    checkpoint, its exported eval-EMA adapter `<ckpt>/lora/pytorch_lora_weights.safetensors`, loaded with
@@ -102,13 +104,16 @@ def build_scorer(cfg):
 def load_policy(cfg, lora_dir: Path | None):
     """Base pipeline as the rollout workers load it; the adapter in `lora_dir` (diffusers layout) on top."""
     from learner.pools import PolicySpec, resolve_model_path
+    from learner.warmstart import check_text_length
 
     m = cfg.model
+    path = resolve_model_path(cfg)
     spec = PolicySpec(
-        path=resolve_model_path(cfg), family=m.family, dtype=m.dtype, guidance=m.guidance, cache_dir=m.cache_dir,
+        path=path, family=m.family, dtype=m.dtype, guidance=m.guidance, cache_dir=m.cache_dir,
         use_gpu=torch.cuda.is_available(),
     )  # fmt: skip
     policy = spec()
+    check_text_length(policy, path)  # a warm-started demo pipeline must see text padded as in its warm start
     if lora_dir is not None:
         check_lora_export(lora_dir, rank=cfg.nft.lora_rank, alpha=cfg.nft.lora_alpha)
         policy.pipe.load_lora_weights(str(lora_dir), adapter_name="default")
@@ -320,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m learner.evaluate", description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    parser.add_argument("--config", required=True, help="the run's YAML")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="the run's YAML")
+    source.add_argument("--run", help="a run dir (logging.dir) holding the resolved config.json")
     parser.add_argument("--checkpoint", default="latest", help="none | latest | all | a checkpoint or LoRA dir")
     parser.add_argument("--out", default="", help="output dir (default <logging.dir>/eval)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of the edits (same for every checkpoint)")
@@ -331,12 +338,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_config(run_dir: Path, overrides: list[str]):
+    """The resolved config a run saved in `<run_dir>/config.json` (JSON is YAML), dotted overrides on top."""
+    from learner.config import load_config
+
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--run {run_dir}: no config.json (written by learner.main at the start of a run)")
+    return load_config(path, overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from learner.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides) if args.config else _run_config(Path(args.run), args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -1,26 +1,31 @@
-"""Supervised warm start of a demo pipeline on synthetic motion pairs, so that RL starts from a policy that edits.
+"""Supervised warm start of the CPU demo pipeline on synthetic motion pairs, so that RL starts from a policy that edits.
 
-A randomly initialised pipeline produces noise, and the flow reward of noise carries no signal about motion.
-Before the RL phase, the pipeline is fitted to the training pairs in two supervised stages (never on the
-held-out split):
+A randomly initialised pipeline produces noise, and the flow reward of noise says nothing about motion. Before
+the RL phase the pipeline is fitted to the training pairs in two supervised stages (never on the held-out split):
 
-1. **VAE** (autoencoding): the VAE's encoder and decoder learn to reconstruct the training images (inputs and
-   targets), MSE in [-1, 1] on the latent mean (the pipelines encode with the mode, `sample_mode="argmax"`).
-   Then `shift_factor` and `scaling_factor` are set from the latent mean and std over the training images,
-   so the transformer sees unit-scale latents, as with the real FLUX VAE.
-2. **Transformer** (rectified flow matching): with x0 = latents of the TARGET image and the conditioning of
-   (instruction, input image), `loss = ||v_θ(x_t, t, c) − (ε − x0)||²` at `x_t = (1 − t)·x0 + t·ε`; t is
-   uniform, mapped through the scheduler's resolution-dependent time shift (the same mu that shifts the
-   rollout's sigma grid, so training covers the noise levels that sampling visits). All transformer weights
-   train; AdamW with a linear warm-up and a cosine decay to 10 %.
+1. **VAE** (autoencoding): encoder and decoder learn to reconstruct the training images (inputs and targets),
+   MSE in [-1, 1] on the latent mode (the pipelines encode with `sample_mode="argmax"`). Then `shift_factor`
+   and `scaling_factor` are set from the latent mean and std over those images, so the transformer sees
+   unit-scale latents, as with the real FLUX VAE.
+2. **Transformer** (rectified flow matching): x0 = latents of the TARGET image, conditioning = (instruction,
+   input image), `loss = ||v_θ(x_t, t, c) − (ε − x0)||²` at `x_t = (1 − t)·x0 + t·ε`; t uniform, mapped through
+   the scheduler's time shift for this image size (the mu that shifts the rollout grid). All transformer
+   weights train; AdamW, linear warm-up, cosine decay to 10 %.
 
-The result is saved with `save_pretrained` and loads as `model.path` of a normal run. Everything is seeded;
-the same inputs give the same weights on the same machine (CPU kernels are deterministic for a thread count).
-A `warmstart.json` next to `model_index.json` records the settings and the loss curves; a finished directory
-is reused as it is (delete it to rebuild).
+**No-op demonstrations.** With probability `noop_fraction` a flow-matching sample's target is the INPUT image
+(an edit that does nothing), as real edit data holds failed or partial edits. The warm-started policy therefore
+moves objects only part of the way or not at all, and the motion reward alone must teach it to follow the
+instruction. Measured on the demo task (32 px, "move the <object> N pixels to the right"): with no-op
+demonstrations RL raises the held-out flow score; without them the warm start is already as good as this tiny
+model gets within the budget and RL leaves the held-out score flat (notes in the issue-6 report).
 
-CLI: ``python -m learner.warmstart --config <yaml> [--out DIR]`` (the run's data, warm-started from the demo
-pipeline; see `main`).
+The result is saved with `save_pretrained` and loads as `model.path` of a normal run. Everything is seeded: the
+same inputs give the same weights on the same machine. `warmstart.json` next to `model_index.json` records the
+settings and the loss curves; a finished directory is reused as it is.
+
+`prepare_demo` builds everything the demo needs under `<cache_dir>/demo/` (data of one motion kind, the random
+demo pipeline of `actors/demo_models.py`, the warm start); CLI: ``python -m learner.warmstart [--examples 400
+--motion right --steps 400 ...]`` prints the `data.source` and `model.path` to use.
 """
 
 from __future__ import annotations
@@ -237,6 +242,23 @@ def warm_start(
     return out_dir
 
 
+def check_text_length(policy: EditPolicy, model_dir: str | os.PathLike) -> None:
+    """Raise if `policy` pads its T5 text to another length than the warm start at `model_dir` trained with.
+
+    FLUX attends to the padding tokens too, so a transformer fitted on 48-token text sees other inputs at 512
+    tokens (the pipeline default): the policy must be built with the recorded `max_sequence_length`.
+    """
+    record = Path(model_dir) / RECORD_NAME
+    if not record.is_file() or policy.family != "flux_kontext":
+        return  # not a warm-started pipeline, or a family without T5 padding (Qwen-Image-Edit)
+    trained = json.loads(record.read_text())["settings"]["max_sequence_length"]
+    if policy.max_sequence_length != trained:
+        raise ValueError(
+            f"{model_dir} was warm-started with max_sequence_length={trained}, but the policy pads text to "
+            f"{policy.max_sequence_length}; build it with max_sequence_length={trained} (model.max_sequence_length)"
+        )
+
+
 def _summary(log: list[float], points: int = 10) -> list[float]:
     """Mean loss over `points` equal slices of the run (a short loss curve for the record)."""
     if not log:
@@ -340,7 +362,8 @@ def prepare_demo(
                       "model_seed": model_seed, "sizes": asdict(sizes), "settings": asdict(settings)},
                      sort_keys=True)  # fmt: skip
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    base = build_demo_flux_kontext(root / f"base_seed{model_seed}_{digest}", seed=model_seed, sizes=sizes)
+    sizes_digest = hashlib.sha256(json.dumps(asdict(sizes), sort_keys=True).encode()).hexdigest()[:8]
+    base = build_demo_flux_kontext(root / f"base_seed{model_seed}_{sizes_digest}", seed=model_seed, sizes=sizes)
     out = root / f"warm_{digest}"
     if not (out / RECORD_NAME).is_file():
         train, _ = MotionEditDataset.from_source(data, resolution=(size, size)).split(eval_fraction, split_seed)

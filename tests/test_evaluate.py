@@ -165,7 +165,7 @@ def test_evaluate_policy_is_seeded_and_matches_the_scorer(run_config):
     from rewards.flow_scorer import FlowItem
 
     _, held = load_data(cfg)
-    examples = [held[i] for i in range(len(held))]
+    examples = [held[i] for i in range(min(2, len(held)))]
     policy, scorer = ev.load_policy(cfg, None), ev.build_scorer(cfg)
     kwargs = {"num_steps": 2, "height": 32, "width": 32, "micro_batch": 8}
     a = ev.evaluate_policy(policy, examples, scorer, seed=0, **kwargs)
@@ -194,7 +194,8 @@ def test_cli_all_checkpoints_writes_table_json_grid_and_curve(run_config, capsys
         "".join(json.dumps({"step": s, "reward/mean": 0.5}) + "\n" for s in range(6))
     )
     out = run_dir / "eval_out"
-    assert ev.main(["--config", str(path), "--checkpoint", "all", "--out", str(out), "--grid-scale", "2"]) == 0
+    argv = ["--config", str(path), "--checkpoint", "all", "--out", str(out), "--grid-scale", "2", "--limit", "3"]
+    assert ev.main(argv) == 0
     printed = capsys.readouterr().out
     assert "base policy (no adapter)" in printed and "MEAN (n=" in printed
     summary = json.loads((out / "eval.json").read_text())
@@ -212,3 +213,20 @@ def test_cli_reports_config_errors(run_config, capsys):
     path, _ = run_config
     assert ev.main(["--config", str(path), "rollout.heigth=64"]) == 2
     assert "rollout.heigth" in capsys.readouterr().err
+
+
+def test_cli_run_dir_uses_the_saved_resolved_config(run_config, tmp_path, capsys):
+    from learner.config import config_to_dict
+
+    _, cfg = run_config
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))  # as learner.loop.train writes it
+    out = tmp_path / "out"
+    argv = ["--run", str(run_dir), "--checkpoint", "none", "--out", str(out), "--limit", "2"]
+    assert ev.main([*argv, f"logging.dir={tmp_path / 'logs'}"]) == 0  # overrides apply on top
+    assert json.loads((out / "eval.json").read_text())["n_examples"] == 2
+    assert "reward_curve.png not written" in capsys.readouterr().out  # no metrics.jsonl, one evaluation
+    assert not (out / "reward_curve.png").exists()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ev.main(["--run", str(tmp_path / "nothing")])

@@ -12,6 +12,7 @@ from learner.data import MotionEditDataset
 from learner.warmstart import (
     RECORD_NAME,
     WarmStartSettings,
+    check_text_length,
     demo_data,
     encode_pairs,
     lr_factor,
@@ -95,6 +96,11 @@ def test_warm_start_fits_normalises_and_is_deterministic(tiny_pipelines, pairs, 
     assert warm_start(base, pairs, out, FEW_STEPS) == out and (out / RECORD_NAME).stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="empty"):
         warm_start(base, pairs[0:0], tmp_path / "c", FEW_STEPS)
+    # The text padding the warm start used is recorded and enforced (FLUX attends to padding tokens).
+    check_text_length(fitted, out)
+    with pytest.raises(ValueError, match="max_sequence_length=48"):
+        check_text_length(EditPolicy.from_pretrained(out, family="flux_kontext"), out)  # default 512 tokens
+    check_text_length(EditPolicy.from_pretrained(out, family="flux_kontext"), base)  # no record: nothing to check
 
 
 def test_demo_pipeline_sizes(tmp_path):
