@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
 
-from actors.tiny_models import build_tiny_flux_kontext
+from actors.tiny_models import build_atomically, build_tiny_flux_kontext, has_pipeline
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,22 @@ def demo_vae(sizes: DemoSizes, seed: int) -> AutoencoderKL:
 def build_demo_flux_kontext(out_dir: str | os.PathLike, seed: int = 0, sizes: DemoSizes | None = None) -> Path:
     """Random demo FluxKontextPipeline saved into `out_dir` (idempotent: an existing pipeline is returned)."""
     sizes = sizes or DemoSizes()
-    out_dir = Path(out_dir)
-    if (out_dir / "model_index.json").is_file():
-        return out_dir
+
+    def write(dst: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=dst.parent) as scratch:
+            base = build_tiny_flux_kontext(Path(scratch) / "tiny", seed=seed)  # tokenizers and text encoders
+            pipe = FluxKontextPipeline.from_pretrained(base)
+            transformer = demo_transformer(
+                sizes,
+                seed,
+                text_dim=pipe.text_encoder_2.config.d_model,
+                pooled_dim=pipe.text_encoder.config.hidden_size,  # CLIP pooler_output
+            )
+            pipe = FluxKontextPipeline.from_pretrained(base, transformer=transformer, vae=demo_vae(sizes, seed))
+            pipe.save_pretrained(dst)
+        (dst / "demo_sizes.json").write_text(json.dumps(asdict(sizes), indent=1))
+
+    return build_atomically(out_dir, write, complete=has_pipeline, what="pipeline (no model_index.json)")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"out_dir {out_dir} exists but holds no model_index.json; remove it first")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from actors.tiny_models import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS
+from actors.tiny_models import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, build_atomically
 
 SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS  # ChatML + vision placeholders, as the policy-side Qwen tokenizer
 BPE_VOCAB_SIZE = 600  # trained tokenizer size; the model's embedding table is padded to VOCAB_SIZE
@@ -147,9 +147,10 @@ def build_tiny_judge(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     sibling temp dir and renamed into place, so a concurrent or interrupted build never leaves a
     half-written model where a server would load it.
     """
-    out_dir = Path(out_dir)
-    if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
-        return out_dir
+    return build_atomically(
+        out_dir, lambda tmp: _write(tmp, seed), what="tiny judge",
+        complete=lambda p: (p / "config.json").is_file() and (p / "model.safetensors").is_file(),
+    )  # fmt: skip
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"out_dir {out_dir} exists but is not a complete tiny judge; remove it first")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

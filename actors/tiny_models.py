@@ -365,25 +365,42 @@ _BUILDERS: dict[str, tuple[type, Callable[[int], dict]]] = {
 }
 
 
-def _build(family: str, out_dir: str | os.PathLike, seed: int) -> Path:
-    """Write the pipeline to a sibling temp dir and rename it into place (never a half-written model)."""
-    pipeline_cls, components = _BUILDERS[family]
+def build_atomically(
+    out_dir: str | os.PathLike, write: Callable[[Path], None], *, complete: Callable[[Path], bool], what: str
+) -> Path:
+    """Run `write(tmp)` on a sibling temp dir and rename it into place, so no reader sees a half-written model.
+
+    Idempotent: a complete `out_dir` is returned untouched; a non-empty incomplete one is an error. If another
+    process renames first, its complete result is kept.
+    """
     out_dir = Path(out_dir)
-    if (out_dir / "model_index.json").is_file():
-        return out_dir  # already built (idempotent)
+    if complete(out_dir):
+        return out_dir
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"out_dir {out_dir} exists but holds no model_index.json; remove it first")
+        raise FileExistsError(f"out_dir {out_dir} exists but is not a complete {what}; remove it first")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        pipeline_cls(**components(seed)).save_pretrained(tmp)
+        write(tmp)
         os.rename(tmp, out_dir)  # atomic; also replaces an empty out_dir
     except OSError:
-        if not (out_dir / "model_index.json").is_file():  # another builder won the race: keep theirs
+        if not complete(out_dir):  # another builder won the race: keep theirs
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def has_pipeline(path: Path) -> bool:
+    return (path / "model_index.json").is_file()
+
+
+def _build(family: str, out_dir: str | os.PathLike, seed: int) -> Path:
+    pipeline_cls, components = _BUILDERS[family]
+    return build_atomically(
+        out_dir, lambda tmp: pipeline_cls(**components(seed)).save_pretrained(tmp), complete=has_pipeline,
+        what="pipeline (no model_index.json)",
+    )  # fmt: skip
 
 
 def build_tiny_flux_kontext(out_dir: str | os.PathLike, seed: int = 0) -> Path:
