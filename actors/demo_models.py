@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,23 +103,3 @@ def build_demo_flux_kontext(out_dir: str | os.PathLike, seed: int = 0, sizes: De
         (dst / "demo_sizes.json").write_text(json.dumps(asdict(sizes), indent=1))
 
     return build_atomically(out_dir, write, complete=has_pipeline, what="pipeline (no model_index.json)")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"out_dir {out_dir} exists but holds no model_index.json; remove it first")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        base = build_tiny_flux_kontext(tmp / "tiny", seed=seed)  # tokenizers and text encoders come from here
-        pipe = FluxKontextPipeline.from_pretrained(base)
-        transformer = demo_transformer(
-            sizes,
-            seed,
-            text_dim=pipe.text_encoder_2.config.d_model,
-            pooled_dim=pipe.text_encoder.config.hidden_size,  # CLIP pooler_output
-        )
-        pipe = FluxKontextPipeline.from_pretrained(base, transformer=transformer, vae=demo_vae(sizes, seed))
-        pipe.save_pretrained(tmp / "demo")
-        (tmp / "demo" / "demo_sizes.json").write_text(json.dumps(asdict(sizes), indent=1))
-        os.rename(tmp / "demo", out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir

@@ -36,6 +36,7 @@ def _check(ok: bool, key: str, expected: str, value: Any) -> None:
 FAMILIES = ("flux_kontext", "qwen_image_edit")
 DTYPES = ("float32", "bfloat16", "float16")
 FLOW_ESTIMATORS = ("raft_large", "raft_small", "dis", "farneback")
+DEMO_MOTIONS = ("right", "left", "up", "down", "translate", "any")  # a translation direction, any translation, any
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
@@ -47,12 +48,14 @@ class ModelConfig:
     tiny: bool = _f(False, "build a tiny random-weight pipeline offline into cache_dir and train that")
     dtype: str = _f("bfloat16", "weights/compute dtype of rollouts and learner: float32 | bfloat16 | float16")
     guidance: float = _f(2.5, "FLUX Kontext distilled guidance embedding (rollouts and training); Qwen: unused")
+    max_sequence_length: int = _f(512, "FLUX Kontext: T5 tokens the instruction is padded to (pipeline default)")
     cache_dir: str = _f("~/.cache/motionnft", "where S3 downloads and tiny models are kept")
 
     def __post_init__(self) -> None:
         _check(self.family in FAMILIES, "model.family", f"one of {FAMILIES}", self.family)
         _check(self.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", self.dtype)
         _check(self.guidance >= 0, "model.guidance", "a value >= 0", self.guidance)
+        _check(self.max_sequence_length >= 1, "model.max_sequence_length", "an integer >= 1", self.max_sequence_length)
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,9 @@ class NFTConfig:
     reference_forwards: str = _f(
         "learner", "where v_old / v_ref are computed: learner | rollout (the rollout's behaviour policy, DESIGN §6)"
     )
+    invert_reward: bool = _f(
+        False, "control experiment: train on 1 - r (r = optimality); the policy should then get WORSE (issue 6)"
+    )
 
     def __post_init__(self) -> None:
         _check(self.beta > 0, "nft.beta", "a value > 0", self.beta)
@@ -307,6 +313,34 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class DemoConfig:
+    """The CPU learning demo (configs/learn_demo.yaml): data and a warm-started policy built by the run itself."""
+
+    SECTION: ClassVar[str] = "demo"
+    enabled: bool = _f(False, "build the demo data + warm-started demo pipeline (learner.warmstart) and train them")
+    examples: int = _f(400, "synthetic examples of the demo motion (train + held out, data.eval_fraction)")
+    motion: str = _f("right", "motion kind of every example: right | left | up | down | translate | any")
+    model_seed: int = _f(0, "seed of the random demo pipeline before its warm start")
+    vae_steps: int = _f(600, "warm start: autoencoder steps")
+    vae_lr: float = _f(2e-3, "warm start: autoencoder learning rate")
+    vae_batch: int = _f(16, "warm start: autoencoder batch")
+    steps: int = _f(400, "warm start: flow-matching steps of the transformer")
+    lr: float = _f(3e-3, "warm start: flow-matching learning rate")
+    batch: int = _f(32, "warm start: flow-matching batch")
+    noop_fraction: float = _f(0.6, "warm start: share of flow-matching targets that are the input (a no-op edit)")
+    seed: int = _f(0, "warm start: seed of batches and noise")
+
+    def __post_init__(self) -> None:
+        _check(self.motion in DEMO_MOTIONS, "demo.motion", f"one of {DEMO_MOTIONS}", self.motion)
+        _check(self.examples >= 2, "demo.examples", "an integer >= 2", self.examples)
+        for key in ("vae_steps", "steps"):
+            _check(getattr(self, key) >= 0, f"demo.{key}", "an integer >= 0", getattr(self, key))
+        for key in ("vae_lr", "lr", "vae_batch", "batch"):
+            _check(getattr(self, key) > 0, f"demo.{key}", "a value > 0", getattr(self, key))
+        _check(0 <= self.noop_fraction < 1, "demo.noop_fraction", "a value in [0, 1)", self.noop_fraction)
+
+
+@dataclass(frozen=True)
 class Config:
     SECTION: ClassVar[str] = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -318,6 +352,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
     @property
     def samples_per_step(self) -> int:
@@ -326,18 +361,21 @@ class Config:
 
 def validate(cfg: Config, n_gpus: float | None = None) -> None:
     """Checks that need more than one field or section (each section checks its own ranges)."""
-    _check(
-        bool(cfg.model.path) or cfg.model.tiny,
-        "model.path",
-        "a local dir or s3:// URI (or model.tiny=true)",
-        cfg.model.path,
-    )
-    _check(
-        bool(cfg.data.source) or cfg.data.synthetic > 0,
-        "data.source",
-        "a path/URI (or data.synthetic > 0)",
-        cfg.data.source,
-    )
+    if cfg.demo.enabled:
+        _validate_demo(cfg)
+    else:
+        _check(
+            bool(cfg.model.path) or cfg.model.tiny,
+            "model.path",
+            "a local dir or s3:// URI (or model.tiny=true)",
+            cfg.model.path,
+        )
+        _check(
+            bool(cfg.data.source) or cfg.data.synthetic > 0,
+            "data.source",
+            "a path/URI (or data.synthetic > 0)",
+            cfg.data.source,
+        )
     if cfg.reward.judge_weight > 0:
         j = cfg.reward.judge
         _check(
@@ -364,6 +402,21 @@ def validate(cfg: Config, n_gpus: float | None = None) -> None:
             raise ConfigError(
                 f"cluster: the pools ask for {need:g} GPUs but the cluster has none; set cluster.*_gpus=0 for CPU"
             )
+
+
+def _validate_demo(cfg: Config) -> None:
+    """The demo builds its own data and pipeline; a run may not also name others (which would be ignored)."""
+    given = (
+        ("model.path", cfg.model.path, ""),
+        ("model.tiny", cfg.model.tiny, False),
+        ("data.source", cfg.data.source, ""),
+        ("data.synthetic", cfg.data.synthetic, 0),
+    )
+    for key, value, empty in given:
+        _check(value == empty, key, f"{empty!r} with demo.enabled=true (the demo builds its own data and model)", value)
+    _check(cfg.model.family == "flux_kontext", "model.family", "flux_kontext for the demo", cfg.model.family)
+    r = cfg.rollout
+    _check(r.height == r.width, "rollout.width", f"= rollout.height ({r.height}) for the square demo images", r.width)
 
 
 # --------------------------------------------------------------------------------------------------------------

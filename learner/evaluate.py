@@ -16,8 +16,9 @@ filled in (a prepared model or data set) are the ones evaluated.
 3. Each edit is scored with the run's flow reward (`reward.flow.*`, DESIGN §3): the per-example `reward`
    (quantized when `reward.flow.quantize`), the unquantized `score` s, and the terms `l_q`, `direction`,
    `move`, `distance`. A table and the means are printed and written to `<out>/eval.json`.
-4. `<out>/grid.png`: one row per example (the first `--grid-rows`), columns input | ground truth | edit, each
-   image scaled up `--grid-scale` times (nearest) so that 32 px demo images are visible.
+4. `<out>/grid.png`: one row per example (the first `--grid-rows`), columns input | ground truth | edit of each
+   evaluated policy in order (base first with `all`; eval.json's `grid_columns` names them), each image scaled
+   up `--grid-scale` times (nearest) so that 32 px demo images are visible.
 5. `<out>/reward_curve.png` from `<logging.dir>/metrics.jsonl`: the training reward `reward/mean` per step
    (with `reward/flow/score` and any `eval/*` keys the run logged), plus the held-out means of this command
    (one point per evaluated checkpoint step). Skipped, with a message, when there is neither.
@@ -30,6 +31,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,7 +112,7 @@ def load_policy(cfg, lora_dir: Path | None):
     path = resolve_model_path(cfg)
     spec = PolicySpec(
         path=path, family=m.family, dtype=m.dtype, guidance=m.guidance, cache_dir=m.cache_dir,
-        use_gpu=torch.cuda.is_available(),
+        use_gpu=torch.cuda.is_available(), max_sequence_length=m.max_sequence_length,
     )  # fmt: skip
     policy = spec()
     check_text_length(policy, path)  # a warm-started demo pipeline must see text padded as in its warm start
@@ -188,19 +190,28 @@ def format_table(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
-def write_grid(inputs: torch.Tensor, targets: torch.Tensor, edits: torch.Tensor, path: Path, scale: int = 1) -> Path:
-    """PNG with one row per example: input | ground truth | edit, each (H*scale, W*scale); uint8 (N, 3, H, W) in."""
+def write_grid(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    edits: torch.Tensor | Sequence[torch.Tensor],
+    path: Path,
+    scale: int = 1,
+) -> Path:
+    """PNG with one row per example: input | ground truth | edit [| edit ...] (one edit column per batch in
+    `edits`, e.g. the base policy's and each checkpoint's), each cell (H*scale, W*scale); uint8 (N, 3, H, W)."""
     from PIL import Image
 
-    if not (inputs.shape == targets.shape == edits.shape) or inputs.ndim != 4 or inputs.dtype != torch.uint8:
+    edit_batches = [edits] if isinstance(edits, torch.Tensor) else list(edits)
+    batches = [inputs, targets, *edit_batches]
+    if not edit_batches or any(b.shape != inputs.shape or b.dtype != torch.uint8 for b in batches) or inputs.ndim != 4:
         raise ValueError(
-            f"write_grid needs three uint8 (N, 3, H, W) batches of one shape, got {tuple(inputs.shape)}, "
-            f"{tuple(targets.shape)}, {tuple(edits.shape)} ({inputs.dtype})"
+            "write_grid needs uint8 (N, 3, H, W) batches of one shape, got "
+            + ", ".join(f"{tuple(b.shape)} {b.dtype}" for b in batches)
         )
     if scale < 1:
         raise ValueError(f"grid scale must be >= 1, got {scale}")
-    rows = torch.cat([inputs, targets, edits], dim=3)  # (N, 3, H, 3W)
-    grid = torch.cat(list(rows), dim=1)  # (3, N*H, 3W)
+    rows = torch.cat(batches, dim=3)  # (N, 3, H, C*W)
+    grid = torch.cat(list(rows), dim=1)  # (3, N*H, C*W)
     image = Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy())
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
@@ -294,21 +305,22 @@ def run(cfg, which: str, out_dir: Path, *, seed: int, limit: int, grid_rows: int
         "config_checkpoint_dir": cfg.checkpoint.dir,
         "seed": seed,
         "n_examples": len(examples),
+        "grid_columns": ["input", "ground truth", *(_label(res.step) for res in results)],
         "results": [
             {"step": res.step, "mean": res.means(), "ids": res.ids, "components": res.components} for res in results
         ],
     }
     (out_dir / "eval.json").write_text(json.dumps(summary, indent=1))
-    last = results[-1]
     n = min(grid_rows, len(examples))
     write_grid(
         torch.stack([e.input_image for e in examples[:n]]),
         torch.stack([e.target_image for e in examples[:n]]),
-        last.edits[:n],
+        [res.edits[:n] for res in results],
         out_dir / "grid.png",
         scale=grid_scale,
     )
-    print(f"grid (input | ground truth | edit, {n} rows): {out_dir / 'grid.png'}")
+    columns = " | ".join(["input", "ground truth", *(_label(res.step) for res in results)])
+    print(f"grid ({columns}; {n} rows): {out_dir / 'grid.png'}")
     metrics_path = Path(cfg.logging.dir) / "metrics.jsonl"
     rows = read_metrics(metrics_path) if metrics_path.is_file() else []
     held = [(0 if res.step is None else res.step, res.means()) for res in results]
@@ -318,6 +330,10 @@ def run(cfg, which: str, out_dir: Path, *, seed: int, limit: int, grid_rows: int
     else:
         print(f"no {metrics_path} and a single evaluation: reward_curve.png not written")
     return results
+
+
+def _label(step: int | None) -> str:
+    return "edit: base policy" if step is None else f"edit: step {step}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from learner.warmstart import resolve_demo
+
+    cfg = resolve_demo(cfg)  # --config of a demo run: the same (cached) data and warm-started pipeline it trained
     scale = args.grid_scale or max(1, math.ceil(96 / min(cfg.rollout.height, cfg.rollout.width)))
     out = Path(args.out) if args.out else Path(cfg.logging.dir) / "eval"
     run(cfg, args.checkpoint, out, seed=args.seed, limit=args.limit, grid_rows=args.grid_rows, grid_scale=scale)

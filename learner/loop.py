@@ -85,9 +85,14 @@ class StepRollouts:
 
 
 def group_stats(rewards: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(P, K) rewards -> optimality r (P, K), valid groups (P,), saturated groups to ban (P,) (DESIGN §5)."""
+    """(P, K) rewards -> optimality r (P, K), valid groups (P,), saturated groups to ban (P,) (DESIGN §5).
+
+    Validity and bans always come from the rewards themselves, so `nft.invert_reward` changes only the
+    direction of learning, never which groups train."""
     n = cfg.nft
     r = optimality(rewards, clip=n.adv_clip_max)
+    if n.invert_reward:  # control experiment: the same updates towards the worse candidates
+        r = 1.0 - r
     valid = group_filter(rewards, min_std=n.group_min_std, max_mean=n.group_max_mean)
     banned = saturated_groups(rewards, max_std=n.group_min_std, min_mean=n.group_max_mean)
     return r, valid, banned

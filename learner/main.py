@@ -37,13 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    print("resolved config:\n" + json.dumps(config_to_dict(cfg), indent=1), flush=True)
     if args.print_config:
+        print(json.dumps(config_to_dict(cfg), indent=1))
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local paths or S3, never a hub
 
-    from learner.loop import train  # heavy imports (torch, ray) only once the config is known to be good
+    # Heavy imports (torch, ray) only once the config is known to be good.
+    from learner.loop import train
+    from learner.warmstart import resolve_demo
 
+    cfg = resolve_demo(cfg)  # demo.enabled: build the demo data and warm-started pipeline (once), train those
+    print("resolved config:\n" + json.dumps(config_to_dict(cfg), indent=1), flush=True)
     train(cfg, resume=args.resume)
     return 0
 

@@ -56,11 +56,16 @@ class PolicySpec:
     cache_dir: str
     use_gpu: bool
     lora: tuple[int, int, tuple[str, ...]] | None = None  # (rank, alpha, targets)
+    max_sequence_length: int = 512  # Kontext T5 padding
 
     def __call__(self):
         from actors.policy import EditPolicy
 
-        extra = {"guidance_scale": self.guidance} if self.family == "flux_kontext" else {}
+        extra = (
+            {"guidance_scale": self.guidance, "max_sequence_length": self.max_sequence_length}
+            if self.family == "flux_kontext"
+            else {}
+        )
         policy = EditPolicy.from_pretrained(
             self.path,
             family=self.family,
@@ -152,7 +157,8 @@ def build_pools(cfg: Config) -> Pools:
 
     c, n, m = cfg.cluster, cfg.nft, cfg.model
     path = resolve_model_path(cfg)
-    base = {"path": path, "family": m.family, "dtype": m.dtype, "guidance": m.guidance, "cache_dir": m.cache_dir}
+    base = {"path": path, "family": m.family, "dtype": m.dtype, "guidance": m.guidance, "cache_dir": m.cache_dir,
+            "max_sequence_length": m.max_sequence_length}  # fmt: skip
     lora = None if n.full_finetune else (n.lora_rank, n.lora_alpha, tuple(n.lora_targets))
     weight_kind = "full" if n.full_finetune else "lora"
 

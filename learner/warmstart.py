@@ -39,7 +39,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from actors.policy import Conditioning, EditPolicy
+from learner.config import DEMO_MOTIONS, Config
 
 RECORD_NAME = "warmstart.json"
 
@@ -119,6 +120,7 @@ def fit_vae(policy: EditPolicy, images: torch.Tensor, s: WarmStartSettings, log:
             torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
             opt.step()
             log.append(loss.item())
+            _progress("vae", step, s.vae_steps, log)
         vae.eval().requires_grad_(False)
     # Latent statistics over the training images: the transformer works on (z - shift) * scale ~ unit scale.
     with torch.no_grad():
@@ -187,6 +189,7 @@ def fit_transformer(
         torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
         opt.step()
         log.append(loss.item())
+        _progress("flow matching", step, s.steps, log)
     tr.eval().requires_grad_(False)
 
 
@@ -259,6 +262,13 @@ def check_text_length(policy: EditPolicy, model_dir: str | os.PathLike) -> None:
         )
 
 
+def _progress(stage: str, step: int, total: int, log: list[float], every: int = 100) -> None:
+    """A line every `every` steps and at the end: the warm start takes minutes on a CPU."""
+    if (step + 1) % every == 0 or step + 1 == total:
+        recent = log[-every:]
+        print(f"warm start {stage}: step {step + 1}/{total}  loss {sum(recent) / len(recent):.5f}", flush=True)
+
+
 def _summary(log: list[float], points: int = 10) -> list[float]:
     """Mean loss over `points` equal slices of the run (a short loss curve for the record)."""
     if not log:
@@ -268,7 +278,7 @@ def _summary(log: list[float], points: int = 10) -> list[float]:
 
 # ------------------------------------------------------------------------------------------------ the CPU demo
 
-MOTIONS = ("right", "left", "up", "down", "translate", "any")
+MOTIONS = DEMO_MOTIONS
 
 
 def _matches(example, motion: str) -> bool:
@@ -369,6 +379,35 @@ def prepare_demo(
         train, _ = MotionEditDataset.from_source(data, resolution=(size, size)).split(eval_fraction, split_seed)
         warm_start(base, train, out, settings)
     return DemoPaths(data=data, model=out)
+
+
+def resolve_demo(cfg: Config) -> Config:
+    """A run with `demo.enabled`: build (or reuse) the demo data and warm-started pipeline, and return the config
+    that trains them: `model.path` and `data.source` filled in, `demo.enabled` false (resolved).
+
+    The resolved config is what a run saves (`<logging.dir>/config.json`), so `learner.evaluate --run` loads
+    exactly the pipeline and data that were trained. Without `demo.enabled` the config is returned as it is.
+    """
+    if not cfg.demo.enabled:
+        return cfg
+    d, m = cfg.demo, cfg.model
+    settings = WarmStartSettings(
+        vae_steps=d.vae_steps, vae_lr=d.vae_lr, vae_batch=d.vae_batch, steps=d.steps, lr=d.lr, batch=d.batch,
+        noop_fraction=d.noop_fraction, seed=d.seed, max_sequence_length=m.max_sequence_length, guidance=m.guidance,
+    )  # fmt: skip
+    print(f"demo: building {d.examples} '{d.motion}' examples at {cfg.rollout.height} px and the warm-started "
+          f"demo pipeline under {Path(m.cache_dir).expanduser() / 'demo'} (reused when built)", flush=True)  # fmt: skip
+    paths = prepare_demo(
+        m.cache_dir, examples=d.examples, size=cfg.rollout.height, data_seed=cfg.data.seed, motion=d.motion,
+        eval_fraction=cfg.data.eval_fraction, split_seed=cfg.data.seed, model_seed=d.model_seed, settings=settings,
+    )  # fmt: skip
+    print(f"demo: data.source={paths.data} model.path={paths.model}", flush=True)
+    return replace(
+        cfg,
+        model=replace(m, path=str(paths.model)),
+        data=replace(cfg.data, source=str(paths.data)),
+        demo=replace(d, enabled=False),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,3 +123,24 @@ def test_cli_help_documents_every_key(capsys):
 def test_cli_reports_config_errors(capsys):
     assert main(["--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "rollout.group_size=0"]) == 2
     assert "rollout.group_size" in capsys.readouterr().err
+
+
+DEMO = ["demo.enabled=true", "rollout.height=32", "rollout.width=32", "reward.judge_weight=0"]
+
+
+def test_demo_needs_no_model_or_data_but_refuses_others():
+    cfg = load_config(None, DEMO)
+    assert cfg.demo.enabled and not cfg.model.path and not cfg.data.source
+    for extra, key in (("model.path=/x", "model.path"), ("model.tiny=true", "model.tiny"),
+                       ("data.source=/d.jsonl", "data.source"), ("data.synthetic=8", "data.synthetic"),
+                       ("model.family=qwen_image_edit", "model.family"),
+                       ("rollout.width=48", "rollout.width"), ("demo.motion=sideways", "demo.motion"),
+                       ("demo.noop_fraction=1.0", "demo.noop_fraction")):  # fmt: skip
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, DEMO + [extra])
+
+
+def test_print_config_builds_nothing(capsys):
+    assert main(["--config", str(ROOT / "configs" / "learn_demo.yaml"), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert '"enabled": true' in out and '"max_sequence_length": 48' in out

@@ -43,12 +43,23 @@ def test_write_grid_size_and_layout(tmp_path):
     assert tuple(px[(h + h // 2) * scale, (2 * w + w // 2) * scale]) == (255, 255, 255)
 
 
+def test_write_grid_one_column_per_edit_batch(tmp_path):
+    n, h, w = 3, 4, 4
+    batches = [torch.full((n, 3, h, w), v, dtype=torch.uint8) for v in (0, 50, 100, 150)]
+    path = ev.write_grid(batches[0], batches[1], batches[2:], tmp_path / "grid.png")
+    px = np.asarray(Image.open(path).convert("L"))
+    assert px.shape == (n * h, 4 * w)
+    assert [int(px[0, c * w]) for c in range(4)] == [0, 50, 100, 150]  # input | truth | edit A | edit B
+
+
 def test_write_grid_rejects_bad_input(tmp_path):
     a = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
     with pytest.raises(ValueError, match="one shape"):
         ev.write_grid(a, a, torch.zeros(2, 3, 8, 4, dtype=torch.uint8), tmp_path / "x.png")
     with pytest.raises(ValueError, match="uint8"):
         ev.write_grid(a.float(), a.float(), a.float(), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="one shape"):
+        ev.write_grid(a, a, [], tmp_path / "x.png")
     with pytest.raises(ValueError, match="scale"):
         ev.write_grid(a, a, a, tmp_path / "x.png", scale=0)
 
@@ -205,7 +216,10 @@ def test_cli_all_checkpoints_writes_table_json_grid_and_curve(run_config, capsys
     for res in summary["results"]:
         assert res["mean"]["score"] == pytest.approx(sum(res["components"]["score"]) / n, abs=1e-12)
     grid = Image.open(out / "grid.png")
-    assert grid.size == (3 * 32 * 2, min(16, n) * 32 * 2)
+    columns = 2 + len(steps)  # input | ground truth | one edit per evaluated policy
+    assert summary["grid_columns"][:3] == ["input", "ground truth", "edit: base policy"]
+    assert len(summary["grid_columns"]) == columns
+    assert grid.size == (columns * 32 * 2, min(16, n) * 32 * 2)
     assert Image.open(out / "reward_curve.png").format == "PNG"
 
 

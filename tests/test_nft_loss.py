@@ -405,3 +405,17 @@ def test_training_draws_order_is_times_then_noise_per_timestep():
     assert torch.equal(times, expected_t) and torch.equal(eps, expected_eps)
     assert times.shape == (5,) and len(set(times.tolist())) == 5
     assert training_seed(0, 3, "p", 1) != training_seed(0, 3, "p", 2) != training_seed(0, 4, "p", 1)
+
+
+def test_group_stats_inverts_only_the_direction():
+    from learner.config import load_config
+    from learner.loop import group_stats
+
+    base = ["model.tiny=true", "data.synthetic=8", "reward.judge_weight=0", "nft.group_min_std=0.05"]
+    rewards = torch.tensor([[0.1, 0.5, 0.9, 0.3], [0.7, 0.7, 0.7, 0.7], [0.95, 0.95, 0.96, 0.95]], dtype=torch.float64)
+    r, valid, banned = group_stats(rewards, load_config(None, base))
+    r_inv, valid_inv, banned_inv = group_stats(rewards, load_config(None, base + ["nft.invert_reward=true"]))
+    assert torch.allclose(r_inv, 1 - r)
+    assert r[0].argmax() == 2 and r_inv[0].argmax() == 0  # the best candidate becomes the most negative
+    assert valid.tolist() == valid_inv.tolist() == [True, False, False]
+    assert banned.tolist() == banned_inv.tolist() == [False, False, True]

@@ -125,3 +125,27 @@ def test_prepare_demo_caches_by_settings(tmp_path):
     assert (first.model / RECORD_NAME).stat().st_mtime_ns == stamp
     other = prepare_demo(tmp_path, settings=WarmStartSettings(**{**FEW_STEPS.__dict__, "seed": 1}), **kwargs)
     assert other.data == first.data and other.model != first.model
+
+
+def test_resolve_demo_fills_model_and_data_and_loads_with_pools_spec(tmp_path):
+    from learner.config import config_from_dict, config_to_dict, load_config
+    from learner.loop import load_data
+    from learner.pools import PolicySpec
+    from learner.warmstart import resolve_demo
+
+    overrides = ["demo.enabled=true", "demo.examples=12", "demo.vae_steps=2", "demo.vae_batch=4", "demo.steps=2",
+                 "demo.batch=4", "rollout.height=32", "rollout.width=32", "reward.judge_weight=0",
+                 "data.eval_fraction=0.5", "model.max_sequence_length=40", "model.dtype=float32",
+                 f"model.cache_dir={tmp_path}"]  # fmt: skip
+    cfg = load_config(None, overrides)
+    resolved = resolve_demo(cfg)
+    assert not resolved.demo.enabled and resolved.model.path and resolved.data.source.endswith(".jsonl")
+    assert config_from_dict(config_to_dict(resolved)) == resolved  # the saved config.json loads as it is
+    assert resolve_demo(resolved) is resolved  # nothing more to do
+    record = json.loads((tmp_path / "demo" / resolved.model.path.rsplit("/", 1)[-1] / RECORD_NAME).read_text())
+    assert record["settings"]["max_sequence_length"] == 40 and record["settings"]["steps"] == 2
+    train, held = load_data(resolved)
+    assert record["n_train"] == len(train) and len(train) + len(held) == 12  # warm-started on the run's train split
+    m = resolved.model
+    policy = PolicySpec(m.path, m.family, m.dtype, m.guidance, m.cache_dir, False, max_sequence_length=40)()
+    check_text_length(policy, m.path)  # the run's policies pad text as the warm start did
