@@ -24,8 +24,9 @@ same inputs give the same weights on the same machine. `warmstart.json` next to 
 settings and the loss curves; a finished directory is reused as it is.
 
 `prepare_demo` builds everything the demo needs under `<cache_dir>/demo/` (data of one motion kind, the random
-demo pipeline of `actors/demo_models.py`, the warm start); CLI: ``python -m learner.warmstart [--examples 400
---motion right --steps 400 ...]`` prints the `data.source` and `model.path` to use.
+demo pipeline of `actors/demo_models.py`, the warm start); a run with `demo.enabled` calls it through
+`resolve_demo`. CLI: ``python -m learner.warmstart --config configs/learn_demo.yaml [key=value ...]`` builds it
+ahead of a run and prints the `data.source` and `model.path` it trains.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -411,25 +413,23 @@ def resolve_demo(cfg: Config) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m learner.warmstart", description=__doc__.splitlines()[0])
-    defaults = WarmStartSettings()
-    parser.add_argument("--cache-dir", default="~/.cache/motionnft", help="where data and pipelines are built")
-    parser.add_argument("--examples", type=int, default=400, help="synthetic examples of the demo motion")
-    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
-    parser.add_argument("--motion", default="right", choices=MOTIONS)
-    parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--eval-fraction", type=float, default=0.15, help="held out (never warm-started on)")
-    parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--model-seed", type=int, default=0)
-    for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    """Build the demo of a config ahead of a run (e.g. on a head node) and print the paths it trains."""
+    from learner.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m learner.warmstart", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="a config with demo.enabled: true (configs/learn_demo.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = parser.parse_args(argv)
-    settings = WarmStartSettings(**{name: getattr(args, name) for name in asdict(defaults)})
-    paths = prepare_demo(
-        args.cache_dir, examples=args.examples, size=args.size, data_seed=args.data_seed, motion=args.motion,
-        eval_fraction=args.eval_fraction, split_seed=args.split_seed, model_seed=args.model_seed, settings=settings,
-    )  # fmt: skip
-    print(f"data.source={paths.data}\nmodel.path={paths.model}")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if not cfg.demo.enabled:
+        print(f"config error: demo.enabled: {args.config} does not enable the demo; nothing to build", file=sys.stderr)
+        return 2
+    resolved = resolve_demo(cfg)
+    print(f"data.source={resolved.data.source}\nmodel.path={resolved.model.path}")
     return 0
 
 

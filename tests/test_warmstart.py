@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +150,13 @@ def test_resolve_demo_fills_model_and_data_and_loads_with_pools_spec(tmp_path):
     m = resolved.model
     policy = PolicySpec(m.path, m.family, m.dtype, m.guidance, m.cache_dir, False, max_sequence_length=40)()
     check_text_length(policy, m.path)  # the run's policies pad text as the warm start did
+
+
+def test_cli_needs_a_demo_config(tmp_path, capsys):
+    from learner.warmstart import main
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert main(["--config", str(configs / "tiny_cpu.yaml")]) == 2
+    assert "demo.enabled" in capsys.readouterr().err
+    assert main(["--config", str(configs / "learn_demo.yaml"), "demo.motion=sideways"]) == 2
+    assert "demo.motion" in capsys.readouterr().err
