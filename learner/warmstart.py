@@ -397,8 +397,9 @@ def resolve_demo(cfg: Config) -> Config:
         vae_steps=d.vae_steps, vae_lr=d.vae_lr, vae_batch=d.vae_batch, steps=d.steps, lr=d.lr, batch=d.batch,
         noop_fraction=d.noop_fraction, seed=d.seed, max_sequence_length=m.max_sequence_length, guidance=m.guidance,
     )  # fmt: skip
-    print(f"demo: building {d.examples} '{d.motion}' examples at {cfg.rollout.height} px and the warm-started "
-          f"demo pipeline under {Path(m.cache_dir).expanduser() / 'demo'} (reused when built)", flush=True)  # fmt: skip
+    print(f"demo: {d.examples} '{d.motion}' examples at {cfg.rollout.height} px and the warm-started demo "
+          f"pipeline under {Path(m.cache_dir).expanduser() / 'demo'} (built on first use, ~2 min; then reused)",
+          flush=True)  # fmt: skip
     paths = prepare_demo(
         m.cache_dir, examples=d.examples, size=cfg.rollout.height, data_seed=cfg.data.seed, motion=d.motion,
         eval_fraction=cfg.data.eval_fraction, split_seed=cfg.data.seed, model_seed=d.model_seed, settings=settings,
