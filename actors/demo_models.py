@@ -8,7 +8,7 @@ CLIP/T5 text encoders and tokenizers of `tiny_models`, and changes two component
 - the VAE downsamples 2x (two encoder blocks), so a 32 px image is a 16x16x4 latent, 8x8 = 64 packed tokens
   (6x fewer numbers than pixels, enough for a short supervised fit to reconstruct the synthetic scenes);
 - the transformer has two double-stream and two single-stream blocks of width 64 (2 heads of 32), about
-  0.45 M parameters: small enough for a few hundred CPU training steps per minute, large enough to learn
+  0.48 M parameters: small enough for a few hundred CPU training steps per minute, large enough to learn
   "copy the input, move the object".
 
 The weights are random (seeded); `learner.warmstart` fits them to the synthetic pairs. Image sizes must be
