@@ -40,7 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -103,26 +103,42 @@ def _to_unit(images: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ stage 1: VAE
 
 
+def _optimize(
+    params: list[torch.Tensor],
+    loss: Callable[[], torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    s: WarmStartSettings,
+    stage: str,
+    log: list[float],
+) -> None:
+    """Both stages' loop: AdamW on `loss()` with warm-up + cosine (`lr_factor`), grad clipping, loss log, progress."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(step, steps, s.warmup)
+        value = loss()
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        opt.step()
+        log.append(value.item())
+        _progress(stage, step, steps, log)
+
+
 def fit_vae(policy: EditPolicy, images: torch.Tensor, s: WarmStartSettings, log: list[float]) -> None:
     """Autoencode `images` (uint8 (N, 3, H, W)) through the policy's VAE; then set its latent normalisation."""
     vae = policy.vae
     g = torch.Generator().manual_seed(s.seed)
-    params = [p for p in vae.parameters()]
     if s.vae_steps > 0:
-        vae.train().requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=s.vae_lr, weight_decay=s.weight_decay)
-        for step in range(s.vae_steps):
-            for group in opt.param_groups:
-                group["lr"] = s.vae_lr * lr_factor(step, s.vae_steps, s.warmup)
+
+        def loss() -> torch.Tensor:
             x = _to_unit(images[torch.randint(0, len(images), (s.vae_batch,), generator=g)])
-            recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
-            loss = F.mse_loss(recon, x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-            opt.step()
-            log.append(loss.item())
-            _progress("vae", step, s.vae_steps, log)
+            return F.mse_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x)
+
+        vae.train().requires_grad_(True)
+        _optimize(list(vae.parameters()), loss, steps=s.vae_steps, lr=s.vae_lr, s=s, stage="vae", log=log)
         vae.eval().requires_grad_(False)
     # Latent statistics over the training images: the transformer works on (z - shift) * scale ~ unit scale.
     with torch.no_grad():
@@ -170,28 +186,20 @@ def fit_transformer(
 ) -> None:
     """Rectified flow matching of all transformer weights on (cond, x0) pairs."""
     tr = policy.transformer
-    tr.train().requires_grad_(True)
-    params = [p for p in tr.parameters()]
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     g = torch.Generator().manual_seed(s.seed + 1)
     mu = shift_mu(policy, cond.height, cond.width)
-    for step in range(s.steps):
-        for group in opt.param_groups:
-            group["lr"] = s.lr * lr_factor(step, s.steps, s.warmup)
+
+    def loss() -> torch.Tensor:
         idx = torch.randint(0, x0.shape[0], (s.batch,), generator=g)
         noop = torch.rand(s.batch, generator=g) < s.noop_fraction
         x0_b = torch.where(noop[:, None, None], cond.tensors["image_latents"][idx], x0[idx])
         eps = torch.randn(x0_b.shape, generator=g)
         t = shifted_times(torch.rand(s.batch, generator=g).clamp_min(1e-3), mu)
         x_t = (1 - t[:, None, None]) * x0_b + t[:, None, None] * eps
-        v = policy.velocity(x_t, t, cond.select(idx))
-        loss = F.mse_loss(v.float(), eps - x0_b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-        opt.step()
-        log.append(loss.item())
-        _progress("flow matching", step, s.steps, log)
+        return F.mse_loss(policy.velocity(x_t, t, cond.select(idx)).float(), eps - x0_b)
+
+    tr.train().requires_grad_(True)
+    _optimize(list(tr.parameters()), loss, steps=s.steps, lr=s.lr, s=s, stage="flow matching", log=log)
     tr.eval().requires_grad_(False)
 
 
