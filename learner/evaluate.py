@@ -91,13 +91,9 @@ def evaluate_policy(
 
 def build_scorer(cfg):
     """The run's flow reward (estimator + DESIGN §3 constants from `reward.flow`), on the CPU."""
-    from learner.pools import flow_settings
-    from rewards.flow_model import build_flow_estimator
-    from rewards.flow_scorer import FlowRewardScorer
+    from learner.pools import build_flow_scorer, flow_settings
 
-    settings = flow_settings(cfg, use_gpu=torch.cuda.is_available())
-    estimator = build_flow_estimator(settings.pop("kind"), **settings.pop("estimator_kwargs"))
-    return FlowRewardScorer(estimator, max_batch=settings.pop("max_batch"), **settings)
+    return build_flow_scorer(flow_settings(cfg, use_gpu=torch.cuda.is_available()))
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -108,13 +104,8 @@ def load_policy(cfg, lora_dir: Path | None):
     from learner.pools import PolicySpec, resolve_model_path
     from learner.warmstart import check_text_length
 
-    m = cfg.model
     path = resolve_model_path(cfg)
-    spec = PolicySpec(
-        path=path, family=m.family, dtype=m.dtype, guidance=m.guidance, cache_dir=m.cache_dir,
-        use_gpu=torch.cuda.is_available(), max_sequence_length=m.max_sequence_length,
-    )  # fmt: skip
-    policy = spec()
+    policy = PolicySpec.for_run(cfg, path, use_gpu=torch.cuda.is_available())()
     check_text_length(policy, path)  # a warm-started demo pipeline must see text padded as in its warm start
     if lora_dir is not None:
         check_lora_export(lora_dir, rank=cfg.nft.lora_rank, alpha=cfg.nft.lora_alpha)
@@ -319,8 +310,7 @@ def run(cfg, which: str, out_dir: Path, *, seed: int, limit: int, grid_rows: int
         out_dir / "grid.png",
         scale=grid_scale,
     )
-    columns = " | ".join(["input", "ground truth", *(_label(res.step) for res in results)])
-    print(f"grid ({columns}; {n} rows): {out_dir / 'grid.png'}")
+    print(f"grid ({' | '.join(summary['grid_columns'])}; {n} rows): {out_dir / 'grid.png'}")
     metrics_path = Path(cfg.logging.dir) / "metrics.jsonl"
     rows = read_metrics(metrics_path) if metrics_path.is_file() else []
     held = [(0 if res.step is None else res.step, res.means()) for res in results]

@@ -58,6 +58,13 @@ class PolicySpec:
     lora: tuple[int, int, tuple[str, ...]] | None = None  # (rank, alpha, targets)
     max_sequence_length: int = 512  # Kontext T5 padding
 
+    @classmethod
+    def for_run(cls, cfg: Config, path: str, *, use_gpu: bool, lora=None) -> PolicySpec:
+        """The spec of a run's policy (`model.*`) at `path` (the resolved pipeline dir)."""
+        m = cfg.model
+        return cls(path=path, family=m.family, dtype=m.dtype, guidance=m.guidance, cache_dir=m.cache_dir,
+                   use_gpu=use_gpu, lora=lora, max_sequence_length=m.max_sequence_length)  # fmt: skip
+
     def __call__(self):
         from actors.policy import EditPolicy
 
@@ -93,21 +100,25 @@ class RewardSpec:
     max_wait_ms: float = 20.0
 
     def __call__(self):
-        from rewards.flow_model import build_flow_estimator
-        from rewards.flow_scorer import FlowRewardScorer
         from rewards.judge import JudgeClient
         from rewards.worker import RewardScorer
 
-        flow = None
-        if self.flow_weight > 0:
-            f = dict(self.flow)
-            estimator = build_flow_estimator(f.pop("kind"), **f.pop("estimator_kwargs"))
-            flow = FlowRewardScorer(estimator, max_batch=f.pop("max_batch"), **f)
+        flow = build_flow_scorer(self.flow) if self.flow_weight > 0 else None
         judges = [JudgeClient(url, **self.judge) for url in self.judge_urls] if self.judge_weight > 0 else []
         return RewardScorer(
             flow, judges, flow_weight=self.flow_weight, judge_weight=self.judge_weight,
             batch_pairs=self.batch_pairs, max_wait_ms=self.max_wait_ms,
         )  # fmt: skip
+
+
+def build_flow_scorer(settings: dict[str, Any]):
+    """A FlowRewardScorer from `flow_settings` (estimator kind + kwargs, DESIGN §3 constants)."""
+    from rewards.flow_model import build_flow_estimator
+    from rewards.flow_scorer import FlowRewardScorer
+
+    f = dict(settings)
+    estimator = build_flow_estimator(f.pop("kind"), **f.pop("estimator_kwargs"))
+    return FlowRewardScorer(estimator, max_batch=f.pop("max_batch"), **f)
 
 
 def flow_settings(cfg: Config, use_gpu: bool) -> dict[str, Any]:
@@ -155,10 +166,8 @@ def build_pools(cfg: Config) -> Pools:
     from rewards.judge import JudgeServerActor
     from rewards.worker import RewardWorker
 
-    c, n, m = cfg.cluster, cfg.nft, cfg.model
+    c, n = cfg.cluster, cfg.nft
     path = resolve_model_path(cfg)
-    base = {"path": path, "family": m.family, "dtype": m.dtype, "guidance": m.guidance, "cache_dir": m.cache_dir,
-            "max_sequence_length": m.max_sequence_length}  # fmt: skip
     lora = None if n.full_finetune else (n.lora_rank, n.lora_alpha, tuple(n.lora_targets))
     weight_kind = "full" if n.full_finetune else "lora"
 
@@ -176,10 +185,10 @@ def build_pools(cfg: Config) -> Pools:
         c.learner_ranks,
         gpus_per_rank=c.learner_gpus,
         cpus_per_rank=c.cpus_per_actor,
-        build_policy=PolicySpec(**base, use_gpu=c.learner_gpus > 0),
+        build_policy=PolicySpec.for_run(cfg, path, use_gpu=c.learner_gpus > 0),
         hyper=hyper,
         options={
-            "mixed_precision": c.learner_gpus > 0 and m.dtype != "float32",
+            "mixed_precision": c.learner_gpus > 0 and cfg.model.dtype != "float32",
             "activation_checkpointing": cfg.learner.activation_checkpointing,
         },  # fmt: skip
         backend=cfg.learner.backend,
@@ -233,7 +242,7 @@ def build_pools(cfg: Config) -> Pools:
         .remote(  # fmt: skip
             f"rollout-{i}",
             param_server,
-            PolicySpec(**base, use_gpu=c.rollout_gpus > 0, lora=lora),
+            PolicySpec.for_run(cfg, path, use_gpu=c.rollout_gpus > 0, lora=lora),
             sampler_kwargs,
             weight_kind,
         )
