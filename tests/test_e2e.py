@@ -84,8 +84,11 @@ def submitted_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("submitted")
     env, ray = _env(), os.path.join(VENV_BIN, "ray")
     dash = _free_port()
+    # The job agent's HTTP port defaults to a fixed 52365: another Ray cluster on the machine (the session's
+    # embedded one, a user's) already holds it, and then no job agent ever registers. Give it a free one.
     start = [ray, "start", "--head", "--block", "--num-cpus=4", f"--port={_free_port()}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"]  # fmt: skip
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+             f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats"]  # fmt: skip
     # --block in its own process group: stopping it stops exactly this cluster. (`ray stop` would kill every
     # Ray process on the machine, other test sessions' and users' clusters included.)
     head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
