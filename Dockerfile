@@ -10,6 +10,9 @@ WORKDIR /home/ray/motionnft
 
 # Dependencies first (cached layer), then the code.
 COPY --chown=ray pyproject.toml README.md ./
+COPY --chown=ray common common
+COPY --chown=ray data data
+COPY --chown=ray models models
 COPY --chown=ray actors actors
 COPY --chown=ray rewards rewards
 COPY --chown=ray learner learner

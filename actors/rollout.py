@@ -17,13 +17,13 @@ from typing import Any, Protocol
 import torch
 
 from actors.param_server import WeightManifest, WeightMismatchError
-from actors.policy import Conditioning, EditPolicy
 from actors.solver import FlowDPMSolver
 from learner.nft_loss import noised, training_draws, training_seed  # pure torch; shared with the learner
+from models.policy import Conditioning, EditPolicy
 
 
 class Prompt(Protocol):
-    """What a rollout needs of a data row (learner.data.MotionExample satisfies it)."""
+    """What a rollout needs of a data row (data.motionedit.MotionExample satisfies it)."""
 
     id: str
     prompt: str

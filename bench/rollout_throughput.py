@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.policy import EditPolicy  # noqa: E402
 from actors.rollout import Sampler  # noqa: E402
-from learner.data import MotionEditDataset  # noqa: E402
-from learner.synthetic import generate_synthetic  # noqa: E402
+from data.motionedit import MotionEditDataset  # noqa: E402
+from data.synthetic import generate_synthetic  # noqa: E402
+from models.policy import EditPolicy  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -40,7 +40,7 @@ def transformer_flops(policy: EditPolicy, sampler: Sampler, example) -> float:
     """FLOPs of one transformer forward on a micro-batch of `sampler.micro_batch` candidates."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from actors.policy import Conditioning
+    from models.policy import Conditioning
 
     cond = policy.encode([example.prompt], example.input_image[None].to(policy.device))
     b = sampler.micro_batch
@@ -167,7 +167,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not args.model:
-        from actors.tiny_models import build_tiny
+        from models.tiny import build_tiny
 
         args.model = str(build_tiny(args.family, Path(tempfile.mkdtemp()) / args.family))
     policy = EditPolicy.from_pretrained(args.model, family=args.family, dtype=getattr(torch, args.dtype),

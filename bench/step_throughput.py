@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from learner.config import load_config  # noqa: E402
+from common.config import load_config  # noqa: E402
 
 
 def run(config: str, overrides: list[str], staleness: int, steps: int) -> tuple[float, float, float]:

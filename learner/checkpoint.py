@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
-from learner import s3
+from common import s3
 
 MARKER = "COMMITTED"
 _STEP_DIR = re.compile(r"step_(\d+)")

@@ -102,7 +102,7 @@ def build_scorer(cfg):
 def load_policy(cfg, lora_dir: Path | None):
     """Base pipeline as the rollout workers load it; the adapter in `lora_dir` (diffusers layout) on top."""
     from learner.pools import PolicySpec, resolve_model_path
-    from learner.warmstart import check_text_length
+    from models.warmstart import check_text_length
 
     path = resolve_model_path(cfg)
     policy = PolicySpec.for_run(cfg, path, use_gpu=torch.cuda.is_available())()
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_config(run_dir: Path, overrides: list[str]):
     """The resolved config a run saved in `<run_dir>/config.json` (JSON is YAML), dotted overrides on top."""
-    from learner.config import load_config
+    from common.config import load_config
 
     path = run_dir / "config.json"
     if not path.is_file():
@@ -356,7 +356,7 @@ def _run_config(run_dir: Path, overrides: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from learner.config import ConfigError, load_config
+    from common.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides) if args.config else _run_config(Path(args.run), args.overrides)
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from learner.warmstart import resolve_demo
+    from models.warmstart import resolve_demo
 
     cfg = resolve_demo(cfg)  # --config of a demo run: the same (cached) data and warm-started pipeline it trained
     scale = args.grid_scale or max(1, math.ceil(96 / min(cfg.rollout.height, cfg.rollout.width)))

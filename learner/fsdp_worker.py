@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from actors.policy import Conditioning, EditPolicy
 from learner.nft_loss import ema_decay, nft_loss, noised, old_policy_decay, training_draws, training_seed
+from models.policy import Conditioning, EditPolicy
 
 THETA, OLD, REF = "default", "old", "ref"
 LOSS_KEYS = ("loss", "policy_loss", "kl_loss", "loss_pos", "loss_neg")  # per-step means, summed over ranks

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from learner.config import Config, config_to_dict
+from common.config import Config, config_to_dict
 from learner.nft_loss import group_filter, optimality, saturated_groups
 
 
@@ -132,8 +132,8 @@ def init_ray(cfg: Config) -> None:
 
 def load_data(cfg: Config):
     """Train and eval splits at the rollout resolution; synthetic data is generated once into the cache."""
-    from learner import synthetic
-    from learner.data import MotionEditDataset
+    from data import synthetic
+    from data.motionedit import MotionEditDataset
     from learner.pools import builder_key
 
     d = cfg.data
@@ -209,8 +209,8 @@ def step_metrics(rewards, meta, r, valid, version: int, timing: dict[str, float]
 def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
     import ray
 
+    from data.motionedit import ExampleServer
     from learner.checkpoint import CheckpointManager, step_name
-    from learner.data import ExampleServer
     from learner.pools import build_pools
 
     run_dir = Path(cfg.logging.dir)

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from learner.config import ConfigError, config_to_dict, describe, load_config
+from common.config import ConfigError, config_to_dict, describe, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Heavy imports (torch, ray) only once the config is known to be good.
     from learner.loop import train
-    from learner.warmstart import resolve_demo
+    from models.warmstart import resolve_demo
 
     cfg = resolve_demo(cfg)  # demo.enabled: build the demo data and warm-started pipeline (once), train those
     print("resolved config:\n" + json.dumps(config_to_dict(cfg), indent=1), flush=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from learner.config import Config
+from common.config import Config
 
 
 def builder_key(module: Any) -> str:
@@ -25,7 +25,7 @@ def resolve_model_path(cfg: Config) -> str:
     """The pipeline to load: `model.path`, or a tiny random one built offline into the cache (once)."""
     if not cfg.model.tiny:
         return cfg.model.path
-    from actors import tiny_models
+    from models import tiny as tiny_models
 
     out = Path(cfg.model.cache_dir).expanduser() / "tiny" / f"{cfg.model.family}-{builder_key(tiny_models)}"
     if not (out / "model_index.json").exists():
@@ -37,7 +37,7 @@ def resolve_judge_path(cfg: Config) -> str:
     j = cfg.reward.judge
     if not j.tiny:
         return j.model_path
-    from actors import tiny_judge
+    from models import tiny_judge
 
     out = Path(cfg.model.cache_dir).expanduser() / "tiny" / f"judge-{builder_key(tiny_judge)}"
     if not (out / "config.json").exists():
@@ -66,7 +66,7 @@ class PolicySpec:
                    use_gpu=use_gpu, lora=lora, max_sequence_length=m.max_sequence_length)  # fmt: skip
 
     def __call__(self):
-        from actors.policy import EditPolicy
+        from models.policy import EditPolicy
 
         extra = (
             {"guidance_scale": self.guidance, "max_sequence_length": self.max_sequence_length}

@@ -67,8 +67,8 @@ def check_flow_output(flow: torch.Tensor, estimator: str) -> torch.Tensor:
 
 
 def download_s3(uri: str, cache_dir: str | Path) -> Path:
-    """Download s3://bucket/key into cache_dir/bucket/key (learner.s3: cached by size, renamed into place)."""
-    from learner import s3  # the shared S3 helpers (boto3 only), importable from anywhere like learner.config
+    """Download s3://bucket/key into cache_dir/bucket/key (common.s3: cached by size, renamed into place)."""
+    from common import s3  # the shared S3 helpers (boto3 only), importable from anywhere like common.config
 
     bucket, key = s3.split_s3_uri(uri)
     if not key or key.endswith("/"):

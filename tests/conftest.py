@@ -131,7 +131,7 @@ FAMILIES = ("flux_kontext", "qwen_image_edit")
 @pytest.fixture(scope="session")
 def tiny_pipelines(tmp_path_factory) -> dict:
     """Both tiny random pipelines, built offline once per session (saved with save_pretrained)."""
-    from actors.tiny_models import build_tiny
+    from models.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("tiny_pipelines")
     return {family: build_tiny(family, root / family, seed=0) for family in FAMILIES}

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from actors.policy import EditPolicy
 from learner.fsdp_worker import NFTHyper, TrainSample, rank_micro_batches
+from models.policy import EditPolicy
 
 SIZE = 32  # edit pixel size: 2x2 = 4 packed latent tokens
 NUM_STEPS = 3  # rollout grid -> int(3 * 0.99) = 2 training timesteps per sample

@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 from diffusers import FluxKontextPipeline
 
-from actors.policy import FluxKontextPolicy
-from actors.tiny_models import build_tiny
-from learner import s3
+from common import s3
 from learner.checkpoint import MARKER, CheckpointManager, export_lora, load_sharded, save_sharded, step_name
 from learner.fsdp_worker import NFTTrainer, merge_rank_metrics
 from learner.nft_loss import noised
+from models.policy import FluxKontextPolicy
+from models.tiny import build_tiny
 from tests.learner_harness import (
     TARGETS,
     TEXT_TOKENS,

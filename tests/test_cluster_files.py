@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from learner.config import load_config
+from common.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from learner.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, parse_override
+from common.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, parse_override
 from learner.main import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from learner import s3
-from learner.data import CATEGORIES, DataError, MotionEditDataset
-from learner.synthetic import generate_synthetic, main, make_example
+from common import s3
+from data.motionedit import CATEGORIES, DataError, MotionEditDataset
+from data.synthetic import generate_synthetic, main, make_example
 
 N, SIZE, SEED = 12, 64, 0  # seed 0 gives both rotations (rows 3, 7) and translations in the first 12
 SATURATION = 80  # object pixels have max(rgb) - min(rgb) >= ~120, the background <= ~40
@@ -281,7 +281,7 @@ def test_bad_jsonl_row_raises_with_file_row_and_id(synth, tmp_path, defect):
 def test_bad_jsonl_row_is_skipped_and_recorded(synth, tmp_path, defect, caplog):
     manifest = _copy_jsonl_set(synth, tmp_path / "set")
     line_no, row_id, expected = _break_jsonl(manifest, defect)
-    with caplog.at_level(logging.WARNING, logger="learner.data"):
+    with caplog.at_level(logging.WARNING, logger="data.motionedit"):
         ds = MotionEditDataset.from_source(manifest, on_error="skip")
     assert len(ds) == N - 1 and row_id not in ds.ids
     assert len(ds.skipped) == 1
@@ -309,7 +309,7 @@ def test_bad_parquet_rows_raise_or_skip(synth, tmp_path, caplog):
         MotionEditDataset.from_source(damaged)
     assert str(err.value).startswith(f"{damaged} row 1 (id='synth-{SEED}-000001'): missing field 'prompt'")
     assert "and 1 more bad rows" in str(err.value)
-    with caplog.at_level(logging.WARNING, logger="learner.data"):
+    with caplog.at_level(logging.WARNING, logger="data.motionedit"):
         ds = MotionEditDataset.from_source(damaged, on_error="skip")
     assert len(ds) == N - 2
     assert [(w.row, w.id) for w, _ in ds.skipped] == [(1, f"synth-{SEED}-000001"), (4, f"synth-{SEED}-000004")]

@@ -13,9 +13,9 @@ import torch
 import yaml
 from PIL import Image
 
+from common.config import load_config
 from learner import evaluate as ev
 from learner.checkpoint import MARKER, export_lora, step_name
-from learner.config import load_config
 
 RANK, ALPHA = 4, 8
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -230,7 +230,7 @@ def test_cli_reports_config_errors(run_config, capsys):
 
 
 def test_cli_run_dir_uses_the_saved_resolved_config(run_config, tmp_path, capsys):
-    from learner.config import config_to_dict
+    from common.config import config_to_dict
 
     _, cfg = run_config
     run_dir = tmp_path / "run"

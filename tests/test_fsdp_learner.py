@@ -17,11 +17,11 @@ import torch.distributed as dist
 
 from actors.param_server import WeightManifest
 from actors.rollout import PolicyWeights, Sampler
-from actors.tiny_models import build_tiny
 from learner.fsdp_worker import LOSS_KEYS, LearnerGroup, NFTTrainer, TrainSample, merge_rank_metrics
 from learner.fsdp_worker import THETA as THETA_NAME
 from learner.nft_loss import ema_decay, noised, old_policy_decay
 from learner.pools import PolicySpec
+from models.tiny import build_tiny
 from tests.learner_harness import (
     PROMPTS,
     TARGETS,
@@ -357,8 +357,8 @@ def test_full_finetune_trains_every_weight_and_moves_the_old_copy(world1, tiny_p
 def test_rollout_reference_forwards_train_like_learner_ones(world1, tiny_paths):
     """nft.reference_forwards: rollout. v_old/v_ref computed by the rollout (its adapter = the published old
     policy, adapters off = the base) at the shared training draws give the learner's own step."""
-    from actors.policy import Conditioning
     from actors.rollout import ReferenceForwards
+    from models.policy import Conditioning
 
     path = tiny_paths["flux_kontext"]
     h = hyper(micro_batch=2, lr=1e-2)

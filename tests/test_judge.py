@@ -21,7 +21,7 @@ import ray
 import torch
 from PIL import Image
 
-from actors.tiny_judge import build_tiny_judge
+from models.tiny_judge import build_tiny_judge
 from rewards.judge import (
     DIGITS,
     RUBRIC,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from learner.config import load_config
+from common.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "learn_demo.yaml"
@@ -48,7 +48,7 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory):
     """{"shipped": run dir, "inverted": run dir}, both trained and evaluated."""
-    from learner.warmstart import resolve_demo
+    from models.warmstart import resolve_demo
 
     tmp = tmp_path_factory.mktemp("learn_demo")
     cache = tmp / "cache"

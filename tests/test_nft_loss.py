@@ -408,7 +408,7 @@ def test_training_draws_order_is_times_then_noise_per_timestep():
 
 
 def test_group_stats_inverts_only_the_direction():
-    from learner.config import load_config
+    from common.config import load_config
     from learner.loop import group_stats
 
     base = ["model.tiny=true", "data.synthetic=8", "reward.judge_weight=0", "nft.group_min_std=0.05"]

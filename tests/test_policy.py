@@ -1,6 +1,6 @@
 """EditPolicy over both tiny pipelines: loading, encode/sample/velocity/decode, sigma grids, LoRA plumbing.
 
-The tiny pipelines are built once per session with actors/tiny_models.py and loaded through the same
+The tiny pipelines are built once per session with models/tiny.py and loaded through the same
 `from_pretrained` path as real checkpoints. S3 loading is tested with the other S3 paths, not here.
 """
 
@@ -14,8 +14,8 @@ import torch
 from peft import get_peft_model_state_dict
 from PIL import Image
 
-from actors.policy import Conditioning, EditPolicy, FluxKontextPolicy, QwenImageEditPolicy
-from actors.tiny_models import build_tiny
+from models.policy import Conditioning, EditPolicy, FluxKontextPolicy, QwenImageEditPolicy
+from models.tiny import build_tiny
 
 FAMILIES = ["flux_kontext", "qwen_image_edit"]
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]

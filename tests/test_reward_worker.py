@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from learner.data import MotionEditDataset
+from data.motionedit import MotionEditDataset
+from data.synthetic import generate_synthetic
 from learner.pools import RewardSpec
-from learner.synthetic import generate_synthetic
 from rewards.flow_model import build_flow_estimator
 from rewards.flow_scorer import FlowRewardScorer
 from rewards.judge import JudgeClient, JudgeError
@@ -92,7 +92,7 @@ def test_judge_failure_fails_the_group_instead_of_scoring(examples):
 @pytest.fixture(scope="module")
 def judge_server(ray_cluster, tmp_path_factory):
     """A real vLLM server (tiny random Qwen2-VL judge, CPU) owned by a Ray actor."""
-    from actors.tiny_judge import build_tiny_judge
+    from models.tiny_judge import build_tiny_judge
     from rewards.judge import JudgeServerActor
 
     path = build_tiny_judge(tmp_path_factory.mktemp("judge") / "tiny_judge")

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from actors.param_server import ParameterServer, WeightManifest, WeightMismatchError, WeightStore
-from actors.policy import EditPolicy
 from actors.rollout import PolicyWeights, RolloutWorker, Sampler, candidate_seed
-from learner.data import MotionEditDataset
-from learner.synthetic import generate_synthetic
+from data.motionedit import MotionEditDataset
+from data.synthetic import generate_synthetic
+from models.policy import EditPolicy
 from tests.conftest import FAMILIES
 
 SIZE, K, STEPS = 32, 3, 3

@@ -1,4 +1,4 @@
-"""learner/s3.py against a real moto S3 server process (the s3_server / s3_bucket fixtures)."""
+"""common/s3.py against a real moto S3 server process (the s3_server / s3_bucket fixtures)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from learner import s3
+from common import s3
 
 
 @pytest.mark.parametrize(
@@ -84,8 +84,8 @@ def test_policy_loads_from_s3(s3_bucket, tiny_pipelines, tmp_path):
     """A pipeline uploaded to S3 loads through the same from_pretrained path as a local one."""
     import torch
 
-    from actors.policy import EditPolicy
-    from learner import s3
+    from common import s3
+    from models.policy import EditPolicy
 
     uri = f"s3://{s3_bucket}/models/tiny-kontext"
     s3.upload_dir(tiny_pipelines["flux_kontext"], uri)

@@ -1,4 +1,4 @@
-"""learner/warmstart.py and actors/demo_models.py: schedules, demo data, a few real warm-start steps, caching."""
+"""models/warmstart.py and models/demo.py: schedules, demo data, a few real warm-start steps, caching."""
 
 import json
 import math
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.demo_models import DemoSizes, build_demo_flux_kontext
-from actors.policy import EditPolicy
-from learner.data import MotionEditDataset
-from learner.warmstart import (
+from data.motionedit import MotionEditDataset
+from models.demo import DemoSizes, build_demo_flux_kontext
+from models.policy import EditPolicy
+from models.warmstart import (
     RECORD_NAME,
     WarmStartSettings,
     check_text_length,
@@ -129,10 +129,10 @@ def test_prepare_demo_caches_by_settings(tmp_path):
 
 
 def test_resolve_demo_fills_model_and_data_and_loads_with_pools_spec(tmp_path):
-    from learner.config import config_from_dict, config_to_dict, load_config
+    from common.config import config_from_dict, config_to_dict, load_config
     from learner.loop import load_data
     from learner.pools import PolicySpec
-    from learner.warmstart import resolve_demo
+    from models.warmstart import resolve_demo
 
     overrides = ["demo.enabled=true", "demo.examples=12", "demo.vae_steps=2", "demo.vae_batch=4", "demo.steps=2",
                  "demo.batch=4", "rollout.height=32", "rollout.width=32", "reward.judge_weight=0",
@@ -153,7 +153,7 @@ def test_resolve_demo_fills_model_and_data_and_loads_with_pools_spec(tmp_path):
 
 
 def test_cli_needs_a_demo_config(tmp_path, capsys):
-    from learner.warmstart import main
+    from models.warmstart import main
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     assert main(["--config", str(configs / "tiny_cpu.yaml")]) == 2

@@ -19,7 +19,7 @@ Extra columns record the truth: ``motion_dx`` / ``motion_dy`` (pixels, +x right,
 centre ``object_x`` / ``object_y`` (pixels; the centre of the pixel grid, as float). Everything is
 numpy + PIL and deterministic for a seed; example ``i`` depends only on ``(seed, i, size)``, not on ``n``.
 
-CLI: ``python -m learner.synthetic --out DIR --n N --size S [--seed 0] [--fmt parquet|jsonl]``.
+CLI: ``python -m data.synthetic --out DIR --n N --size S [--seed 0] [--fmt parquet|jsonl]``.
 """
 
 from __future__ import annotations

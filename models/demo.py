@@ -11,7 +11,7 @@ CLIP/T5 text encoders and tokenizers of `tiny_models`, and changes two component
   0.48 M parameters: small enough for a few hundred CPU training steps per minute, large enough to learn
   "copy the input, move the object".
 
-The weights are random (seeded); `learner.warmstart` fits them to the synthetic pairs. Image sizes must be
+The weights are random (seeded); `models.warmstart` fits them to the synthetic pairs. Image sizes must be
 multiples of 4 (2x VAE, 2x2 packing).
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
 
-from actors.tiny_models import build_atomically, build_tiny_flux_kontext, has_pipeline
+from models.tiny import build_atomically, build_tiny_flux_kontext, has_pipeline
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def demo_transformer(sizes: DemoSizes, seed: int, *, text_dim: int, pooled_dim: 
 
 def demo_vae(sizes: DemoSizes, seed: int) -> AutoencoderKL:
     """Random AutoencoderKL with len(vae_channels) blocks (2 ** (blocks - 1) downsampling), FLUX-style (no quant
-    convs). shift_factor 0 / scaling_factor 1 until `learner.warmstart` measures the latent statistics."""
+    convs). shift_factor 0 / scaling_factor 1 until `models.warmstart` measures the latent statistics."""
     torch.manual_seed(seed)
     n = len(sizes.vae_channels)
     return AutoencoderKL(

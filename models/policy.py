@@ -27,7 +27,7 @@ from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
 from peft import LoraConfig
 
 from actors.solver import FlowDPMSolver
-from learner import s3  # the shared S3 helpers (boto3 only), like learner.config importable from anywhere
+from common import s3  # the shared S3 helpers (boto3 only), like common.config importable from anywhere
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "motionnft"
 LORA_INITS = {"gaussian": "gaussian", "kaiming": True}  # our name -> peft's `init_lora_weights`; B = 0 in both

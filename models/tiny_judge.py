@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from actors.tiny_models import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, build_atomically
+from models.tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, build_atomically
 
 SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS  # ChatML + vision placeholders, as the policy-side Qwen tokenizer
 BPE_VOCAB_SIZE = 600  # trained tokenizer size; the model's embedding table is padded to VOCAB_SIZE

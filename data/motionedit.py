@@ -18,7 +18,7 @@ Accepted sources (DESIGN §2 "Data"):
       <root>/<name>/target.png
 
 - any of these under ``s3://bucket/prefix``: downloaded to ``cache_dir/<bucket>/<key>`` with
-  :mod:`learner.s3` (unchanged files are not fetched again). A ``.parquet`` key downloads that one file, a
+  :mod:`common.s3` (unchanged files are not fetched again). A ``.parquet`` key downloads that one file, a
   ``.jsonl`` key downloads its whole directory (its images are relative to it), any other key is a folder.
   (A parquet file fetched alone must embed its image bytes; path-only images come with a folder source.)
 
@@ -60,7 +60,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from learner import s3
+from common import s3
 
 logger = logging.getLogger(__name__)
 

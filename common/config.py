@@ -317,7 +317,7 @@ class DemoConfig:
     """The CPU learning demo (configs/learn_demo.yaml): data and a warm-started policy built by the run itself."""
 
     SECTION: ClassVar[str] = "demo"
-    enabled: bool = _f(False, "build the demo data + warm-started demo pipeline (learner.warmstart) and train them")
+    enabled: bool = _f(False, "build the demo data + warm-started demo pipeline (models.warmstart) and train them")
     examples: int = _f(400, "synthetic examples of the demo motion (train + held out, data.eval_fraction)")
     motion: str = _f("right", "motion kind of every example: right | left | up | down | translate | any")
     model_seed: int = _f(0, "seed of the random demo pipeline before its warm start")

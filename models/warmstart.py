@@ -24,8 +24,8 @@ same inputs give the same weights on the same machine. `warmstart.json` next to 
 settings and the loss curves; a finished directory is reused as it is.
 
 `prepare_demo` builds everything the demo needs under `<cache_dir>/demo/` (data of one motion kind, the random
-demo pipeline of `actors/demo_models.py`, the warm start); a run with `demo.enabled` calls it through
-`resolve_demo`. CLI: ``python -m learner.warmstart --config configs/learn_demo.yaml [key=value ...]`` builds it
+demo pipeline of `models/demo.py`, the warm start); a run with `demo.enabled` calls it through
+`resolve_demo`. CLI: ``python -m models.warmstart --config configs/learn_demo.yaml [key=value ...]`` builds it
 ahead of a run and prints the `data.source` and `model.path` it trains.
 """
 
@@ -48,8 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from actors.policy import Conditioning, EditPolicy
-from learner.config import DEMO_MOTIONS, Config
+from common.config import DEMO_MOTIONS, Config
+from models.policy import Conditioning, EditPolicy
 
 RECORD_NAME = "warmstart.json"
 
@@ -299,19 +299,19 @@ def _matches(example, motion: str) -> bool:
         return False
     if motion == "translate":
         return True
-    from learner.synthetic import DIRECTIONS
+    from data.synthetic import DIRECTIONS
 
     ux, uy = DIRECTIONS[motion]
     return example.motion_dx * ux + example.motion_dy * uy > 0  # the move points the named way
 
 
 def demo_data(out_dir: str | os.PathLike, n: int, *, size: int, seed: int, motion: str = "right") -> Path:
-    """The first `n` synthetic examples (`learner.synthetic.make_example(seed, i, size)`, i = 0, 1, ...) whose
+    """The first `n` synthetic examples (`data.synthetic.make_example(seed, i, size)`, i = 0, 1, ...) whose
     motion is `motion`, as a JSONL manifest with PNGs; ids and truth columns as the generator writes them.
     Reused when present. Returns the manifest path."""
     from PIL import Image
 
-    from learner.synthetic import JSONL_NAME, make_example
+    from data.synthetic import JSONL_NAME, make_example
 
     if motion not in MOTIONS:
         raise ValueError(f"demo motion must be one of {MOTIONS}, got {motion!r}")
@@ -371,8 +371,8 @@ def prepare_demo(
     `size` x `size`, the split the run itself makes (learner.loop.load_data), so the held-out examples stay
     unseen. The warm-started directory's name hashes everything that determines its weights.
     """
-    from actors.demo_models import DemoSizes, build_demo_flux_kontext
-    from learner.data import MotionEditDataset
+    from data.motionedit import MotionEditDataset
+    from models.demo import DemoSizes, build_demo_flux_kontext
 
     root = Path(cache_dir).expanduser() / "demo"
     data = demo_data(root / f"data_{motion}_n{examples}_s{size}_seed{data_seed}", examples, size=size,
@@ -423,9 +423,9 @@ def resolve_demo(cfg: Config) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     """Build the demo of a config ahead of a run (e.g. on a head node) and print the paths it trains."""
-    from learner.config import ConfigError, load_config
+    from common.config import ConfigError, load_config
 
-    parser = argparse.ArgumentParser(prog="python -m learner.warmstart", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m models.warmstart", description=main.__doc__)
     parser.add_argument("--config", required=True, help="a config with demo.enabled: true (configs/learn_demo.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = parser.parse_args(argv)
