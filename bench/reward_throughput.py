@@ -18,6 +18,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from common.config import FlowRewardConfig
 from rewards.flow_model import ClassicalFlow, FlowEstimator, RAFTFlow
 from rewards.flow_reward import motion_alignment_reward
 from rewards.flow_scorer import FlowItem, FlowRewardScorer
@@ -39,7 +40,7 @@ def synthetic_items(num_prompts: int, k: int, size: int, seed: int = 0) -> list[
 
 
 def run_batched(estimator: FlowEstimator, items: list[FlowItem], max_batch: int) -> None:
-    FlowRewardScorer(estimator, max_batch=max_batch).score(items)  # fresh scorer: cold cache
+    FlowRewardScorer(estimator, FlowRewardConfig(max_batch=max_batch)).score(items)  # fresh scorer: cold cache
 
 
 def run_naive(estimator: FlowEstimator, items: list[FlowItem]) -> None:
@@ -116,8 +117,9 @@ def main() -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore" if args.weights is None else "default")
                 estimator = RAFTFlow(
-                    args.variant, args.weights, args.num_updates, device=device, max_batch=args.max_batch
-                )
+                    args.variant, weights=args.weights, num_updates=args.num_updates, max_batch=args.max_batch,
+                    device=device,
+                )  # fmt: skip
         else:
             label, estimator = name, ClassicalFlow(method=name)
         run_device = device if name == "raft" else torch.device("cpu")

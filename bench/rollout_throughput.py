@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.rollout import Sampler  # noqa: E402
+from actors.sampler import Sampler  # noqa: E402
+from common.config import RolloutConfig  # noqa: E402
 from data.motionedit import MotionEditDataset  # noqa: E402
 from data.synthetic import generate_synthetic  # noqa: E402
 from models.policy import EditPolicy  # noqa: E402
@@ -37,15 +38,15 @@ def sync(device: str) -> None:
 
 
 def transformer_flops(policy: EditPolicy, sampler: Sampler, example) -> float:
-    """FLOPs of one transformer forward on a micro-batch of `sampler.micro_batch` candidates."""
+    """FLOPs of one transformer forward on a micro-batch of `rollout.micro_batch` candidates."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from models.policy import Conditioning
 
     cond = policy.encode([example.prompt], example.input_image[None].to(policy.device))
-    b = sampler.micro_batch
+    b = sampler.cfg.micro_batch
     gens = [torch.Generator().manual_seed(i) for i in range(b)]
-    x = policy.prepare_latents(b, sampler.height, sampler.width, gens)
+    x = policy.prepare_latents(b, sampler.cfg.height, sampler.cfg.width, gens)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         policy.velocity(x, torch.full((b,), 0.5, device=x.device), Conditioning.cat([cond] * b))
     return float(counter.get_total_flops())
@@ -67,8 +68,9 @@ def naive_loop(policy: EditPolicy, examples, k: int, steps: int, size: int) -> N
 
 
 def bench_sampling(args, policy: EditPolicy, examples) -> None:
-    sampler = Sampler(policy, group_size=args.group, num_steps=args.steps, height=args.size, width=args.size,
-                      micro_batch=args.micro_batch)  # fmt: skip
+    cfg = RolloutConfig(group_size=args.group, num_steps=args.steps, height=args.size, width=args.size,
+                        micro_batch=args.micro_batch)  # fmt: skip
+    sampler = Sampler(policy, cfg)
     n = len(examples) * args.group
     for _ in range(args.warmup):
         sampler.sample(examples[:1], step=0, version=0)
@@ -98,8 +100,7 @@ def bench_sampling(args, policy: EditPolicy, examples) -> None:
 def bench_weight_sync(args, policy: EditPolicy) -> None:
     import ray
 
-    from actors.param_server import WeightManifest
-    from actors.rollout import PolicyWeights
+    from models.weights import PolicyWeights, WeightManifest
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=args.workers + 1, include_dashboard=False, log_to_driver=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -114,6 +115,7 @@ class FlowRewardConfig:
     weights: str = _f("", "RAFT weights file, local or s3://; empty = random init (tests only)")
     num_updates: int = _f(12, "RAFT refinement iterations (torchvision default)")
     max_batch: int = _f(32, "pairs per estimator call (>32 at 512^2 hits a cuDNN grid_sample limit on H100)")
+    cache_size: int = _f(4096, "input->target flows a reward worker keeps (LRU, float32 on the CPU: 2 MiB at 512^2)")
     q: float = _f(0.4, "exponent of the magnitude error L_q (reference scorer)")
     motion_threshold: float = _f(0.002, "m: |V_g| above which a pixel counts for the direction term (reference)")
     tau: float = _f(0.01, "movement hinge margin (reference scorer)")
@@ -127,6 +129,7 @@ class FlowRewardConfig:
         _check(self.estimator in FLOW_ESTIMATORS, "reward.flow.estimator", f"one of {FLOW_ESTIMATORS}", self.estimator)
         _check(self.num_updates >= 1, "reward.flow.num_updates", "an integer >= 1", self.num_updates)
         _check(self.max_batch >= 1, "reward.flow.max_batch", "an integer >= 1", self.max_batch)
+        _check(self.cache_size >= 0, "reward.flow.cache_size", "an integer >= 0", self.cache_size)
         _check(self.q > 0, "reward.flow.q", "a value > 0", self.q)
         for key in ("motion_threshold", "tau", "kappa", "w_magnitude", "w_direction", "w_move"):
             _check(getattr(self, key) >= 0, f"reward.flow.{key}", "a value >= 0", getattr(self, key))
@@ -146,12 +149,21 @@ class JudgeConfig:
     max_retries: int = _f(3, "retries of a failed/unparseable request before the group fails")
     backoff_s: float = _f(0.5, "first retry delay; doubles per retry")
     max_concurrency: int = _f(16, "in-flight requests per reward worker")
+    image_format: str = _f("png", "how images are sent to the judge: png (lossless) | jpeg (smaller requests)")
+    structured_output: bool = _f(
+        True, "constrain the answer to one digit with vLLM structured output; false for servers without it"
+    )
+    startup_timeout_s: float = _f(300.0, "longest wait for a judge replica the service starts to answer /health")
 
     def __post_init__(self) -> None:
         _check(self.mode in ("score", "rubric"), "reward.judge.mode", "score | rubric", self.mode)
         _check(self.timeout_s > 0, "reward.judge.timeout_s", "a value > 0", self.timeout_s)
         _check(self.max_retries >= 0, "reward.judge.max_retries", "an integer >= 0", self.max_retries)
+        _check(self.backoff_s >= 0, "reward.judge.backoff_s", "a value >= 0", self.backoff_s)
         _check(self.max_concurrency >= 1, "reward.judge.max_concurrency", "an integer >= 1", self.max_concurrency)
+        _check(self.max_model_len >= 1, "reward.judge.max_model_len", "an integer >= 1", self.max_model_len)
+        _check(self.image_format in ("png", "jpeg"), "reward.judge.image_format", "png | jpeg", self.image_format)
+        _check(self.startup_timeout_s > 0, "reward.judge.startup_timeout_s", "a value > 0", self.startup_timeout_s)
         _check(
             self.tensor_parallel_size >= 1,
             "reward.judge.tensor_parallel_size",
@@ -328,14 +340,18 @@ class DemoConfig:
     lr: float = _f(3e-3, "warm start: flow-matching learning rate")
     batch: int = _f(32, "warm start: flow-matching batch")
     noop_fraction: float = _f(0.6, "warm start: share of flow-matching targets that are the input (a no-op edit)")
+    warmup: int = _f(20, "warm start: linear learning-rate warm-up steps of both stages")
+    weight_decay: float = _f(0.0, "warm start: AdamW weight decay of both stages")
+    grad_clip: float = _f(1.0, "warm start: max global grad norm of both stages")
     seed: int = _f(0, "warm start: seed of batches and noise")
 
     def __post_init__(self) -> None:
         _check(self.motion in DEMO_MOTIONS, "demo.motion", f"one of {DEMO_MOTIONS}", self.motion)
         _check(self.examples >= 2, "demo.examples", "an integer >= 2", self.examples)
-        for key in ("vae_steps", "steps"):
+        for key in ("vae_steps", "steps", "warmup"):
             _check(getattr(self, key) >= 0, f"demo.{key}", "an integer >= 0", getattr(self, key))
-        for key in ("vae_lr", "lr", "vae_batch", "batch"):
+        _check(self.weight_decay >= 0, "demo.weight_decay", "a value >= 0", self.weight_decay)
+        for key in ("vae_lr", "lr", "vae_batch", "batch", "grad_clip"):
             _check(getattr(self, key) > 0, f"demo.{key}", "a value > 0", getattr(self, key))
         _check(0 <= self.noop_fraction < 1, "demo.noop_fraction", "a value in [0, 1)", self.noop_fraction)
 
@@ -359,7 +375,7 @@ class Config:
         return self.rollout.prompts_per_step * self.rollout.group_size
 
 
-def validate(cfg: Config, n_gpus: float | None = None) -> None:
+def validate(cfg: Config) -> None:
     """Checks that need more than one field or section (each section checks its own ranges)."""
     if cfg.demo.enabled:
         _validate_demo(cfg)
@@ -392,16 +408,6 @@ def validate(cfg: Config, n_gpus: float | None = None) -> None:
         )
     if cfg.model.tiny and cfg.model.path:
         raise ConfigError("model.tiny: set either model.path or model.tiny=true, not both")
-    if n_gpus is not None:
-        c = cfg.cluster
-        need = c.rollout_workers * c.rollout_gpus + c.reward_workers * c.reward_gpus + c.learner_ranks * c.learner_gpus
-        if cfg.reward.judge_weight > 0 and not cfg.reward.judge.url:
-            need += c.judge_replicas * c.judge_gpus
-        # An autoscaling cluster may add GPUs later, so this is only fatal when no GPU exists at all.
-        if need > 0 and n_gpus == 0:
-            raise ConfigError(
-                f"cluster: the pools ask for {need:g} GPUs but the cluster has none; set cluster.*_gpus=0 for CPU"
-            )
 
 
 def _validate_demo(cfg: Config) -> None:
@@ -531,6 +537,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = _build(Config, tree, "")
     validate(cfg)
     return cfg
+
+
+def load_config_or_exit(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """`load_config` for command lines: a bad config prints one line naming the key and exits with status 2,
+    as argparse does for a bad flag (never a traceback)."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

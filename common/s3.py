@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Collection
 from pathlib import Path, PurePosixPath
 
 import boto3
@@ -165,8 +166,9 @@ def upload_file(src: str | os.PathLike, uri: str) -> None:
     _upload(s3_client(), src, bucket, key, uri)
 
 
-def upload_dir(src_dir: str | os.PathLike, uri: str) -> None:
-    """Upload every file under ``src_dir`` to ``uri`` taken as a directory, keeping relative paths."""
+def upload_dir(src_dir: str | os.PathLike, uri: str, *, skip: Collection[str] = ()) -> None:
+    """Upload every file under ``src_dir`` to ``uri`` taken as a directory, keeping relative paths, in sorted
+    order; files whose relative path is in ``skip`` are left out (a commit marker the caller uploads last)."""
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
         raise FileNotFoundError(f"upload source is not a directory: {src_dir}")
@@ -174,8 +176,10 @@ def upload_dir(src_dir: str | os.PathLike, uri: str) -> None:
     prefix = _dir_prefix(key)
     client = s3_client()
     for path in sorted(p for p in src_dir.rglob("*") if p.is_file()):
-        obj_key = prefix + path.relative_to(src_dir).as_posix()
-        _upload(client, path, bucket, obj_key, f"{S3_SCHEME}{bucket}/{obj_key}")
+        rel = path.relative_to(src_dir).as_posix()
+        if rel in skip:
+            continue
+        _upload(client, path, bucket, prefix + rel, f"{S3_SCHEME}{bucket}/{prefix + rel}")
 
 
 def delete_prefix(uri: str) -> int:

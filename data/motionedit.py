@@ -61,6 +61,9 @@ import torch
 from PIL import Image
 
 from common import s3
+from common.cache import build_atomically, builder_key
+from common.config import Config
+from data import synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +79,6 @@ PARQUET_COLUMNS = ("id", "prompt", "input_image", "target_image")  # required; "
 JSONL_KEYS = ("prompt", "image")  # required; "id" and "category" are optional
 EXAMPLE_META = "meta.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-DEFAULT_CACHE_DIR = "~/.cache/motionnft/data"  # where s3:// sources land when no cache_dir is given
 CHECK_THREADS = 8  # image checks at load; PIL releases the GIL while decoding
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
@@ -389,8 +391,10 @@ def _source_rows(path: Path, names: _Names) -> Iterator[tuple[RowRef, _Record | 
 
 def _fetch_s3(uri: str, cache_dir: str | os.PathLike | None) -> tuple[Path, _Names]:
     """Download an s3:// source into ``cache_dir/<bucket>/<key>``; returns the local path and message names."""
+    if cache_dir is None:
+        raise ValueError(f"{uri}: an s3:// data source needs a cache_dir to download into")
     bucket, key = s3.split_s3_uri(uri)
-    root = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser() / bucket
+    root = Path(cache_dir).expanduser() / bucket
     names = _Names(root, f"{s3.S3_SCHEME}{bucket}")
     key = key.rstrip("/")
     if key.endswith(".parquet"):
@@ -547,3 +551,28 @@ class ExampleServer:
 
     def get(self, index: int) -> MotionExample:
         return self.dataset[index]
+
+
+def load_splits(cfg: Config) -> tuple[MotionEditDataset, MotionEditDataset]:
+    """The run's (train, eval) splits at the rollout resolution (`data.*`, `rollout.height/width`).
+
+    Without `data.source`, `data.synthetic` examples are generated once into `<model.cache_dir>/synthetic`
+    (keyed by the generator's source) and used; an `s3://` source is downloaded into `<model.cache_dir>/data`.
+    """
+    d, cache = cfg.data, Path(cfg.model.cache_dir).expanduser()
+    source = d.source
+    if not source:
+        name = f"n{d.synthetic}_s{d.synthetic_size}_seed{d.seed}-{builder_key(synthetic)}"
+        out = build_atomically(
+            cache / "synthetic" / name,
+            lambda tmp: synthetic.generate_synthetic(tmp, d.synthetic, size=d.synthetic_size, seed=d.seed),
+            complete=lambda p: (p / synthetic.PARQUET_NAME).is_file(),
+            what="synthetic data set",
+        )
+        source = str(out / synthetic.PARQUET_NAME)
+    ds = MotionEditDataset.from_source(
+        source, resolution=(cfg.rollout.height, cfg.rollout.width), on_error=d.on_error, cache_dir=str(cache / "data")
+    )
+    if d.eval_fraction == 0:
+        return ds, ds[0:0]
+    return ds.split(d.eval_fraction, d.seed)

@@ -49,7 +49,7 @@ def step_name(step: int) -> str:
 class CheckpointManager:
     """Driver-side bookkeeping: where step N goes, which checkpoint is the latest complete one, retention."""
 
-    def __init__(self, root: str, *, keep: int = 3, cache_dir: str | Path = "~/.cache/motionnft") -> None:
+    def __init__(self, root: str, *, keep: int, cache_dir: str | Path) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint keep must be >= 1 (the newest checkpoint is never deleted), got {keep}")
         self.root, self.keep = str(root).rstrip("/"), keep
@@ -83,9 +83,7 @@ class CheckpointManager:
             bucket, key = s3.split_s3_uri(f"{uri}/{MARKER}")
             s3.s3_client().delete_object(Bucket=bucket, Key=key)
             s3.delete_prefix(uri)
-            for f in sorted(staging.rglob("*")):
-                if f.is_file() and f.name != MARKER:
-                    s3.upload_file(f, f"{uri}/{f.relative_to(staging).as_posix()}")
+            s3.upload_dir(staging, uri, skip={MARKER})
             s3.upload_file(staging / MARKER, f"{uri}/{MARKER}")  # last: only now is it complete
             shutil.rmtree(staging)
             location = uri

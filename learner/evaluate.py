@@ -10,7 +10,7 @@ filled in (a prepared model or data set) are the ones evaluated.
    `none` evaluates the base pipeline (the warm-started policy, the start of the RL curve); `latest` the newest
    complete checkpoint under `checkpoint.dir`; `all` the base and every complete checkpoint (a held-out curve);
    a DIR is a checkpoint dir (with `lora/`) or a LoRA dir itself.
-2. The held-out split is the run's own (`learner.loop.load_data`: same data, resolution, eval fraction, seed).
+2. The held-out split is the run's own (`data.motionedit.load_splits`: same data, resolution, eval fraction, seed).
    One edit per example is sampled with the rollout solver and grid (`rollout.num_steps`); the noise of example
    i is a function of (`--seed`, its id) only, so every checkpoint is judged on the same noise (paired).
 3. Each edit is scored with the run's flow reward (`reward.flow.*`, DESIGN §3): the per-example `reward`
@@ -32,10 +32,19 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+
+from actors.sampler import Sampler
+from common.config import Config, RolloutConfig, load_config_or_exit
+from data.motionedit import load_splits
+from learner.checkpoint import CheckpointManager
+from models.policy import EditPolicy, load_policy
+from models.tiny import pipeline_source
+from models.warmstart import check_text_length, resolve_demo
+from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer
 
 COMPONENTS = ("reward", "score", "l_q", "direction", "move", "distance")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -60,26 +69,14 @@ class EvalResult:
 
 
 def evaluate_policy(
-    policy,
-    examples: list,
-    scorer,
-    *,
-    num_steps: int,
-    height: int,
-    width: int,
-    micro_batch: int,
-    seed: int,
+    policy: EditPolicy, examples: list, scorer: FlowRewardScorer, rollout: RolloutConfig, *, seed: int
 ) -> EvalResult:
-    """Sample one edit per example (seeded by (seed, id)) and score it against its ground truth."""
-    from actors.rollout import Sampler
-    from rewards.flow_scorer import FlowItem
-
+    """Sample one edit per example with the rollout solver and grid (`rollout.*`, noise seeded by (seed, id)) and
+    score it against its ground truth."""
     if not examples:
         raise ValueError("evaluate_policy: no examples to evaluate")
-    sampler = Sampler(
-        policy, group_size=1, num_steps=num_steps, height=height, width=width, micro_batch=micro_batch, seed=seed
-    )
-    pairs = sampler.sample(list(examples), step=0, version=0)  # step 0: the same noise for every checkpoint
+    sampler = Sampler(policy, replace(rollout, seed=seed))
+    pairs = sampler.sample(list(examples), step=0, version=0, group_size=1)  # step 0: the same noise everywhere
     items = [
         FlowItem(e.id, e.input_image, e.target_image, images) for e, (_, images) in zip(examples, pairs, strict=True)
     ]
@@ -89,23 +86,13 @@ def evaluate_policy(
     return EvalResult([e.id for e in examples], [e.prompt for e in examples], components, edits)
 
 
-def build_scorer(cfg):
-    """The run's flow reward (estimator + DESIGN §3 constants from `reward.flow`), on the CPU."""
-    from learner.pools import build_flow_scorer, flow_settings
-
-    return build_flow_scorer(flow_settings(cfg, use_gpu=torch.cuda.is_available()))
-
-
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def load_policy(cfg, lora_dir: Path | None):
+def load_evaluated_policy(cfg: Config, lora_dir: Path | None) -> EditPolicy:
     """Base pipeline as the rollout workers load it; the adapter in `lora_dir` (diffusers layout) on top."""
-    from learner.pools import PolicySpec, resolve_model_path
-    from models.warmstart import check_text_length
-
-    path = resolve_model_path(cfg)
-    policy = PolicySpec.for_run(cfg, path, use_gpu=torch.cuda.is_available())()
+    path = pipeline_source(cfg.model)
+    policy = load_policy(cfg.model, path, use_gpu=torch.cuda.is_available())
     check_text_length(policy, path)  # a warm-started demo pipeline must see text padded as in its warm start
     if lora_dir is not None:
         check_lora_export(lora_dir, rank=cfg.nft.lora_rank, alpha=cfg.nft.lora_alpha)
@@ -134,8 +121,6 @@ def check_lora_export(lora_dir: Path, *, rank: int, alpha: int) -> None:
 
 def checkpoints_to_evaluate(cfg, which: str) -> list[tuple[int | None, Path | None]]:
     """[(step, lora dir)] for `which` = none | latest | all | a directory; step None = the base policy."""
-    from learner.checkpoint import CheckpointManager
-
     if which == "none":
         return [(None, None)]
     if which in ("latest", "all"):
@@ -269,23 +254,20 @@ def plot_reward_curve(rows: list[dict], held_out: list[tuple[int, dict[str, floa
 # ------------------------------------------------------------------------------------------------ entry
 
 
-def run(cfg, which: str, out_dir: Path, *, seed: int, limit: int, grid_rows: int, grid_scale: int) -> list[EvalResult]:
+def run(
+    cfg: Config, which: str, out_dir: Path, *, seed: int, limit: int, grid_rows: int, grid_scale: int
+) -> list[EvalResult]:
     """Evaluate the selected checkpoints on the held-out split; write eval.json, grid.png, reward_curve.png."""
-    from learner.loop import load_data
-
-    _, held_out = load_data(cfg)
+    _, held_out = load_splits(cfg)
     if len(held_out) == 0:
         raise ValueError("no held-out split: data.eval_fraction must be > 0 to evaluate")
     examples = [held_out[i] for i in range(len(held_out) if limit <= 0 else min(limit, len(held_out)))]
-    scorer = build_scorer(cfg)
-    r = cfg.rollout
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scorer = build_flow_scorer(cfg.reward.flow, device=device, cache_dir=cfg.model.cache_dir)
     results = []
     for step, lora_dir in checkpoints_to_evaluate(cfg, which):
-        policy = load_policy(cfg, lora_dir)
-        result = evaluate_policy(
-            policy, examples, scorer, num_steps=r.num_steps, height=r.height, width=r.width,
-            micro_batch=r.micro_batch, seed=seed,
-        )  # fmt: skip
+        policy = load_evaluated_policy(cfg, lora_dir)
+        result = evaluate_policy(policy, examples, scorer, cfg.rollout, seed=seed)
         result.step = step
         results.append(result)
         print(f"\n== {'base policy (no adapter)' if lora_dir is None else lora_dir} ==", flush=True)
@@ -344,28 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_config(run_dir: Path, overrides: list[str]):
-    """The resolved config a run saved in `<run_dir>/config.json` (JSON is YAML), dotted overrides on top."""
-    from common.config import load_config
-
+def _run_config_path(run_dir: Path) -> Path:
+    """The resolved config a run saved in `<run_dir>/config.json` (JSON is YAML)."""
     path = run_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"--run {run_dir}: no config.json (written by learner.main at the start of a run)")
-    return load_config(path, overrides)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from common.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides) if args.config else _run_config(Path(args.run), args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    path = args.config or _run_config_path(Path(args.run))
+    cfg = load_config_or_exit(path, args.overrides)  # dotted overrides on top of the file
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from models.warmstart import resolve_demo
-
     cfg = resolve_demo(cfg)  # --config of a demo run: the same (cached) data and warm-started pipeline it trained
     scale = args.grid_scale or max(1, math.ceil(96 / min(cfg.rollout.height, cfg.rollout.width)))
     out = Path(args.out) if args.out else Path(cfg.logging.dir) / "eval"

@@ -1,375 +1,66 @@
-"""The learner: NFT training of a LoRA adapter on an FSDP2-sharded transformer, one torch.distributed rank each.
-
-One transformer carries two peft adapters: "default" is θ (trained) and "old" is the sampling policy (an EMA
-of θ, DESIGN §5); v_ref is the base model with adapters disabled. Recipe and pitfalls (DESIGN §5, checked on
-FSDP2): reshard every FSDP module before switching adapters, because `set_adapter` flips `requires_grad` only
-on the parameters registered at that moment; build optimizer and EMA lists once, by name; update sharded
-parameters in place (`lerp_`, `copy_`) on their local shards.
-
-`NFTTrainer` is plain (tests and bench/ use it without Ray); `LearnerWorker` is the Ray shell of one rank and
-`LearnerGroup` places the ranks with a placement group and fans each driver call out to all of them.
+"""The learner group on Ray: one `LearnerWorker` actor per torch.distributed rank, each a thin shell around the
+plain `NFTTrainer` (learner/trainer.py), and the `LearnerGroup` that places the ranks and fans every driver call
+out to all of them (the single-controller pattern of verl's worker groups).
 """
 
 from __future__ import annotations
 
-import copy
 import os
-import socket
-import time
-import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
+import ray
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from learner.nft_loss import ema_decay, nft_loss, noised, old_policy_decay, training_draws, training_seed
-from models.policy import Conditioning, EditPolicy
-
-THETA, OLD, REF = "default", "old", "ref"
-LOSS_KEYS = ("loss", "policy_loss", "kl_loss", "loss_pos", "loss_neg")  # per-step means, summed over ranks
-
-# Two adapters on one model is the design (θ and old), not an accident peft should warn about; and our forward
-# outputs are never modified in place, which is what FSDP2's view-tensor warning is about.
-warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-
-
-@dataclass(frozen=True)
-class NFTHyper:
-    """The §5 constants the trainer needs (fed from config.nft / config.learner)."""
-
-    beta: float = 1.0
-    adv_clip_max: float = 5.0
-    kl_weight: float = 1e-4
-    timestep_fraction: float = 0.99
-    decay_schedule: str = "linear_capped"
-    ema_cap: float = 0.9
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    lora_rank: int = 32
-    lora_alpha: int = 64
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    micro_batch: int = 4
-    seed: int = 0
-    full_finetune: bool = False  # θ = every transformer weight; old and ref become frozen copies
-
-
-@dataclass
-class TrainSample:
-    """One candidate to train on: its clean latent, its prompt's conditioning and its optimality r."""
-
-    prompt_id: str
-    k: int
-    x0: torch.Tensor  # (L, D)
-    cond: Conditioning  # batch 1
-    sigmas: torch.Tensor  # (num_steps,) the rollout grid
-    r: float
-    valid: bool = True
-    v_old: torch.Tensor | None = None  # (T, L, D) from the rollout, in training_draws order (reference_forwards)
-    v_ref: torch.Tensor | None = None
-
-
-def _train_sample(group: Any, k: int, r: float, valid: bool = True) -> TrainSample:
-    """Candidate k of a rollout's GroupSample, with the reference velocities when the rollout computed them."""
-    ref = group.reference
-    return TrainSample(
-        group.prompt_id, k, group.x0[k], group.cond, group.sigmas, r, valid,
-        v_old=None if ref is None else ref["v_old"][k], v_ref=None if ref is None else ref["v_ref"][k],
-    )  # fmt: skip
-
-
-def rank_micro_batches(n: int, world: int, rank: int, micro_batch: int) -> list[list[int]]:
-    """Sample indices of this rank's micro-batches, -1 = padding.
-
-    Every rank runs the same number of micro-batches (FSDP collectives run in lock step), so a rank with
-    fewer samples pads with -1 entries that the trainer fills with zero-weight copies.
-    """
-    per_rank = -(-n // world)
-    n_batches = max(1, -(-per_rank // micro_batch))
-    mine = list(range(rank, n, world))
-    mine += [-1] * (n_batches * micro_batch - len(mine))
-    return [mine[i * micro_batch : (i + 1) * micro_batch] for i in range(n_batches)]
-
-
-class NFTTrainer:
-    def __init__(
-        self,
-        policy: EditPolicy,
-        hyper: NFTHyper,
-        *,
-        mixed_precision: bool = False,
-        activation_checkpointing: bool = False,
-    ) -> None:
-        if not dist.is_initialized():
-            raise RuntimeError("NFTTrainer needs torch.distributed initialised (init_process_group), world 1 is fine")
-        self.policy, self.hyper = policy, hyper
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        tr = policy.transformer
-        self.frozen: dict[str, torch.nn.Module] = {}  # full fine-tuning: the old policy and the reference
-        if hyper.full_finetune:
-            self.frozen = {OLD: copy.deepcopy(tr), REF: copy.deepcopy(tr)}  # before sharding: same weights
-        else:
-            # θ's Gaussian init is a function of the seed alone: identical on every rank (each rank shards its
-            # own copy, so differing inits would stitch θ together from different draws) and across world sizes.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(hyper.seed)
-                for name in (THETA, OLD):
-                    policy.add_lora(
-                        rank=hyper.lora_rank,
-                        alpha=hyper.lora_alpha,
-                        target_modules=list(hyper.lora_targets),
-                        adapter_name=name,
-                    )
-            policy.load_lora_state_dict(policy.lora_state_dict(THETA), adapter_name=OLD)  # old = θ at the start
-            tr.set_adapter(THETA)
-        if activation_checkpointing:
-            tr.enable_gradient_checkpointing()
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
-        for module in (tr, *self.frozen.values()):
-            _shard(module, mp)
-        self.fsdp_modules = [m for module in (tr, *self.frozen.values()) for m in module.modules()
-                             if isinstance(m, FSDPModule)]  # fmt: skip
-        named = dict(tr.named_parameters())
-        if hyper.full_finetune:
-            self.theta = named
-            self.old = dict(self.frozen[OLD].named_parameters())
-        else:
-            self.theta = {n: p for n, p in named.items() if f".{THETA}." in n and "lora_" in n}
-            self.old = {n: named[n.replace(f".{THETA}.", f".{OLD}.")] for n in self.theta}
-        if not self.theta:
-            raise RuntimeError(f"no LoRA parameters matched targets {hyper.lora_targets}")
-        self._set_trainable()
-        self.optimizer = torch.optim.AdamW(
-            list(self.theta.values()), lr=hyper.lr, betas=hyper.betas, weight_decay=hyper.weight_decay
-        )
-        with torch.no_grad():
-            self.ema = {n: p.detach().clone().float() for n, p in self.theta.items()}
-        self.step = 0  # optimizer steps done
-
-    # ------------------------------------------------------------------ adapters under FSDP2
-
-    def _set_trainable(self) -> None:
-        for module in (self.policy.transformer, *self.frozen.values()):
-            for p in module.parameters():
-                p.requires_grad_(False)
-        for p in self.theta.values():
-            p.requires_grad_(True)
-
-    def _reshard(self) -> None:
-        for m in self.fsdp_modules:
-            m.reshard()
-
-    @torch.no_grad()
-    def _frozen_velocity(self, adapter: str | None, x_t, t, cond) -> torch.Tensor:
-        """v_old (adapter "old") or v_ref (adapter None = base model), without touching θ's grads."""
-        if self.frozen:  # full fine-tuning: the frozen copies run in θ's place
-            theta, self.policy.transformer = self.policy.transformer, self.frozen[adapter or REF]
-            try:
-                return self.policy.velocity(x_t, t, cond)
-            finally:
-                self.policy.transformer = theta
-        tr = self.policy.transformer
-        self._reshard()
-        if adapter is None:
-            tr.disable_adapters()
-        else:
-            tr.set_adapter(adapter)
-        try:
-            return self.policy.velocity(x_t, t, cond)
-        finally:
-            self._reshard()
-            if adapter is None:
-                tr.enable_adapters()
-            tr.set_adapter(THETA)
-            self._set_trainable()
-
-    # ------------------------------------------------------------------ one training step
-
-    def train_step(self, samples: list[TrainSample], n_global: int, step: int) -> dict[str, float]:
-        """Accumulate the NFT loss over this rank's samples and all their timesteps; one AdamW step.
-
-        Normalisation: the step's loss is the mean over all `n_global` valid samples (every rank) and their
-        timesteps; FSDP averages gradients over ranks, hence the factor `world`.
-        """
-        h, t0 = self.hyper, time.perf_counter()
-        if not samples:
-            # Every rank must run the same FSDP collectives; an empty rank would leave the others waiting.
-            raise ValueError("train_step needs at least one sample per rank (pad with valid=False samples)")
-        self.optimizer.zero_grad(set_to_none=True)
-        sums = dict.fromkeys(LOSS_KEYS, 0.0)
-        # Padding samples (valid=False) still run forward/backward with zero weight: every rank must issue the
-        # same FSDP collectives (see rank_micro_batches).
-        for start in range(0, len(samples), h.micro_batch):
-            self._train_micro_batch(samples[start : start + h.micro_batch], n_global, step, sums)
-        n_local = sum(s.valid for s in samples)
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.theta.values()), h.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        self.optimizer.step()
-        self.step += 1
-        decay = self._update_old_and_ema()
-        out = {k: v for k, v in sums.items()}
-        out.update(
-            n_valid=float(n_local), grad_norm=float(grad_norm), old_decay=decay, train_s=time.perf_counter() - t0
-        )
-        return out
-
-    def _train_micro_batch(self, batch: list[TrainSample], n_global: int, step: int, sums: dict) -> None:
-        h = self.hyper
-        device = next(iter(self.theta.values())).device
-        dtype = self.policy.dtype
-        x0 = torch.stack([s.x0 for s in batch]).to(device, dtype)
-        cond = Conditioning.cat([s.cond for s in batch]).to(device, dtype)
-        r = torch.tensor([s.r for s in batch], dtype=torch.float64, device=device)
-        valid = torch.tensor([s.valid for s in batch], dtype=torch.bool, device=device)
-        draws = [
-            training_draws(s.sigmas, s.x0.shape, fraction=h.timestep_fraction,
-                           seed=training_seed(h.seed, step, s.prompt_id, s.k))
-            for s in batch
-        ]  # fmt: skip
-        times = torch.stack([t for t, _ in draws])  # (B, T)
-        eps_all = torch.stack([e for _, e in draws])  # (B, T, L, D)
-        # v_old / v_ref computed by the rollout that sampled these candidates (nft.reference_forwards: rollout)
-        shipped = all(s.v_old is not None and s.v_ref is not None for s in batch)
-        n_t = times.shape[1]
-        weight = float(valid.sum()) / max(n_global, 1) / n_t * self.world
-        for j in range(n_t):
-            eps = eps_all[:, j].to(device, dtype)
-            t = times[:, j].to(device, dtype)
-            x_t = noised(x0, eps, t)
-            if shipped:
-                v_old = torch.stack([s.v_old[j] for s in batch]).to(device, dtype)
-                v_ref = torch.stack([s.v_ref[j] for s in batch]).to(device, dtype)
-            else:
-                v_old = self._frozen_velocity(OLD, x_t, t, cond)
-                v_ref = self._frozen_velocity(None, x_t, t, cond)
-            v_theta = self.policy.velocity(x_t, t, cond)
-            loss, m = nft_loss(
-                v_theta.float(), v_old.float(), v_ref.float(), x_t.float(), x0.float(), t.float(), r, valid,
-                beta=h.beta, adv_clip_max=h.adv_clip_max, kl_weight=h.kl_weight,
-            )  # fmt: skip
-            (loss * weight).backward()
-            share = float(valid.sum()) / max(n_global, 1) / n_t
-            for key in sums:
-                sums[key] += float(m[key]) * share
-
-    @torch.no_grad()
-    def _update_old_and_ema(self) -> float:
-        """old <- d*old + (1-d)*θ and the eval EMA, on each rank's local shards (in place)."""
-        d = old_policy_decay(self.step, schedule=self.hyper.decay_schedule)
-        e = ema_decay(self.step, cap=self.hyper.ema_cap)
-        for name, p in self.theta.items():
-            local = _local(p)
-            _local(self.old[name]).lerp_(local.to(self.old[name].dtype), 1.0 - d)
-            _local(self.ema[name]).lerp_(local.float(), 1.0 - e)
-        return d
-
-    # ------------------------------------------------------------------ weights out
-
-    def gather(self, which: str = OLD) -> dict[str, torch.Tensor] | None:
-        """Full (unsharded) adapter tensors, keyed as `EditPolicy.lora_state_dict`; collective, rank 0 gets them."""
-        sources = {"old": self.old, "theta": self.theta, "ema": self.ema}
-        if which not in sources:
-            raise ValueError(f"gather: which must be one of {sorted(sources)}, got {which!r}")
-        source = sources[which]
-        out = {}
-        for theta_name in self.theta:
-            full = _full(source[theta_name])
-            out[theta_name.replace(f".{THETA}.", ".")] = full.detach().to("cpu").clone()
-        return out if self.rank == 0 else None
-
-    # ------------------------------------------------------------------ checkpoint state (DCP)
-
-    def state_dict(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        return {
-            "theta": dict(self.theta),
-            "old": {n: self.old[n] for n in self.theta},
-            "ema": dict(self.ema),
-            "optimizer": get_optimizer_state_dict(self.policy.transformer, self.optimizer),
-            "step": torch.tensor(self.step),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """`state` is what `state_dict()` returned, loaded in place by DCP; pushes the optimizer part back."""
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        set_optimizer_state_dict(self.policy.transformer, self.optimizer, state["optimizer"])
-        self.step = int(state["step"])
-        self._set_trainable()
-
-
-def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """One step's metrics from every rank's `train_step`: the losses are each rank's share of the global mean
-    (so they add up), n_valid adds up, grad_norm and old_decay are global already, train_s is the slowest."""
-    out = {k: sum(m[k] for m in per_rank) for k in (*LOSS_KEYS, "n_valid")}
-    out["grad_norm"] = per_rank[0]["grad_norm"]
-    out["old_decay"] = per_rank[0]["old_decay"]
-    out["train_s"] = max(m["train_s"] for m in per_rank)
-    return out
-
-
-def _shard(module: torch.nn.Module, mp: MixedPrecisionPolicy | None) -> None:
-    """fully_shard each transformer block, then the root (which keeps embeddings and heads)."""
-    kwargs = {"mp_policy": mp} if mp is not None else {}
-    for blocks in ("transformer_blocks", "single_transformer_blocks"):
-        for block in getattr(module, blocks, []):
-            fully_shard(block, **kwargs)
-    fully_shard(module, **kwargs)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-# ---------------------------------------------------------------------------------------------------- Ray
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+from common.config import ClusterConfig, LearnerConfig, NFTConfig
+from common.net import free_port
+from learner.checkpoint import load_sharded, save_sharded
+from learner.trainer import OLD, NFTTrainer, TrainSample, merge_rank_metrics, rank_micro_batches, train_sample
+from models.policy import EditPolicy
+from models.weights import WeightManifest, weight_kind
 
 
 class LearnerWorker:
     """One rank. Wrap at the call site: `ray.remote(num_gpus=g)(LearnerWorker)`."""
 
-    def __init__(self, rank: int, world: int, build_policy: Any, hyper: NFTHyper, options: dict[str, Any]):
-        self.rank, self.world, self.build_policy, self.hyper, self.options = rank, world, build_policy, hyper, options
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        build_policy: Callable[[], EditPolicy],
+        nft: NFTConfig,
+        learner: LearnerConfig,
+        mixed_precision: bool,
+    ):
+        self.rank, self.world, self.build_policy = rank, world, build_policy
+        self.nft, self.learner, self.mixed_precision = nft, learner, mixed_precision
         self.trainer: NFTTrainer | None = None
 
     def address(self) -> tuple[str, int]:
-        import ray
-
         return ray.util.get_node_ip_address(), free_port()
 
-    def setup(self, master: tuple[str, int], backend: str) -> bool:
+    def setup(self, master: tuple[str, int]) -> bool:
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world))  # fmt: skip
+        backend = self.learner.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         policy = self.build_policy()  # before the rendezvous: a rank that cannot load keeps no one waiting
         dist.init_process_group(backend, rank=self.rank, world_size=self.world)
-        self.trainer = NFTTrainer(policy, self.hyper, **self.options)
+        self.trainer = NFTTrainer(policy, self.nft, self.learner, mixed_precision=self.mixed_precision)
         return True
 
     def train_step(self, groups: list, r: list[list[float]], n_global: int, step: int) -> dict[str, float]:
-        import ray
+        return self.trainer.train_step(self._my_samples(groups, r), n_global, step)
 
-        return self.trainer.train_step(self._my_samples(ray, groups, r), n_global, step)
-
-    def _my_samples(self, ray, groups: list, r: list[list[float]]) -> list[TrainSample]:
+    def _my_samples(self, groups: list, r: list[list[float]]) -> list[TrainSample]:
         """Fetch only the groups this rank trains on; pad to the common micro-batch count."""
         flat = [(g, k) for g, rs in enumerate(r) for k in range(len(rs))]
-        idx = [i for mb in rank_micro_batches(len(flat), self.world, self.rank, self.hyper.micro_batch) for i in mb]
+        batches = rank_micro_batches(len(flat), self.world, self.rank, self.learner.micro_batch)
+        idx = [i for mb in batches for i in mb]
         wanted = sorted({flat[i][0] for i in idx if i >= 0})
         fetched = dict(zip(wanted, ray.get([groups[g] for g in wanted]), strict=True))
         out: list[TrainSample] = []
@@ -377,9 +68,9 @@ class LearnerWorker:
         for i in idx:
             if i >= 0:
                 g, k = flat[i]
-                out.append(_train_sample(fetched[g], k, r[g][k]))
+                out.append(train_sample(fetched[g], k, r[g][k]))
             else:  # zero-weight padding keeps the ranks' collectives in step
-                out.append(_train_sample(pad_source, 0, 0.5, valid=False))
+                out.append(train_sample(pad_source, 0, 0.5, valid=False))
         return out
 
     def gather(self, which: str = OLD) -> dict[str, torch.Tensor] | None:
@@ -387,25 +78,18 @@ class LearnerWorker:
 
     def publishable(self, which: str, version: int) -> tuple[bytes | None, dict[str, torch.Tensor] | None]:
         """(msgpack manifest, weights) on rank 0, (None, None) elsewhere; call with num_returns=2."""
-        from actors.param_server import WeightManifest
-
         weights = self.trainer.gather(which)
         if weights is None:
             return None, None
-        kind = "full" if self.hyper.full_finetune else "lora"
-        return WeightManifest.of(weights, version=version, kind=kind).pack(), weights
+        return WeightManifest.of(weights, version=version, kind=weight_kind(self.nft)).pack(), weights
 
     def transformer_config(self) -> dict[str, Any]:
         return dict(self.trainer.policy.transformer.config)
 
     def save(self, path: str) -> None:
-        from learner.checkpoint import save_sharded
-
         save_sharded(self.trainer.state_dict(), path)
 
     def load(self, path: str) -> int:
-        from learner.checkpoint import load_sharded
-
         state = self.trainer.state_dict()
         load_sharded(state, path)
         self.trainer.load_state_dict(state)
@@ -413,7 +97,8 @@ class LearnerWorker:
 
 
 class LearnerGroup:
-    """N LearnerWorker ranks packed by a placement group (one bundle per rank); one driver call fans out to all.
+    """`cluster.learner_ranks` LearnerWorker ranks packed by a placement group (one bundle per rank, GPUs
+    `cluster.learner_gpus`, CPUs `cluster.cpus_per_actor`); one driver call fans out to all.
 
     Ranks are created on bundle k for rank k (as verl's RayResourcePool), rank 0 publishes the rendezvous
     address, and every collective method is called on all ranks at once.
@@ -421,33 +106,28 @@ class LearnerGroup:
 
     def __init__(
         self,
-        n: int,
+        build_policy: Callable[[], EditPolicy],
+        nft: NFTConfig,
+        learner: LearnerConfig,
+        cluster: ClusterConfig,
         *,
-        gpus_per_rank: float,
-        cpus_per_rank: float,
-        build_policy: Any,
-        hyper: NFTHyper,
-        options: dict[str, Any],
-        backend: str = "auto",
+        mixed_precision: bool = False,
     ) -> None:
-        import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        bundle = {"CPU": cpus_per_rank, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
+        n, gpus, cpus = cluster.learner_ranks, cluster.learner_gpus, cluster.cpus_per_actor
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
         self.pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
         ray.get(self.pg.ready())
         actor = ray.remote(LearnerWorker)
         self.workers = [
             actor.options(
-                num_cpus=cpus_per_rank,
-                num_gpus=gpus_per_rank,
+                num_cpus=cpus,
+                num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k),
-            ).remote(k, n, build_policy, hyper, options)
+            ).remote(k, n, build_policy, nft, learner, mixed_precision)
             for k in range(n)
         ]
         master = ray.get(self.workers[0].address.remote())
-        pending = [w.setup.remote(master, backend) for w in self.workers]
+        pending = [w.setup.remote(master) for w in self.workers]
         try:
             while pending:  # the first rank to fail fails the group now; the rest would wait in the rendezvous
                 done, pending = ray.wait(pending, num_returns=1)
@@ -458,46 +138,31 @@ class LearnerGroup:
 
     def train_step(self, groups: list, r: list[list[float]], step: int) -> dict[str, float]:
         """Train on `groups` (ObjectRefs of GroupSample, passed by reference) with optimality r; summed metrics."""
-        import ray
-
         n_global = sum(len(x) for x in r)
         return merge_rank_metrics(ray.get([w.train_step.remote(groups, r, n_global, step) for w in self.workers]))
 
     def gather(self, which: str = OLD):
         """ObjectRef of rank 0's full adapter (the other ranks join the collective and return None)."""
-        import ray
-
         refs = [w.gather.remote(which) for w in self.workers]
         ray.get(refs[1:])  # surfaces a failed rank; their values are None
         return refs[0]
 
     def publishable(self, which: str, version: int):
         """(manifest ref, weights ref) of rank 0's gathered adapter; the weights stay in the object store."""
-        import ray
-
         refs = [w.publishable.options(num_returns=2).remote(which, version) for w in self.workers]
         ray.get([x for pair in refs[1:] for x in pair])  # surfaces a failed rank; their values are None
         return refs[0]
 
     def transformer_config(self) -> dict[str, Any]:
-        import ray
-
         return ray.get(self.workers[0].transformer_config.remote())
 
     def save(self, path: str) -> None:
-        import ray
-
         ray.get([w.save.remote(path) for w in self.workers])
 
     def load(self, path: str) -> int:
-        import ray
-
         return ray.get([w.load.remote(path) for w in self.workers])[0]
 
     def shutdown(self) -> None:
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
         for w in self.workers:
             ray.kill(w)
         remove_placement_group(self.pg)

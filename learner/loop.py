@@ -3,7 +3,8 @@
 Contract: the driver only schedules. Rollout workers sample groups (tensors stay in the object store), reward
 workers score them (the driver fetches P*K floats), the driver turns rewards into optimality r and a group
 mask (light math, as verl does advantages), the learner group trains on the valid groups by reference and
-publishes the new old-policy weights to the parameter server, from which rollouts pull before their next batch.
+publishes the new old-policy weights: rank 0 returns them as one object, and the driver hands that reference
+(with its version and manifest) to every later rollout call; a rollout loads it only when its version differs.
 
 Overlap: rollouts for up to `rollout.max_staleness` later steps are in flight while the learner trains, each
 asking for weights at most that many versions old. A checkpoint step is a drain point (no later rollouts in
@@ -21,10 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 
 from common.config import Config, config_to_dict
+from data.motionedit import ExampleServer, load_splits
+from learner.checkpoint import CheckpointManager, export_lora, export_transformer, step_name
 from learner.nft_loss import group_filter, optimality, saturated_groups
+from learner.pools import Pools, build_pools
+from models.weights import PublishedWeights
 
 
 @contextlib.contextmanager
@@ -118,8 +124,6 @@ class MetricsLog:
 
 
 def init_ray(cfg: Config) -> None:
-    import ray
-
     if ray.is_initialized():  # a caller (bench, notebook) already chose the cluster
         return
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
@@ -130,34 +134,13 @@ def init_ray(cfg: Config) -> None:
         ray.init(address="local", num_cpus=cfg.cluster.num_cpus or None, include_dashboard=False)
 
 
-def load_data(cfg: Config):
-    """Train and eval splits at the rollout resolution; synthetic data is generated once into the cache."""
-    from data import synthetic
-    from data.motionedit import MotionEditDataset
-    from learner.pools import builder_key
-
-    d = cfg.data
-    source = d.source
-    if not source:
-        name = f"n{d.synthetic}_s{d.synthetic_size}_seed{d.seed}-{builder_key(synthetic)}"
-        out = Path(cfg.model.cache_dir).expanduser() / "synthetic" / name
-        source = str(out / "synthetic.parquet")
-        if not Path(source).exists():
-            synthetic.generate_synthetic(out, d.synthetic, size=d.synthetic_size, seed=d.seed)
-    ds = MotionEditDataset.from_source(
-        source, resolution=(cfg.rollout.height, cfg.rollout.width), on_error=d.on_error,
-        cache_dir=str(Path(cfg.model.cache_dir).expanduser() / "data"),
-    )  # fmt: skip
-    if d.eval_fraction == 0:
-        return ds, ds[0:0]
-    return ds.split(d.eval_fraction, d.seed)
-
-
 # ------------------------------------------------------------------------------------------------ phases
 
 
-def submit_rollouts(pools, examples_server, indices: list[int], ids: list[str], step: int, min_version: int):
-    """Spread one step's prompts over the rollout workers; several groups per call share transformer calls."""
+def submit_rollouts(pools: Pools, examples_server, indices: list[int], ids: list[str], step: int,
+                    weights: PublishedWeights) -> StepRollouts:  # fmt: skip
+    """Spread one step's prompts over the rollout workers; several groups per call share transformer calls.
+    Every call carries the weights to sample with (one reference, fetched only by a worker that lacks them)."""
     examples = [examples_server.get.remote(i) for i in indices]
     n = len(pools.rollouts)
     groups, images, meta = [None] * len(indices), [None] * len(indices), [None] * len(indices)
@@ -165,27 +148,34 @@ def submit_rollouts(pools, examples_server, indices: list[int], ids: list[str], 
         mine = list(range(w, len(indices), n))
         if not mine:
             continue
-        refs = worker.sample.options(num_returns=3 * len(mine)).remote(step, min_version, *[examples[i] for i in mine])
+        refs = worker.sample.options(num_returns=3 * len(mine)).remote(step, weights, *[examples[i] for i in mine])
         for j, i in enumerate(mine):
             groups[i], images[i], meta[i] = refs[3 * j : 3 * j + 3]
     return StepRollouts([ids[i] for i in indices], examples, groups, images, meta)
 
 
-def score_groups(pools, batch: StepRollouts):
+def score_groups(pools: Pools, batch: StepRollouts):
     """Every group goes to a reward worker as soon as it exists (Ray resolves the refs); fetch P*K floats."""
-    import ray
-
     n = len(pools.rewards)
     refs = [pools.rewards[g % n].score.remote(batch.examples[g], batch.images[g]) for g in range(len(batch.groups))]
     return ray.get(refs), ray.get(batch.meta)
 
 
-def publish(pools, version: int) -> None:
-    """Rank 0's gathered old adapter goes to the parameter server by reference (never through the driver)."""
-    import ray
+def publish(pools: Pools, version: int) -> PublishedWeights:
+    """The learner's old adapter as version `version`: rank 0's gathered weights stay in the object store; the
+    driver keeps their reference and the few-hundred-byte manifest."""
+    manifest, tensors = pools.learner.publishable("old", version)
+    return PublishedWeights(version, ray.get(manifest), tensors)
 
-    manifest, weights = pools.learner.publishable("old", version)
-    ray.get(pools.param_server.publish.remote(manifest, [weights]))
+
+def reward_counters(pools: Pools) -> dict[str, float]:
+    """Counters of all reward workers since they started (judge requests, retries, timeouts, failures; flow
+    estimator calls and target-flow cache hits), summed, as `reward_workers/<name>`."""
+    total: dict[str, float] = {}
+    for counters in ray.get([w.counters.remote() for w in pools.rewards]):
+        for key, value in counters.items():
+            total[f"reward_workers/{key}"] = total.get(f"reward_workers/{key}", 0.0) + value
+    return total
 
 
 def step_metrics(rewards, meta, r, valid, version: int, timing: dict[str, float], n_samples: int) -> dict:
@@ -207,17 +197,11 @@ def step_metrics(rewards, meta, r, valid, version: int, timing: dict[str, float]
 
 
 def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
-    import ray
-
-    from data.motionedit import ExampleServer
-    from learner.checkpoint import CheckpointManager, step_name
-    from learner.pools import build_pools
-
     run_dir = Path(cfg.logging.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
     init_ray(cfg)
-    train_ds, eval_ds = load_data(cfg)
+    train_ds, eval_ds = load_splits(cfg)
     print(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples; "
           f"{cfg.samples_per_step} samples per step ({cfg.rollout.prompts_per_step} prompts x "
           f"{cfg.rollout.group_size})", flush=True)  # fmt: skip
@@ -233,7 +217,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
             print(f"resumed from {step_name(latest)}: step {state.step}, policy version {state.version}", flush=True)
         elif resume:
             print(f"--resume: no complete checkpoint under {cfg.checkpoint.dir}; starting fresh", flush=True)
-        publish(pools, state.version)
+        weights = publish(pools, state.version)
         cursor = PromptCursor(train_ds.ids, cfg.data.seed)
         examples = ray.remote(num_cpus=0)(ExampleServer).remote(train_ds)  # decoded examples go to the store
         log = MetricsLog(run_dir, cfg.logging.every, resume=latest is not None)
@@ -250,11 +234,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
                     horizon = step if save_now else min(step + ahead, steps - 1)
                     for s in range(step, horizon + 1):
                         if s not in pending:
-                            # Rollouts pull the newest weights; demanding the version published now bounds
-                            # staleness at training time by s - step <= max_staleness, even when steps without
-                            # a valid group publish nothing.
+                            # Sampled with the weights published now: at training time they are at most
+                            # s - step <= max_staleness versions old (steps without a valid group publish none).
                             idx = cursor.draw(cfg.rollout.prompts_per_step, state)
-                            pending[s] = submit_rollouts(pools, examples, idx, train_ds.ids, s, state.version)
+                            pending[s] = submit_rollouts(pools, examples, idx, train_ds.ids, s, weights)
                     batch = pending.pop(step)
                 # 2-3. Rewards: each group is scored as soon as its rollout finishes.
                 with timed("rollout_and_reward", timing):
@@ -274,7 +257,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
                 with timed("publish", timing):
                     if keep:
                         state.version += 1
-                        publish(pools, state.version)
+                        weights = publish(pools, state.version)
                 state.step = step + 1
                 with timed("checkpoint", timing):
                     if save_now:
@@ -282,6 +265,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
             metrics.update(step_metrics(rewards, meta, r, valid, state.version - (1 if keep else 0), timing,
                                         cfg.samples_per_step))  # fmt: skip
             metrics["groups/banned_total"] = float(len(state.banned))
+            metrics["policy/version"] = float(state.version)
+            metrics.update(reward_counters(pools))
             log.write(step, metrics)
             last = metrics
     finally:
@@ -289,12 +274,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
     return last
 
 
-def save_checkpoint(cfg: Config, ckpt, pools, state: DriverState) -> str:
+def save_checkpoint(cfg: Config, ckpt: CheckpointManager, pools: Pools, state: DriverState) -> str:
     """Learner shards (DCP, every rank), the eval-EMA weights for diffusers, then driver state and commit."""
-    import ray
-
-    from learner.checkpoint import export_lora, export_transformer
-
     staging = ckpt.staging_dir(state.step)
     pools.learner.save(str(staging / "learner"))
     if cfg.checkpoint.export_lora:

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from common.config import ConfigError, config_to_dict, describe, load_config
+from common.config import config_to_dict, describe, load_config_or_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(args.config, args.overrides)
     if args.print_config:
         print(json.dumps(config_to_dict(cfg), indent=1))
         return 0

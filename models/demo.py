@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
 
-from models.tiny import build_atomically, build_tiny_flux_kontext, has_pipeline
+from common.cache import build_atomically
+from models.tiny import build_tiny_flux_kontext, has_pipeline
 
 
 @dataclass(frozen=True)

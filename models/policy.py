@@ -2,10 +2,11 @@
 
 The methods are the pipelines' phases, with the same names for both families:
 `encode` (text + input-image latents, once per group) -> `prepare_latents` -> `velocity` (one transformer
-forward, the only thing the learner differentiates) -> `decode`; `sample` chains them with the
-DPM-Solver++(2M) of `actors/solver.py` for the K candidates of one prompt. Each phase reuses the pipeline's
-own components and helper methods (`encode_prompt`, `_encode_vae_image`, `_pack_latents`, ...); the
-pipeline's `__call__` is never used, so nothing is re-encoded per candidate.
+forward, the only thing the learner differentiates) -> `decode`; the rollouts' `Sampler` (actors/sampler.py)
+chains them with DPM-Solver++(2M). Each phase reuses the pipeline's own components and helper methods
+(`encode_prompt`, `_encode_vae_image`, `_pack_latents`, ...); the pipeline's `__call__` is never used, so nothing
+is re-encoded per candidate. The policy is shared code: rollouts sample with it, the learner trains it, the
+warm start fits it. `load_policy` builds a run's policy from its config (`model.*`, `nft.lora_*`).
 
 Conventions (flow matching, as both pipelines): ``x_t = (1 - s) * x0 + s * eps`` with ``s`` in [0, 1], and
 the transformer predicts the velocity ``v = eps - x0``. Latents live in the transformer's packed sequence
@@ -26,10 +27,9 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxKo
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
 from peft import LoraConfig
 
-from actors.solver import FlowDPMSolver
-from common import s3  # the shared S3 helpers (boto3 only), like common.config importable from anywhere
+from common import s3
+from common.config import ModelConfig, NFTConfig
 
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "motionnft"
 LORA_INITS = {"gaussian": "gaussian", "kaiming": True}  # our name -> peft's `init_lora_weights`; B = 0 in both
 
 
@@ -123,10 +123,12 @@ def _pad_dim1(t: torch.Tensor, length: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------- loading
 def resolve_model_path(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local pipeline directory for `path` (a local dir, or s3://bucket/prefix downloaded first)."""
+    """A local pipeline directory for `path` (a local dir, or s3://bucket/prefix downloaded into `cache_dir`)."""
     if s3.is_s3_uri(path):
+        if cache_dir is None:
+            raise ValueError(f"{path}: an s3:// pipeline needs a cache_dir to download into (model.cache_dir)")
         bucket, key = s3.split_s3_uri(str(path))
-        local = s3.download_prefix(str(path), Path(cache_dir or DEFAULT_CACHE_DIR) / bucket / key.strip("/"))
+        local = s3.download_prefix(str(path), Path(cache_dir).expanduser() / bucket / key.strip("/"))
     else:
         local = Path(path)
     if not (local / "model_index.json").is_file():
@@ -280,26 +282,30 @@ class EditPolicy:
         multiple = self.vae_scale_factor * 2
         return (height // multiple) * (width // multiple)
 
-    def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
-        """The model's own shifted grid, float32 (num_steps,) on the CPU, exactly as its pipeline builds it:
-        ``linspace(1, 1/num_steps, num_steps)``, then the scheduler's dynamic shift for the image sequence
-        length (mu from `calculate_shift`), then any `shift_terminal` stretch (Qwen-Image ends at 0.02)."""
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        if num_steps == 1:
-            # Every shift maps sigma 1 to 1; the terminal stretch would divide 0 by 0 (the pipeline gets NaN).
-            self.check_size(height, width)
-            return torch.ones(1, dtype=torch.float32)
+    def shift_mu(self, height: int, width: int) -> float:
+        """mu of the scheduler's dynamic shift for an edit of this size (`calculate_shift` of the image sequence
+        length, with the scheduler config's bounds); the warm start draws its training times with it too."""
         config = self.pipe.scheduler.config
-        mu = calculate_shift(
+        return calculate_shift(
             self.seq_len(height, width),
             config.get("base_image_seq_len", 256),
             config.get("max_image_seq_len", 4096),
             config.get("base_shift", 0.5),
             config.get("max_shift", 1.15),
         )
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)  # fresh: the pipeline's stays untouched
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+
+    def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+        """The model's own shifted grid, float32 (num_steps,) on the CPU, exactly as its pipeline builds it:
+        ``linspace(1, 1/num_steps, num_steps)``, then the scheduler's dynamic shift for the image sequence
+        length (`shift_mu`), then any `shift_terminal` stretch (Qwen-Image ends at 0.02)."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if num_steps == 1:
+            # Every shift maps sigma 1 to 1; the terminal stretch would divide 0 by 0 (the pipeline gets NaN).
+            self.check_size(height, width)
+            return torch.ones(1, dtype=torch.float32)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)  # the pipeline's stays
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=self.shift_mu(height, width))
         return scheduler.sigmas[:-1].to(device="cpu", dtype=torch.float32)
 
     def prepare_latents(
@@ -358,32 +364,6 @@ class EditPolicy:
     def decode(self, x0: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Packed clean latents (B, L, D) -> uint8 images (B, 3, H, W)."""
         raise NotImplementedError
-
-    # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def sample(
-        self,
-        cond: Conditioning,
-        k: int,
-        num_steps: int,
-        generator: torch.Generator | list[torch.Generator],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K edits for ONE prompt's conditioning with DPM-Solver++(2M) on the model's sigma grid.
-
-        All K candidates go through one batched transformer call per step. Returns (x0 (K, L, D) float32,
-        images uint8 (K, 3, H, W)), both on the policy's device.
-        """
-        if cond.batch != 1:
-            raise ValueError(f"sample takes the conditioning of one prompt, got {cond.batch} rows")
-        height, width = cond.height, cond.width
-        cond_k = cond.to(self.device, self.dtype).repeat_interleave(k)
-        x = self.prepare_latents(k, height, width, generator)
-        solver = FlowDPMSolver()
-        solver.set_timesteps(self.sigmas(num_steps, height, width))
-        for sigma in solver.timesteps.tolist():
-            v = self.velocity(x, torch.full((k,), sigma), cond_k)
-            x = solver.step(v, x)
-        return x, self.decode(x, height, width)
 
 
 class FluxKontextPolicy(EditPolicy):
@@ -523,3 +503,27 @@ POLICIES: dict[str, type[EditPolicy]] = {
     FluxKontextPolicy.family: FluxKontextPolicy,
     QwenImageEditPolicy.family: QwenImageEditPolicy,
 }
+
+
+def load_policy(model: ModelConfig, path: str, *, use_gpu: bool, lora: NFTConfig | None = None) -> EditPolicy:
+    """A run's policy: the pipeline at `path` (`model.path` resolved) as `model.*` says; with `lora`, an empty
+    adapter of rank `lora.lora_rank` on `lora.lora_targets` (rollouts load published weights into it).
+
+    Actors receive this function with its arguments bound (`functools.partial`) and call it in their own
+    process, so no model ever travels through the driver."""
+    extra = (
+        {"guidance_scale": model.guidance, "max_sequence_length": model.max_sequence_length}
+        if model.family == "flux_kontext"
+        else {}
+    )
+    policy = EditPolicy.from_pretrained(
+        path,
+        family=model.family,
+        dtype=getattr(torch, model.dtype),
+        device="cuda" if use_gpu else "cpu",
+        cache_dir=str(Path(model.cache_dir).expanduser() / "models"),
+        **extra,
+    )
+    if lora is not None:
+        policy.add_lora(rank=lora.lora_rank, alpha=lora.lora_alpha, target_modules=list(lora.lora_targets))
+    return policy

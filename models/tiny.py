@@ -11,8 +11,7 @@ trained here from a few sentences (the tests download theirs from the hub, which
 
 import json
 import os
-import shutil
-import tempfile
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,7 +41,8 @@ from transformers import (
     T5Tokenizer,
 )
 
-FAMILIES = ("flux_kontext", "qwen_image_edit")
+from common.cache import build_atomically, builder_key
+from common.config import FAMILIES, ModelConfig
 
 # Enough text for the BPE / Unigram trainers to learn a few merges; every character still has a token.
 _TRAINING_TEXT = [
@@ -365,32 +365,6 @@ _BUILDERS: dict[str, tuple[type, Callable[[int], dict]]] = {
 }
 
 
-def build_atomically(
-    out_dir: str | os.PathLike, write: Callable[[Path], None], *, complete: Callable[[Path], bool], what: str
-) -> Path:
-    """Run `write(tmp)` on a sibling temp dir and rename it into place, so no reader sees a half-written model.
-
-    Idempotent: a complete `out_dir` is returned untouched; a non-empty incomplete one is an error. If another
-    process renames first, its complete result is kept.
-    """
-    out_dir = Path(out_dir)
-    if complete(out_dir):
-        return out_dir
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"out_dir {out_dir} exists but is not a complete {what}; remove it first")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        write(tmp)
-        os.rename(tmp, out_dir)  # atomic; also replaces an empty out_dir
-    except OSError:
-        if not complete(out_dir):  # another builder won the race: keep theirs
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
 def has_pipeline(path: Path) -> bool:
     return (path / "model_index.json").is_file()
 
@@ -418,3 +392,12 @@ def build_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     if family not in _BUILDERS:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     return _build(family, out_dir, seed)
+
+
+def pipeline_source(model: ModelConfig) -> str:
+    """The pipeline a run loads: `model.path`, or with `model.tiny` the tiny one, built offline into
+    `model.cache_dir` once (the directory name carries this module's source hash, so code changes rebuild)."""
+    if not model.tiny:
+        return model.path
+    out = Path(model.cache_dir).expanduser() / "tiny" / f"{model.family}-{builder_key(sys.modules[__name__])}"
+    return str(build_tiny(model.family, out))

@@ -8,15 +8,16 @@ Its scores are random, which is all the tests need.
 
 import json
 import os
-import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from models.tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, build_atomically
+from common.cache import build_atomically, builder_key
+from common.config import JudgeConfig
+from models.tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS
 
 SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS  # ChatML + vision placeholders, as the policy-side Qwen tokenizer
 BPE_VOCAB_SIZE = 600  # trained tokenizer size; the model's embedding table is padded to VOCAB_SIZE
@@ -151,17 +152,12 @@ def build_tiny_judge(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         out_dir, lambda tmp: _write(tmp, seed), what="tiny judge",
         complete=lambda p: (p / "config.json").is_file() and (p / "model.safetensors").is_file(),
     )  # fmt: skip
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"out_dir {out_dir} exists but is not a complete tiny judge; remove it first")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        _write(tmp, seed)
-        os.rename(tmp, out_dir)  # atomic; also replaces an empty out_dir
-    except OSError:
-        # Another builder renamed first: keep theirs if it is complete.
-        if not (out_dir / "model.safetensors").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+
+def judge_source(judge: JudgeConfig, cache_dir: str) -> str:
+    """The judge model a run serves: `reward.judge.model_path`, or with `reward.judge.tiny` this tiny judge,
+    built offline into `cache_dir` once (keyed by this module's source hash)."""
+    if not judge.tiny:
+        return judge.model_path
+    out = Path(cache_dir).expanduser() / "tiny" / f"judge-{builder_key(sys.modules[__name__])}"
+    return str(build_tiny_judge(out))

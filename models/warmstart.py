@@ -36,9 +36,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -48,39 +45,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.config import DEMO_MOTIONS, Config
+from common.cache import build_atomically
+from common.config import DEMO_MOTIONS, Config, DemoConfig, ModelConfig, load_config_or_exit
+from data.motionedit import MotionEditDataset
+from data.synthetic import DIRECTIONS, JSONL_NAME, make_example
+from models.demo import DemoSizes, build_demo_flux_kontext
 from models.policy import Conditioning, EditPolicy
 
 RECORD_NAME = "warmstart.json"
 
 
-@dataclass(frozen=True)
-class WarmStartSettings:
-    """Everything the warm start does; recorded in warmstart.json."""
-
-    vae_steps: int = 600  # autoencoder steps (0 = keep the VAE as it is)
-    vae_lr: float = 2e-3
-    vae_batch: int = 16
-    steps: int = 400  # flow-matching steps of the transformer
-    lr: float = 3e-3
-    noop_fraction: float = 0.6  # share of flow-matching samples whose target is the input (a no-op edit)
-    batch: int = 32
-    warmup: int = 20  # linear warm-up steps of both stages
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    max_sequence_length: int = 48  # T5 tokens (Kontext); the synthetic instructions need <= 44
-    guidance: float = 2.5  # Kontext distilled guidance, as in rollouts and NFT training
-
-    def __post_init__(self) -> None:
-        for key in ("vae_steps", "steps", "warmup"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"warm start {key} must be >= 0, got {getattr(self, key)}")
-        if not 0.0 <= self.noop_fraction < 1.0:
-            raise ValueError(f"warm start noop_fraction must be in [0, 1), got {self.noop_fraction}")
-        for key in ("vae_lr", "lr", "vae_batch", "batch", "grad_clip", "max_sequence_length"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"warm start {key} must be > 0, got {getattr(self, key)}")
+def warm_start_settings(demo: DemoConfig, model: ModelConfig) -> dict:
+    """Everything that determines the warm-started weights (`demo.*` and the text and guidance the policy
+    uses): recorded in warmstart.json and hashed into the directory name."""
+    settings = {k: v for k, v in asdict(demo).items() if k != "enabled"}
+    return {**settings, "max_sequence_length": model.max_sequence_length, "guidance": model.guidance}
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -109,25 +88,25 @@ def _optimize(
     *,
     steps: int,
     lr: float,
-    s: WarmStartSettings,
+    demo: DemoConfig,
     stage: str,
     log: list[float],
 ) -> None:
     """Both stages' loop: AdamW on `loss()` with warm-up + cosine (`lr_factor`), grad clipping, loss log, progress."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=demo.weight_decay)
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * lr_factor(step, steps, s.warmup)
+            group["lr"] = lr * lr_factor(step, steps, demo.warmup)
         value = loss()
         opt.zero_grad(set_to_none=True)
         value.backward()
-        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, demo.grad_clip)
         opt.step()
         log.append(value.item())
         _progress(stage, step, steps, log)
 
 
-def fit_vae(policy: EditPolicy, images: torch.Tensor, s: WarmStartSettings, log: list[float]) -> None:
+def fit_vae(policy: EditPolicy, images: torch.Tensor, s: DemoConfig, log: list[float]) -> None:
     """Autoencode `images` (uint8 (N, 3, H, W)) through the policy's VAE; then set its latent normalisation."""
     vae = policy.vae
     g = torch.Generator().manual_seed(s.seed)
@@ -138,7 +117,7 @@ def fit_vae(policy: EditPolicy, images: torch.Tensor, s: WarmStartSettings, log:
             return F.mse_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x)
 
         vae.train().requires_grad_(True)
-        _optimize(list(vae.parameters()), loss, steps=s.vae_steps, lr=s.vae_lr, s=s, stage="vae", log=log)
+        _optimize(list(vae.parameters()), loss, steps=s.vae_steps, lr=s.vae_lr, demo=s, stage="vae", log=log)
         vae.eval().requires_grad_(False)
     # Latent statistics over the training images: the transformer works on (z - shift) * scale ~ unit scale.
     with torch.no_grad():
@@ -154,20 +133,6 @@ def shifted_times(u: torch.Tensor, mu: float) -> torch.Tensor:
     return math.exp(mu) / (math.exp(mu) + (1.0 / u - 1.0))
 
 
-def shift_mu(policy: EditPolicy, height: int, width: int) -> float:
-    """mu of the policy's dynamic shift at this image size (what `EditPolicy.sigmas` uses)."""
-    from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
-
-    c = policy.pipe.scheduler.config
-    return calculate_shift(
-        policy.seq_len(height, width),
-        c.get("base_image_seq_len", 256),
-        c.get("max_image_seq_len", 4096),
-        c.get("base_shift", 0.5),
-        c.get("max_shift", 1.15),
-    )
-
-
 @torch.no_grad()
 def encode_pairs(policy: EditPolicy, dataset: Sequence, chunk: int = 32) -> tuple[Conditioning, torch.Tensor]:
     """Conditioning of every (instruction, input) and the packed latents x0 (N, L, D) of every target."""
@@ -181,13 +146,11 @@ def encode_pairs(policy: EditPolicy, dataset: Sequence, chunk: int = 32) -> tupl
     return Conditioning.cat(conds), torch.cat(targets)
 
 
-def fit_transformer(
-    policy: EditPolicy, cond: Conditioning, x0: torch.Tensor, s: WarmStartSettings, log: list[float]
-) -> None:
+def fit_transformer(policy: EditPolicy, cond: Conditioning, x0: torch.Tensor, s: DemoConfig, log: list[float]) -> None:
     """Rectified flow matching of all transformer weights on (cond, x0) pairs."""
     tr = policy.transformer
     g = torch.Generator().manual_seed(s.seed + 1)
-    mu = shift_mu(policy, cond.height, cond.width)
+    mu = policy.shift_mu(cond.height, cond.width)
 
     def loss() -> torch.Tensor:
         idx = torch.randint(0, x0.shape[0], (s.batch,), generator=g)
@@ -199,7 +162,7 @@ def fit_transformer(
         return F.mse_loss(policy.velocity(x_t, t, cond.select(idx)).float(), eps - x0_b)
 
     tr.train().requires_grad_(True)
-    _optimize(list(tr.parameters()), loss, steps=s.steps, lr=s.lr, s=s, stage="flow matching", log=log)
+    _optimize(list(tr.parameters()), loss, steps=s.steps, lr=s.lr, demo=s, stage="flow matching", log=log)
     tr.eval().requires_grad_(False)
 
 
@@ -207,33 +170,29 @@ def fit_transformer(
 
 
 def warm_start(
-    model_dir: str | os.PathLike,
-    train_set: Sequence,
-    out_dir: str | os.PathLike,
-    settings: WarmStartSettings | None = None,
-    *,
-    family: str = "flux_kontext",
+    model_dir: str | os.PathLike, train_set: Sequence, out_dir: str | os.PathLike, demo: DemoConfig, model: ModelConfig
 ) -> Path:
-    """Fit the pipeline at `model_dir` to `train_set` (MotionExamples at the training resolution) and save it to
-    `out_dir`; returns `out_dir`. An `out_dir` that already holds a finished warm start is returned as is."""
-    s = settings or WarmStartSettings()
+    """Fit the pipeline at `model_dir` to `train_set` (MotionExamples at the training resolution) with the
+    `demo.*` settings, text padded to `model.max_sequence_length`, and save it to `out_dir`; returns `out_dir`.
+    An `out_dir` that already holds a finished warm start is returned as is."""
     out_dir = Path(out_dir)
-    if (out_dir / RECORD_NAME).is_file() and (out_dir / "model_index.json").is_file():
+    if _finished(out_dir):
         return out_dir
     if len(train_set) == 0:
         raise ValueError("warm start: the training set is empty")
-    torch.manual_seed(s.seed)
-    kwargs = {"guidance_scale": s.guidance, "max_sequence_length": s.max_sequence_length}
+    torch.manual_seed(demo.seed)
+    kwargs = {"guidance_scale": model.guidance, "max_sequence_length": model.max_sequence_length}
+    family = model.family
     policy = EditPolicy.from_pretrained(model_dir, family=family, **(kwargs if family == "flux_kontext" else {}))
     t0 = time.perf_counter()
     vae_log: list[float] = []
-    fit_vae(policy, torch.cat([_images(train_set, "input_image"), _images(train_set, "target_image")]), s, vae_log)
+    fit_vae(policy, torch.cat([_images(train_set, "input_image"), _images(train_set, "target_image")]), demo, vae_log)
     t_vae = time.perf_counter() - t0
     cond, x0 = encode_pairs(policy, train_set)
     fm_log: list[float] = []
-    fit_transformer(policy, cond, x0, s, fm_log)
+    fit_transformer(policy, cond, x0, demo, fm_log)
     record = {
-        "settings": asdict(s),
+        "settings": warm_start_settings(demo, model),
         "base": str(model_dir),
         "family": family,
         "n_train": len(train_set),
@@ -242,17 +201,16 @@ def warm_start(
         "vae_s": round(t_vae, 1),
         "total_s": round(time.perf_counter() - t0, 1),
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         policy.pipe.save_pretrained(tmp)
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    return build_atomically(out_dir, write, complete=_finished, what="warm start")
+
+
+def _finished(path: Path) -> bool:
+    return (path / RECORD_NAME).is_file() and (path / "model_index.json").is_file()
 
 
 def check_text_length(policy: EditPolicy, model_dir: str | os.PathLike) -> None:
@@ -288,9 +246,6 @@ def _summary(log: list[float], points: int = 10) -> list[float]:
 
 # ------------------------------------------------------------------------------------------------ the CPU demo
 
-MOTIONS = DEMO_MOTIONS
-
-
 def _matches(example, motion: str) -> bool:
     """Whether a synthetic example is of the demo's motion kind (a translation direction, any translation, any)."""
     if motion == "any":
@@ -299,30 +254,22 @@ def _matches(example, motion: str) -> bool:
         return False
     if motion == "translate":
         return True
-    from data.synthetic import DIRECTIONS
-
     ux, uy = DIRECTIONS[motion]
     return example.motion_dx * ux + example.motion_dy * uy > 0  # the move points the named way
 
 
-def demo_data(out_dir: str | os.PathLike, n: int, *, size: int, seed: int, motion: str = "right") -> Path:
+def demo_data(out_dir: str | os.PathLike, n: int, *, size: int, seed: int, motion: str) -> Path:
     """The first `n` synthetic examples (`data.synthetic.make_example(seed, i, size)`, i = 0, 1, ...) whose
     motion is `motion`, as a JSONL manifest with PNGs; ids and truth columns as the generator writes them.
     Reused when present. Returns the manifest path."""
     from PIL import Image
 
-    from data.synthetic import JSONL_NAME, make_example
-
-    if motion not in MOTIONS:
-        raise ValueError(f"demo motion must be one of {MOTIONS}, got {motion!r}")
+    if motion not in DEMO_MOTIONS:
+        raise ValueError(f"demo motion must be one of {DEMO_MOTIONS}, got {motion!r}")
     if n < 1:
         raise ValueError(f"demo examples must be >= 1, got {n}")
-    out_dir = Path(out_dir)
-    if (out_dir / JSONL_NAME).is_file():
-        return out_dir / JSONL_NAME
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         (tmp / "images").mkdir()
         rows, index = [], 0
         while len(rows) < n:
@@ -338,13 +285,9 @@ def demo_data(out_dir: str | os.PathLike, n: int, *, size: int, seed: int, motio
                          "object_shape": ex.object_shape, "object_color": ex.object_color,
                          "object_x": ex.object_x, "object_y": ex.object_y})  # fmt: skip
         (tmp / JSONL_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        os.rename(tmp, out_dir)
-    except OSError:
-        if not (out_dir / JSONL_NAME).is_file():  # another process won the race: keep theirs
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir / JSONL_NAME
+
+    out = build_atomically(out_dir, write, complete=lambda p: (p / JSONL_NAME).is_file(), what="demo data set")
+    return out / JSONL_NAME
 
 
 @dataclass(frozen=True)
@@ -353,41 +296,32 @@ class DemoPaths:
     model: Path  # warm-started pipeline: model.path of the run
 
 
-def prepare_demo(
-    cache_dir: str | os.PathLike,
-    *,
-    examples: int,
-    size: int,
-    data_seed: int,
-    motion: str,
-    eval_fraction: float,
-    split_seed: int,
-    model_seed: int,
-    settings: WarmStartSettings,
-) -> DemoPaths:
-    """Data and warm-started policy of the CPU demo, built once under `<cache_dir>/demo/` and reused.
+def prepare_demo(cfg: Config) -> DemoPaths:
+    """Data and warm-started policy of the CPU demo of `cfg` (`demo.*`), built once under
+    `<model.cache_dir>/demo/` and reused.
 
-    The warm start sees only the training side of `MotionEditDataset.split(eval_fraction, split_seed)` at
-    `size` x `size`, the split the run itself makes (learner.loop.load_data), so the held-out examples stay
-    unseen. The warm-started directory's name hashes everything that determines its weights.
+    The data are `demo.examples` synthetic pairs of `demo.motion` at `rollout.height` px (seed `data.seed`). The
+    warm start sees only the training side of `MotionEditDataset.split(data.eval_fraction, data.seed)`, the split
+    the run itself makes (`data.motionedit.load_splits`), so the held-out examples stay unseen. The
+    warm-started directory's name hashes everything that determines its weights.
     """
-    from data.motionedit import MotionEditDataset
-    from models.demo import DemoSizes, build_demo_flux_kontext
-
-    root = Path(cache_dir).expanduser() / "demo"
-    data = demo_data(root / f"data_{motion}_n{examples}_s{size}_seed{data_seed}", examples, size=size,
-                     seed=data_seed, motion=motion)  # fmt: skip
+    d, size = cfg.demo, cfg.rollout.height
+    root = Path(cfg.model.cache_dir).expanduser() / "demo"
+    data = demo_data(root / f"data_{d.motion}_n{d.examples}_s{size}_seed{cfg.data.seed}", d.examples, size=size,
+                     seed=cfg.data.seed, motion=d.motion)  # fmt: skip
     sizes = DemoSizes()
-    key = json.dumps({"data": str(data), "eval_fraction": eval_fraction, "split_seed": split_seed,
-                      "model_seed": model_seed, "sizes": asdict(sizes), "settings": asdict(settings)},
+    settings = warm_start_settings(d, cfg.model)
+    key = json.dumps({"data": str(data), "eval_fraction": cfg.data.eval_fraction, "split_seed": cfg.data.seed,
+                      "model_seed": d.model_seed, "sizes": asdict(sizes), "settings": settings},
                      sort_keys=True)  # fmt: skip
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     sizes_digest = hashlib.sha256(json.dumps(asdict(sizes), sort_keys=True).encode()).hexdigest()[:8]
-    base = build_demo_flux_kontext(root / f"base_seed{model_seed}_{sizes_digest}", seed=model_seed, sizes=sizes)
+    base = build_demo_flux_kontext(root / f"base_seed{d.model_seed}_{sizes_digest}", seed=d.model_seed, sizes=sizes)
     out = root / f"warm_{digest}"
-    if not (out / RECORD_NAME).is_file():
-        train, _ = MotionEditDataset.from_source(data, resolution=(size, size)).split(eval_fraction, split_seed)
-        warm_start(base, train, out, settings)
+    if not _finished(out):
+        train, _ = MotionEditDataset.from_source(data, resolution=(size, size)).split(cfg.data.eval_fraction,
+                                                                                      cfg.data.seed)  # fmt: skip
+        warm_start(base, train, out, d, cfg.model)
     return DemoPaths(data=data, model=out)
 
 
@@ -401,17 +335,10 @@ def resolve_demo(cfg: Config) -> Config:
     if not cfg.demo.enabled:
         return cfg
     d, m = cfg.demo, cfg.model
-    settings = WarmStartSettings(
-        vae_steps=d.vae_steps, vae_lr=d.vae_lr, vae_batch=d.vae_batch, steps=d.steps, lr=d.lr, batch=d.batch,
-        noop_fraction=d.noop_fraction, seed=d.seed, max_sequence_length=m.max_sequence_length, guidance=m.guidance,
-    )  # fmt: skip
     print(f"demo: {d.examples} '{d.motion}' examples at {cfg.rollout.height} px and the warm-started demo "
           f"pipeline under {Path(m.cache_dir).expanduser() / 'demo'} (built on first use, ~2 min; then reused)",
           flush=True)  # fmt: skip
-    paths = prepare_demo(
-        m.cache_dir, examples=d.examples, size=cfg.rollout.height, data_seed=cfg.data.seed, motion=d.motion,
-        eval_fraction=cfg.data.eval_fraction, split_seed=cfg.data.seed, model_seed=d.model_seed, settings=settings,
-    )  # fmt: skip
+    paths = prepare_demo(cfg)
     print(f"demo: data.source={paths.data} model.path={paths.model}", flush=True)
     return replace(
         cfg,
@@ -423,20 +350,13 @@ def resolve_demo(cfg: Config) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     """Build the demo of a config ahead of a run (e.g. on a head node) and print the paths it trains."""
-    from common.config import ConfigError, load_config
-
     parser = argparse.ArgumentParser(prog="python -m models.warmstart", description=main.__doc__)
     parser.add_argument("--config", required=True, help="a config with demo.enabled: true (configs/learn_demo.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(args.config, args.overrides)
     if not cfg.demo.enabled:
-        print(f"config error: demo.enabled: {args.config} does not enable the demo; nothing to build", file=sys.stderr)
-        return 2
+        parser.error(f"demo.enabled: {args.config} does not enable the demo; nothing to build")
     resolved = resolve_demo(cfg)
     print(f"data.source={resolved.data.source}\nmodel.path={resolved.model.path}")
     return 0

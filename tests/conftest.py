@@ -7,7 +7,6 @@ exactly as to AWS or MinIO) and points the standard AWS environment at it for th
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ import urllib.request
 import uuid
 
 import pytest
+
+from common.net import free_port
 
 # ------------------------------------------------------------------------------------------------ S3 (moto)
 
@@ -30,12 +31,6 @@ _AWS_ENV_CLEARED = (  # would otherwise override the test endpoint/credentials o
     "AWS_ROLE_ARN",
     "AWS_WEB_IDENTITY_TOKEN_FILE",
 )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_until_answering(proc: subprocess.Popen, endpoint: str, timeout_s: float) -> bool:
@@ -75,7 +70,7 @@ def s3_server(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("moto")
     proc, endpoint, log_path = None, None, None
     for attempt in range(MOTO_START_ATTEMPTS):
-        port = _free_port()
+        port = free_port("127.0.0.1")
         endpoint = f"http://127.0.0.1:{port}"
         log_path = log_dir / f"moto-{attempt}.log"
         with open(log_path, "wb") as log:

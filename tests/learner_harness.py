@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from learner.fsdp_worker import NFTHyper, TrainSample, rank_micro_batches
+from common.config import LearnerConfig, NFTConfig
+from learner.trainer import TrainSample, rank_micro_batches
 from models.policy import EditPolicy
 
 SIZE = 32  # edit pixel size: 2x2 = 4 packed latent tokens
@@ -31,10 +32,18 @@ PROMPTS = ("make the person raise both arms", "turn the car left")
 COLLECTIVE_TIMEOUT_S = 120  # a rank that dies must not leave its peer waiting for gloo's 30-minute default
 
 
-def hyper(**overrides: Any) -> NFTHyper:
-    """Small LoRA; every other constant at its DESIGN §5 default unless overridden."""
-    base = {"lora_rank": 4, "lora_alpha": 8, "lora_targets": TARGETS, "micro_batch": 2, "seed": 0}
-    return NFTHyper(**{**base, **overrides})
+def sections(**overrides: Any) -> tuple[NFTConfig, LearnerConfig]:
+    """(cfg.nft, cfg.learner) with a small LoRA and micro-batch 2; every other value at its config default
+    (DESIGN §5) unless overridden, each override going to the section that has the key."""
+    base = {"lora_rank": 4, "lora_alpha": 8, "lora_targets": TARGETS, "micro_batch": 2, "seed": 0, **overrides}
+    nft_keys = {f.name for f in dataclasses.fields(NFTConfig)}
+    learner_keys = {f.name for f in dataclasses.fields(LearnerConfig)}
+    unknown = base.keys() - nft_keys - learner_keys
+    if unknown:
+        raise KeyError(f"not a key of nft or learner: {sorted(unknown)}")
+    nft = NFTConfig(**{k: v for k, v in base.items() if k in nft_keys})
+    learner = LearnerConfig(**{k: v for k, v in base.items() if k in learner_keys})
+    return nft, learner
 
 
 def load_policy(path: str | Path, family: str) -> EditPolicy:

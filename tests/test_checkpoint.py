@@ -16,20 +16,20 @@ import torch.distributed as dist
 from diffusers import FluxKontextPipeline
 
 from common import s3
+from common.noise import noised
 from learner.checkpoint import MARKER, CheckpointManager, export_lora, load_sharded, save_sharded, step_name
-from learner.fsdp_worker import NFTTrainer, merge_rank_metrics
-from learner.nft_loss import noised
+from learner.trainer import NFTTrainer, merge_rank_metrics
 from models.policy import FluxKontextPolicy
 from models.tiny import build_tiny
 from tests.learner_harness import (
     TARGETS,
     TEXT_TOKENS,
     full_tree,
-    hyper,
     load_policy,
     make_samples,
     rank_samples,
     run_jobs,
+    sections,
 )
 
 FAMILY = "flux_kontext"
@@ -53,7 +53,7 @@ def _state(trainer: NFTTrainer) -> dict:
 
 
 def _step(trainer: NFTTrainer, samples, world: int, rank: int, step: int) -> dict[str, float]:
-    mine = trainer.train_step(rank_samples(samples, world, rank, trainer.hyper.micro_batch), len(samples), step)
+    mine = trainer.train_step(rank_samples(samples, world, rank, trainer.learner.micro_batch), len(samples), step)
     per_rank = [None] * world
     dist.all_gather_object(per_rank, mine)
     return merge_rank_metrics(per_rank)
@@ -71,7 +71,7 @@ def _resume_job(rank: int, world: int, out_dir: str, path: str) -> dict:
     ckpt = Path(out_dir) / "ckpt"
     policy = load_policy(path, FAMILY)
     samples = make_samples(policy, N_SAMPLES, seed=3)
-    a = NFTTrainer(policy, hyper(**HYPER))
+    a = NFTTrainer(policy, *sections(**HYPER))
     _step(a, samples, world, rank, 0)
     save_sharded(a.state_dict(), ckpt)
     saved = _state(a)
@@ -86,7 +86,7 @@ def _resume_job(rank: int, world: int, out_dir: str, path: str) -> dict:
     with torch.no_grad():
         v_trainer = a.policy.velocity(x_t, t, cond)
 
-    b = NFTTrainer(load_policy(path, FAMILY), hyper(**HYPER))
+    b = NFTTrainer(load_policy(path, FAMILY), *sections(**HYPER))
     fresh = _state(b)
     state = b.state_dict()
     load_sharded(state, ckpt)
@@ -149,7 +149,7 @@ def test_two_rank_checkpoint_loads_into_one_rank(resume_run, tiny_path, tmp_path
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         policy = load_policy(tiny_path, FAMILY)
-        trainer = NFTTrainer(policy, hyper(**HYPER))
+        trainer = NFTTrainer(policy, *sections(**HYPER))
         state = trainer.state_dict()
         load_sharded(state, out / "ckpt")
         trainer.load_state_dict(state)
@@ -232,7 +232,7 @@ def test_manager_local_commit_latest_and_retention(tmp_path):
 
 def test_manager_rejects_keep_below_one(tmp_path):
     with pytest.raises(ValueError, match="keep"):
-        CheckpointManager(str(tmp_path), keep=0)
+        CheckpointManager(str(tmp_path), keep=0, cache_dir=tmp_path / "cache")
 
 
 def test_manager_s3_commit_restore_retention(s3_bucket, tmp_path):

@@ -10,13 +10,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from common.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
@@ -58,12 +59,6 @@ def _main(args: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
     return proc
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for_dashboard(url: str, timeout_s: float = 90.0) -> None:
     import urllib.request
 
@@ -83,12 +78,12 @@ def submitted_run(tmp_path_factory):
     """Four steps submitted with `ray job submit` to a `ray start --head` cluster."""
     tmp = tmp_path_factory.mktemp("submitted")
     env, ray = _env(), os.path.join(VENV_BIN, "ray")
-    dash = _free_port()
+    dash = free_port("127.0.0.1")
     # The job agent's HTTP port defaults to a fixed 52365: another Ray cluster on the machine (the session's
     # embedded one, a user's) already holds it, and then no job agent ever registers. Give it a free one.
-    start = [ray, "start", "--head", "--block", "--num-cpus=4", f"--port={_free_port()}",
+    start = [ray, "start", "--head", "--block", "--num-cpus=4", f"--port={free_port('127.0.0.1')}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-             f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats"]  # fmt: skip
+             f"--dashboard-agent-listen-port={free_port('127.0.0.1')}", "--disable-usage-stats"]  # fmt: skip
     # --block in its own process group: stopping it stops exactly this cluster. (`ray stop` would kill every
     # Ray process on the machine, other test sessions' and users' clusters included.)
     head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -121,8 +116,13 @@ def test_ray_job_submit_succeeds(submitted_run):
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
     for m in metrics:
         assert m["groups/valid"] == 2 and "learner/loss" in m and m["learner/n_valid"] == 8
-    # Version 0 is the initial policy; every trained step publishes one more.
-    assert [m["staleness/max"] for m in metrics][1:] != []
+    # Version 0 is the initial policy; every trained step publishes one more, so the versions after each step
+    # are 1, 2, 3, 4; the samples a step trains on are never more than rollout.max_staleness (1) versions old.
+    assert [m["policy/version"] for m in metrics] == [1, 2, 3, 4]
+    assert all(0 <= m["staleness/max"] <= 1 for m in metrics)
+    assert metrics[0]["staleness/max"] == 0  # nothing was published before step 0's rollouts but version 0
+    # Reward-worker counters reach the metrics: every step's groups (2 per step) were scored.
+    assert [m["reward_workers/groups"] for m in metrics] == [2, 4, 6, 8]
     steps = sorted(p.name for p in (tmp / "ckpt").glob("step_*"))
     assert steps == ["step_00000003", "step_00000004"]
     for name in steps:
@@ -168,7 +168,7 @@ def test_bad_config_fails_fast_naming_the_key(tmp_path):
 
 
 def test_full_finetune_end_to_end(tmp_path):
-    """Full weights flow learner -> parameter server -> rollouts; the checkpoint exports the EMA transformer."""
+    """Full weights flow learner -> driver (by reference) -> rollouts; the checkpoint exports the EMA transformer."""
     _main(_overrides(tmp_path, 2) + ["nft.full_finetune=true", "checkpoint.every=0"])
     metrics = _metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [0, 1] and all("learner/loss" in m for m in metrics)

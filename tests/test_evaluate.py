@@ -111,7 +111,7 @@ def run_config(tmp_path_factory):
 
 def _adapter_state(cfg, seed: int) -> dict[str, torch.Tensor]:
     """Random (non-zero B) adapter weights with the names `EditPolicy.lora_state_dict` uses."""
-    policy = ev.load_policy(cfg, None)
+    policy = ev.load_evaluated_policy(cfg, None)
     policy.add_lora(rank=RANK, alpha=ALPHA, target_modules=TARGETS)
     g = torch.Generator().manual_seed(seed)
     return {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in policy.lora_state_dict().items()}
@@ -147,11 +147,11 @@ def test_loaded_adapter_is_the_exported_one(run_config):
     assert ev.checkpoints_to_evaluate(cfg, str(ckpt)) == [(3, ckpt / "lora")]
     assert ev.checkpoints_to_evaluate(cfg, str(ckpt / "lora")) == [(3, ckpt / "lora")]
 
-    loaded = ev.load_policy(cfg, ckpt / "lora")
-    direct = ev.load_policy(cfg, None)
+    loaded = ev.load_evaluated_policy(cfg, ckpt / "lora")
+    direct = ev.load_evaluated_policy(cfg, None)
     direct.add_lora(rank=RANK, alpha=ALPHA, target_modules=TARGETS)
     direct.load_lora_state_dict(state)
-    base = ev.load_policy(cfg, None)
+    base = ev.load_evaluated_policy(cfg, None)
     g = torch.Generator().manual_seed(0)
     cond = base.encode(["move the red square 4 pixels up"], torch.randint(0, 256, (1, 3, 32, 32), generator=g,
                                                                           dtype=torch.uint8))  # fmt: skip
@@ -167,21 +167,21 @@ def test_rank_mismatch_names_the_config_keys(run_config, tmp_path):
     state = _adapter_state(cfg, seed=2)
     export_lora(state, tmp_path / "lora", family="flux_kontext", rank=RANK + 1, alpha=ALPHA, targets=TARGETS)
     with pytest.raises(ValueError, match="nft.lora_rank"):
-        ev.load_policy(cfg, tmp_path / "lora")
+        ev.load_evaluated_policy(cfg, tmp_path / "lora")
 
 
 def test_evaluate_policy_is_seeded_and_matches_the_scorer(run_config):
     _, cfg = run_config
-    from learner.loop import load_data
-    from rewards.flow_scorer import FlowItem
+    from data.motionedit import load_splits
+    from rewards.flow_scorer import FlowItem, build_flow_scorer
 
-    _, held = load_data(cfg)
+    _, held = load_splits(cfg)
     examples = [held[i] for i in range(min(2, len(held)))]
-    policy, scorer = ev.load_policy(cfg, None), ev.build_scorer(cfg)
-    kwargs = {"num_steps": 2, "height": 32, "width": 32, "micro_batch": 8}
-    a = ev.evaluate_policy(policy, examples, scorer, seed=0, **kwargs)
-    b = ev.evaluate_policy(policy, examples, scorer, seed=0, **kwargs)
-    c = ev.evaluate_policy(policy, examples, scorer, seed=1, **kwargs)
+    policy = ev.load_evaluated_policy(cfg, None)
+    scorer = build_flow_scorer(cfg.reward.flow, device="cpu", cache_dir=cfg.model.cache_dir)
+    a = ev.evaluate_policy(policy, examples, scorer, cfg.rollout, seed=0)
+    b = ev.evaluate_policy(policy, examples, scorer, cfg.rollout, seed=0)
+    c = ev.evaluate_policy(policy, examples, scorer, cfg.rollout, seed=1)
     assert a.edits.shape == (len(examples), 3, 32, 32) and a.edits.dtype == torch.uint8
     assert torch.equal(a.edits, b.edits) and a.components == b.components  # same seed, same edits and scores
     assert not torch.equal(a.edits, c.edits)  # the seed is what picks the noise
@@ -193,7 +193,7 @@ def test_evaluate_policy_is_seeded_and_matches_the_scorer(run_config):
     assert a.components["reward"] == a.components["score"]
     assert all(0.0 <= s <= 1.0 for s in a.components["score"])
     with pytest.raises(ValueError, match="no examples"):
-        ev.evaluate_policy(policy, [], scorer, seed=0, **kwargs)
+        ev.evaluate_policy(policy, [], scorer, cfg.rollout, seed=0)
 
 
 def test_cli_all_checkpoints_writes_table_json_grid_and_curve(run_config, capsys):
@@ -225,8 +225,9 @@ def test_cli_all_checkpoints_writes_table_json_grid_and_curve(run_config, capsys
 
 def test_cli_reports_config_errors(run_config, capsys):
     path, _ = run_config
-    assert ev.main(["--config", str(path), "rollout.heigth=64"]) == 2
-    assert "rollout.heigth" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        ev.main(["--config", str(path), "rollout.heigth=64"])
+    assert exit_.value.code == 2 and "rollout.heigth" in capsys.readouterr().err
 
 
 def test_cli_run_dir_uses_the_saved_resolved_config(run_config, tmp_path, capsys):

@@ -1,6 +1,5 @@
 """Optical-flow estimators: known shifts (classical), shapes/padding/batching and weight loading (RAFT)."""
 
-import socket
 
 import cv2
 import numpy as np
@@ -9,6 +8,8 @@ import torch
 from safetensors.torch import save_file
 from torchvision.models.optical_flow import raft_small
 
+from common.config import ConfigError, FlowRewardConfig
+from common.net import free_port
 from rewards.flow_model import ClassicalFlow, RAFTFlow, build_flow_estimator, check_flow_output
 
 RAFT_UPDATES = 2  # refinements per RAFT call in these tests: shapes and loading do not need 12, CPU time does
@@ -143,7 +144,7 @@ def test_raft_loads_local_weights(saved_raft_small, random_raft_small, suffix):
     model, folder = saved_raft_small
     src = to_batch(textured_image(128, 136, seed=5))
     dst = src.roll(2, dims=2)
-    est = RAFTFlow("small", weights=str(folder / f"raft_small{suffix}"), num_updates=RAFT_UPDATES)
+    est = RAFTFlow("small", weights=str(folder / f"raft_small{suffix}"), num_updates=RAFT_UPDATES, max_batch=2)
     flow = est(src, dst)
     assert torch.equal(flow, reference_flow(model, src, dst))
     # The loaded weights matter: the seeded random init gives a different flow.
@@ -153,9 +154,9 @@ def test_raft_loads_local_weights(saved_raft_small, random_raft_small, suffix):
 def test_raft_rejects_wrong_or_missing_weights(saved_raft_small, tmp_path):
     _, folder = saved_raft_small
     with pytest.raises(ValueError, match="not a RAFT-large state_dict"):
-        RAFTFlow("large", weights=str(folder / "raft_small.pth"))
+        RAFTFlow("large", weights=str(folder / "raft_small.pth"), num_updates=RAFT_UPDATES, max_batch=2)
     with pytest.raises(FileNotFoundError, match="no such file"):
-        RAFTFlow("small", weights=str(tmp_path / "absent.pth"))
+        RAFTFlow("small", weights=str(tmp_path / "absent.pth"), num_updates=RAFT_UPDATES, max_batch=2)
 
 
 def test_raft_nan_weights_raise_on_call(saved_raft_small, tmp_path):
@@ -163,16 +164,10 @@ def test_raft_nan_weights_raise_on_call(saved_raft_small, tmp_path):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["update_block.flow_head.conv2.bias"].fill_(float("nan"))  # the last layer: every flow value becomes NaN
     torch.save(state, tmp_path / "nan.pth")
-    est = RAFTFlow("small", weights=str(tmp_path / "nan.pth"), num_updates=1)
+    est = RAFTFlow("small", weights=str(tmp_path / "nan.pth"), num_updates=1, max_batch=2)
     src = to_batch(textured_image(128, 128))
     with pytest.raises(ValueError, match=r"RAFTFlow\('small'\) produced \d+ NaN/inf"):
         est(src, src)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_raft_loads_weights_from_s3(saved_raft_small, tmp_path, monkeypatch):
@@ -181,7 +176,7 @@ def test_raft_loads_weights_from_s3(saved_raft_small, tmp_path, monkeypatch):
     from moto.server import ThreadedMotoServer
 
     model, folder = saved_raft_small
-    port = _free_port()
+    port = free_port("127.0.0.1")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
@@ -195,18 +190,18 @@ def test_raft_loads_weights_from_s3(saved_raft_small, tmp_path, monkeypatch):
 
         uri = "s3://flow-weights/raft/small.safetensors"
         cache = tmp_path / "cache"
-        est = RAFTFlow("small", weights=uri, num_updates=RAFT_UPDATES, cache_dir=cache)
+        est = RAFTFlow("small", weights=uri, num_updates=RAFT_UPDATES, max_batch=2, cache_dir=cache)
         cached = cache / "flow-weights" / "raft" / "small.safetensors"
         assert cached.is_file()
         mtime = cached.stat().st_mtime_ns
-        RAFTFlow("small", weights=uri, num_updates=RAFT_UPDATES, cache_dir=cache)  # reuses the cached copy
+        RAFTFlow("small", weights=uri, num_updates=RAFT_UPDATES, max_batch=2, cache_dir=cache)  # reuses the cached copy
         assert cached.stat().st_mtime_ns == mtime
-        RAFTFlow("small", weights=uri, num_updates=RAFT_UPDATES)  # no cache_dir: temporary download
+        RAFTFlow("small", weights=uri, num_updates=RAFT_UPDATES, max_batch=2)  # no cache_dir: temporary download
 
         src = to_batch(textured_image(128, 128, seed=6))
         assert torch.equal(est(src, src.roll(3, dims=3)), reference_flow(model, src, src.roll(3, dims=3)))
         with pytest.raises(FileNotFoundError, match="s3 object not found: s3://.*absent.pth"):
-            RAFTFlow("small", weights="s3://flow-weights/raft/absent.pth", cache_dir=cache)
+            RAFTFlow("small", weights="s3://flow-weights/raft/absent.pth", num_updates=1, max_batch=2, cache_dir=cache)
     finally:
         server.stop()
 
@@ -233,15 +228,15 @@ def test_check_flow_output_rejects_inf():
         check_flow_output(flow, "dis")
 
 
-def test_build_flow_estimator():
-    assert isinstance(build_flow_estimator("dis"), ClassicalFlow)
-    assert build_flow_estimator("farneback").method == "farneback"
+def test_build_flow_estimator_from_config():
+    assert isinstance(build_flow_estimator(FlowRewardConfig(estimator="dis")), ClassicalFlow)
+    assert build_flow_estimator(FlowRewardConfig(estimator="farneback")).method == "farneback"
     with pytest.warns(UserWarning, match="RANDOM"):
-        raft = build_flow_estimator("raft_small", num_updates=3, max_batch=4)
+        raft = build_flow_estimator(FlowRewardConfig(estimator="raft_small", num_updates=3, max_batch=4))
     assert (raft.variant, raft.num_updates, raft.max_batch) == ("small", 3, 4)
-    with pytest.raises(ValueError, match="flow estimator kind"):
-        build_flow_estimator("gmflow")
+    with pytest.raises(ConfigError, match="reward.flow.estimator"):
+        FlowRewardConfig(estimator="gmflow")
     with pytest.raises(ValueError, match="preset"):
-        build_flow_estimator("dis", preset="slow")
+        ClassicalFlow(preset="slow")
     with pytest.raises(ValueError, match="variant"):
-        RAFTFlow("huge")
+        RAFTFlow("huge", num_updates=1, max_batch=1)

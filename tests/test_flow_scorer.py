@@ -6,11 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.config import FlowRewardConfig
 from rewards.flow_model import ClassicalFlow
 from rewards.flow_reward import motion_alignment_reward
 from rewards.flow_scorer import FlowItem, FlowRewardScorer
 
 KEYS = ("l_q", "direction", "move", "distance", "score", "reward")
+
+
+def scorer_of(estimator, **flow) -> FlowRewardScorer:
+    """A scorer with `reward.flow` at its defaults (DESIGN §3) except `flow`."""
+    return FlowRewardScorer(estimator, FlowRewardConfig(**flow))
 
 
 def textured_image(height: int, width: int, seed: int) -> torch.Tensor:
@@ -52,7 +58,7 @@ def per_pair_loop(item: FlowItem, target: torch.Tensor | None = None) -> dict[st
 
 def test_batched_equals_per_pair_loop_exactly():
     items = [make_item("a", 0), make_item("b", 1, k=5), make_item("c", 2, size=(48, 72))]
-    scorer = FlowRewardScorer(ClassicalFlow(), max_batch=4)
+    scorer = scorer_of(ClassicalFlow(), max_batch=4)
     results = scorer.score(items)
     for item, result in zip(items, results, strict=True):
         expected = per_pair_loop(item)
@@ -67,7 +73,7 @@ def test_batched_equals_per_pair_loop_exactly():
 
 def test_pairs_are_batched_and_target_flow_is_cached():
     counting = CountingEstimator()
-    scorer = FlowRewardScorer(counting, max_batch=5)
+    scorer = scorer_of(counting, max_batch=5)
     items = [make_item("a", 0, k=4), make_item("b", 1, k=4), make_item("c", 2, k=4)]
 
     scorer.score(items)  # 3 target pairs + 12 candidate pairs, one size -> ceil(15 / 5) = 3 calls
@@ -81,7 +87,7 @@ def test_pairs_are_batched_and_target_flow_is_cached():
 
 def test_repeated_prompt_in_one_call_computes_its_target_once():
     counting = CountingEstimator()
-    scorer = FlowRewardScorer(counting, max_batch=32)
+    scorer = scorer_of(counting, max_batch=32)
     first, second = make_item("a", 0, k=2), make_item("a", 0, k=3)
     results = scorer.score([first, second])
     assert counting.batch_sizes == [1 + 2 + 3]
@@ -90,7 +96,7 @@ def test_repeated_prompt_in_one_call_computes_its_target_once():
 
 def test_cache_is_lru():
     counting = CountingEstimator()
-    scorer = FlowRewardScorer(counting, cache_size=2)
+    scorer = scorer_of(counting, cache_size=2)
     a, b, c = make_item("a", 0, k=1), make_item("b", 1, k=1), make_item("c", 2, k=1)
 
     def pairs_for(item: FlowItem) -> int:
@@ -106,7 +112,7 @@ def test_cache_is_lru():
 
 def test_items_of_different_sizes_go_in_separate_calls():
     counting = CountingEstimator()
-    scorer = FlowRewardScorer(counting, max_batch=32)
+    scorer = scorer_of(counting, max_batch=32)
     scorer.score([make_item("a", 0, k=2, size=(64, 80)), make_item("b", 1, k=3, size=(48, 72))])
     assert sorted(counting.batch_sizes) == [3, 4]
 
@@ -114,7 +120,7 @@ def test_items_of_different_sizes_go_in_separate_calls():
 def test_target_of_another_size_is_resized_to_the_input_size():
     item = make_item("a", 0)
     big_target = F.interpolate(item.target[None].float(), scale_factor=2, mode="nearest")[0].to(torch.uint8)
-    result = FlowRewardScorer(ClassicalFlow()).score([FlowItem("a", item.input, big_target, item.candidates)])[0]
+    result = scorer_of(ClassicalFlow()).score([FlowItem("a", item.input, big_target, item.candidates)])[0]
     # The documented resize: bilinear, align_corners=False, rounded back to uint8. From a 2x nearest upscale
     # the bilinear sample points fall on 2x2 blocks of equal value, so the resize gives the target back.
     resized = F.interpolate(big_target[None].float(), size=(64, 80), mode="bilinear", align_corners=False)
@@ -129,7 +135,7 @@ def test_candidate_of_another_size_raises():
     item = make_item("p7", 0)
     wrong = torch.zeros(2, 3, 64, 96, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"prompt_id='p7'\): candidates are \(64, 96\) but the input is \(64, 80\)"):
-        FlowRewardScorer(ClassicalFlow()).score([FlowItem("p7", item.input, item.target, wrong)])
+        scorer_of(ClassicalFlow()).score([FlowItem("p7", item.input, item.target, wrong)])
 
 
 @pytest.mark.parametrize(
@@ -146,12 +152,18 @@ def test_bad_items_raise(field, value, match):
     fields = {"prompt_id": "a", "input": item.input, "target": item.target, "candidates": item.candidates}
     fields[field] = value
     with pytest.raises(ValueError, match=match):
-        FlowRewardScorer(ClassicalFlow()).score([FlowItem(**fields)])
+        scorer_of(ClassicalFlow()).score([FlowItem(**fields)])
 
 
-def test_reward_constants_pass_through_and_unknown_raise():
+def test_reward_constants_come_from_the_config():
     item = make_item("a", 0)
-    raw = FlowRewardScorer(ClassicalFlow(), quantize=False).score([item])[0]
+    raw = scorer_of(ClassicalFlow(), quantize=False).score([item])[0]
     assert torch.equal(raw["reward"], raw["score"])
-    with pytest.raises(ValueError, match=r"unknown \['kapa'\]"):
-        FlowRewardScorer(ClassicalFlow(), kapa=0.5)
+    est = ClassicalFlow()
+    v_gt, v_pred = est(item.input[None], item.target[None]), est(item.input[None], item.candidates[1:2])
+    custom = {"q": 0.5, "motion_threshold": 0.01, "tau": 0.02, "kappa": 0.3, "w_magnitude": 0.5,
+              "w_direction": 0.3, "w_move": 0.2}  # fmt: skip
+    got = scorer_of(ClassicalFlow(), **custom).score([item])[0]
+    expected = motion_alignment_reward(v_pred, v_gt, q=0.5, m=0.01, tau=0.02, kappa=0.3, a=0.5, b=0.3, c=0.2)
+    for key in KEYS:
+        torch.testing.assert_close(got[key][1:2], expected[key], rtol=0, atol=0)

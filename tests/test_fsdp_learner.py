@@ -8,6 +8,7 @@ in this process. Everything uses the tiny pipelines at 32x32 (4 latent tokens) a
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,23 +16,29 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from actors.param_server import WeightManifest
-from actors.rollout import PolicyWeights, Sampler
-from learner.fsdp_worker import LOSS_KEYS, LearnerGroup, NFTTrainer, TrainSample, merge_rank_metrics
-from learner.fsdp_worker import THETA as THETA_NAME
-from learner.nft_loss import ema_decay, noised, old_policy_decay
-from learner.pools import PolicySpec
+from actors.sampler import ReferenceForwards, Sampler
+from common.config import ClusterConfig, ModelConfig, RolloutConfig
+from common.noise import noised
+from learner.fsdp_worker import LearnerGroup
+from learner.nft_loss import ema_decay, old_policy_decay
+from learner.trainer import LOSS_KEYS, NFTTrainer, TrainSample, merge_rank_metrics
+from learner.trainer import THETA as THETA_NAME
+from models import policy as policies
 from models.tiny import build_tiny
+from models.weights import PolicyWeights, WeightManifest
 from tests.learner_harness import (
     PROMPTS,
     TARGETS,
     full,
-    hyper,
     load_policy,
     make_samples,
     rank_samples,
     run_jobs,
+    sections,
 )
+
+ROLLOUT = RolloutConfig(group_size=2, num_steps=3, height=32, width=32, micro_batch=4)
+TWO_RANKS = ClusterConfig(learner_ranks=2, learner_gpus=0, cpus_per_actor=1)
 
 N_SAMPLES = 5  # uneven on 2 ranks: 3 + 2 real samples, the second rank pads one micro-batch slot
 MICRO_BATCH = 2
@@ -72,7 +79,7 @@ def _two_steps_job(rank: int, world: int, out_dir: str, path: str) -> dict:
     """Two NFT steps on N_SAMPLES samples; everything the tests compare, gathered on rank 0."""
     policy = load_policy(path, "flux_kontext")
     samples = make_samples(policy, N_SAMPLES, seed=1)
-    trainer = NFTTrainer(policy, hyper(micro_batch=MICRO_BATCH, lora_targets=TARGETS + ROOT_UNIT_TARGETS))
+    trainer = NFTTrainer(policy, *sections(micro_batch=MICRO_BATCH, lora_targets=TARGETS + ROOT_UNIT_TARGETS))
     assert any(n.startswith("x_embedder.") for n in trainer.theta)
     lora = set(trainer.theta) | {n for n in dict(policy.transformer.named_parameters()) if ".old." in n}
     base = {n: p for n, p in policy.transformer.named_parameters() if n not in lora}
@@ -173,7 +180,7 @@ def _train_with_r(path: Path, r: float, steps: int) -> tuple[float, float]:
     samples = make_samples(policy, 2, seed=5, r=[r, r])
     g = torch.Generator().manual_seed(11)
     probes = [(s, torch.randn(s.x0.shape, generator=g), s.sigmas[j : j + 1]) for s in samples for j in range(3)]
-    trainer = NFTTrainer(policy, hyper(lr=LR_DIRECTION, micro_batch=2))
+    trainer = NFTTrainer(policy, *sections(lr=LR_DIRECTION, micro_batch=2))
     before = _velocity_error(trainer, probes)
     for step in range(steps):
         trainer.train_step(samples, len(samples), step)
@@ -194,7 +201,7 @@ def test_nft_moves_toward_positives_and_away_from_negatives(world1, tiny_paths):
 def test_train_step_runs_for_both_families(world1, tiny_paths, family):
     policy = load_policy(tiny_paths[family], family)
     samples = make_samples(policy, 3, seed=2)
-    trainer = NFTTrainer(policy, hyper(micro_batch=2))
+    trainer = NFTTrainer(policy, *sections(micro_batch=2))
     theta0 = trainer.gather("theta")
     metrics = trainer.train_step(rank_samples(samples, 1, 0, 2), len(samples), 0)  # 2 + (1 + 1 padding)
     assert metrics["n_valid"] == 3 and metrics["old_decay"] == old_policy_decay(1)
@@ -224,7 +231,7 @@ def test_activation_checkpointing_gives_the_same_step(world1, tiny_paths):
     for checkpointing in (False, True):
         policy = load_policy(tiny_paths["flux_kontext"], "flux_kontext")
         samples = make_samples(policy, 2, seed=4)
-        trainer = NFTTrainer(policy, hyper(lr=1e-2), activation_checkpointing=checkpointing)
+        trainer = NFTTrainer(policy, *sections(lr=1e-2, activation_checkpointing=checkpointing))
         assert policy.transformer.gradient_checkpointing is checkpointing
         for step in range(2):  # step 1 has gradients through lora_A too
             metrics = trainer.train_step(samples, len(samples), step)
@@ -235,7 +242,7 @@ def test_activation_checkpointing_gives_the_same_step(world1, tiny_paths):
 
 
 def test_trainer_rejects_bad_calls(world1, tiny_paths):
-    trainer = NFTTrainer(load_policy(tiny_paths["flux_kontext"], "flux_kontext"), hyper())
+    trainer = NFTTrainer(load_policy(tiny_paths["flux_kontext"], "flux_kontext"), *sections())
     with pytest.raises(ValueError, match="at least one sample"):
         trainer.train_step([], 4, 0)
     with pytest.raises(ValueError, match="'thetaa'"):
@@ -256,16 +263,15 @@ def test_learner_group_on_ray(ray_cluster, world1, tiny_paths, tmp_path):
     """2 ranks as Ray actors in a placement group: train on rollout GroupSamples passed by reference, publish,
     save and load; the step matches a plain 1-rank trainer on the same samples."""
     ray = ray_cluster
-    spec = PolicySpec(
-        path=str(tiny_paths["flux_kontext"]), family="flux_kontext", dtype="float32", guidance=2.5,
-        cache_dir=str(tmp_path / "cache"), use_gpu=False,
-    )  # fmt: skip
-    h = hyper()  # DESIGN lr 3e-4: at 1e-2, AdamW's first step amplifies world-size rounding to ~1e-6 (see below)
-    group = LearnerGroup(2, gpus_per_rank=0, cpus_per_rank=1, build_policy=spec, hyper=h, options={}, backend="gloo")
+    model = ModelConfig(dtype="float32", cache_dir=str(tmp_path / "cache"))
+    spec = functools.partial(policies.load_policy, model, str(tiny_paths["flux_kontext"]), use_gpu=False)
+    # DESIGN lr 3e-4: at 1e-2, AdamW's first step amplifies world-size rounding to ~1e-6 (see below)
+    nft, learner = sections(backend="gloo")
+    group = LearnerGroup(spec, nft, learner, TWO_RANKS)
     try:
         # Rollouts: the old policy (version 0) samples 2 prompts x 2 candidates; refs go to the learners.
-        rollout_policy = dataclasses.replace(spec, lora=(h.lora_rank, h.lora_alpha, h.lora_targets))()
-        weights = PolicyWeights(rollout_policy)
+        rollout_policy = functools.partial(spec, lora=nft)()
+        weights = PolicyWeights(rollout_policy, "lora")
         manifest_ref, weights_ref = group.publishable("old", 0)
         weights.load(0, ray.get(manifest_ref), ray.get(weights_ref))  # names and shapes fit the rollout adapter
         g = torch.Generator().manual_seed(0)
@@ -273,8 +279,7 @@ def test_learner_group_on_ray(ray_cluster, world1, tiny_paths, tmp_path):
             _Prompt(f"p{i}", text, torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8))
             for i, text in enumerate(PROMPTS)
         ]
-        sampler = Sampler(rollout_policy, group_size=2, num_steps=3, height=32, width=32, micro_batch=4)
-        groups = [gs for gs, _ in sampler.sample(prompts, step=0, version=weights.version)]
+        groups = [gs for gs, _ in Sampler(rollout_policy, ROLLOUT).sample(prompts, step=0, version=weights.version)]
         refs = [ray.put(gs) for gs in groups]
         r = [[1.0, 0.0], [0.25]]  # 3 samples: uneven on 2 ranks; group 1's second candidate is left out
 
@@ -283,7 +288,7 @@ def test_learner_group_on_ray(ray_cluster, world1, tiny_paths, tmp_path):
         assert metrics["n_valid"] == 3 and metrics["old_decay"] == old_policy_decay(1)
         manifest_ref, weights_ref = group.publishable("old", 1)
         manifest, old1 = WeightManifest.unpack(ray.get(manifest_ref)), ray.get(weights_ref)
-        assert manifest.version == 1 and manifest == WeightManifest.of(old1, version=1)
+        assert manifest.version == 1 and manifest == WeightManifest.of(old1, version=1, kind="lora")
         theta1 = ray.get(group.gather("theta"))
         d = old_policy_decay(1)
         for name, t in old1.items():  # old = d * old + (1 - d) * θ, from old = θ0
@@ -292,13 +297,13 @@ def test_learner_group_on_ray(ray_cluster, world1, tiny_paths, tmp_path):
         # The same step by a plain 1-rank trainer in this process. Its gradients sum in another order, and the
         # first AdamW step moves an entry by lr * g / (|g| + eps) whatever |g| is, so entries whose gradient
         # nearly cancels carry rounding up to ~1e-4 * lr; at lr 3e-4 that is far below the tolerance.
-        plain = NFTTrainer(spec(), h)
+        plain = NFTTrainer(spec(), nft, learner)
         samples = [
             TrainSample(gs.prompt_id, k, gs.x0[k], gs.cond, gs.sigmas, rk)
             for gs, rs in zip(groups, r, strict=True)
             for k, rk in enumerate(rs)
         ]
-        reference = plain.train_step(rank_samples(samples, 1, 0, h.micro_batch), len(samples), 0)
+        reference = plain.train_step(rank_samples(samples, 1, 0, learner.micro_batch), len(samples), 0)
         assert metrics["loss"] == pytest.approx(reference["loss"], rel=1e-6)
         for name, t in plain.gather("theta").items():
             torch.testing.assert_close(theta1[name], t, rtol=0, atol=1e-6)
@@ -325,7 +330,7 @@ def test_full_finetune_trains_every_weight_and_moves_the_old_copy(world1, tiny_p
     policy = load_policy(tiny_paths["flux_kontext"], "flux_kontext")
     base = {n: p.detach().clone() for n, p in policy.transformer.named_parameters()}
     samples = make_samples(policy, 3, seed=2)
-    trainer = NFTTrainer(policy, hyper(micro_batch=2, full_finetune=True, lr=1e-3))
+    trainer = NFTTrainer(policy, *sections(micro_batch=2, full_finetune=True, lr=1e-3))
     metrics = trainer.train_step(rank_samples(samples, 1, 0, 2), len(samples), 0)
     assert metrics["grad_norm"] > 0 and metrics["n_valid"] == 3
     theta, old = trainer.gather("theta"), trainer.gather("old")
@@ -357,23 +362,21 @@ def test_full_finetune_trains_every_weight_and_moves_the_old_copy(world1, tiny_p
 def test_rollout_reference_forwards_train_like_learner_ones(world1, tiny_paths):
     """nft.reference_forwards: rollout. v_old/v_ref computed by the rollout (its adapter = the published old
     policy, adapters off = the base) at the shared training draws give the learner's own step."""
-    from actors.rollout import ReferenceForwards
     from models.policy import Conditioning
 
     path = tiny_paths["flux_kontext"]
-    h = hyper(micro_batch=2, lr=1e-2)
-    learner_side = NFTTrainer(load_policy(path, "flux_kontext"), h)
-    rollout_side = NFTTrainer(load_policy(path, "flux_kontext"), h)
+    nft, learner = sections(micro_batch=2, lr=1e-2)
+    learner_side = NFTTrainer(load_policy(path, "flux_kontext"), nft, learner)
+    rollout_side = NFTTrainer(load_policy(path, "flux_kontext"), nft, learner)
     samples = make_samples(learner_side.policy, 4, seed=5)
     for trainer in (learner_side, rollout_side):  # step 0 moves θ, so old != base afterwards
         trainer.train_step(rank_samples(samples, 1, 0, 2), len(samples), 0)
     old = learner_side.gather("old")
 
     rollout = load_policy(path, "flux_kontext")
-    rollout.add_lora(rank=h.lora_rank, alpha=h.lora_alpha, target_modules=list(h.lora_targets))
-    PolicyWeights(rollout).load(1, WeightManifest.of(old, version=1).pack(), old)
-    sampler = Sampler(rollout, group_size=2, num_steps=3, height=32, width=32, micro_batch=4,
-                      reference=ReferenceForwards(seed=h.seed, fraction=h.timestep_fraction))  # fmt: skip
+    rollout.add_lora(rank=nft.lora_rank, alpha=nft.lora_alpha, target_modules=list(nft.lora_targets))
+    PolicyWeights(rollout, "lora").load(1, WeightManifest.of(old, version=1, kind="lora").pack(), old)
+    sampler = Sampler(rollout, ROLLOUT, ReferenceForwards(seed=learner.seed, fraction=nft.timestep_fraction))
     with torch.no_grad():
         refs = sampler._reference_velocities(
             torch.stack([s.x0 for s in samples]), Conditioning.cat([s.cond for s in samples]), samples[0].sigmas,
@@ -398,6 +401,5 @@ def test_learner_group_fails_fast_when_a_rank_fails_to_start(ray_cluster, tiny_p
 
     t0 = time.time()
     with pytest.raises(ray_cluster.exceptions.RayTaskError, match="rank 1 cannot load its model"):
-        LearnerGroup(2, gpus_per_rank=0, cpus_per_rank=1, build_policy=BrokenOnRank1(str(tiny_paths["flux_kontext"])),
-                     hyper=hyper(), options={})  # fmt: skip
+        LearnerGroup(BrokenOnRank1(str(tiny_paths["flux_kontext"])), *sections(), TWO_RANKS)
     assert time.time() - t0 < 120

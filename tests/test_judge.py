@@ -9,7 +9,6 @@ import base64
 import io
 import math
 import os
-import socket
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,21 +20,31 @@ import ray
 import torch
 from PIL import Image
 
+from common.config import ConfigError, JudgeConfig
+from common.net import free_port
 from models.tiny_judge import build_tiny_judge
 from rewards.judge import (
     DIGITS,
     RUBRIC,
     JudgeClient,
     JudgeError,
-    JudgeServerActor,
     UnparseableReply,
-    VLLMServer,
     digit_probs_from_reply,
     expected_digit_score,
     score_prompt,
 )
+from rewards.judge_server import JudgeServerActor, VLLMServer
 
 INSTRUCTION = "Make the person raise both arms above the head."
+
+
+def _cfg(**overrides) -> JudgeConfig:
+    """reward.judge with the tiny judge's context (2048 tokens: a 1 GiB CPU KV cache holds it)."""
+    return JudgeConfig(max_model_len=2048, **overrides)
+
+
+def _client(url: str, **overrides) -> JudgeClient:
+    return JudgeClient(url, _cfg(**overrides))
 
 
 def _images(k: int = 3, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,9 +55,7 @@ def _images(k: int = 3, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # nothing listens here once the socket is closed
+    return free_port("127.0.0.1")  # nothing listens here once the probing socket is closed
 
 
 def _reply(top: list[tuple[str, float]]) -> dict:
@@ -93,21 +100,21 @@ def test_digit_probs_from_reply_rejects(reply, match):
 
 def test_bad_inputs_name_the_field():
     source, candidates = _images()
-    client = JudgeClient("http://127.0.0.1:1/v1")
+    client = _client("http://127.0.0.1:1/v1")
     with pytest.raises(ValueError, match="input_image must be uint8"):
         asyncio.run(client.score(source.float(), candidates[0], INSTRUCTION))
     with pytest.raises(ValueError, match=r"candidates must have shape \(K, 3, H, W\)"):
         asyncio.run(client.score_many(source, candidates[0], INSTRUCTION))
     with pytest.raises(ValueError, match="instruction"):
         asyncio.run(client.score(source, candidates[0], "  "))
-    with pytest.raises(ValueError, match="mode"):
-        JudgeClient("http://127.0.0.1:1/v1", mode="vibes")
+    with pytest.raises(ConfigError, match="reward.judge.mode"):
+        _cfg(mode="vibes")
     assert client.metrics["requests"] == 0
 
 
 def test_closed_port_fails_after_retries():
     source, candidates = _images()
-    client = JudgeClient(f"http://127.0.0.1:{_closed_port()}/v1", max_retries=2, backoff_s=0.05)
+    client = _client(f"http://127.0.0.1:{_closed_port()}/v1", max_retries=2, backoff_s=0.05)
     began = time.perf_counter()
     with pytest.raises(JudgeError, match="cannot reach") as err:
         asyncio.run(client.score(source, candidates[0], INSTRUCTION))
@@ -127,7 +134,7 @@ def _server_files(tmp_path_factory, name: str) -> dict:
 
 def test_server_start_fails_fast_with_log_tail(judge_dir, tmp_path_factory):
     files = _server_files(tmp_path_factory, "bad_flag")
-    server = VLLMServer(judge_dir, extra_args=["--no-such-flag"], startup_timeout_s=120, **files)
+    server = VLLMServer(judge_dir, _cfg(startup_timeout_s=120), extra_args=["--no-such-flag"], **files)
     began = time.monotonic()
     with pytest.raises(RuntimeError, match="(?s)exited with code 2.*unrecognized arguments: --no-such-flag"):
         server.start()
@@ -137,7 +144,7 @@ def test_server_start_fails_fast_with_log_tail(judge_dir, tmp_path_factory):
 
 def test_server_rejects_missing_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        VLLMServer(tmp_path / "nowhere")
+        VLLMServer(tmp_path / "nowhere", _cfg())
 
 
 # ---- against one real vLLM server ---------------------------------------------------------------------------
@@ -145,13 +152,13 @@ class TestAgainstVLLM:
     @pytest.fixture(scope="class")
     def server(self, judge_dir, tmp_path_factory):
         files = _server_files(tmp_path_factory, "server")
-        with VLLMServer(judge_dir, startup_timeout_s=300, **files) as server:
+        with VLLMServer(judge_dir, _cfg(), **files) as server:
             print(f"vLLM start-up {server.startup_s:.1f} s")
             yield server
 
     def test_score_is_expected_digit_of_server_logprobs(self, server):
         source, candidates = _images()
-        client = JudgeClient(server.url)
+        client = _client(server.url)
         result = asyncio.run(client.score(source, candidates[0], INSTRUCTION))
 
         assert 0.0 <= result.score <= 1.0
@@ -184,19 +191,19 @@ class TestAgainstVLLM:
     @pytest.mark.parametrize("max_concurrency", [1, 2])
     def test_score_many_bounds_in_flight(self, server, max_concurrency):
         source, candidates = _images(k=3)
-        client = JudgeClient(server.url, max_concurrency=max_concurrency)
+        client = _client(server.url, max_concurrency=max_concurrency)
         results = asyncio.run(client.score_many(source, candidates, INSTRUCTION))
         assert len(results) == 3
         assert all(0.0 <= r.score <= 1.0 and r.attempts == 1 for r in results)
         assert client.metrics["requests"] == 3
         # 3 requests gathered at once: the semaphore, not the batch size, caps what is in flight.
         assert client.metrics["peak_in_flight"] == max_concurrency
-        single = asyncio.run(JudgeClient(server.url).score(source, candidates[2], INSTRUCTION))
+        single = asyncio.run(_client(server.url).score(source, candidates[2], INSTRUCTION))
         assert results[2].score == pytest.approx(single.score, abs=1e-4)
 
     def test_rubric_returns_three_sub_scores(self, server):
         source, candidates = _images()
-        client = JudgeClient(server.url, mode="rubric")
+        client = _client(server.url, mode="rubric")
         result = asyncio.run(client.score(source, candidates[1], INSTRUCTION))
         assert set(result.sub_scores) == set(RUBRIC) == {"instruction_fidelity", "preservation", "coherence"}
         for name, sub in result.sub_scores.items():
@@ -208,7 +215,7 @@ class TestAgainstVLLM:
 
     def test_tiny_timeout_counts_then_raises(self, server):
         source, candidates = _images()
-        client = JudgeClient(server.url, timeout_s=0.001, max_retries=2, backoff_s=0.01)
+        client = _client(server.url, timeout_s=0.001, max_retries=2, backoff_s=0.01)
         with pytest.raises(JudgeError, match="timeout after 0.001s") as err:
             asyncio.run(client.score(source, candidates[0], INSTRUCTION))
         assert err.value.attempts == 3
@@ -220,7 +227,7 @@ class TestAgainstVLLM:
         # Without the structured choice the random model's first token is not a digit distribution: a real
         # 200 reply that must be retried and then rejected, never turned into a score.
         source, candidates = _images()
-        client = JudgeClient(server.url, structured_output=False, max_retries=1, backoff_s=0.01)
+        client = _client(server.url, structured_output=False, max_retries=1, backoff_s=0.01)
         with pytest.raises(JudgeError, match="unparseable reply") as err:
             asyncio.run(client.score(source, candidates[0], INSTRUCTION))
         assert '"top_logprobs"' in err.value.last_reply
@@ -230,7 +237,7 @@ class TestAgainstVLLM:
 
     def test_unknown_model_is_not_retried(self, server):
         source, candidates = _images()
-        client = JudgeClient(server.url, model="no-such-model", max_retries=3, backoff_s=0.01)
+        client = _client(server.url, served_model_name="no-such-model", max_retries=3, backoff_s=0.01)
         with pytest.raises(JudgeError, match="HTTP 404") as err:
             asyncio.run(client.score(source, candidates[0], INSTRUCTION))
         assert "no-such-model" in err.value.last_reply
@@ -242,12 +249,12 @@ class TestAgainstVLLM:
 # ---- Ray actor ----------------------------------------------------------------------------------------------
 def test_judge_server_actor_serves_and_stops(judge_dir, tmp_path_factory, ray_cluster):
     files = _server_files(tmp_path_factory, "actor")
-    actor = JudgeServerActor.options(num_cpus=1).remote(str(judge_dir), startup_timeout_s=300, **files)
+    actor = JudgeServerActor.options(num_cpus=1).remote(str(judge_dir), _cfg(), **files)
     try:
         assert ray.get(actor.ready.remote(), timeout=330) is True
         url = ray.get(actor.url.remote())
         source, candidates = _images()
-        result = asyncio.run(JudgeClient(url).score(source, candidates[0], INSTRUCTION))
+        result = asyncio.run(_client(url).score(source, candidates[0], INSTRUCTION))
         assert 0.0 <= result.score <= 1.0 and result.attempts == 1
         ray.get(actor.stop.remote(), timeout=60)
         assert ray.get(actor.ready.remote()) is False

@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 
 import pytest
 import torch
 
+from common.config import FlowRewardConfig, JudgeConfig, RewardConfig
 from data.motionedit import MotionEditDataset
 from data.synthetic import generate_synthetic
-from learner.pools import RewardSpec
-from rewards.flow_model import build_flow_estimator
-from rewards.flow_scorer import FlowRewardScorer
+from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer
 from rewards.judge import JudgeClient, JudgeError
-from rewards.worker import RewardScorer, RewardWorker, blend
+from rewards.scorer import RewardScorer, blend, build_reward_scorer
+from rewards.worker import RewardWorker
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
 SIZE = 64
-FLOW = {"kind": "dis", "estimator_kwargs": {}, "max_batch": 32, "q": 0.4, "m": 0.002, "tau": 0.01, "kappa": 0.5,
-        "a": 0.7, "b": 0.2, "c": 0.1, "quantize": True}  # fmt: skip
+FLOW = FlowRewardConfig(estimator="dis")  # DESIGN §3 constants, OpenCV flow on the CPU
+
+
+def _reward(**overrides) -> RewardConfig:
+    return RewardConfig(flow=FLOW, **overrides)
+
+
+def _dis() -> FlowRewardScorer:
+    return build_flow_scorer(FLOW, device="cpu", cache_dir="/tmp/motionnft-test-cache")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +49,8 @@ def test_blend_weights():
 
 
 def test_flow_only_scorer_batches_across_concurrent_groups(examples):
-    flow = FlowRewardScorer(build_flow_estimator("dis"), max_batch=32)
-    scorer = RewardScorer(flow, [], flow_weight=1.0, judge_weight=0.0, batch_pairs=64, max_wait_ms=200)
+    cfg = _reward(flow_weight=1.0, judge_weight=0.0, batch_pairs=64, max_wait_ms=200)
+    scorer = RewardScorer(_dis(), [], cfg)
 
     async def score_all():
         return await asyncio.gather(
@@ -53,7 +61,7 @@ def test_flow_only_scorer_batches_across_concurrent_groups(examples):
     assert scorer.metrics["groups"] == len(examples)
     assert scorer.metrics["flow_calls"] < len(examples)  # concurrent groups shared estimator calls
     # The same numbers as scoring each group alone.
-    alone = FlowRewardScorer(build_flow_estimator("dis"), max_batch=32)
+    alone = _dis()
     for ex, res in zip(examples, results, strict=True):
         ref = alone.score([_flow_item(ex)])[0]
         assert res.reward == pytest.approx(ref["reward"].double().tolist())
@@ -63,40 +71,38 @@ def test_flow_only_scorer_batches_across_concurrent_groups(examples):
 
 
 def _flow_item(ex):
-    from rewards.flow_scorer import FlowItem
-
     return FlowItem(ex.id, ex.input_image, ex.target_image, _candidates(ex))
 
 
 def test_zero_weight_component_is_never_built():
-    spec = RewardSpec(flow_weight=0.0, judge_weight=1.0, flow=FLOW, judge_urls=("http://127.0.0.1:9/v1",))
-    scorer = spec()
+    kwargs = {"device": "cpu", "cache_dir": "/tmp/motionnft-test-cache"}
+    scorer = build_reward_scorer(_reward(flow_weight=0.0, judge_weight=1.0), ["http://127.0.0.1:9/v1"], **kwargs)
     assert scorer.flow is None and len(scorer.judges) == 1
-    spec = RewardSpec(flow_weight=1.0, judge_weight=0.0, flow=FLOW, judge_urls=())
-    scorer = spec()
+    scorer = build_reward_scorer(_reward(flow_weight=1.0, judge_weight=0.0), ["http://127.0.0.1:9/v1"], **kwargs)
     assert scorer.judges == [] and scorer.flow is not None
 
 
 def test_judge_failure_fails_the_group_instead_of_scoring(examples):
     """A dead judge endpoint: retried, counted, then the group raises (never a silent default score)."""
-    flow = FlowRewardScorer(build_flow_estimator("dis"))
-    judge = JudgeClient("http://127.0.0.1:9/v1", max_retries=1, backoff_s=0.01, timeout_s=2)
-    scorer = RewardScorer(flow, [judge], flow_weight=0.5, judge_weight=0.5)
+    judge = JudgeClient("http://127.0.0.1:9/v1", JudgeConfig(max_retries=1, backoff_s=0.01, timeout_s=2))
+    scorer = RewardScorer(_dis(), [judge], _reward())
     ex = examples[0]
     with pytest.raises(JudgeError):
         asyncio.run(scorer.score(ex.id, ex.prompt, ex.input_image, ex.target_image, _candidates(ex)))
     m = scorer.judge_metrics()  # K requests in flight at once: each retried before the group fails
     assert m["retries"] >= 1 and m["failures"] >= 1 and m["connection_errors"] >= 2
+    counters = scorer.counters()  # what the driver logs as reward_workers/...
+    assert counters["judge/retries"] == m["retries"] and counters["judge/failures"] == m["failures"]
 
 
 @pytest.fixture(scope="module")
 def judge_server(ray_cluster, tmp_path_factory):
     """A real vLLM server (tiny random Qwen2-VL judge, CPU) owned by a Ray actor."""
     from models.tiny_judge import build_tiny_judge
-    from rewards.judge import JudgeServerActor
+    from rewards.judge_server import JudgeServerActor
 
     path = build_tiny_judge(tmp_path_factory.mktemp("judge") / "tiny_judge")
-    actor = JudgeServerActor.options(num_cpus=1).remote(str(path), startup_timeout_s=300)
+    actor = JudgeServerActor.options(num_cpus=1).remote(str(path), JudgeConfig(max_model_len=2048))
     assert ray_cluster.get(actor.ready.remote(), timeout=330) is True
     yield actor, ray_cluster.get(actor.url.remote())
     ray_cluster.get(actor.stop.remote(), timeout=60)
@@ -106,8 +112,8 @@ def judge_server(ray_cluster, tmp_path_factory):
 def test_reward_pool_scores_groups_with_flow_and_live_judge(ray_cluster, judge_server, examples):
     ray = ray_cluster
     _, url = judge_server
-    spec = RewardSpec(flow_weight=0.5, judge_weight=0.5, flow=FLOW, judge_urls=(url,),
-                      judge={"max_retries": 2, "backoff_s": 0.1}, batch_pairs=64, max_wait_ms=300)  # fmt: skip
+    cfg = _reward(judge=JudgeConfig(max_retries=2, backoff_s=0.1), batch_pairs=64, max_wait_ms=300)
+    spec = functools.partial(build_reward_scorer, cfg, [url], device="cpu", cache_dir="/tmp/motionnft-test-cache")
     worker = ray.remote(RewardWorker).options(num_cpus=0.5).remote(spec)
     example_refs = [ray.put(ex) for ex in examples[:3]]
     image_refs = [ray.put(_candidates(ex)) for ex in examples[:3]]
@@ -120,7 +126,9 @@ def test_reward_pool_scores_groups_with_flow_and_live_judge(ray_cluster, judge_s
         score = res.components["flow/score"]
         assert flow[0] == 1.0 and score[0] > score[1]
         assert {"flow/l_q", "flow/direction", "flow/move", "flow/score"} <= res.components.keys()
-    metrics = ray.get(worker.metrics.remote())
+    metrics = ray.get(worker.counters.remote())
     assert metrics["groups"] == 3 and metrics["flow_calls"] < 3
     assert metrics["judge/requests"] == 9 and metrics["judge/failures"] == 0
+    # Every group of these 3 prompts needed its input -> target flow once: 3 misses, then estimated.
+    assert metrics["flow/cache_misses"] == 3 and metrics["flow/pairs_estimated"] == 3 + 9
     ray.kill(worker)

@@ -1,15 +1,19 @@
-"""Grouped rollouts and versioned weight sync: plain classes, then the Ray actors, for both model families."""
+"""Grouped rollouts and versioned weight hand-off: plain classes, then the Ray actors, for both model families."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 
-from actors.param_server import ParameterServer, WeightManifest, WeightMismatchError, WeightStore
-from actors.rollout import PolicyWeights, RolloutWorker, Sampler, candidate_seed
+from actors.rollout import RolloutWorker
+from actors.sampler import Sampler
+from common.config import ModelConfig, NFTConfig, RolloutConfig
 from data.motionedit import MotionEditDataset
 from data.synthetic import generate_synthetic
-from models.policy import EditPolicy
+from models.policy import EditPolicy, load_policy
+from models.weights import PolicyWeights, PublishedWeights, WeightManifest, WeightMismatchError
 from tests.conftest import FAMILIES
 
 SIZE, K, STEPS = 32, 3, 3
@@ -36,7 +40,12 @@ def _policy(path, family: str) -> EditPolicy:
 
 
 def _sampler(policy, micro_batch: int = 8, seed: int = 0) -> Sampler:
-    return Sampler(policy, group_size=K, num_steps=STEPS, height=SIZE, width=SIZE, micro_batch=micro_batch, seed=seed)
+    cfg = RolloutConfig(group_size=K, num_steps=STEPS, height=SIZE, width=SIZE, micro_batch=micro_batch, seed=seed)
+    return Sampler(policy, cfg)
+
+
+def _published(state: dict[str, torch.Tensor], version: int, tensors) -> PublishedWeights:
+    return PublishedWeights(version, WeightManifest.of(state, version=version, kind="lora").pack(), tensors)
 
 
 def _perturbed(policy: EditPolicy, scale: float = 0.5) -> dict[str, torch.Tensor]:
@@ -47,12 +56,6 @@ def _perturbed(policy: EditPolicy, scale: float = 0.5) -> dict[str, torch.Tensor
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_policy(request, tiny_pipelines):
     return request.param, _policy(tiny_pipelines[request.param], request.param)
-
-
-def test_candidate_seeds_are_distinct_and_stable():
-    seeds = {candidate_seed(0, step, p, k) for step in range(3) for p in ("a", "b") for k in range(4)}
-    assert len(seeds) == 24
-    assert candidate_seed(0, 1, "a", 2) == candidate_seed(0, 1, "a", 2)
 
 
 def test_group_shapes_and_distinct_candidates(family_policy):
@@ -80,38 +83,43 @@ def test_same_seed_same_candidates_and_batching_invariance(family_policy):
         assert (ia.int() - ib.int()).abs().max() <= 1
     c = _sampler(policy, micro_batch=8).sample(_examples(2), step=4, version=0)
     assert not torch.allclose(a[0][0].x0, c[0][0].x0)  # another step draws other noise
+    # One candidate per prompt (the evaluation's K = 1) is candidate 0 of the full group: same seed, same edit.
+    one = _sampler(policy, micro_batch=8).sample(_examples(2), step=3, version=0, group_size=1)
+    for (g1, _), (ga, _) in zip(one, a, strict=True):
+        assert g1.x0.shape[0] == 1 and g1.seeds == ga.seeds[:1]
+        torch.testing.assert_close(g1.x0, ga.x0[:1], rtol=1e-4, atol=1e-5)
 
 
 def test_published_weights_change_output_and_v0_restores(family_policy):
     _, policy = family_policy
-    weights = PolicyWeights(policy)
+    weights = PolicyWeights(policy, "lora")
     v0 = policy.lora_state_dict()
     base = _sampler(policy).sample(_examples(1), step=0, version=0)[0][0].x0
     v1 = _perturbed(policy)
-    weights.load(1, WeightManifest.of(v1, version=1).pack(), v1)
+    weights.load(1, WeightManifest.of(v1, version=1, kind="lora").pack(), v1)
     changed = _sampler(policy).sample(_examples(1), step=0, version=1)[0][0].x0
     assert weights.version == 1
     assert (changed - base).abs().max() > 1e-3
-    weights.load(2, WeightManifest.of(v0, version=2).pack(), v0)
+    weights.load(2, WeightManifest.of(v0, version=2, kind="lora").pack(), v0)
     restored = _sampler(policy).sample(_examples(1), step=0, version=2)[0][0].x0
     assert torch.equal(restored, base)
 
 
 def test_mismatched_weights_are_rejected_and_old_kept(family_policy):
     _, policy = family_policy
-    weights = PolicyWeights(policy)
+    weights = PolicyWeights(policy, "lora")
     before = policy.lora_state_dict()
     bad = _perturbed(policy)
     name = sorted(bad)[0]
     bad[name] = torch.zeros(bad[name].shape[0] + 1, *bad[name].shape[1:])
     with pytest.raises(WeightMismatchError, match=name):
-        weights.load(5, WeightManifest.of(bad, version=5).pack(), bad)
+        weights.load(5, WeightManifest.of(bad, version=5, kind="lora").pack(), bad)
     missing = dict(_perturbed(policy))
     missing.pop(name)
     with pytest.raises(WeightMismatchError, match="lack tensor"):
-        weights.load(5, WeightManifest.of(missing, version=5).pack(), missing)
+        weights.load(5, WeightManifest.of(missing, version=5, kind="lora").pack(), missing)
     lying = _perturbed(policy)  # manifest says one thing, the tensors another
-    manifest = WeightManifest.of(lying, version=5).pack()
+    manifest = WeightManifest.of(lying, version=5, kind="lora").pack()
     lying[name] = lying[name][:1]
     with pytest.raises(WeightMismatchError):
         weights.load(5, manifest, lying)
@@ -122,49 +130,27 @@ def test_mismatched_weights_are_rejected_and_old_kept(family_policy):
 
 def test_manifest_round_trip_is_compact():
     state = {"a.lora_A.weight": torch.zeros(4, 16), "a.lora_B.weight": torch.zeros(16, 4, dtype=torch.bfloat16)}
-    m = WeightManifest.of(state, version=3)
+    m = WeightManifest.of(state, version=3, kind="lora")
     packed = m.pack()
     assert WeightManifest.unpack(packed) == m and len(packed) < 100 and m.numel == 128
 
 
-def test_weight_store_versions_and_staleness():
-    store = WeightStore(keep=2)
-    w = {"x": torch.zeros(2)}
-    for v in (0, 1, 2):
-        store.publish(WeightManifest.of(w, version=v).pack(), [f"ref{v}"])
-    version, _, payload = store.latest()
-    assert (version, payload) == (2, ["ref2"])
-    with pytest.raises(ValueError, match="not newer"):
-        store.publish(WeightManifest.of(w, version=2).pack(), ["again"])
-    with pytest.raises(WeightMismatchError, match="lack tensor 'x'"):
-        store.publish(WeightManifest.of({"y": torch.zeros(2)}, version=3).pack(), ["bad"])
-    assert store.latest_version == 2  # the refused publish left everything as it was
-    store.report("r0", 2)
-    store.report("r1", 0)
-    assert store.staleness() == {"r0": 0, "r1": 2}
-    with pytest.raises(LookupError):
-        WeightStore().latest()
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rollout_workers_on_ray(ray_cluster, tiny_pipelines, family):
-    """Two rollout actors pull versioned weights from the parameter server by reference and sample groups."""
+    """Two rollout actors get versioned weights handed over by reference with each call and sample groups."""
     ray = ray_cluster
-    from learner.pools import PolicySpec
-
-    spec = PolicySpec(str(tiny_pipelines[family]), family, "float32", 2.5, "/tmp/motionnft-test-cache", False,
-                      lora=(LORA["rank"], LORA["alpha"], tuple(LORA["target_modules"])))  # fmt: skip
-    ps = ray.remote(num_cpus=0)(ParameterServer).remote(keep=2)
-    kwargs = {"group_size": K, "num_steps": STEPS, "height": SIZE, "width": SIZE, "micro_batch": 8, "seed": 0}
-    workers = [ray.remote(num_cpus=0.5)(RolloutWorker).remote(f"r{i}", ps, spec, kwargs) for i in range(2)]
+    model = ModelConfig(family=family, dtype="float32", cache_dir="/tmp/motionnft-test-cache")
+    lora = NFTConfig(lora_rank=LORA["rank"], lora_alpha=LORA["alpha"], lora_targets=tuple(LORA["target_modules"]))
+    spec = functools.partial(load_policy, model, str(tiny_pipelines[family]), use_gpu=False, lora=lora)
+    cfg = RolloutConfig(group_size=K, num_steps=STEPS, height=SIZE, width=SIZE, micro_batch=8, seed=0)
+    workers = [ray.remote(num_cpus=0.5)(RolloutWorker).remote(f"r{i}", spec, cfg, "lora") for i in range(2)]
     ray.get([w.ready.remote() for w in workers])
     local = spec()
     v0 = local.lora_state_dict()
-    v0_ref = ray.put(v0)
-    ray.get(ps.publish.remote(WeightManifest.of(v0, version=0).pack(), [v0_ref]))
+    w0 = _published(v0, 0, ray.put(v0))
     examples = [ray.put(e) for e in _examples(2)]
 
-    refs = workers[0].sample.options(num_returns=6).remote(0, 0, *examples)
+    refs = workers[0].sample.options(num_returns=6).remote(0, w0, *examples)
     group0, images0, meta0 = ray.get(refs[0]), ray.get(refs[1]), ray.get(refs[2])
     assert meta0["version"] == 0 and group0.version == 0 and images0.shape == (K, 3, SIZE, SIZE)
     # The plain Sampler with the same weights gives the same candidates as the actor.
@@ -172,20 +158,23 @@ def test_rollout_workers_on_ray(ray_cluster, tiny_pipelines, family):
     torch.testing.assert_close(group0.x0, expected)
 
     v1 = _perturbed(local)
-    ray.get(ps.publish.remote(WeightManifest.of(v1, version=1).pack(), [ray.put(v1)]))
-    g1 = ray.get(workers[0].sample.options(num_returns=3).remote(0, 1, examples[0])[0])
+    w1 = _published(v1, 1, ray.put(v1))
+    g1 = ray.get(workers[0].sample.options(num_returns=3).remote(0, w1, examples[0])[0])
     assert g1.version == 1 and not torch.allclose(g1.x0, group0.x0)
-    assert ray.get(ps.holders.remote()) == {"r0": 1}
-    # The second worker never sampled at v0: it goes straight to the newest version, which meets min_version.
-    g1b = ray.get(workers[1].sample.options(num_returns=3).remote(0, 1, examples[0])[0])
+    # The second worker never sampled at v0: it loads v1 straight away and samples exactly what the first does.
+    g1b = ray.get(workers[1].sample.options(num_returns=3).remote(0, w1, examples[0])[0])
     torch.testing.assert_close(g1b.x0, g1.x0)
-    assert ray.get(ps.holders.remote()) == {"r0": 1, "r1": 1}
-    # A rollout asked for a version newer than anything published fails loudly instead of sampling stale.
-    with pytest.raises(ray.exceptions.RayTaskError, match="required 5"):
-        ray.get(workers[1].sample.options(num_returns=3).remote(0, 5, examples[0])[0])
-    # A mismatched publish is refused by the server before any rollout could fetch it.
+    # A worker that already holds a version does not load it again: a handle of version 1 whose reference holds
+    # other tensors (same names and shapes) changes nothing.
+    other = _published(v1, 1, ray.put({k: torch.randn_like(v) for k, v in v1.items()}))
+    again = ray.get(workers[0].sample.options(num_returns=3).remote(0, other, examples[0])[0])
+    torch.testing.assert_close(again.x0, g1.x0)
+    # Mismatched weights are refused by the worker (naming the tensor) and it keeps sampling with v1.
     bad = {k: v[:1] for k, v in v1.items()}
     with pytest.raises(ray.exceptions.RayTaskError, match="WeightMismatchError"):
-        ray.get(ps.publish.remote(WeightManifest.of(bad, version=2).pack(), [ray.put(bad)]))
-    for a in [ps, *workers]:
+        ray.get(workers[0].sample.options(num_returns=3).remote(0, _published(bad, 2, ray.put(bad)), examples[0])[0])
+    still = ray.get(workers[0].sample.options(num_returns=3).remote(0, w1, examples[0])[0])
+    assert still.version == 1
+    torch.testing.assert_close(still.x0, g1.x0)
+    for a in workers:
         ray.kill(a)

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.config import Config, ConfigError, DemoConfig, ModelConfig, load_config
 from data.motionedit import MotionEditDataset
 from models.demo import DemoSizes, build_demo_flux_kontext
 from models.policy import EditPolicy
 from models.warmstart import (
     RECORD_NAME,
-    WarmStartSettings,
     check_text_length,
     demo_data,
     encode_pairs,
@@ -22,7 +22,8 @@ from models.warmstart import (
     warm_start,
 )
 
-FEW_STEPS = WarmStartSettings(vae_steps=3, vae_batch=4, steps=3, batch=4, warmup=1, max_sequence_length=48)
+FEW_STEPS = DemoConfig(vae_steps=3, vae_batch=4, steps=3, batch=4, warmup=1)
+MODEL = ModelConfig(family="flux_kontext", dtype="float32", max_sequence_length=48)
 
 
 def test_lr_factor_warmup_then_cosine_to_a_tenth():
@@ -42,11 +43,11 @@ def test_shifted_times_is_the_schedulers_exponential_shift():
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("noop_fraction", 1.0), ("steps", -1), ("lr", 0.0), ("max_sequence_length", 0)]
+    ("field", "value"), [("noop_fraction", 1.0), ("steps", -1), ("lr", 0.0), ("warmup", -1), ("grad_clip", 0.0)]
 )
 def test_settings_reject_bad_values(field, value):
-    with pytest.raises(ValueError, match=field):
-        WarmStartSettings(**{field: value})
+    with pytest.raises(ConfigError, match=f"demo.{field}"):
+        DemoConfig(**{field: value})
 
 
 def test_demo_data_keeps_only_the_motion_and_is_reused(tmp_path):
@@ -76,7 +77,7 @@ def pairs(tmp_path_factory):
 
 def test_warm_start_fits_normalises_and_is_deterministic(tiny_pipelines, pairs, tmp_path):
     base = tiny_pipelines["flux_kontext"]
-    out = warm_start(base, pairs, tmp_path / "a", FEW_STEPS)
+    out = warm_start(base, pairs, tmp_path / "a", FEW_STEPS, MODEL)
     record = json.loads((out / RECORD_NAME).read_text())
     assert record["n_train"] == 4 and len(record["fm_loss"]) == 3 and len(record["vae_loss"]) == 3
     fitted = EditPolicy.from_pretrained(out, family="flux_kontext", max_sequence_length=48)
@@ -90,13 +91,13 @@ def test_warm_start_fits_normalises_and_is_deterministic(tiny_pipelines, pairs, 
     z = torch.cat([inputs, x0])
     assert abs(z.mean().item()) < 1e-4 and abs(z.std().item() - 1.0) < 1e-3
     # Same inputs, same seed -> the same weights; an existing result is reused, not retrained.
-    again = EditPolicy.from_pretrained(warm_start(base, pairs, tmp_path / "b", FEW_STEPS), family="flux_kontext")
+    again = EditPolicy.from_pretrained(warm_start(base, pairs, tmp_path / "b", FEW_STEPS, MODEL), family="flux_kontext")
     for (name, p), q in zip(fitted.transformer.named_parameters(), again.transformer.parameters(), strict=True):
         assert torch.equal(p, q), name
     stamp = (out / RECORD_NAME).stat().st_mtime_ns
-    assert warm_start(base, pairs, out, FEW_STEPS) == out and (out / RECORD_NAME).stat().st_mtime_ns == stamp
+    assert warm_start(base, pairs, out, FEW_STEPS, MODEL) == out and (out / RECORD_NAME).stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="empty"):
-        warm_start(base, pairs[0:0], tmp_path / "c", FEW_STEPS)
+        warm_start(base, pairs[0:0], tmp_path / "c", FEW_STEPS, MODEL)
     # The text padding the warm start used is recorded and enforced (FLUX attends to padding tokens).
     check_text_length(fitted, out)
     with pytest.raises(ValueError, match="max_sequence_length=48"):
@@ -114,24 +115,31 @@ def test_demo_pipeline_sizes(tmp_path):
     assert json.loads((path / "demo_sizes.json").read_text())["vae_channels"] == list(sizes.vae_channels)
 
 
+def _demo_config(tmp_path, **demo) -> Config:
+    """A demo run at 32 px on 12 examples with FEW_STEPS of warm start, cached under tmp_path."""
+    steps = {k: getattr(FEW_STEPS, k) for k in ("vae_steps", "vae_batch", "steps", "batch", "warmup")}
+    overrides = ["demo.enabled=true"] + [f"demo.{k}={v}" for k, v in {**steps, "examples": 12, **demo}.items()]
+    overrides += ["rollout.height=32", "rollout.width=32", "reward.judge_weight=0", "data.eval_fraction=0.5",
+                  "model.max_sequence_length=48", "model.dtype=float32", f"model.cache_dir={tmp_path}"]  # fmt: skip
+    return load_config(None, overrides)
+
+
 def test_prepare_demo_caches_by_settings(tmp_path):
-    kwargs = {"examples": 12, "size": 32, "data_seed": 0, "motion": "right", "eval_fraction": 0.5, "split_seed": 0,
-              "model_seed": 0}  # fmt: skip
-    first = prepare_demo(tmp_path, settings=FEW_STEPS, **kwargs)
+    first = prepare_demo(_demo_config(tmp_path))
     record = json.loads((first.model / RECORD_NAME).read_text())
     train, held = MotionEditDataset.from_source(first.data, resolution=(32, 32)).split(0.5, 0)
     assert record["n_train"] == len(train) and len(held) > 0  # the held-out side is never warm-started on
     stamp = (first.model / RECORD_NAME).stat().st_mtime_ns
-    assert prepare_demo(tmp_path, settings=FEW_STEPS, **kwargs) == first
+    assert prepare_demo(_demo_config(tmp_path)) == first
     assert (first.model / RECORD_NAME).stat().st_mtime_ns == stamp
-    other = prepare_demo(tmp_path, settings=WarmStartSettings(**{**FEW_STEPS.__dict__, "seed": 1}), **kwargs)
+    other = prepare_demo(_demo_config(tmp_path, seed=1))
     assert other.data == first.data and other.model != first.model
 
 
-def test_resolve_demo_fills_model_and_data_and_loads_with_pools_spec(tmp_path):
-    from common.config import config_from_dict, config_to_dict, load_config
-    from learner.loop import load_data
-    from learner.pools import PolicySpec
+def test_resolve_demo_fills_model_and_data_and_loads_as_the_pools_load_it(tmp_path):
+    from common.config import config_from_dict, config_to_dict
+    from data.motionedit import load_splits
+    from models.policy import load_policy
     from models.warmstart import resolve_demo
 
     overrides = ["demo.enabled=true", "demo.examples=12", "demo.vae_steps=2", "demo.vae_batch=4", "demo.steps=2",
@@ -145,10 +153,10 @@ def test_resolve_demo_fills_model_and_data_and_loads_with_pools_spec(tmp_path):
     assert resolve_demo(resolved) is resolved  # nothing more to do
     record = json.loads((tmp_path / "demo" / resolved.model.path.rsplit("/", 1)[-1] / RECORD_NAME).read_text())
     assert record["settings"]["max_sequence_length"] == 40 and record["settings"]["steps"] == 2
-    train, held = load_data(resolved)
+    train, held = load_splits(resolved)
     assert record["n_train"] == len(train) and len(train) + len(held) == 12  # warm-started on the run's train split
     m = resolved.model
-    policy = PolicySpec(m.path, m.family, m.dtype, m.guidance, m.cache_dir, False, max_sequence_length=40)()
+    policy = load_policy(m, m.path, use_gpu=False)
     check_text_length(policy, m.path)  # the run's policies pad text as the warm start did
 
 
@@ -156,7 +164,10 @@ def test_cli_needs_a_demo_config(tmp_path, capsys):
     from models.warmstart import main
 
     configs = Path(__file__).resolve().parents[1] / "configs"
-    assert main(["--config", str(configs / "tiny_cpu.yaml")]) == 2
-    assert "demo.enabled" in capsys.readouterr().err
-    assert main(["--config", str(configs / "learn_demo.yaml"), "demo.motion=sideways"]) == 2
-    assert "demo.motion" in capsys.readouterr().err
+    for argv, key in (
+        (["--config", str(configs / "tiny_cpu.yaml")], "demo.enabled"),
+        (["--config", str(configs / "learn_demo.yaml"), "demo.motion=sideways"], "demo.motion"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and key in capsys.readouterr().err

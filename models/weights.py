@@ -1,0 +1,129 @@
+"""The weight wire format between learner and rollouts: a versioned manifest, the tensors by reference, and
+in-place loading into a policy that refuses weights which do not fit.
+
+The learner's rank 0 returns the gathered weights (a flat name -> tensor dict: the LoRA adapter, or the whole
+transformer with `nft.full_finetune`) as one object in Ray's object store plus a msgpack manifest (names, shapes,
+dtypes, version, a few hundred bytes). The driver wraps both in a `PublishedWeights` and hands that same object to
+every rollout call (Ray's pattern of passing one reference to many consumers); a rollout whose policy already
+holds that version never fetches the tensors. Plain Python: nothing here needs Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+
+from common.config import NFTConfig
+from models.policy import EditPolicy
+
+WEIGHT_KINDS = ("lora", "full")
+
+
+def weight_kind(nft: NFTConfig) -> str:
+    """What the learner publishes: the LoRA adapter, or with `nft.full_finetune` every transformer weight."""
+    return "full" if nft.full_finetune else "lora"
+
+
+class WeightMismatchError(ValueError):
+    """Published weights do not fit the policy (a name or shape differs); the holder keeps its old version."""
+
+
+@dataclass(frozen=True)
+class WeightManifest:
+    """What a weight set contains, without the tensors; packs to a few hundred bytes with msgpack."""
+
+    version: int
+    kind: str  # "lora" | "full"
+    entries: tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape, dtype), sorted by name
+
+    @classmethod
+    def of(cls, state: dict[str, torch.Tensor], *, version: int, kind: str) -> WeightManifest:
+        if kind not in WEIGHT_KINDS:
+            raise ValueError(f"weight kind must be one of {WEIGHT_KINDS}, got {kind!r}")
+        entries = tuple((n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in sorted(state.items()))
+        return cls(version=version, kind=kind, entries=entries)
+
+    def pack(self) -> bytes:
+        return msgpack.packb({"version": self.version, "kind": self.kind, "entries": [list(e) for e in self.entries]})
+
+    @classmethod
+    def unpack(cls, data: bytes) -> WeightManifest:
+        d = msgpack.unpackb(data)
+        entries = tuple((n, tuple(shape), dtype) for n, shape, dtype in d["entries"])
+        return cls(version=d["version"], kind=d["kind"], entries=entries)
+
+    @property
+    def numel(self) -> int:
+        total = 0
+        for _, shape, _ in self.entries:
+            n = 1
+            for s in shape:
+                n *= s
+            total += n
+        return total
+
+    def check_matches(self, other: WeightManifest) -> None:
+        """Raise WeightMismatchError naming the first differing tensor (dtype may differ: loading casts)."""
+        if self.kind != other.kind:
+            raise WeightMismatchError(f"weight kind {other.kind!r} does not match the policy's {self.kind!r}")
+        mine = {n: s for n, s, _ in self.entries}
+        theirs = {n: s for n, s, _ in other.entries}
+        for name in sorted(mine.keys() - theirs.keys()):
+            raise WeightMismatchError(f"published weights lack tensor {name!r} (version {other.version})")
+        for name in sorted(theirs.keys() - mine.keys()):
+            raise WeightMismatchError(f"published weights have unexpected tensor {name!r} (version {other.version})")
+        for name, shape in sorted(mine.items()):
+            if theirs[name] != shape:
+                raise WeightMismatchError(
+                    f"tensor {name!r} has shape {list(theirs[name])} in version {other.version}, "
+                    f"the policy expects {list(shape)}"
+                )
+
+
+@dataclass(frozen=True)
+class PublishedWeights:
+    """One published policy version as the driver hands it to rollouts.
+
+    `tensors` is the ObjectRef of the weights dict. Nested in this object, Ray passes it on as a reference
+    instead of resolving it, so a rollout fetches the tensors only when its version differs.
+    """
+
+    version: int
+    manifest: bytes  # WeightManifest.pack()
+    tensors: Any
+
+
+class PolicyWeights:
+    """Loads published weights into a policy in place; a mismatch leaves the old version untouched."""
+
+    def __init__(self, policy: EditPolicy, kind: str) -> None:
+        if kind not in WEIGHT_KINDS:
+            raise ValueError(f"weight kind must be one of {WEIGHT_KINDS}, got {kind!r}")
+        self.policy = policy
+        self.kind = kind
+        self.version = -1  # nothing loaded yet: the policy holds its initial weights
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.kind == "lora":
+            return self.policy.lora_state_dict()
+        return {k: v.detach() for k, v in self.policy.transformer.named_parameters()}
+
+    def manifest(self) -> WeightManifest:
+        return WeightManifest.of(self.state_dict(), version=self.version, kind=self.kind)
+
+    def load(self, version: int, manifest_bytes: bytes, state: dict[str, torch.Tensor]) -> None:
+        published = WeightManifest.unpack(manifest_bytes)
+        self.manifest().check_matches(published)
+        if WeightManifest.of(state, version=version, kind=published.kind) != published:
+            raise WeightMismatchError(f"version {version}: the tensors differ from their manifest")
+        if self.kind == "lora":
+            self.policy.load_lora_state_dict(state)
+        else:
+            with torch.no_grad():
+                current = dict(self.policy.transformer.named_parameters())
+                for name, tensor in state.items():
+                    current[name].copy_(tensor)
+        self.version = version

