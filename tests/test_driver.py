@@ -1,0 +1,57 @@
+"""The driver's own state (learner/loop.py): the prompt cursor over passes, bans, and resuming it exactly."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from learner.loop import DriverState, PromptCursor
+
+IDS = [f"p{i}" for i in range(7)]
+
+
+def _draws(cursor: PromptCursor, state: DriverState, sizes: list[int]) -> list[list[str]]:
+    return [[IDS[i] for i in cursor.draw(n, state)] for n in sizes]
+
+
+def test_each_pass_is_a_seeded_permutation_and_wraps_into_the_next():
+    state = DriverState()
+    cursor = PromptCursor(IDS, seed=3)
+    drawn = [p for batch in _draws(cursor, state, [3, 3, 3, 3, 2]) for p in batch]  # 14 = two full passes
+    first, second = drawn[:7], drawn[7:]
+    assert sorted(first) == sorted(second) == IDS  # every prompt once per pass, the 3rd draw spans both
+    assert first != second  # each pass has its own order
+    assert (state.epoch, state.position) == (2, 0)
+    assert first == [IDS[i] for i in PromptCursor(IDS, seed=3).draw(7, DriverState())]  # the seed fixes it
+    assert first != [IDS[i] for i in PromptCursor(IDS, seed=4).draw(7, DriverState())]
+
+
+def test_banned_prompts_are_skipped_in_every_later_pass():
+    state = DriverState(banned=["p1", "p4"])
+    cursor = PromptCursor(IDS, seed=0)
+    drawn = [p for batch in _draws(cursor, state, [5, 5, 5]) for p in batch]
+    assert "p1" not in drawn and "p4" not in drawn
+    assert sorted(drawn[:5]) == sorted(drawn[5:10]) == sorted(set(IDS) - {"p1", "p4"})
+    state.banned.append("p0")  # a ban during a pass holds from the next draw on
+    assert "p0" not in [IDS[i] for i in cursor.draw(10, state)]
+
+
+def test_everything_banned_is_an_error_not_a_hang():
+    with pytest.raises(RuntimeError, match="every training prompt is banned"):
+        PromptCursor(IDS, seed=0).draw(1, DriverState(banned=list(IDS)))
+
+
+def test_a_resumed_cursor_continues_the_same_permutation():
+    """The cursor lives in DriverState, which a checkpoint saves as JSON: restoring it mid-pass draws exactly
+    what the uninterrupted run draws."""
+    uninterrupted = DriverState(banned=["p2"])
+    expected = _draws(PromptCursor(IDS, seed=1), uninterrupted, [4, 4, 4, 4])
+
+    state = DriverState(banned=["p2"])
+    before = _draws(PromptCursor(IDS, seed=1), state, [4])  # stop mid-pass (position 5 of 7: p2 was skipped)
+    assert 0 < state.position < len(IDS)
+    saved = json.loads(json.dumps(asdict(state)))  # as driver.json holds it
+    after = _draws(PromptCursor(IDS, seed=1), DriverState(**saved), [4, 4, 4])
+    assert before + after == expected
