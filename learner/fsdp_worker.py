@@ -18,7 +18,15 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from common.config import ClusterConfig, LearnerConfig, NFTConfig
 from common.net import free_port
 from learner.checkpoint import load_sharded, save_sharded
-from learner.trainer import OLD, NFTTrainer, TrainSample, merge_rank_metrics, rank_micro_batches, train_sample
+from learner.trainer import (
+    OLD,
+    NFTTrainer,
+    TrainSample,
+    merge_rank_metrics,
+    rank_micro_batches,
+    rank_share,
+    train_sample,
+)
 from models.policy import EditPolicy
 from models.weights import WeightManifest, weight_kind
 
@@ -57,21 +65,13 @@ class LearnerWorker:
         return self.trainer.train_step(self._my_samples(groups, r), n_global, step)
 
     def _my_samples(self, groups: list, r: list[list[float]]) -> list[TrainSample]:
-        """Fetch only the groups this rank trains on; pad to the common micro-batch count."""
+        """Fetch only the groups this rank trains on (the first group too when this rank only pads)."""
         flat = [(g, k) for g, rs in enumerate(r) for k in range(len(rs))]
-        batches = rank_micro_batches(len(flat), self.world, self.rank, self.learner.micro_batch)
-        idx = [i for mb in batches for i in mb]
-        wanted = sorted({flat[i][0] for i in idx if i >= 0})
+        idx = [i for mb in rank_micro_batches(len(flat), self.world, self.rank, self.learner.micro_batch) for i in mb]
+        wanted = sorted({flat[i][0] for i in idx if i >= 0} or {0})
         fetched = dict(zip(wanted, ray.get([groups[g] for g in wanted]), strict=True))
-        out: list[TrainSample] = []
-        pad_source = fetched[wanted[0]] if wanted else ray.get(groups[0])
-        for i in idx:
-            if i >= 0:
-                g, k = flat[i]
-                out.append(train_sample(fetched[g], k, r[g][k]))
-            else:  # zero-weight padding keeps the ranks' collectives in step
-                out.append(train_sample(pad_source, 0, 0.5, valid=False))
-        return out
+        samples = [train_sample(fetched[g], k, r[g][k]) if g in fetched else None for g, k in flat]
+        return rank_share(samples, self.world, self.rank, self.learner.micro_batch)
 
     def gather(self, which: str = OLD) -> dict[str, torch.Tensor] | None:
         return self.trainer.gather(which)

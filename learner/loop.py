@@ -7,8 +7,9 @@ publishes the new old-policy weights: rank 0 returns them as one object, and the
 (with its version and manifest) to every later rollout call; a rollout loads it only when its version differs.
 
 Overlap: rollouts for up to `rollout.max_staleness` later steps are in flight while the learner trains, each
-asking for weights at most that many versions old. A checkpoint step is a drain point (no later rollouts in
-flight), so a resumed run continues exactly as an uninterrupted one.
+sampling with the weights published when it was submitted, so at most that many versions old when trained on.
+Which version a rollout uses is fixed at submission, not by timing, so a run is reproducible. A checkpoint step
+is a drain point (no later rollouts in flight), so a resumed run continues exactly as an uninterrupted one.
 """
 
 from __future__ import annotations

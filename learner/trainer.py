@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +80,17 @@ def rank_micro_batches(n: int, world: int, rank: int, micro_batch: int) -> list[
     mine = list(range(rank, n, world))
     mine += [-1] * (n_batches * micro_batch - len(mine))
     return [mine[i * micro_batch : (i + 1) * micro_batch] for i in range(n_batches)]
+
+
+def rank_share(samples: Sequence[TrainSample | None], world: int, rank: int, micro_batch: int) -> list[TrainSample]:
+    """This rank's samples of a step in micro-batch order (`rank_micro_batches`), padded with zero-weight copies
+    of its first sample (r = 0.5, valid=False) so that every rank runs the same FSDP collectives.
+
+    `samples` holds all n samples of the step; entries other ranks train on may be None (never fetched)."""
+    idx = [i for mb in rank_micro_batches(len(samples), world, rank, micro_batch) for i in mb]
+    mine = [samples[i] for i in idx if i >= 0]
+    pad = dataclasses.replace(mine[0] if mine else samples[0], r=0.5, valid=False)
+    return [samples[i] if i >= 0 else pad for i in idx]
 
 
 class NFTTrainer:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from common.config import LearnerConfig, NFTConfig
-from learner.trainer import TrainSample, rank_micro_batches
+from learner.trainer import TrainSample, rank_share
 from models.policy import EditPolicy
 
 SIZE = 32  # edit pixel size: 2x2 = 4 packed latent tokens
@@ -68,9 +68,8 @@ def make_samples(policy: EditPolicy, n: int, *, seed: int, r: list[float] | None
 
 
 def rank_samples(samples: list[TrainSample], world: int, rank: int, micro_batch: int) -> list[TrainSample]:
-    """This rank's share, padded with zero-weight copies exactly as LearnerWorker._my_samples pads."""
-    idx = [i for mb in rank_micro_batches(len(samples), world, rank, micro_batch) for i in mb]
-    return [samples[i] if i >= 0 else dataclasses.replace(samples[0], r=0.5, valid=False) for i in idx]
+    """This rank's share, padded exactly as a LearnerWorker pads (`learner.trainer.rank_share`)."""
+    return rank_share(samples, world, rank, micro_batch)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
