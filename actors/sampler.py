@@ -60,6 +60,8 @@ class Sampler:
 
     def __init__(self, policy: EditPolicy, cfg: RolloutConfig, reference: ReferenceForwards | None = None) -> None:
         self.policy, self.cfg, self.reference = policy, cfg, reference
+        if cfg.compile:
+            policy.compile_blocks()
 
     @torch.no_grad()
     def sample(

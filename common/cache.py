@@ -16,9 +16,14 @@ from pathlib import Path
 from types import ModuleType
 
 
-def builder_key(module: ModuleType) -> str:
-    """A short hash of a builder module's source: caches of what it built are never reused across code changes."""
-    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:10]
+def builder_key(*sources: ModuleType | Path) -> str:
+    """A short hash of what a build depends on (modules' source, data files): caches of what it built are never
+    reused across changes of any of them."""
+    digest = hashlib.sha256()
+    for source in sources:
+        path = Path(source.__file__) if isinstance(source, ModuleType) else Path(source)
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
 
 
 def build_atomically(

@@ -92,6 +92,9 @@ class RolloutConfig:
     micro_batch: int = _f(8, "candidates per transformer call (several groups share a call)")
     max_staleness: int = _f(1, "rollouts may use weights at most this many versions old (0 = on-policy)")
     seed: int = _f(0, "base seed; candidate noise is a function of (seed, step, prompt, k)")
+    compile: bool = _f(
+        False, "regional compilation: torch.compile each repeated transformer block for sampling (DESIGN §6)"
+    )
 
     def __post_init__(self) -> None:
         for key in ("group_size", "prompts_per_step", "num_steps", "micro_batch"):
@@ -268,6 +271,10 @@ class LearnerConfig:
     backend: str = _f("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU) | gloo | nccl")
     steps: int = _f(300, "training steps")
     seed: int = _f(0, "seed of timesteps and training noise")
+    compile: bool = _f(False, "regional compilation of the transformer blocks for the learner's forwards/backward")
+    cudnn_sdpa: bool = _f(
+        False, "allow the cuDNN SDPA attention backend in training (it crashes in the backward on torch 2.11 + CUDA 13)"
+    )
 
     def __post_init__(self) -> None:
         _check(self.micro_batch >= 1, "learner.micro_batch", "an integer >= 1", self.micro_batch)

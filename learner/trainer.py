@@ -124,11 +124,17 @@ class NFTTrainer:
             tr.set_adapter(THETA)
         if learner.activation_checkpointing:
             tr.enable_gradient_checkpointing()
+        # Process-wide by nature (torch.backends): this process trains, and the backward is what crashes.
+        torch.backends.cuda.enable_cudnn_sdp(learner.cudnn_sdpa)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
         for module in (tr, *self.frozen.values()):
             _shard(module, mp)
         self.fsdp_modules = [m for module in (tr, *self.frozen.values()) for m in module.modules()
                              if isinstance(m, FSDPModule)]  # fmt: skip
+        if learner.compile:  # after sharding: the compiled forwards run inside FSDP's hooks
+            policy.compile_blocks()
+            for frozen in self.frozen.values():
+                _compile_frozen(policy, frozen)
         named = dict(tr.named_parameters())
         if nft.full_finetune:
             self.theta = named
@@ -159,16 +165,16 @@ class NFTTrainer:
         for m in self.fsdp_modules:
             m.reshard()
 
-    @torch.no_grad()
-    def _frozen_velocity(self, adapter: str | None, x_t, t, cond) -> torch.Tensor:
-        """v_old (adapter "old") or v_ref (adapter None = base model), without touching θ's grads."""
+    @contextlib.contextmanager
+    def _active(self, adapter: str | None) -> Iterator[None]:
+        """Inside, the policy computes with adapter "old", or the base model (None); θ's flags are restored after."""
         if self.frozen:  # full fine-tuning: the frozen copies run in θ's place
             theta, self.policy.transformer = self.policy.transformer, self.frozen[adapter or REF]
             try:
-                with _expected_warnings():
-                    return self.policy.velocity(x_t, t, cond)
+                yield
             finally:
                 self.policy.transformer = theta
+            return
         tr = self.policy.transformer
         self._reshard()
         if adapter is None:
@@ -176,14 +182,26 @@ class NFTTrainer:
         else:
             tr.set_adapter(adapter)
         try:
-            with _expected_warnings():
-                return self.policy.velocity(x_t, t, cond)
+            yield
         finally:
             self._reshard()
             if adapter is None:
                 tr.enable_adapters()
             tr.set_adapter(THETA)
             self._set_trainable()
+
+    @torch.no_grad()
+    def _frozen_velocity(self, adapter: str | None, x_t, t, cond) -> torch.Tensor:
+        """v_old (adapter "old") or v_ref (adapter None = base model), without touching θ's grads."""
+        with self._active(adapter), _expected_warnings():
+            return self.policy.velocity(x_t, t, cond)
+
+    @contextlib.contextmanager
+    def old_policy(self) -> Iterator[EditPolicy]:
+        """The policy with the old adapter active, without grad: what a rollout colocated with this rank samples
+        with (the GPU benchmark runs rollout and learner on one transformer this way)."""
+        with torch.no_grad(), self._active(OLD), _expected_warnings():
+            yield self.policy
 
     # ------------------------------------------------------------------ one training step
 
@@ -311,6 +329,15 @@ def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     out["old_decay"] = per_rank[0]["old_decay"]
     out["train_s"] = max(m["train_s"] for m in per_rank)
     return out
+
+
+def _compile_frozen(policy: EditPolicy, frozen: torch.nn.Module) -> None:
+    """Regional compilation of a full-fine-tuning frozen copy (old or reference transformer)."""
+    theta, policy.transformer = policy.transformer, frozen
+    try:
+        policy.compile_blocks()
+    finally:
+        policy.transformer = theta
 
 
 def _shard(module: torch.nn.Module, mp: MixedPrecisionPolicy | None) -> None:

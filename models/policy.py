@@ -186,12 +186,20 @@ class EditPolicy:
                 f"{path} holds a {saved_class}, but family {family!r} needs a {policy_cls.pipeline_class.__name__}"
             )
         pipe = policy_cls.pipeline_class.from_pretrained(local, dtype=dtype)
-        pipe.to(device)
+        return cls.from_pipe(pipe.to(device), **policy_kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipe: DiffusionPipeline, **policy_kwargs) -> "EditPolicy":
+        """A frozen policy over a pipeline already in memory (e.g. models.full_size's random full-size one); its
+        family follows from the pipeline class."""
+        by_class = {p.pipeline_class: p for p in POLICIES.values()}
+        if type(pipe) not in by_class:
+            raise ValueError(f"no policy for a {type(pipe).__name__}; expected one of {sorted(POLICIES)}")
         pipe.set_progress_bar_config(disable=True)
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False).eval()  # base weights are frozen; only LoRA trains
-        return policy_cls(pipe, **policy_kwargs)
+        return by_class[type(pipe)](pipe, **policy_kwargs)
 
     # ------------------------------------------------------------------ LoRA (peft through diffusers)
     def add_lora(
@@ -268,6 +276,20 @@ class EditPolicy:
                 )
         for name, param in params.items():
             param.copy_(state_dict[name])
+
+    def compile_blocks(self) -> None:
+        """Regional compilation (`rollout.compile`, `learner.compile`): `torch.compile` of every repeated
+        transformer block's forward, the blocks diffusers lists in `_repeated_blocks`. Compiling the forward, not
+        the module, keeps module hooks outside the compiled region, so FSDP2-sharded blocks (whose class FSDP
+        renames) compile too; adapter switches (θ, old, off) each get their own graph. Idempotent."""
+        names = set(getattr(self.transformer, "_repeated_blocks", ()))
+        blocks = [m for m in self.transformer.modules() if any(k.__name__ in names for k in type(m).__mro__)]
+        if not blocks:
+            raise ValueError(f"{type(self.transformer).__name__} lists no repeated blocks to compile")
+        for block in blocks:
+            if not getattr(block, "_motionnft_compiled", False):
+                block.forward = torch.compile(block.forward)
+                block._motionnft_compiled = True
 
     # ------------------------------------------------------------------ shapes and grids
     def check_size(self, height: int, width: int) -> None:

@@ -6,10 +6,10 @@ tests (`get_dummy_components` in tests/pipelines/flux/test_pipeline_flux_kontext
 tests/pipelines/qwenimage/test_qwenimage_edit.py), with two deliberate differences: both VAEs downsample 8x
 like the real ones (so image sizes must be multiples of 16, as in production), and every tokenizer is
 trained here from a few sentences (the tests download theirs from the hub, which we cannot reach).
-`torch.manual_seed(seed)` runs before each component, so a seed fixes every weight.
+`torch.manual_seed(seed)` runs before each component, so a seed fixes every weight. Tokenizers and schedulers
+are the real pipelines' kind (models/tokenizers.py, models/configs/).
 """
 
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -25,161 +25,26 @@ from diffusers import (
     QwenImageEditPipeline,
     QwenImageTransformer2DModel,
 )
-from tokenizers import AddedToken, pre_tokenizers, trainers
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
-    CLIPTokenizer,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
-    Qwen2Tokenizer,
-    Qwen2VLImageProcessor,
-    Qwen2VLProcessor,
-    Qwen2VLVideoProcessor,
     T5Config,
     T5EncoderModel,
-    T5Tokenizer,
 )
 
 from common.cache import build_atomically, builder_key
 from common.config import FAMILIES, ModelConfig
-
-# Enough text for the BPE / Unigram trainers to learn a few merges; every character still has a token.
-_TRAINING_TEXT = [
-    "make the person raise both arms above the head",
-    "turn the car so that it faces left",
-    "the dog sits down on the grass next to the bench",
-    "open the door and let the cat walk outside",
-    "rotate the camera to show the side view of the building",
-    "two people shake hands in front of a red wall",
-    "a photo of a cup of coffee on a wooden table 0 1 2 3 4 5 6 7 8 9",
-    "Describe the key features of the input image, then explain how the user's text instruction should "
-    "alter or modify the image.",
-]
-
-# Real FLUX.1 Kontext [dev] scheduler: resolution-dependent shift between 256 and 4096 image tokens.
-FLUX_KONTEXT_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
-
-# Real Qwen-Image(-Edit) scheduler: exponential dynamic shift up to 8192 tokens, stretched to end at 0.02.
-QWEN_IMAGE_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 0.9,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 8192,
-    "shift_terminal": 0.02,
-    "time_shift_type": "exponential",
-}
-
-# Special tokens of the Qwen2.5-VL tokenizer that the processor and the edit prompt template use.
-QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
-
-# ChatML; image parts render as the vision placeholder the processor expands to one <|image_pad|> per patch.
-QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] in ['image', 'image_url'] %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+from models import tokenizers
+from models.full_size import config_path, real_config
+from models.tokenizers import (
+    build_clip_tokenizer,
+    build_qwen_processor,
+    build_qwen_tokenizer,
+    build_t5_tokenizer,
+    qwen_token_ids,
 )
-
-_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-# ---------------------------------------------------------------------------------------- tokenizers
-def _bpe_vocab_and_merges(backend, trainer, specials: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Train `backend` (a tokenizers.Tokenizer) in place; return its BPE vocab and merges, canonicalised.
-
-    The trainer runs to completion (vocab_size above what the text can yield), where the token and merge *sets*
-    are fixed; only the ids and the order of equal-count merges depend on the process's hash seed. Ids are
-    therefore reassigned (specials first, then by length and text) and merges sorted the same way, so the same
-    seed builds the same tiny model in every process and on every machine.
-    """
-    backend.train_from_iterator(_TRAINING_TEXT, trainer=trainer)
-    model = json.loads(backend.to_str())["model"]
-    if len(model["vocab"]) >= trainer.vocab_size:
-        raise RuntimeError(f"BPE training stopped at vocab_size={trainer.vocab_size}: raise it to train to completion")
-    tokens = specials + sorted((t for t in model["vocab"] if t not in specials), key=lambda t: (len(t), t))
-    merges = sorted((tuple(m) for m in model["merges"]), key=lambda m: (len(m[0]) + len(m[1]), m))
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
-def build_clip_tokenizer(vocab_size: int = 1000) -> CLIPTokenizer:
-    """CLIP byte-level BPE trained on a few sentences with CLIP's own normalizer and pre-tokenizer."""
-    backend = CLIPTokenizer().backend_tokenizer  # carries CLIP's normalizer / pre-tokenizer
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    vocab, merges = _bpe_vocab_and_merges(backend, trainer, ["<|startoftext|>", "<|endoftext|>"])
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # CLIP's 77-token context
-
-
-def build_t5_tokenizer() -> T5Tokenizer:
-    """T5 Unigram (sentencepiece-style, pad=0, eos=1, unk=2) over the words and characters of a few sentences.
-
-    The pieces are listed, not trained: Unigram EM prunes differently from process to process, and a tiny test
-    model needs the same tokenizer everywhere. Whole words ("▁move") score above single characters, so known
-    words are one token and anything else falls back to characters.
-    """
-    words = sorted({"\u2581" + w for line in _TRAINING_TEXT for w in line.split()})
-    chars = sorted({c for line in _TRAINING_TEXT for c in line if not c.isspace()} | {"\u2581"})
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [(w, -2.0) for w in words] + [(c, -5.0) for c in chars]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
-
-
-def build_qwen_tokenizer(vocab_size: int = 600) -> Qwen2Tokenizer:
-    """Qwen2 byte-level BPE with the ChatML / vision special tokens, trained on a few sentences."""
-    backend = Qwen2Tokenizer().backend_tokenizer  # carries Qwen2's split regex + ByteLevel
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=QWEN_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    vocab, merges = _bpe_vocab_and_merges(backend, trainer, list(QWEN_SPECIAL_TOKENS))
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        model_max_length=32768,
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
-    # Registered as added tokens so they are never split (their ids are the trained ones).
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS]}
-    )
-    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------- pipelines
@@ -255,7 +120,7 @@ def _flux_kontext_components(seed: int) -> dict:
         scaling_factor=0.3611,
     )
 
-    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_KONTEXT_SCHEDULER)
+    scheduler = FlowMatchEulerDiscreteScheduler(**real_config("flux_kontext")["scheduler"])  # the real one
     return {
         "scheduler": scheduler,
         "vae": vae,
@@ -272,21 +137,8 @@ def _flux_kontext_components(seed: int) -> dict:
 def _qwen_image_edit_components(seed: int) -> dict:
     """Components of a tiny QwenImageEditPipeline (diffusers' dummy sizes, 8x VAE, 4 latent channels)."""
     tokenizer = build_qwen_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(
-            patch_size=14,
-            merge_size=2,
-            temporal_patch_size=2,
-            min_pixels=56 * 56,
-            max_pixels=28 * 28 * 256,  # caps the vision tokens of the condition image at 256
-            image_mean=_CLIP_MEAN,
-            image_std=_CLIP_STD,
-        ),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
+    ids = qwen_token_ids(tokenizer)
+    processor = build_qwen_processor(tokenizer)
 
     z_dim = 4
     torch.manual_seed(seed)
@@ -313,7 +165,7 @@ def _qwen_image_edit_components(seed: int) -> dict:
         latents_std=[2.8184, 1.4541, 2.3275, 2.6558],
     )
 
-    scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
+    scheduler = FlowMatchEulerDiscreteScheduler(**real_config("qwen_image_edit")["scheduler"])  # the real one
 
     torch.manual_seed(seed)
     text_encoder = Qwen2_5_VLForConditionalGeneration(
@@ -399,5 +251,6 @@ def pipeline_source(model: ModelConfig) -> str:
     `model.cache_dir` once (the directory name carries this module's source hash, so code changes rebuild)."""
     if not model.tiny:
         return model.path
-    out = Path(model.cache_dir).expanduser() / "tiny" / f"{model.family}-{builder_key(sys.modules[__name__])}"
+    key = builder_key(sys.modules[__name__], tokenizers, config_path(model.family))
+    out = Path(model.cache_dir).expanduser() / "tiny" / f"{model.family}-{key}"
     return str(build_tiny(model.family, out))

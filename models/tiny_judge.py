@@ -17,7 +17,8 @@ from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForCondi
 
 from common.cache import build_atomically, builder_key
 from common.config import JudgeConfig
-from models.tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS
+from models import tokenizers
+from models.tokenizers import CLIP_MEAN, CLIP_STD, QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS
 
 SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS  # ChatML + vision placeholders, as the policy-side Qwen tokenizer
 BPE_VOCAB_SIZE = 600  # trained tokenizer size; the model's embedding table is padded to VOCAB_SIZE
@@ -34,8 +35,6 @@ _TRAINING_TEXT = [
     "Preservation of identity, background and coherence of the scene.",
 ]
 
-_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def _build_tokenizer() -> PreTrainedTokenizerFast:
@@ -113,8 +112,8 @@ def _preprocessor_config() -> dict:
         "rescale_factor": 1 / 255,
         "do_normalize": True,
         "do_convert_rgb": True,
-        "image_mean": _CLIP_MEAN,
-        "image_std": _CLIP_STD,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
         "patch_size": 14,
         "merge_size": 2,
         "temporal_patch_size": 2,
@@ -159,5 +158,5 @@ def judge_source(judge: JudgeConfig, cache_dir: str) -> str:
     built offline into `cache_dir` once (keyed by this module's source hash)."""
     if not judge.tiny:
         return judge.model_path
-    out = Path(cache_dir).expanduser() / "tiny" / f"judge-{builder_key(sys.modules[__name__])}"
+    out = Path(cache_dir).expanduser() / "tiny" / f"judge-{builder_key(sys.modules[__name__], tokenizers)}"
     return str(build_tiny_judge(out))

@@ -160,9 +160,11 @@ def test_declared_packages_that_are_not_imported_say_why():
 
 
 def test_plain_classes_import_without_ray():
-    """The GPU benchmark machine has no Ray: the plain classes it drives (sampler, trainer, reward scorer, policy
-    and weights) must import, with everything they import, while `import ray` fails."""
-    modules = ["actors.sampler", "learner.trainer", "learner.checkpoint", "rewards.scorer", "models.weights"]
+    """The GPU benchmark machine has no Ray: the benchmark and the plain classes it drives (sampler, trainer,
+    reward scorer, policy and weights, full-size builders) must import, with all they import, while `import ray`
+    fails."""
+    modules = ["actors.sampler", "learner.trainer", "learner.checkpoint", "rewards.scorer", "models.weights",
+               "models.full_size", "bench.train_step"]  # fmt: skip
     code = "import sys; sys.modules['ray'] = None\n" + "".join(f"import {m}\n" for m in modules)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,0 +1,357 @@
+"""The training step on one GPU, phase by phase, without Ray: the eager reference layout against ours, in one run.
+
+One transformer serves both sides, as colocated pools would: the rollout samples with the learner's old adapter
+(`NFTTrainer.old_policy`), P groups x K candidates with DPM-Solver++(2M) and VAE decode; the flow reward scores
+them with RAFT-large (random weights, <= `reward.flow.max_batch` pairs per call); the learner takes one NFT step
+(LoRA r=32, DESIGN §5). Two layouts run on the same models:
+
+- reference: the published code's layout, eager: v_old and v_ref computed by the learner (`nft.reference_forwards:
+  learner`), nothing compiled;
+- ours: v_old and v_ref computed by the rollout (`nft.reference_forwards: rollout`);
+- ours+compile (with `--compile`): ours with the transformer blocks regionally compiled (`rollout.compile`,
+  `learner.compile`).
+
+Each layout first runs untimed (warm-up; the true FLOPs of one group are counted then with
+`torch.utils.flop_counter`, eagerly; the compiled layout warms up on the timed shapes), then P groups timed.
+Printed per layout and phase: seconds, TFLOP/s, the share of time outside model calls (transformer, VAE, text
+encoders, RAFT, backward: timed with synchronisation), peak GPU memory; then samples/s per GPU of each layout and
+`ratio` against the reference layout. One JSON line per run is appended to
+`--results`, with the device named.
+
+    python bench/train_step.py --size full --device cuda --compile     # the GPU run (bench/device_train_step.sh)
+    python bench/train_step.py --size tiny                              # the CPU smoke run (tests/test_bench.py)
+
+Full size builds random weights from the real configs (models/full_size.py); the text encoders are 1-layer
+stand-ins at their real widths unless `--full-text-encoders` (the conditioning is encoded once per group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from actors.sampler import ReferenceForwards, Sampler  # noqa: E402
+from common.config import FlowRewardConfig, LearnerConfig, ModelConfig, NFTConfig, RolloutConfig  # noqa: E402
+from data.motionedit import MotionExample  # noqa: E402
+from data.synthetic import make_example  # noqa: E402
+from learner.nft_loss import optimality  # noqa: E402
+from learner.trainer import NFTTrainer, rank_share, train_sample  # noqa: E402
+from models.policy import EditPolicy, load_policy  # noqa: E402
+from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer  # noqa: E402
+
+PHASES = ("rollout", "reward", "learner")
+MICRO_BATCH_CANDIDATES = (1, 2, 4, 8)
+MEMORY_BUDGET = 0.9  # share of the GPU's memory the learner's micro-batch may plan to use
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "train_step.jsonl"
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+class Clock:
+    """Wall time per phase, and inside it the time spent in model calls (each call synchronised on the GPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.model_seconds: dict[str, float] = defaultdict(float)
+        self.peak_bytes: dict[str, int] = {}
+        self._phase: str | None = None
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self._phase, t0 = name, time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[name] += time.perf_counter() - t0
+            self._phase = None
+            if self.cuda:
+                self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), torch.cuda.max_memory_allocated())
+
+    def timed(self, fn: Callable) -> Callable:
+        def call(*args, **kwargs):
+            if self._phase is None:
+                return fn(*args, **kwargs)
+            self.sync()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+                self.model_seconds[self._phase] += time.perf_counter() - t0
+
+        return call
+
+    @contextlib.contextmanager
+    def watching(self, policy: EditPolicy, scorer: FlowRewardScorer) -> Iterator[None]:
+        """Model calls are the policy's encode / velocity / decode, the flow estimator and every backward."""
+        backward = torch.Tensor.backward
+        for name in ("encode", "velocity", "decode"):
+            setattr(policy, name, self.timed(getattr(policy, name)))
+        estimator, scorer.estimator = scorer.estimator, self.timed(scorer.estimator)
+        torch.Tensor.backward = self.timed(backward)
+        try:
+            yield
+        finally:
+            torch.Tensor.backward = backward
+            scorer.estimator = estimator
+            for name in ("encode", "velocity", "decode"):
+                delattr(policy, name)  # the class's methods again
+
+
+@contextlib.contextmanager
+def counting(flops: dict[str, float], name: str, enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    with FlopCounterMode(display=False) as counter:
+        yield
+    flops[name] = flops.get(name, 0.0) + float(counter.get_total_flops())
+
+
+# ------------------------------------------------------------------------------------------------ one step
+
+
+@dataclasses.dataclass
+class Layout:
+    name: str
+    rollout: RolloutConfig
+    reference: ReferenceForwards | None  # v_old / v_ref on the rollout (ours) or on the learner (None)
+
+
+def one_step(layout: Layout, trainer: NFTTrainer, scorer: FlowRewardScorer, prompts: list, step: int,
+             clock: Clock | None, flops: dict[str, float] | None) -> dict[str, float]:  # fmt: skip
+    """Rollout -> flow reward -> group statistics -> NFT step, as the driver runs them (DESIGN §1)."""
+    phase = clock.phase if clock is not None else (lambda _: contextlib.nullcontext())
+    count = flops is not None
+    flops = flops if flops is not None else {}
+    with phase("rollout"), counting(flops, "rollout", count), trainer.old_policy() as policy:
+        pairs = Sampler(policy, layout.rollout, layout.reference).sample(prompts, step, version=step)
+    with phase("reward"), counting(flops, "reward", count):
+        # Images reach the reward worker through the object store, so on the CPU.
+        items = [FlowItem(p.id, p.input_image, p.target_image, images.cpu()) for p, (_, images) in
+                 zip(prompts, pairs, strict=True)]  # fmt: skip
+        scores = scorer.score(items)
+    rewards = torch.stack([s["reward"].double() for s in scores])  # (P, K)
+    r = optimality(rewards, clip=trainer.nft.adv_clip_max)
+    samples = [train_sample(group, k, float(r[g, k])) for g, (group, _) in enumerate(pairs)
+               for k in range(group.x0.shape[0])]  # fmt: skip
+    with phase("learner"), counting(flops, "learner", count):
+        metrics = trainer.train_step(rank_share(samples, 1, 0, trainer.learner.micro_batch), len(samples), step)
+    return metrics
+
+
+def choose_micro_batch(peak_1: int, peak_2: int, budget: int, candidates=MICRO_BATCH_CANDIDATES) -> int:
+    """The largest candidate micro-batch whose peak memory, extrapolated linearly from the peaks measured at
+    micro-batches 1 and 2, stays within `budget` bytes (at least the smallest candidate)."""
+    per_sample = max(peak_2 - peak_1, 0)
+    base = peak_1 - per_sample
+    fitting = [b for b in candidates if base + b * per_sample <= budget]
+    return max(fitting) if fitting else min(candidates)
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+def build_policy(args, model: ModelConfig, device: torch.device) -> EditPolicy:
+    if args.size == "tiny":
+        from models.tiny import build_tiny
+
+        path = build_tiny(args.family, Path(tempfile.mkdtemp(prefix="bench-tiny-")) / args.family)
+        return load_policy(model, str(path), use_gpu=device.type == "cuda")
+    from models.full_size import build_full_size
+
+    pipe = build_full_size(args.family, device=device, dtype=getattr(torch, model.dtype),
+                           text_layers=None if args.full_text_encoders else 1)  # fmt: skip
+    extra = {"guidance_scale": model.guidance, "max_sequence_length": model.max_sequence_length}
+    return EditPolicy.from_pipe(pipe, **(extra if args.family == "flux_kontext" else {}))
+
+
+def synthetic_prompts(n: int, size: int) -> list[MotionExample]:
+    def chw(array) -> torch.Tensor:
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    out = []
+    for i in range(n):
+        ex = make_example(0, i, size)
+        out.append(MotionExample(ex.id, ex.prompt, chw(ex.input_image), chw(ex.target_image), ex.category))
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return f"CPU {platform.machine()} x{os.cpu_count()}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=("full", "tiny"), default="tiny")
+    p.add_argument("--family", choices=("flux_kontext", "qwen_image_edit"), default="flux_kontext")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prompts", type=int, default=0, help="P groups timed (0: 1 full size, 2 tiny)")
+    p.add_argument("--group", type=int, default=0, help="K candidates per group (0: 8 full size, 2 tiny)")
+    p.add_argument("--resolution", type=int, default=0, help="edit size in px (0: 512 full size, 32 tiny)")
+    p.add_argument("--steps", type=int, default=6, help="solver steps")
+    p.add_argument("--rollout-micro-batch", type=int, default=8)
+    p.add_argument("--learner-micro-batch", type=int, default=0,
+                   help="0: the largest of 1/2/4/8 that fits the GPU (probed), 2 on a CPU")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="ours: regional compilation of rollout and learner")
+    p.add_argument("--full-text-encoders", action="store_true", help="real text encoders instead of 1-layer ones")
+    p.add_argument("--results", default=str(DEFAULT_RESULTS), help="JSON-lines file to append the run to")
+    args = p.parse_args(argv)
+    full = args.size == "full"
+    prompts_n, k = args.prompts or (1 if full else 2), args.group or (8 if full else 2)
+    size = args.resolution or (512 if full else 32)
+    device = torch.device(args.device)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    # 1. Config sections: DESIGN's defaults (LoRA r=32, AdamW, timestep fraction, ...) at the benchmark's sizes.
+    model = ModelConfig(family=args.family, dtype="bfloat16" if full else "float32")
+    rollout = RolloutConfig(group_size=k, prompts_per_step=prompts_n, num_steps=args.steps, height=size, width=size,
+                            micro_batch=args.rollout_micro_batch)  # fmt: skip
+    nft = NFTConfig() if full else NFTConfig(lora_rank=4, lora_alpha=8)
+    learner = LearnerConfig(micro_batch=args.learner_micro_batch or 2)
+    flow = FlowRewardConfig(estimator="raft_large" if full else "raft_small")
+
+    # 2. Models: one transformer for rollout and learner, a world-1 process group for FSDP2.
+    t0 = time.perf_counter()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                            init_method=f"file://{tempfile.mkdtemp(prefix='bench-dist-')}/store")  # fmt: skip
+    policy = build_policy(args, model, device)
+    trainer = NFTTrainer(policy, nft, learner, mixed_precision=device.type == "cuda" and model.dtype != "float32")
+    scorer = build_flow_scorer(flow, device=device.type, cache_dir=tempfile.mkdtemp(prefix="bench-flow-"))
+    prompts = synthetic_prompts(prompts_n, size)
+    print(f"built {args.size} {args.family} on {device_name(device)} in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    # 3. The learner's micro-batch from the GPU's memory (probed at 1 and 2 samples).
+    if device.type == "cuda" and args.learner_micro_batch == 0:
+        peaks = []
+        for b in (1, 2):
+            trainer.learner = dataclasses.replace(trainer.learner, micro_batch=b)
+            probe = Layout("probe", dataclasses.replace(rollout, group_size=2), None)  # 2 samples
+            clock = Clock(device)
+            one_step(probe, trainer, scorer, prompts[:1], 0, clock, None)
+            peaks.append(clock.peak_bytes["learner"])
+        budget = int(MEMORY_BUDGET * torch.cuda.get_device_properties(device).total_memory)
+        chosen = choose_micro_batch(peaks[0], peaks[1], budget)
+        trainer.learner = dataclasses.replace(trainer.learner, micro_batch=chosen)
+        print(f"learner micro-batch {chosen} (peaks {peaks[0] / 2**30:.1f} / {peaks[1] / 2**30:.1f} GiB at 1 / 2)")
+
+    # 4. The layouts: each warmed up on the timed run's shapes (FLOPs counted then, eagerly), then timed.
+    refs_on_rollout = ReferenceForwards(seed=learner.seed, fraction=nft.timestep_fraction)
+    layouts = [Layout("reference", rollout, None), Layout("ours", rollout, refs_on_rollout)]
+    if args.compile:  # last: compiling is for good (the shared transformer's blocks, rollout and learner alike)
+        layouts.append(Layout("ours+compile", dataclasses.replace(rollout, compile=True), refs_on_rollout))
+    record = {
+        "bench": "train_step", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": device_name(device), "torch": torch.__version__, "family": args.family, "size": args.size,
+        "resolution": size, "prompts": prompts_n, "group": k, "solver_steps": args.steps,
+        "rollout_micro_batch": rollout.micro_batch, "learner_micro_batch": trainer.learner.micro_batch,
+        "compile": args.compile,
+        "text_encoders": "full" if args.full_text_encoders or not full else "1-layer stand-ins",
+        "lora_rank": nft.lora_rank, "flow_estimator": flow.estimator, "layouts": {},
+    }  # fmt: skip
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    partial = results.with_suffix(".partial.json")  # what a run killed at its time limit still leaves
+    report: dict[str, dict] = record["layouts"]
+    step = 1
+    for layout in layouts:
+        flops: dict[str, float] = {}
+        t_warm = time.perf_counter()
+        try:
+            if layout.rollout.compile:  # a new batch size would recompile inside the timed run: all groups
+                flops = dict(report["ours"]["flops_per_group"])  # the same arithmetic as ours, eager
+                one_step(layout, trainer, scorer, prompts, step, None, None)
+            else:
+                one_step(layout, trainer, scorer, prompts[:1], step, None, flops)  # one group: its FLOPs
+            step += 1
+            print(f"{layout.name}: warmed up in {time.perf_counter() - t_warm:.0f} s", flush=True)
+            clock = Clock(device)
+            with clock.watching(trainer.policy, scorer):
+                metrics = one_step(layout, trainer, scorer, prompts, step, clock, None)
+            step += 1
+        except Exception as e:  # noqa: BLE001 - only the optional compiled layout may fail; it is reported
+            if not layout.rollout.compile:
+                raise
+            print(f"{layout.name}: failed ({e!r}); reported without it", flush=True)
+            report[layout.name] = {"error": repr(e)[:2000]}
+            continue
+        report[layout.name] = summarize(clock, flops, prompts_n, k, metrics)
+        print_layout(layout.name, report[layout.name])
+        partial.write_text(json.dumps(record, indent=1))
+
+    measured = {name: r for name, r in report.items() if "samples_per_s" in r}
+    base = measured["reference"]["samples_per_s"]
+    for name in measured:
+        if name != "reference":
+            rate = measured[name]["samples_per_s"]
+            print(f"train step {args.family} {size}px P={prompts_n} K={k}: {name} {rate:.3f} samples/s, eager "
+                  f"reference layout {base:.3f} samples/s  ratio {rate / base:.2f}  ({device_name(device)})",
+                  flush=True)  # fmt: skip
+    record["ratio"] = max(measured[name]["samples_per_s"] for name in measured if name != "reference") / base
+    with results.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    partial.unlink(missing_ok=True)
+    dist.destroy_process_group()
+    return record
+
+
+def summarize(clock: Clock, flops_one_group: dict[str, float], groups: int, k: int, metrics: dict) -> dict:
+    phases = {}
+    for name in PHASES:
+        seconds = clock.seconds[name]
+        flops = flops_one_group.get(name, 0.0) * groups  # FLOPs scale with the groups (same sizes)
+        phases[name] = {
+            "seconds": seconds,
+            "seconds_per_sample": seconds / (groups * k),
+            "tflops_per_s": flops / seconds / 1e12 if seconds > 0 else 0.0,
+            "outside_model_share": 1.0 - clock.model_seconds[name] / seconds if seconds > 0 else 0.0,
+            "peak_gib": clock.peak_bytes.get(name, 0) / 2**30,
+        }
+    total = sum(p["seconds"] for p in phases.values())
+    model = sum(clock.model_seconds[name] for name in PHASES)
+    return {"phases": phases, "seconds": total, "samples_per_s": groups * k / total,
+            "outside_model_share": 1.0 - model / total, "loss": metrics["loss"],
+            "flops_per_group": flops_one_group}  # fmt: skip
+
+
+def print_layout(name: str, r: dict) -> None:
+    for phase, p in r["phases"].items():
+        print(f"{name:>9} {phase:<8} {p['seconds']:8.2f} s  {p['seconds_per_sample']:7.3f} s/sample  "
+              f"{p['tflops_per_s']:7.1f} TFLOP/s  outside model calls {100 * p['outside_model_share']:5.1f} %  "
+              f"peak {p['peak_gib']:6.1f} GiB", flush=True)  # fmt: skip
+    print(f"{name:>9} total    {r['seconds']:8.2f} s  {r['samples_per_s']:.3f} samples/s  outside model calls "
+          f"{100 * r['outside_model_share']:.1f} %", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
