@@ -11,13 +11,14 @@ seeded random weights unless --weights is given; the speed does not depend on th
 """
 
 import argparse
-import math
+import statistics
 import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from bench.stats import machine, ratio_line
 from common.config import FlowRewardConfig
 from rewards.flow_model import ClassicalFlow, FlowEstimator, RAFTFlow
 from rewards.flow_reward import motion_alignment_reward
@@ -64,21 +65,24 @@ def _seconds(fn, device: torch.device) -> float:
 def report(label: str, estimator: FlowEstimator, items: list[FlowItem], args, device: torch.device) -> None:
     """Time both paths on the same items and print one line.
 
-    The paths alternate, warm-up rounds first (untimed: first calls pay allocation and kernel setup), and the
-    fastest timed round of each counts, so a burst of load from other processes hits both alike.
+    Warm-up rounds first (untimed: first calls pay allocation and kernel setup); then each timed round runs both
+    paths back to back and gives one ratio, so a burst of load from other processes hits both alike; the line
+    gives the median rate of each path and the median and range of the ratios.
     """
     paths = {
         "batched": lambda: run_batched(estimator, items, args.max_batch),
         "naive": lambda: run_naive(estimator, items),
     }
-    best = {name: math.inf for name in paths}
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
     for round_index in range(args.warmup + args.iters):
         for name, fn in paths.items():
-            seconds = _seconds(fn, device)
+            took = _seconds(fn, device)
             if round_index >= args.warmup:
-                best[name] = min(best[name], seconds)
-    batched, naive = args.pairs / best["batched"], args.pairs / best["naive"]
-    print(f"{label}  batched {batched:.1f} pairs/s  naive {naive:.1f} pairs/s  ratio {batched / naive:.2f}", flush=True)
+                seconds[name].append(took)
+    ratios = [n / b for b, n in zip(seconds["batched"], seconds["naive"], strict=True)]
+    batched = args.pairs / statistics.median(seconds["batched"])
+    naive = args.pairs / statistics.median(seconds["naive"])
+    print(f"{label}  batched {batched:.1f} pairs/s  naive {naive:.1f} pairs/s  {ratio_line(ratios)}", flush=True)
 
 
 def main() -> None:
@@ -93,7 +97,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8, help="candidates per prompt (group size)")
     parser.add_argument("--max-batch", type=int, default=32, help="pairs per estimator call (batched path)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds of each path")
-    parser.add_argument("--iters", type=int, default=2, help="timed rounds of each path (the fastest counts)")
+    parser.add_argument("--iters", type=int, default=3, help="timed rounds (each gives one ratio)")
     # One thread by default: the CPU run is about the ratio, and on a busy 2-core box two OpenMP threads thrash
     # (measured: DIS 10 vs 146 pairs/s naive under load 7); 0 keeps torch's own choice.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
@@ -108,7 +112,7 @@ def main() -> None:
     print(
         f"{args.pairs} pairs = {len(items)} prompts x {args.k} candidates, {args.size}x{args.size}, "
         f"device {device}, torch threads {torch.get_num_threads()}, "
-        f"warm-up rounds {args.warmup}, timed rounds {args.iters} (best counts)",
+        f"warm-up rounds {args.warmup}, timed rounds {args.iters}; {machine()}",
         flush=True,
     )
     for name in args.estimators.split(","):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.sampler import Sampler  # noqa: E402
+from bench.stats import machine, ratio_line  # noqa: E402
 from common.config import RolloutConfig  # noqa: E402
 from data.motionedit import MotionEditDataset  # noqa: E402
 from data.synthetic import generate_synthetic  # noqa: E402
@@ -75,19 +77,21 @@ def bench_sampling(args, policy: EditPolicy, examples) -> None:
     for _ in range(args.warmup):
         sampler.sample(examples[:1], step=0, version=0)
         naive_loop(policy, examples[:1], 1, args.steps, args.size)
-    sync(args.device)
-    t0 = time.perf_counter()
-    for r in range(args.repeats):
+    rates: dict[str, list[float]] = {"grouped": [], "naive": []}
+    for r in range(args.rounds):  # each round times both paths back to back: one ratio per round
+        sync(args.device)
+        t0 = time.perf_counter()
         sampler.sample(examples, step=r, version=0)
-    sync(args.device)
-    grouped = n * args.repeats / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for _ in range(args.repeats):
+        sync(args.device)
+        rates["grouped"].append(n / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
         naive_loop(policy, examples, args.group, args.steps, args.size)
-    sync(args.device)
-    naive = n * args.repeats / (time.perf_counter() - t0)
+        sync(args.device)
+        rates["naive"].append(n / (time.perf_counter() - t0))
+    grouped, naive = statistics.median(rates["grouped"]), statistics.median(rates["naive"])
+    ratios = [g / v for g, v in zip(rates["grouped"], rates["naive"], strict=True)]
     print(f"sampling {policy.family} {args.size}px K={args.group} P={len(examples)} steps={args.steps}: "
-          f"grouped {grouped:.2f} cand/s  naive {naive:.2f} cand/s  ratio {grouped / naive:.2f}")  # fmt: skip
+          f"grouped {grouped:.2f} cand/s  naive {naive:.2f} cand/s  {ratio_line(ratios)}")  # fmt: skip
     flops = transformer_flops(policy, sampler, examples[0])
     rows = len(examples) * args.group
     calls = -(-rows // args.micro_batch) * args.steps  # transformer calls per sample() of all prompts
@@ -140,10 +144,10 @@ def bench_weight_sync(args, policy: EditPolicy) -> None:
             if v > 1:  # the first round warms up the actors
                 times["by_ref"].append(t1 - t0)
                 times["by_value"].append(t2 - t1)
-        by_ref = sorted(times["by_ref"])[len(times["by_ref"]) // 2]
-        by_value = sorted(times["by_value"])[len(times["by_value"]) // 2]
+        by_ref, by_value = statistics.median(times["by_ref"]), statistics.median(times["by_value"])
+        ratios = [b / a for a, b in zip(times["by_ref"], times["by_value"], strict=True)]
         print(f"weight sync {kind} ({mb:.2f} MiB) to {args.workers} actors: one put + refs {by_ref * 1e3:.1f} ms  "
-              f"copy per actor {by_value * 1e3:.1f} ms  ratio {by_value / by_ref:.2f}")  # fmt: skip
+              f"copy per actor {by_value * 1e3:.1f} ms  {ratio_line(ratios)}")  # fmt: skip
         for h in holders:
             ray.kill(h)
     ray.shutdown()
@@ -160,7 +164,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds of the sampling comparison")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--workers", type=int, default=2, help="actors for the weight-sync part (0 skips it)")
     p.add_argument("--sync-repeats", type=int, default=3)
@@ -175,6 +179,7 @@ def main() -> None:
                                         device=args.device)  # fmt: skip
     src = generate_synthetic(tempfile.mkdtemp(), max(args.prompts, 4), size=max(args.size, 32))
     ds = MotionEditDataset.from_source(str(src), resolution=(args.size, args.size))
+    print(f"rollout throughput, {machine()}", flush=True)
     bench_sampling(args, policy, [ds[i] for i in range(args.prompts)])
     if args.workers > 0:
         bench_weight_sync(args, policy)

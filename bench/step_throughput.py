@@ -4,7 +4,7 @@ Both runs use the same config on the same embedded Ray cluster; the only differe
 1 lets rollouts for step t+1 run while the learner trains step t, 0 makes every step rollout -> reward -> train.
 Step 0 (start-up, first loads) is excluded from the mean.
 
-    python bench/step_throughput.py [--config configs/tiny_cpu.yaml] [--steps 6] [key=value ...]
+    python bench/step_throughput.py [--config configs/tiny_cpu.yaml] [--steps 6] [--rounds 3] [key=value ...]
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.stats import machine, ratio_line  # noqa: E402
 from common.config import load_config  # noqa: E402
 
 
@@ -42,21 +44,32 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"))
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=3, help="each round runs all three loops once: one ratio each")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     overrides = args.overrides or ["reward.judge_weight=0", "reward.flow_weight=1", "nft.group_min_std=-1",
                                    "nft.group_max_mean=2"]  # fmt: skip
-    sequential, s0, _ = run(args.config, overrides, 0, args.steps)
-    overlapped, s1, learner_refs = run(args.config, overrides, 1, args.steps)
-    shipped, _, rollout_refs = run(args.config, [*overrides, "nft.reference_forwards=rollout"], 1, args.steps)
+    print(f"step throughput, {machine()}", flush=True)
+    rows: dict[str, list[tuple[float, float, float]]] = {"sequential": [], "overlapped": [], "shipped": []}
+    for _ in range(args.rounds):
+        rows["sequential"].append(run(args.config, overrides, 0, args.steps))
+        rows["overlapped"].append(run(args.config, overrides, 1, args.steps))
+        rows["shipped"].append(run(args.config, [*overrides, "nft.reference_forwards=rollout"], 1, args.steps))
+
+    def median(name: str, i: int) -> float:
+        return statistics.median(r[i] for r in rows[name])
+
+    overlap = [o[0] / s[0] for o, s in zip(rows["overlapped"], rows["sequential"], strict=True)]
+    refs = [o[2] / r[2] for o, r in zip(rows["overlapped"], rows["shipped"], strict=True)]
     print(
-        f"step throughput: overlapped {overlapped:.2f} samples/s (mean staleness {s1:.2f})  "
-        f"sequential {sequential:.2f} samples/s (staleness {s0:.2f})  ratio {overlapped / sequential:.2f}"
+        f"step throughput: overlapped {median('overlapped', 0):.2f} samples/s (mean staleness "
+        f"{median('overlapped', 1):.2f})  sequential {median('sequential', 0):.2f} samples/s (staleness "
+        f"{median('sequential', 1):.2f})  {ratio_line(overlap)}"
     )
     print(
-        f"learner step: v_old/v_ref from the rollouts {rollout_refs:.2f} s  computed by the learner "
-        f"{learner_refs:.2f} s  ratio {learner_refs / rollout_refs:.2f}  (overlapped loop: {shipped:.2f} samples/s)"
+        f"learner step: v_old/v_ref from the rollouts {median('shipped', 2):.2f} s  computed by the learner "
+        f"{median('overlapped', 2):.2f} s  {ratio_line(refs)}  (overlapped loop: {median('shipped', 0):.2f} samples/s)"
     )
 
 

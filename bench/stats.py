@@ -1,0 +1,22 @@
+"""How the benchmarks report a ratio: the median over repeated rounds, with its range (issue 16: one round on a
+busy 2-core machine is noise, and the README quotes the median and range with the date and the machine)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from datetime import date
+
+
+def ratio_line(ratios: list[float]) -> str:
+    """`ratio 1.23 (range 1.10-1.40 over 3 rounds)`: the word `ratio`, then the median."""
+    if not ratios:
+        raise ValueError("no rounds to report")
+    median, low, high = statistics.median(ratios), min(ratios), max(ratios)
+    return f"ratio {median:.2f} (range {low:.2f}-{high:.2f} over {len(ratios)} rounds)"
+
+
+def machine() -> str:
+    """Date and machine, for the line a README quotes."""
+    return f"{date.today().isoformat()}, {platform.machine()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"
