@@ -25,7 +25,9 @@ class ConfigError(ValueError):
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
-    """A dataclass field whose help text feeds `--help`; immutable defaults only (tuples, not lists)."""
+    """A dataclass field whose help text feeds `--help`; tuples rather than lists, a dict is copied per instance."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -157,6 +159,11 @@ class JudgeConfig:
         True, "constrain the answer to one digit with vLLM structured output; false for servers without it"
     )
     startup_timeout_s: float = _f(300.0, "longest wait for a judge replica the service starts to answer /health")
+    api_key_env: str = _f(
+        "MOTIONNFT_JUDGE_API_KEY",
+        "environment variable holding the judge's API key (set it from a secret; the key itself never goes in a "
+        "config). Unset: replicas the service starts get a random key for the run; an external url gets none",
+    )
 
     def __post_init__(self) -> None:
         _check(self.mode in ("score", "rubric"), "reward.judge.mode", "score | rubric", self.mode)
@@ -291,6 +298,10 @@ class CheckpointConfig:
     export_lora: bool = _f(
         True, "also write the eval-EMA weights for diffusers: lora/ (LoRA) or transformer/ (full fine-tuning)"
     )
+    shared_fs: bool = _f(
+        False, "a local dir is on a filesystem every node mounts at the same path (NFS, a PVC); without it a "
+        "local dir is refused when a learner rank runs on another node than the driver (use s3://)"
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "checkpoint.every", "an integer >= 0", self.every)
@@ -311,8 +322,24 @@ class ClusterConfig:
     learner_ranks: int = _f(1, "learner actors, one torch.distributed rank each (FSDP2 shards over them)")
     learner_gpus: float = _f(1.0, "GPUs per learner rank (0 on CPU)")
     cpus_per_actor: float = _f(1.0, "CPUs reserved by each actor")
+    learner_resources: dict[str, float] = _f({}, "custom Ray resources each learner rank asks for (places it on "
+                                              "the node type that offers them, e.g. {learner_node: 1})")
+    rollout_resources: dict[str, float] = _f({}, "custom Ray resources each rollout actor asks for")
+    reward_resources: dict[str, float] = _f({}, "custom Ray resources each reward actor asks for")
+    judge_resources: dict[str, float] = _f({}, "custom Ray resources each judge replica asks for")
+    node_types: dict[str, dict[str, float]] = _f(
+        {}, "resources of each node type the autoscaler may add, name -> {CPU, GPU, custom}; start-up checks "
+        "every pool's ask against these and the nodes alive (empty: against the nodes alive only)"
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
+        for section in ("learner", "rollout", "reward", "judge"):
+            for name, amount in getattr(self, f"{section}_resources").items():
+                what = "a custom resource >= 0 (CPU and GPU asks are cluster.cpus_per_actor and cluster.*_gpus)"
+                _check(amount >= 0 and name not in ("CPU", "GPU"), f"cluster.{section}_resources.{name}", what, amount)
+        for name, resources in self.node_types.items():
+            for r, amount in resources.items():
+                _check(amount >= 0, f"cluster.node_types.{name}.{r}", "a value >= 0", amount)
         for key in ("rollout_workers", "reward_workers", "learner_ranks"):
             _check(getattr(self, key) >= 1, f"cluster.{key}", "an integer >= 1", getattr(self, key))
         _check(self.judge_replicas >= 0, "cluster.judge_replicas", "an integer >= 0", self.judge_replicas)
@@ -413,6 +440,14 @@ def validate(cfg: Config) -> None:
             ">= 1 when the service starts the judge (reward.judge.url empty)",
             cfg.cluster.judge_replicas,
         )
+        gpus = cfg.cluster.judge_gpus
+        _check(
+            bool(j.url) or gpus == 0 or gpus == j.tensor_parallel_size,
+            "cluster.judge_gpus",
+            f"= reward.judge.tensor_parallel_size ({j.tensor_parallel_size}): vLLM runs one tensor-parallel rank "
+            "per GPU of its replica (0 on CPU)",
+            gpus,
+        )
     if cfg.model.tiny and cfg.model.path:
         raise ConfigError("model.tiny: set either model.path or model.tiny=true, not both")
 
@@ -463,6 +498,11 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
         return tuple(_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(f"{key} (a key)", key_tp, k): _coerce(f"{key}.{k}", value_tp, v) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")

@@ -1,25 +1,30 @@
-"""Checkpoints: sharded learner state with torch.distributed.checkpoint, driver state, a diffusers LoRA export.
+"""Checkpoints: sharded learner state with torch.distributed.checkpoint, driver state, a diffusers export.
 
 Layout under `checkpoint.dir` (a local dir or s3://bucket/prefix)::
 
-    step_00000020/learner/      DCP shards (θ, old, eval EMA, optimizer, step) written by every rank
-    step_00000020/driver.json   step, policy version, data cursor, banned prompts, resolved config
-    step_00000020/lora/         the eval-EMA adapter as pytorch_lora_weights.safetensors (diffusers layout)
-    step_00000020/COMMITTED     written last: a checkpoint without it is never picked up
+    step_00000020/learner/      DCP shards (θ, old, eval EMA, optimizer, step): each rank writes its own
+    step_00000020/lora/         rank 0: the eval-EMA adapter, pytorch_lora_weights.safetensors (diffusers layout)
+    step_00000020/transformer/  ... or, for full fine-tuning, the eval-EMA transformer
+    step_00000020/driver.json   the driver: step, policy version, data cursor, banned prompts, resolved config
+    step_00000020/COMMITTED     the driver, last: a checkpoint without it is never picked up
 
-Local checkpoints are assembled under `.tmp-step_*` and renamed into place; S3 ones are staged in a local
-dir, uploaded, and committed by uploading the marker last (a step written again first loses its marker, then
-its old objects). The local cache of an S3 root (staging, restores) is keyed by the root, and a restore is
-downloaded afresh, so two runs sharing a cache never read each other's shards (DCP shards of one model have
-identical sizes, so a size-based cache check cannot tell them apart).
+Weights are written where they live (`save_rank`, in each learner rank): to S3, each rank stages its own
+files on its own node and uploads them itself; the driver only checks that every file a rank reported is
+there, then writes driver.json and the marker. It never holds weights. A local dir must be one every rank
+reaches (the driver's node, or a shared filesystem: `checkpoint.shared_fs`, checked at start-up by
+`check_reachable`). Local checkpoints are assembled under `.tmp-step_*` and renamed into place; on S3 a step
+written again first loses its marker, then its old objects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import shutil
+import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +32,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from common import s3
+from common.config import CheckpointConfig, ConfigError
 
 MARKER = "COMMITTED"
+LEARNER = "learner"  # the DCP shards' folder inside a step
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -46,8 +53,62 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _is_mine(rel: str, rank: int) -> bool:
+    """DCP names a rank's shards `__<rank>_<n>.distcp` and rank 0 writes `.metadata`; the export is rank 0's."""
+    folder, _, name = rel.partition("/")
+    if folder != LEARNER:
+        return rank == 0
+    return name.startswith(f"__{rank}_") or (rank == 0 and name == ".metadata")
+
+
+def save_rank(
+    state: dict[str, Any], target: str, rank: int, *, export: Callable[[Path], Any] | None = None
+) -> list[str]:
+    """Collective: this rank's part of a checkpoint at `target`, a dir every rank reaches or an s3:// prefix.
+
+    Its DCP shards go under learner/; `export(dir)`, when given (rank 0), writes the diffusers export into
+    `dir`. For S3 the files are staged in this node's temp dir and uploaded by this rank, so nothing depends on
+    another node's disk. Returns the paths this rank wrote, relative to `target`, for the driver to check.
+    """
+    remote = s3.is_s3_uri(target)
+    with tempfile.TemporaryDirectory(prefix="motionnft-ckpt-") if remote else contextlib.nullcontext(target) as base:
+        base = Path(base)
+        save_sharded(state, base / LEARNER)
+        if export is not None:
+            export(base)
+        written = (p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
+        mine = sorted(rel for rel in written if _is_mine(rel, rank))
+        if remote:
+            for rel in mine:
+                s3.upload_file(base / rel, f"{target}/{rel}")
+    return mine
+
+
+def load_rank(state: dict[str, Any], source: str) -> None:
+    """Collective: loads the learner shards at `source` (a dir or an s3:// prefix) in place into `state`; from
+    S3 each rank downloads into its own node's temp dir, removed afterwards."""
+    if not s3.is_s3_uri(source):
+        load_sharded(state, source)
+        return
+    with tempfile.TemporaryDirectory(prefix="motionnft-restore-") as tmp:
+        load_sharded(state, s3.download_prefix(source, tmp))
+
+
+def check_reachable(cfg: CheckpointConfig, rank_nodes: list[str], driver_node: str) -> None:
+    """A local `checkpoint.dir` works only where every rank and the driver see the same files."""
+    if s3.is_s3_uri(cfg.dir) or cfg.shared_fs or all(n == driver_node for n in rank_nodes):
+        return
+    away = sum(n != driver_node for n in rank_nodes)
+    raise ConfigError(
+        f"checkpoint.dir: {cfg.dir!r} is a local path, but {away} of {len(rank_nodes)} learner ranks run on "
+        "another node than the driver, whose disks it cannot reach: use an s3:// URI, or set "
+        "checkpoint.shared_fs=true if the path is a filesystem every node mounts"
+    )
+
+
 class CheckpointManager:
-    """Driver-side bookkeeping: where step N goes, which checkpoint is the latest complete one, retention."""
+    """Driver-side bookkeeping: where step N goes, the commit, which checkpoint is the latest complete one,
+    retention. `cache_dir` holds local copies of S3 checkpoints for evaluation."""
 
     def __init__(self, root: str, *, keep: int, cache_dir: str | Path) -> None:
         if keep < 1:
@@ -63,38 +124,55 @@ class CheckpointManager:
 
     # ---------------------------------------------------------------- writing
 
-    def staging_dir(self, step: int) -> Path:
-        """Where the ranks write step N before it is committed (same filesystem as the root when local)."""
-        base = self.cache / "staging" if self.remote else Path(self.root)
-        path = base / f".tmp-{step_name(step)}"
-        if path.exists():
-            shutil.rmtree(path)  # a crashed earlier attempt at the same step
-        path.mkdir(parents=True)
-        return path
-
-    def commit(self, step: int, staging: Path, driver_state: dict[str, Any]) -> str:
-        """Write driver.json, then atomically make the checkpoint visible; returns its location."""
-        (staging / "driver.json").write_text(json.dumps(driver_state, indent=1))
-        (staging / MARKER).write_text(str(step))
+    def begin(self, step: int) -> str:
+        """Where the ranks write step N before it is committed: a `.tmp-step_N` dir beside the final one
+        (renamed at commit), or on S3 the final prefix, emptied of an earlier attempt (its marker first, so
+        it never looks complete while it is overwritten)."""
         if self.remote:
             uri = f"{self.root}/{step_name(step)}"
-            # A step written before (a re-run after a crash) must not look complete while it is overwritten,
-            # nor keep shards the new save does not have: its marker goes first, then everything else.
             bucket, key = s3.split_s3_uri(f"{uri}/{MARKER}")
             s3.s3_client().delete_object(Bucket=bucket, Key=key)
             s3.delete_prefix(uri)
-            s3.upload_dir(staging, uri, skip={MARKER})
-            s3.upload_file(staging / MARKER, f"{uri}/{MARKER}")  # last: only now is it complete
-            shutil.rmtree(staging)
-            location = uri
+            return uri
+        path = Path(self.root) / f".tmp-{step_name(step)}"
+        if path.exists():
+            shutil.rmtree(path)  # a crashed earlier attempt at the same step
+        path.mkdir(parents=True)
+        return str(path)
+
+    def commit(self, step: int, target: str, driver_state: dict[str, Any], *, written: Iterable[str]) -> str:
+        """Check that every file the ranks reported `written` is at `target`, write driver.json, then the
+        marker (atomically, for a local dir: a rename); returns the checkpoint's location."""
+        written = set(written)
+        if f"{LEARNER}/.metadata" not in written:
+            raise RuntimeError(f"checkpoint step {step}: no rank reported the DCP metadata; not committed")
+        found = self._files(target)
+        if missing := sorted(written - found):
+            raise RuntimeError(f"checkpoint step {step}: {len(missing)} file(s) the learner ranks wrote are not "
+                               f"under {target} ({missing[:3]}); not committed")  # fmt: skip
+        state = json.dumps(driver_state, indent=1)
+        if self.remote:
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "driver.json").write_text(state)
+                (Path(tmp) / MARKER).write_text(str(step))
+                s3.upload_file(Path(tmp) / "driver.json", f"{target}/driver.json")
+                s3.upload_file(Path(tmp) / MARKER, f"{target}/{MARKER}")  # last: only now is it complete
+            location = target
         else:
+            (Path(target) / "driver.json").write_text(state)
+            (Path(target) / MARKER).write_text(str(step))
             final = Path(self.root) / step_name(step)
             if final.exists():
                 shutil.rmtree(final)
-            staging.rename(final)
+            Path(target).rename(final)
             location = str(final)
         self._prune()
         return location
+
+    def _files(self, where: str) -> set[str]:
+        if self.remote:
+            return {uri[len(where) + 1 :] for uri in s3.list_prefix(where)}
+        return {p.relative_to(where).as_posix() for p in Path(where).rglob("*") if p.is_file()}
 
     def _prune(self) -> None:
         for step in self.complete_steps()[: -self.keep]:
@@ -118,22 +196,30 @@ class CheckpointManager:
         steps = self.complete_steps()
         return steps[-1] if steps else None
 
+    def location(self, step: int) -> str:
+        """The dir or s3:// prefix of complete checkpoint `step` (what the learner ranks load from)."""
+        where = f"{self.root}/{step_name(step)}"
+        complete = (f"{where}/{MARKER}" in s3.list_prefix(where)) if self.remote else Path(where, MARKER).is_file()
+        if not complete:
+            raise FileNotFoundError(f"checkpoint {where} is not complete (no {MARKER} marker)")
+        return where
+
     def local_copy(self, step: int) -> Path:
-        """A local directory holding checkpoint `step` (from S3: downloaded afresh, never a stale copy)."""
+        """A local directory holding checkpoint `step` (from S3: downloaded afresh into a cache keyed by the
+        root, never a stale copy: DCP shards of one model have identical sizes, so a size check cannot tell)."""
+        where = self.location(step)
         if not self.remote:
-            path = Path(self.root) / step_name(step)
-            if not (path / MARKER).is_file():
-                raise FileNotFoundError(f"checkpoint {path} is not complete (no {MARKER} marker)")
-            return path
-        uri = f"{self.root}/{step_name(step)}"
-        if f"{uri}/{MARKER}" not in s3.list_prefix(uri):
-            raise FileNotFoundError(f"checkpoint {uri} is not complete (no {MARKER} marker)")
+            return Path(where)
         dest = self.cache / "restore" / step_name(step)
         shutil.rmtree(dest, ignore_errors=True)
-        return s3.download_prefix(uri, dest)
+        return s3.download_prefix(where, dest)
 
     def driver_state(self, step: int) -> dict[str, Any]:
-        return json.loads((self.local_copy(step) / "driver.json").read_text())
+        where = self.location(step)
+        if not self.remote:
+            return json.loads((Path(where) / "driver.json").read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(s3.download_file(f"{where}/driver.json", Path(tmp) / "driver.json").read_text())
 
 
 def export_lora(

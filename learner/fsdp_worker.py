@@ -5,9 +5,10 @@ out to all of them (the single-controller pattern of verl's worker groups).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
 
 import ray
 import torch
@@ -16,9 +17,10 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from common.config import ClusterConfig, LearnerConfig, NFTConfig
-from common.net import free_port
-from learner.checkpoint import load_sharded, save_sharded
+from common.net import free_port, node_address
+from learner.checkpoint import export_lora, export_transformer, load_rank, save_rank
 from learner.trainer import (
+    EMA,
     OLD,
     NFTTrainer,
     TrainSample,
@@ -48,7 +50,8 @@ class LearnerWorker:
         self.trainer: NFTTrainer | None = None
 
     def address(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), free_port()
+        host = node_address()
+        return host, free_port(host)
 
     def setup(self, master: tuple[str, int]) -> bool:
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
@@ -83,25 +86,36 @@ class LearnerWorker:
             return None, None
         return WeightManifest.of(weights, version=version, kind=weight_kind(self.nft)).pack(), weights
 
-    def transformer_config(self) -> dict[str, Any]:
-        return dict(self.trainer.policy.transformer.config)
+    def save(self, target: str, export: bool) -> list[str]:
+        """Collective: this rank's shards (rank 0: also the eval-EMA export for diffusers) to `target`, a dir or
+        an s3:// prefix, written from this node; returns the files written, relative to `target`."""
+        ema = self.trainer.gather(EMA) if export else None  # collective; the full tensors land on rank 0
+        write_export = None if ema is None else functools.partial(self._export, ema)
+        return save_rank(self.trainer.state_dict(), target, self.rank, export=write_export)
 
-    def save(self, path: str) -> None:
-        save_sharded(self.trainer.state_dict(), path)
+    def _export(self, ema: dict[str, torch.Tensor], out: Path) -> None:
+        n = self.nft
+        if n.full_finetune:
+            export_transformer(ema, dict(self.trainer.policy.transformer.config), out / "transformer")
+        else:
+            export_lora(ema, out / "lora", family=self.trainer.policy.family, rank=n.lora_rank, alpha=n.lora_alpha,
+                        targets=list(n.lora_targets))  # fmt: skip
 
-    def load(self, path: str) -> int:
+    def load(self, source: str) -> int:
         state = self.trainer.state_dict()
-        load_sharded(state, path)
+        load_rank(state, source)
         self.trainer.load_state_dict(state)
         return self.trainer.step
 
 
 class LearnerGroup:
     """`cluster.learner_ranks` LearnerWorker ranks packed by a placement group (one bundle per rank, GPUs
-    `cluster.learner_gpus`, CPUs `cluster.cpus_per_actor`); one driver call fans out to all.
+    `cluster.learner_gpus`, CPUs `cluster.cpus_per_actor`, custom `cluster.learner_resources`); one driver
+    call fans out to all.
 
     Ranks are created on bundle k for rank k (as verl's RayResourcePool), rank 0 publishes the rendezvous
-    address, and every collective method is called on all ranks at once.
+    address, and every collective method is called on all ranks at once. With `start=False` the ranks are
+    placed but load nothing until `start()`, so a caller can check where they landed (`node_ids`) first.
     """
 
     def __init__(
@@ -112,9 +126,11 @@ class LearnerGroup:
         cluster: ClusterConfig,
         *,
         mixed_precision: bool = False,
+        start: bool = True,
     ) -> None:
         n, gpus, cpus = cluster.learner_ranks, cluster.learner_gpus, cluster.cpus_per_actor
-        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        custom = dict(cluster.learner_resources)
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom}
         self.pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
         ray.get(self.pg.ready())
         actor = ray.remote(LearnerWorker)
@@ -122,10 +138,22 @@ class LearnerGroup:
             actor.options(
                 num_cpus=cpus,
                 num_gpus=gpus,
+                resources=custom,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k),
             ).remote(k, n, build_policy, nft, learner, mixed_precision)
             for k in range(n)
         ]
+        if start:
+            self.start()
+
+    @property
+    def node_ids(self) -> list[str]:
+        """The Ray node of each rank, in rank order (known once placed, before anything loads)."""
+        bundles = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
+        return [bundles[k] for k in range(len(self.workers))]
+
+    def start(self) -> None:
+        """Every rank loads its policy, then they meet in the torch.distributed rendezvous."""
         master = ray.get(self.workers[0].address.remote())
         pending = [w.setup.remote(master) for w in self.workers]
         try:
@@ -153,14 +181,12 @@ class LearnerGroup:
         ray.get([x for pair in refs[1:] for x in pair])  # surfaces a failed rank; their values are None
         return refs[0]
 
-    def transformer_config(self) -> dict[str, Any]:
-        return ray.get(self.workers[0].transformer_config.remote())
+    def save(self, target: str, *, export: bool) -> list[str]:
+        """Every rank writes (and for S3 uploads) its own part of a checkpoint; the files written, all ranks."""
+        return sorted(f for files in ray.get([w.save.remote(target, export) for w in self.workers]) for f in files)
 
-    def save(self, path: str) -> None:
-        ray.get([w.save.remote(path) for w in self.workers])
-
-    def load(self, path: str) -> int:
-        return ray.get([w.load.remote(path) for w in self.workers])[0]
+    def load(self, source: str) -> int:
+        return ray.get([w.load.remote(source) for w in self.workers])[0]
 
     def shutdown(self) -> None:
         for w in self.workers:

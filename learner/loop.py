@@ -25,11 +25,13 @@ from typing import Any
 
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from common.config import Config, config_to_dict
 from data.motionedit import ExampleServer, load_splits
-from learner.checkpoint import CheckpointManager, export_lora, export_transformer, step_name
+from learner.checkpoint import LEARNER, CheckpointManager, step_name
 from learner.nft_loss import group_filter, optimality, saturated_groups
+from learner.placement import alive_nodes, check_placement
 from learner.pools import Pools, build_pools
 from models.weights import PublishedWeights
 
@@ -130,9 +132,10 @@ def init_ray(cfg: Config) -> None:
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address)
-    else:  # embedded cluster (laptop, CI): no token auth on loopback, see ENVIRONMENT.md
+    else:  # embedded cluster (laptop, CI): on loopback, so no token auth (see ENVIRONMENT.md)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or None, include_dashboard=False)
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or None, include_dashboard=False,
+                 _node_ip_address="127.0.0.1")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ phases
@@ -202,6 +205,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
     init_ray(cfg)
+    check_placement(cfg, alive_nodes())  # a pool no node (type) can ever hold fails now, naming its keys
     train_ds, eval_ds = load_splits(cfg)
     print(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples; "
           f"{cfg.samples_per_step} samples per step ({cfg.rollout.prompts_per_step} prompts x "
@@ -214,13 +218,15 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
         latest = ckpt.latest() if resume else None
         if latest is not None:
             state = DriverState(**ckpt.driver_state(latest)["driver"])
-            pools.learner.load(str(ckpt.local_copy(latest) / "learner"))
+            pools.learner.load(f"{ckpt.location(latest)}/{LEARNER}")  # each rank reads from its own node
             print(f"resumed from {step_name(latest)}: step {state.step}, policy version {state.version}", flush=True)
         elif resume:
             print(f"--resume: no complete checkpoint under {cfg.checkpoint.dir}; starting fresh", flush=True)
         weights = publish(pools, state.version)
         cursor = PromptCursor(train_ds.ids, cfg.data.seed)
-        examples = ray.remote(num_cpus=0)(ExampleServer).remote(train_ds)  # decoded examples go to the store
+        # On the driver's node, where the data was loaded; decoded examples go to the object store.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        examples = ray.remote(num_cpus=0)(ExampleServer).options(scheduling_strategy=here).remote(train_ds)
         log = MetricsLog(run_dir, cfg.logging.every, resume=latest is not None)
         steps, ahead = cfg.learner.steps, cfg.rollout.max_staleness
         pending: dict[int, StepRollouts] = {}
@@ -276,17 +282,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
 
 
 def save_checkpoint(cfg: Config, ckpt: CheckpointManager, pools: Pools, state: DriverState) -> str:
-    """Learner shards (DCP, every rank), the eval-EMA weights for diffusers, then driver state and commit."""
-    staging = ckpt.staging_dir(state.step)
-    pools.learner.save(str(staging / "learner"))
-    if cfg.checkpoint.export_lora:
-        ema = ray.get(pools.learner.gather("ema"))
-        n = cfg.nft
-        if n.full_finetune:
-            export_transformer(ema, pools.learner.transformer_config(), staging / "transformer")
-        else:
-            export_lora(ema, staging / "lora", family=cfg.model.family, rank=n.lora_rank, alpha=n.lora_alpha,
-                        targets=list(n.lora_targets))  # fmt: skip
-    where = ckpt.commit(state.step, staging, {"driver": asdict(state), "config": config_to_dict(cfg)})
+    """Each learner rank writes its shards (rank 0 also the eval-EMA export for diffusers) from its own node;
+    the driver checks they all arrived, then writes its state and the commit marker. It holds no weights."""
+    target = ckpt.begin(state.step)
+    written = pools.learner.save(target, export=cfg.checkpoint.export_lora)
+    where = ckpt.commit(state.step, target, {"driver": asdict(state), "config": config_to_dict(cfg)}, written=written)
     print(f"checkpoint: {where}", flush=True)
     return where

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from common.config import config_to_dict, describe, load_config_or_exit
+from common.config import ConfigError, config_to_dict, describe, load_config_or_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = resolve_demo(cfg)  # demo.enabled: build the demo data and warm-started pipeline (once), train those
     print("resolved config:\n" + json.dumps(config_to_dict(cfg), indent=1), flush=True)
-    train(cfg, resume=args.resume)
+    try:
+        train(cfg, resume=args.resume)
+    except ConfigError as e:  # found once the cluster is known: placement, checkpoint reach
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

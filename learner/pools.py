@@ -1,8 +1,9 @@
 """Builds the actor pools of a run from its config: the one place where the roles are wired together.
 
 Each pool's actors receive a small picklable factory (`functools.partial` of `load_policy`, of
-`build_reward_scorer`) and their config section, and build their models in their own process, so no model ever
-travels through the driver. Pool sizes and GPUs per role come from `cluster.*`.
+`build_reward_scorer`) and their config section, and build their models in their own process, on their own node,
+so no model ever travels through the driver or depends on its disk. Pool sizes, GPUs and custom resources per
+role come from `cluster.*`; the judge's API key (`secret_from_env`) travels only as actor arguments.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import ray
 from actors.rollout import RolloutWorker
 from actors.sampler import ReferenceForwards
 from common.config import Config
+from common.secret import Secret, secret_from_env
+from learner.checkpoint import check_reachable
 from learner.fsdp_worker import LearnerGroup
 from models.policy import load_policy
-from models.tiny import pipeline_source
 from models.tiny_judge import judge_source
 from models.weights import weight_kind
 from rewards.judge_server import JudgeServerActor
@@ -46,15 +48,17 @@ class Pools:
             ray.kill(a)
 
 
-def start_judges(cfg: Config) -> list[Any]:
-    """The vLLM judge replicas the service starts (`cluster.judge_replicas`); none when `reward.judge_weight`
-    is 0 or `reward.judge.url` names an existing endpoint."""
+def start_judges(cfg: Config, api_key: Secret) -> list[Any]:
+    """The vLLM judge replicas the service starts (`cluster.judge_replicas`), each on its node's address and
+    answering only requests with `api_key`; none when `reward.judge_weight` is 0 or `reward.judge.url` names
+    an existing endpoint. Each replica finds (or builds) its model on its own node."""
     j, c = cfg.reward.judge, cfg.cluster
     if cfg.reward.judge_weight == 0 or j.url:
         return []
-    path = judge_source(j, cfg.model.cache_dir)
+    model = functools.partial(judge_source, j, cfg.model.cache_dir)
     return [
-        JudgeServerActor.options(num_cpus=c.cpus_per_actor, num_gpus=c.judge_gpus).remote(path, j)
+        JudgeServerActor.options(num_cpus=c.cpus_per_actor, num_gpus=c.judge_gpus, resources=c.judge_resources)
+        .remote(model, j, api_key=api_key)
         for _ in range(c.judge_replicas)
     ]
 
@@ -63,26 +67,30 @@ def build_pools(cfg: Config) -> Pools:
     """Learner group, judge replicas, reward workers and rollout workers, each ready; if any fails to start,
     the others are shut down before the error propagates."""
     c, n = cfg.cluster, cfg.nft
-    path = pipeline_source(cfg.model)
 
-    # Learner first: it publishes version 0 (old = θ at init) before any rollout samples.
+    # Learner first: it publishes version 0 (old = θ at init) before any rollout samples. Every actor loads
+    # its model on its own node (`load_policy` without a path resolves `model.*` there).
     learner = LearnerGroup(
-        functools.partial(load_policy, cfg.model, path, use_gpu=c.learner_gpus > 0), n, cfg.learner, c,
-        mixed_precision=c.learner_gpus > 0 and cfg.model.dtype != "float32",
+        functools.partial(load_policy, cfg.model, use_gpu=c.learner_gpus > 0), n, cfg.learner, c,
+        mixed_precision=c.learner_gpus > 0 and cfg.model.dtype != "float32", start=False,
     )  # fmt: skip
     pools = Pools(rollouts=[], rewards=[], learner=learner, judges=[])
     try:
-        pools.judges = start_judges(cfg)
-        url = cfg.reward.judge.url
-        urls = (url,) if url else tuple(ray.get([j.url.remote() for j in pools.judges]))
+        # Before anything loads: a local checkpoint dir the ranks' nodes cannot reach is refused now.
+        check_reachable(cfg.checkpoint, learner.node_ids, ray.get_runtime_context().get_node_id())
+        learner.start()
+        j = cfg.reward.judge
+        key = secret_from_env(j.api_key_env, generate=not j.url)  # a started judge always gets one
+        pools.judges = start_judges(cfg, key)
+        urls = (j.url,) if j.url else tuple(ray.get([judge.url.remote() for judge in pools.judges]))
         build_scorer = functools.partial(
             build_reward_scorer, cfg.reward, urls, device="cuda" if c.reward_gpus > 0 else "cpu",
-            cache_dir=cfg.model.cache_dir,
+            cache_dir=cfg.model.cache_dir, judge_key=key,
         )  # fmt: skip
         pools.rewards = [
             ray.remote(RewardWorker)
-            .options(num_cpus=c.cpus_per_actor, num_gpus=c.reward_gpus, max_restarts=ACTOR_RESTARTS,
-                     max_task_retries=ACTOR_RESTARTS)
+            .options(num_cpus=c.cpus_per_actor, num_gpus=c.reward_gpus, resources=c.reward_resources,
+                     max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
             .remote(build_scorer)  # fmt: skip
             for _ in range(c.reward_workers)
         ]
@@ -90,12 +98,12 @@ def build_pools(cfg: Config) -> Pools:
         if n.reference_forwards == "rollout":
             reference = ReferenceForwards(seed=cfg.learner.seed, fraction=n.timestep_fraction)
         rollout_policy = functools.partial(
-            load_policy, cfg.model, path, use_gpu=c.rollout_gpus > 0, lora=None if n.full_finetune else n
+            load_policy, cfg.model, use_gpu=c.rollout_gpus > 0, lora=None if n.full_finetune else n
         )
         pools.rollouts = [
             ray.remote(RolloutWorker)
-            .options(num_cpus=c.cpus_per_actor, num_gpus=c.rollout_gpus, max_restarts=ACTOR_RESTARTS,
-                     max_task_retries=ACTOR_RESTARTS)
+            .options(num_cpus=c.cpus_per_actor, num_gpus=c.rollout_gpus, resources=c.rollout_resources,
+                     max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
             .remote(f"rollout-{i}", rollout_policy, cfg.rollout, weight_kind(n), reference)  # fmt: skip
             for i in range(c.rollout_workers)
         ]

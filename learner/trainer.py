@@ -31,6 +31,7 @@ from learner.nft_loss import ema_decay, nft_loss, old_policy_decay
 from models.policy import Conditioning, EditPolicy
 
 THETA, OLD, REF = "default", "old", "ref"
+EMA = "ema"  # the eval EMA: `gather(EMA)` for exports
 LOSS_KEYS = ("loss", "policy_loss", "kl_loss", "loss_pos", "loss_neg")  # per-step means, summed over ranks
 
 

@@ -29,6 +29,7 @@ from peft import LoraConfig
 
 from common import s3
 from common.config import ModelConfig, NFTConfig
+from models.tiny import pipeline_source
 
 LORA_INITS = {"gaussian": "gaussian", "kaiming": True}  # our name -> peft's `init_lora_weights`; B = 0 in both
 
@@ -527,12 +528,18 @@ POLICIES: dict[str, type[EditPolicy]] = {
 }
 
 
-def load_policy(model: ModelConfig, path: str, *, use_gpu: bool, lora: NFTConfig | None = None) -> EditPolicy:
-    """A run's policy: the pipeline at `path` (`model.path` resolved) as `model.*` says; with `lora`, an empty
-    adapter of rank `lora.lora_rank` on `lora.lora_targets` (rollouts load published weights into it).
+def load_policy(
+    model: ModelConfig, path: str | None = None, *, use_gpu: bool, lora: NFTConfig | None = None
+) -> EditPolicy:
+    """A run's policy: the pipeline at `path` as `model.*` says; with `lora`, an empty adapter of rank
+    `lora.lora_rank` on `lora.lora_targets` (rollouts load published weights into it).
 
     Actors receive this function with its arguments bound (`functools.partial`) and call it in their own
-    process, so no model ever travels through the driver."""
+    process, so no model ever travels through the driver. Without `path`, `model` is resolved here, on the
+    actor's node (`model.path`, or the tiny pipeline built into this node's `model.cache_dir`): the driver's
+    disk is not the actor's on a cluster."""
+    if path is None:
+        path = pipeline_source(model)
     extra = (
         {"guidance_scale": model.guidance, "max_sequence_length": model.max_sequence_length}
         if model.family == "flux_kontext"

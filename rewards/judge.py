@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from common.config import JudgeConfig
+from common.secret import Secret
 
 DIGITS = ("0", "1", "2", "3", "4", "5")
 MAX_DIGIT = 5
@@ -212,11 +213,13 @@ class JudgeClient:
     wait before retry n is backoff_s * 2**(n-1). max_concurrency bounds the requests in flight from this
     client per event loop. structured_output=False drops the vLLM digit choice, for servers without it;
     the reply must then still put ~all first-token mass on the digits, or it counts as unparseable.
+    api_key: sent as `Authorization: Bearer` (vLLM's --api-key); None sends no credentials.
     """
 
-    def __init__(self, base_url: str, cfg: JudgeConfig):
+    def __init__(self, base_url: str, cfg: JudgeConfig, api_key: Secret | None = None):
         self.base_url = base_url.rstrip("/")
         self.cfg = cfg
+        self._api_key = api_key
         self.metrics: dict[str, int] = dict.fromkeys(METRIC_KEYS, 0)
         self._in_flight = 0
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
@@ -305,7 +308,8 @@ class JudgeClient:
         if state is None:
             n = self.cfg.max_concurrency
             limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-            http = httpx.AsyncClient(timeout=httpx.Timeout(self.cfg.timeout_s), limits=limits)
+            headers = {"Authorization": f"Bearer {self._api_key.reveal()}"} if self._api_key else {}
+            http = httpx.AsyncClient(timeout=httpx.Timeout(self.cfg.timeout_s), limits=limits, headers=headers)
             state = _LoopState(http=http, semaphore=asyncio.Semaphore(self.cfg.max_concurrency))
             self._states[loop] = state
         return state
@@ -345,7 +349,9 @@ class JudgeClient:
             if status != 200:
                 self.metrics["client_errors"] += 1
                 self.metrics["failures"] += 1
-                raise JudgeError(f"HTTP {status} from {url} (a bad request, not retried)", last_reply, attempt)
+                why = ("the API key is missing or wrong: reward.judge.api_key_env names the variable that holds it"
+                       if status in (401, 403) else "a bad request")  # fmt: skip
+                raise JudgeError(f"HTTP {status} from {url} ({why}; not retried)", last_reply, attempt)
             try:
                 return digit_probs_from_reply(response.json()), attempt
             except ValueError as exc:  # UnparseableReply, or a body that is not JSON

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -19,7 +19,8 @@ import ray
 import torch
 
 from common.config import JudgeConfig
-from common.net import free_port
+from common.net import free_port, node_address
+from common.secret import Secret
 
 STOP_GRACE_S = 30.0  # how long stop() lets the server shut down its engine and workers before SIGKILL
 READY_POLL_S = 0.5  # /health polling interval while starting
@@ -71,6 +72,8 @@ class VLLMServer:
     and SIGKILLs its whole group (API server, engine core, workers) if it is not gone after STOP_GRACE_S.
     enforce_eager and cpu_kvcache_space_gib default by whether CUDA is available: on CPU, eager mode and a
     1 GiB KV cache (vLLM's CPU default is 4 GiB). The log is kept after stop().
+    api_key: the server answers /v1 requests only with `Authorization: Bearer <key>`. It reaches vLLM as
+    VLLM_API_KEY in the server's environment, not as --api-key: vLLM logs its argv, and `ps` shows it.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class VLLMServer:
         enforce_eager: bool | None = None,
         cpu_kvcache_space_gib: int | None = None,
         log_path: str | os.PathLike | None = None,
+        api_key: Secret | None = None,
     ):
         self.model_path = Path(model_path)
         if not (self.model_path / "config.json").is_file():
@@ -98,6 +102,7 @@ class VLLMServer:
         self.enforce_eager = on_cpu if enforce_eager is None else enforce_eager
         self.cpu_kvcache_space_gib = (1 if on_cpu else None) if cpu_kvcache_space_gib is None else cpu_kvcache_space_gib
         self.log_path = Path(log_path) if log_path else None
+        self.api_key = api_key
         self.process: subprocess.Popen | None = None
         self.startup_s: float | None = None
 
@@ -126,6 +131,9 @@ class VLLMServer:
         if self.cpu_kvcache_space_gib is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cpu_kvcache_space_gib)
         env.update(self.env)
+        env.pop("VLLM_API_KEY", None)  # only the key given here, never one inherited by accident
+        if self.api_key is not None:
+            env["VLLM_API_KEY"] = self.api_key.reveal()
         return env
 
     def start(self) -> "VLLMServer":
@@ -231,22 +239,32 @@ def _group_alive(pgid: int) -> bool:
 
 @ray.remote
 class JudgeServerActor:
-    """Ray actor owning one VLLMServer; GPUs come from the caller: `.options(num_gpus=...)`.
+    """Ray actor owning one VLLMServer; GPUs and placement come from the caller: `.options(num_gpus=...)`.
 
+    `model` is the model dir, or a function returning it that runs here, so the model is found (or built,
+    or downloaded) on the judge's own node. The server listens on this node's address (reward workers on
+    other nodes reach it; on an embedded cluster that address is loopback) unless `host` says otherwise.
     The server starts (and is ready) by the end of the constructor, so `ray.get(actor.ready.remote())`
     waits for start-up and surfaces its error. With host="0.0.0.0" the URL names this node's IP.
     """
 
-    def __init__(self, model_path: str, cfg: JudgeConfig, **server_kwargs):
-        self._server = VLLMServer(model_path, cfg, **server_kwargs).start()
+    def __init__(self, model: str | Callable[[], str], cfg: JudgeConfig, *, host: str | None = None,
+                 **server_kwargs):  # fmt: skip
+        model_path = model() if callable(model) else model
+        host = host or node_address()
+        self._server = VLLMServer(model_path, cfg, host=host, **server_kwargs).start()
 
     def url(self) -> str:
         if self._server.host in ("0.0.0.0", "::"):
-            return self._server.url.replace(self._server.host, ray.util.get_node_ip_address(), 1)
+            return self._server.url.replace(self._server.host, node_address(), 1)
         return self._server.url
 
     def ready(self) -> bool:
         return self._server.is_ready()
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the server's log, which lives on this replica's node."""
+        return self._server.log_tail(lines)
 
     def stop(self) -> None:
         self._server.stop()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.config import RewardConfig
+from common.secret import Secret
 from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer
 from rewards.judge import JudgeClient
 
@@ -149,9 +150,11 @@ class RewardScorer:
         return {**self.metrics, **flow, **judge}
 
 
-def build_reward_scorer(cfg: RewardConfig, judge_urls: Sequence[str], *, device: str, cache_dir: str) -> RewardScorer:
-    """The scorer a reward worker runs: the flow reward on `device` and one judge client per URL; a component
-    whose weight is 0 is never built (no RAFT weights loaded, no judge contacted)."""
+def build_reward_scorer(
+    cfg: RewardConfig, judge_urls: Sequence[str], *, device: str, cache_dir: str, judge_key: Secret | None = None
+) -> RewardScorer:
+    """The scorer a reward worker runs: the flow reward on `device` and one judge client per URL (authorized
+    with `judge_key`); a component whose weight is 0 is never built (no RAFT weights loaded, no judge contacted)."""
     flow = build_flow_scorer(cfg.flow, device=device, cache_dir=cache_dir) if cfg.flow_weight > 0 else None
-    judges = [JudgeClient(url, cfg.judge) for url in judge_urls] if cfg.judge_weight > 0 else []
+    judges = [JudgeClient(url, cfg.judge, judge_key) for url in judge_urls] if cfg.judge_weight > 0 else []
     return RewardScorer(flow, judges, cfg)

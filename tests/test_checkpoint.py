@@ -8,6 +8,9 @@ step again. A 1-rank trainer in this process also loads the 2-rank checkpoint (D
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,8 +19,19 @@ import torch.distributed as dist
 from diffusers import FluxKontextPipeline
 
 from common import s3
+from common.config import CheckpointConfig, ConfigError
 from common.noise import noised
-from learner.checkpoint import MARKER, CheckpointManager, export_lora, load_sharded, save_sharded, step_name
+from learner.checkpoint import (
+    MARKER,
+    CheckpointManager,
+    check_reachable,
+    export_lora,
+    load_rank,
+    load_sharded,
+    save_rank,
+    save_sharded,
+    step_name,
+)
 from learner.trainer import NFTTrainer, merge_rank_metrics
 from models.policy import FluxKontextPolicy
 from models.tiny import build_tiny
@@ -67,13 +81,16 @@ def _probe(policy, samples) -> tuple[torch.Tensor, torch.Tensor, object]:
     return noised(s.x0[None], eps[None], t), t, s.cond
 
 
-def _resume_job(rank: int, world: int, out_dir: str, path: str) -> dict:
+def _resume_job(rank: int, world: int, out_dir: str, path: str, s3_root: str) -> dict:
     ckpt = Path(out_dir) / "ckpt"
     policy = load_policy(path, FAMILY)
     samples = make_samples(policy, N_SAMPLES, seed=3)
     a = NFTTrainer(policy, *sections(**HYPER))
     _step(a, samples, world, rank, 0)
     save_sharded(a.state_dict(), ckpt)
+    # The same state the way the learner ranks write a cluster checkpoint: each rank stages in its own temp
+    # dir (no disk shared between ranks) and uploads its own files.
+    written = save_rank(a.state_dict(), s3_root, rank)
     saved = _state(a)
     uninterrupted = _step(a, samples, world, rank, 1)
     after = _state(a)
@@ -93,7 +110,13 @@ def _resume_job(rank: int, world: int, out_dir: str, path: str) -> dict:
     b.load_state_dict(state)
     restored = _state(b)
     resumed = _step(b, samples, world, rank, 1)
+    c = NFTTrainer(load_policy(path, FAMILY), *sections(**HYPER))
+    state = c.state_dict()
+    load_rank(state, f"{s3_root}/learner")  # each rank downloads into its own temp dir
+    c.load_state_dict(state)
     return {
+        "written": written,
+        "restored_s3": _state(c),
         "saved": saved,
         "fresh": fresh,
         "restored": restored,
@@ -106,9 +129,13 @@ def _resume_job(rank: int, world: int, out_dir: str, path: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def resume_run(tiny_path, tmp_path_factory) -> tuple[dict, Path]:
-    out = tmp_path_factory.mktemp("resume")
-    return run_jobs(_resume_job, {"ranks2": 2}, out, path=str(tiny_path))["ranks2"], out
+def resume_run(tiny_path, tmp_path_factory, s3_server) -> tuple[dict, Path, str]:
+    import boto3
+
+    out, bucket = tmp_path_factory.mktemp("resume"), f"resume-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    s3_root = f"s3://{bucket}/step_00000001"
+    return run_jobs(_resume_job, {"ranks2": 2}, out, path=str(tiny_path), s3_root=s3_root)["ranks2"], out, s3_root
 
 
 def _assert_equal_tree(a, b, where: str = "") -> None:
@@ -127,7 +154,7 @@ def _assert_equal_tree(a, b, where: str = "") -> None:
 
 
 def test_dcp_resume_restores_everything_exactly(resume_run):
-    run, _ = resume_run
+    run, _, _ = resume_run
     saved, fresh, restored = run["saved"], run["fresh"], run["restored"]
     assert saved["step"] == 1 and fresh["step"] == 0
     assert len(saved["optimizer"]["state"]) == len(saved["theta"])  # AdamW state for every θ tensor
@@ -136,8 +163,15 @@ def test_dcp_resume_restores_everything_exactly(resume_run):
     _assert_equal_tree(restored, saved)
 
 
+def test_each_rank_uploads_its_own_shards_and_they_restore_exactly(resume_run):
+    run, _, s3_root = resume_run
+    assert run["written"] == ["learner/.metadata", "learner/__0_0.distcp"]  # rank 0's files only
+    assert s3.list_prefix(s3_root) == [f"{s3_root}/learner/{n}" for n in (".metadata", "__0_0.distcp", "__1_0.distcp")]
+    _assert_equal_tree(run["restored_s3"], run["saved"])
+
+
 def test_next_step_after_resume_equals_uninterrupted(resume_run):
-    run, _ = resume_run
+    run, _, _ = resume_run
     for key in ("loss", "policy_loss", "kl_loss", "grad_norm"):
         assert run["resumed"][key] == run["uninterrupted"][key], key  # same ranks, same math: bitwise
     _assert_equal_tree(run["after_resumed"], run["after"])
@@ -145,7 +179,7 @@ def test_next_step_after_resume_equals_uninterrupted(resume_run):
 
 def test_two_rank_checkpoint_loads_into_one_rank(resume_run, tiny_path, tmp_path):
     """DCP reshards: the 2-rank checkpoint restores a 1-rank trainer, which then takes the same step."""
-    run, out = resume_run
+    run, out, _ = resume_run
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         policy = load_policy(tiny_path, FAMILY)
@@ -174,7 +208,7 @@ def test_two_rank_checkpoint_loads_into_one_rank(resume_run, tiny_path, tmp_path
 
 
 def test_exported_lora_loads_into_diffusers_and_matches_the_trainer(resume_run, tiny_path):
-    run, out = resume_run
+    run, out, _ = resume_run
     x_t, t, cond, v_trainer = run["probe"]
     files = sorted(p.name for p in (out / "lora").iterdir())
     assert files == ["pytorch_lora_weights.safetensors"]
@@ -198,9 +232,21 @@ def test_export_lora_rejects_unknown_family(tmp_path):
 # ------------------------------------------------------------------------------------------------ manager
 
 
-def _fake_learner_state(staging: Path, payload: bytes) -> None:
-    (staging / "learner").mkdir()
-    (staging / "learner" / "__0_0.distcp").write_bytes(payload)
+def _write_rank(mgr: CheckpointManager, step: int, payload: bytes, ranks: int = 1) -> tuple[str, list[str]]:
+    """What the learner ranks do for step N: their shards (rank 0 also the metadata) at `mgr.begin(step)`."""
+    target = mgr.begin(step)
+    written = [f"learner/__{r}_0.distcp" for r in range(ranks)] + ["learner/.metadata"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for rel in written:
+            local = Path(tmp, rel)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(payload)
+            if s3.is_s3_uri(target):
+                s3.upload_file(local, f"{target}/{rel}")
+            else:
+                Path(target, rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(local, Path(target, rel))
+    return target, written
 
 
 def test_manager_local_commit_latest_and_retention(tmp_path):
@@ -208,26 +254,48 @@ def test_manager_local_commit_latest_and_retention(tmp_path):
     mgr = CheckpointManager(str(root), keep=2, cache_dir=tmp_path / "cache")
     assert mgr.latest() is None
     for step in (10, 20):
-        staging = mgr.staging_dir(step)
-        _fake_learner_state(staging, f"shards of {step}".encode())
-        where = mgr.commit(step, staging, {"step": step})
-        assert where == str(root / step_name(step)) and not staging.exists()
+        target, written = _write_rank(mgr, step, f"shards of {step}".encode())
+        where = mgr.commit(step, target, {"step": step}, written=written)
+        assert where == str(root / step_name(step)) and not Path(target).exists()
     # A save that never committed (crashed mid-write) is invisible, however new.
-    _fake_learner_state(mgr.staging_dir(30), b"partial")
+    _write_rank(mgr, 30, b"partial")
     (root / step_name(40)).mkdir()  # a step dir without its marker (e.g. copied by hand) does not count either
     assert mgr.complete_steps() == [10, 20] and mgr.latest() == 20
     assert mgr.driver_state(20) == {"step": 20}
+    assert mgr.location(20) == str(root / step_name(20))
     assert (mgr.local_copy(20) / "learner" / "__0_0.distcp").read_bytes() == b"shards of 20"
     with pytest.raises(FileNotFoundError, match="COMMITTED"):
         mgr.local_copy(40)
-    # Retention: committing a third keeps the newest two.
-    staging = mgr.staging_dir(30)  # the crashed attempt's leftovers are cleared first
-    assert list(staging.iterdir()) == []
-    _fake_learner_state(staging, b"shards of 30")
-    mgr.commit(30, staging, {"step": 30})
+    # Retention: committing a third keeps the newest two; the crashed attempt's leftovers are cleared first.
+    target = mgr.begin(30)
+    assert list(Path(target).iterdir()) == []
+    target, written = _write_rank(mgr, 30, b"shards of 30")
+    mgr.commit(30, target, {"step": 30}, written=written)
     assert mgr.complete_steps() == [20, 30]
     assert not (root / step_name(10)).exists()
     assert json.loads((root / step_name(30) / "driver.json").read_text()) == {"step": 30}
+
+
+def test_manager_refuses_a_commit_with_a_rank_file_missing(tmp_path, s3_bucket):
+    """A rank that reports a shard the driver cannot find (written to another node's disk) stops the commit:
+    shards are never lost silently."""
+    for root in (str(tmp_path / "ckpts"), f"s3://{s3_bucket}/runs/missing"):
+        mgr = CheckpointManager(root, keep=2, cache_dir=tmp_path / "cache")
+        target, written = _write_rank(mgr, 5, b"x")
+        with pytest.raises(RuntimeError, match=r"1 file\(s\) the learner ranks wrote are not under"):
+            mgr.commit(5, target, {"step": 5}, written=[*written, "learner/__1_0.distcp"])
+        with pytest.raises(RuntimeError, match="metadata"):
+            mgr.commit(5, target, {"step": 5}, written=["learner/__0_0.distcp"])
+        assert mgr.latest() is None
+
+
+def test_check_reachable_refuses_a_local_dir_across_nodes():
+    local, shared = CheckpointConfig(dir="/ckpt"), CheckpointConfig(dir="/ckpt", shared_fs=True)
+    check_reachable(local, ["n0", "n0"], "n0")  # every rank beside the driver: fine
+    check_reachable(shared, ["n1", "n2"], "n0")
+    check_reachable(CheckpointConfig(dir="s3://bucket/ckpt"), ["n1", "n2"], "n0")
+    with pytest.raises(ConfigError, match=r"checkpoint.dir: '/ckpt' is a local path, but 1 of 2 learner ranks"):
+        check_reachable(local, ["n0", "n1"], "n0")
 
 
 def test_manager_rejects_keep_below_one(tmp_path):
@@ -240,10 +308,8 @@ def test_manager_s3_commit_restore_retention(s3_bucket, tmp_path):
     mgr = CheckpointManager(root, keep=2, cache_dir=tmp_path / "cache")
     assert mgr.latest() is None
     for step in (1, 2):
-        staging = mgr.staging_dir(step)
-        _fake_learner_state(staging, f"shards of {step}".encode())
-        assert mgr.commit(step, staging, {"step": step}) == f"{root}/{step_name(step)}"
-        assert not staging.exists()
+        target, written = _write_rank(mgr, step, f"shards of {step}".encode())
+        assert mgr.commit(step, target, {"step": step}, written=written) == f"{root}/{step_name(step)}"
     # An upload that stopped before its marker (a crash) is never the latest.
     partial = tmp_path / "partial"
     partial.write_bytes(b"partial")
@@ -256,27 +322,26 @@ def test_manager_s3_commit_restore_retention(s3_bucket, tmp_path):
     restored = mgr.local_copy(2)
     assert (restored / "learner" / "__0_0.distcp").read_bytes() == b"shards of 2"
     # Step 2 written again (a re-run after a crash, now on one rank where it had two): same-size shards. The
-    # old rank-1 shard must be gone from S3, and the restore must not reuse the cached copy.
+    # old rank-1 shard must be gone from S3, the step must not look complete while it is rewritten, and the
+    # restore must not reuse the cached copy.
     s3.upload_file(partial, f"{root}/{step_name(2)}/learner/__1_0.distcp")
     (restored / "learner" / "stale.distcp").write_bytes(b"old")
-    staging = mgr.staging_dir(2)
-    _fake_learner_state(staging, b"shards of X")
-    mgr.commit(2, staging, {"step": 2, "again": True})
+    target, written = _write_rank(mgr, 2, b"shards of X")
+    assert mgr.complete_steps() == [1]
+    mgr.commit(2, target, {"step": 2, "again": True}, written=written)
     assert f"{root}/{step_name(2)}/learner/__1_0.distcp" not in s3.list_prefix(root)
     restored = mgr.local_copy(2)
-    assert sorted(p.name for p in (restored / "learner").iterdir()) == ["__0_0.distcp"]
+    assert sorted(p.name for p in (restored / "learner").iterdir()) == [".metadata", "__0_0.distcp"]
     assert (restored / "learner" / "__0_0.distcp").read_bytes() == b"shards of X"
     assert mgr.driver_state(2) == {"step": 2, "again": True}
     # Another run sharing the cache dir, same step, same-size shards: each restore gets its own run's bytes.
     other = CheckpointManager(f"s3://{s3_bucket}/runs/b", keep=2, cache_dir=tmp_path / "cache")
-    staging = other.staging_dir(2)
-    _fake_learner_state(staging, b"shards of Y")
-    other.commit(2, staging, {"step": 2})
+    target, written = _write_rank(other, 2, b"shards of Y")
+    other.commit(2, target, {"step": 2}, written=written)
     assert (other.local_copy(2) / "learner" / "__0_0.distcp").read_bytes() == b"shards of Y"
     assert (mgr.local_copy(2) / "learner" / "__0_0.distcp").read_bytes() == b"shards of X"
     # Retention on S3: a third complete checkpoint deletes the oldest one's objects.
-    staging = mgr.staging_dir(4)
-    _fake_learner_state(staging, b"shards of 4")
-    mgr.commit(4, staging, {"step": 4})
+    target, written = _write_rank(mgr, 4, b"shards of 4")
+    mgr.commit(4, target, {"step": 4}, written=written)
     assert mgr.complete_steps() == [2, 4]
     assert s3.list_prefix(f"{root}/{step_name(1)}") == []
