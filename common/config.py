@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import types
@@ -24,16 +25,49 @@ class ConfigError(ValueError):
     """A config key is unknown, of the wrong type or out of range; the message names the dotted key."""
 
 
-def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
-    """A dataclass field whose help text feeds `--help`; tuples rather than lists, a dict is copied per instance."""
+def _f(default: Any, help: str, *, nonfinite: bool = False) -> Any:  # noqa: A002 - mirrors argparse's name
+    """A dataclass field whose help text feeds `--help`; tuples rather than lists, a dict is copied per instance.
+    Float values must be finite (no .inf / .nan) unless `nonfinite=True` (no field needs that so far)."""
+    metadata = {"help": help, "nonfinite": nonfinite}
     if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _check(ok: bool, key: str, expected: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _check_finite(section: Any) -> None:
+    """Every float of a section (also inside its dicts and lists) is finite, unless its field allows .inf/.nan:
+    a section built in code fails like a parsed one (`_coerce` already refuses them in YAML and overrides)."""
+
+    def floats(value: Any, key: str):
+        if isinstance(value, float):
+            yield key, value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                yield from floats(v, f"{key}.{k}")
+        elif isinstance(value, list | tuple):
+            for i, v in enumerate(value):
+                yield from floats(v, f"{key}[{i}]")
+
+    prefix = f"{section.SECTION}." if section.SECTION else ""
+    for f in dataclasses.fields(section):
+        if f.metadata.get("nonfinite"):
+            continue
+        for key, x in floats(getattr(section, f.name), f"{prefix}{f.name}"):
+            _check(math.isfinite(x), key, "a finite number", x)
+
+
+def _check_dir(key: str, value: str, *, s3: bool) -> None:
+    """A directory the run writes: not empty; an s3:// URI (when allowed) needs a bucket name."""
+    _check(bool(value.strip()), key, "a local dir" + (" or s3://bucket/prefix" if s3 else "") + ", not empty", value)
+    if value.startswith("s3://"):
+        _check(s3, key, "a local dir (not s3://: it is written with local file I/O)", value)
+        bucket = value[len("s3://") :].partition("/")[0]
+        _check(bool(bucket.strip()), key, "s3://bucket/prefix with a bucket name", value)
 
 
 FAMILIES = ("flux_kontext", "qwen_image_edit")
@@ -55,6 +89,7 @@ class ModelConfig:
     cache_dir: str = _f("~/.cache/motionnft", "where S3 downloads and tiny models are kept")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.family in FAMILIES, "model.family", f"one of {FAMILIES}", self.family)
         _check(self.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", self.dtype)
         _check(self.guidance >= 0, "model.guidance", "a value >= 0", self.guidance)
@@ -69,6 +104,11 @@ class DataConfig:
     synthetic_size: int = _f(64, "side in pixels of generated synthetic images")
     eval_fraction: float = _f(0.1, "share of examples held out for evaluation (deterministic by id and seed)")
     on_error: str = _f("skip", "a bad row (missing field/file, corrupt image): skip (logged) | raise")
+    upscale_small: bool = _f(
+        False,
+        "upscale (bilinear) images smaller than rollout.height x rollout.width, counted and logged; false = an "
+        "image smaller on either side is a bad row (data.on_error)",
+    )
     seed: int = _f(0, "seed of the split and of the prompt order")
 
     def __post_init__(self) -> None:
@@ -81,6 +121,7 @@ class DataConfig:
         )
         _check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "a value in [0, 1)", self.eval_fraction)
         _check(self.on_error in ("skip", "raise"), "data.on_error", "skip | raise", self.on_error)
+        _check(isinstance(self.upscale_small, bool), "data.upscale_small", "true | false", self.upscale_small)
 
 
 @dataclass(frozen=True)
@@ -99,6 +140,7 @@ class RolloutConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         for key in ("group_size", "prompts_per_step", "num_steps", "micro_batch"):
             _check(getattr(self, key) >= 1, f"rollout.{key}", "an integer >= 1", getattr(self, key))
         _check(self.group_size >= 2, "rollout.group_size", "K >= 2 (group statistics need 2)", self.group_size)
@@ -131,6 +173,7 @@ class FlowRewardConfig:
     quantize: bool = _f(True, "round the score to {0, .2, ..., 1} (reference scorer; s itself is logged)")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.estimator in FLOW_ESTIMATORS, "reward.flow.estimator", f"one of {FLOW_ESTIMATORS}", self.estimator)
         _check(self.num_updates >= 1, "reward.flow.num_updates", "an integer >= 1", self.num_updates)
         _check(self.max_batch >= 1, "reward.flow.max_batch", "an integer >= 1", self.max_batch)
@@ -151,8 +194,20 @@ class JudgeConfig:
     tensor_parallel_size: int = _f(1, "vLLM tensor parallel size per replica")
     max_model_len: int = _f(4096, "vLLM context length")
     timeout_s: float = _f(60.0, "per-request timeout")
-    max_retries: int = _f(3, "retries of a failed/unparseable request before the group fails")
-    backoff_s: float = _f(0.5, "first retry delay; doubles per retry")
+    max_retries: int = _f(3, "retries of a failed/unparseable request before the group fails (unreachable or "
+                          "overloaded replicas are retried longer: retry_budget_s)")  # fmt: skip
+    backoff_s: float = _f(0.5, "first retry delay; doubles per retry up to max_backoff_s")
+    max_backoff_s: float = _f(30.0, "longest wait between two retries, and how long a failing replica is skipped")
+    retry_budget_s: float = _f(
+        600.0, "how long a judge call keeps retrying transport failures (refused, reset, timeout, 5xx) across the "
+        "replicas, e.g. while a dead replica restarts (minutes on a GPU); then reward.judge.on_outage applies"
+    )  # fmt: skip
+    on_outage: str = _f(
+        "stop", "a group the judge could not score within retry_budget_s: stop (checkpoint the last completed step, "
+        "then end the run with the judge's error) | drop (leave the group out of the step, counted)"
+    )  # fmt: skip
+    restart_backoff_s: float = _f(5.0, "a dead replica the service started is restarted after this; doubles per "
+                                  "restart in a row, up to 300 s")  # fmt: skip
     max_concurrency: int = _f(16, "in-flight requests per reward worker")
     image_format: str = _f("png", "how images are sent to the judge: png (lossless) | jpeg (smaller requests)")
     structured_output: bool = _f(
@@ -166,10 +221,16 @@ class JudgeConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.mode in ("score", "rubric"), "reward.judge.mode", "score | rubric", self.mode)
         _check(self.timeout_s > 0, "reward.judge.timeout_s", "a value > 0", self.timeout_s)
         _check(self.max_retries >= 0, "reward.judge.max_retries", "an integer >= 0", self.max_retries)
         _check(self.backoff_s >= 0, "reward.judge.backoff_s", "a value >= 0", self.backoff_s)
+        _check(self.max_backoff_s >= self.backoff_s, "reward.judge.max_backoff_s", "a value >= backoff_s",
+               self.max_backoff_s)  # fmt: skip
+        _check(self.retry_budget_s >= 0, "reward.judge.retry_budget_s", "a value >= 0", self.retry_budget_s)
+        _check(self.on_outage in ("stop", "drop"), "reward.judge.on_outage", "stop | drop", self.on_outage)
+        _check(self.restart_backoff_s >= 0, "reward.judge.restart_backoff_s", "a value >= 0", self.restart_backoff_s)
         _check(self.max_concurrency >= 1, "reward.judge.max_concurrency", "an integer >= 1", self.max_concurrency)
         _check(self.max_model_len >= 1, "reward.judge.max_model_len", "an integer >= 1", self.max_model_len)
         _check(self.image_format in ("png", "jpeg"), "reward.judge.image_format", "png | jpeg", self.image_format)
@@ -193,6 +254,7 @@ class RewardConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.flow_weight >= 0, "reward.flow_weight", "a value >= 0", self.flow_weight)
         _check(self.judge_weight >= 0, "reward.judge_weight", "a value >= 0", self.judge_weight)
         _check(
@@ -235,6 +297,7 @@ class NFTConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.beta > 0, "nft.beta", "a value > 0", self.beta)
         _check(self.adv_clip_max > 0, "nft.adv_clip_max", "a value > 0", self.adv_clip_max)
         _check(0 < self.timestep_fraction <= 1, "nft.timestep_fraction", "a value in (0, 1]", self.timestep_fraction)
@@ -284,6 +347,7 @@ class LearnerConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.micro_batch >= 1, "learner.micro_batch", "an integer >= 1", self.micro_batch)
         _check(self.backend in ("auto", "gloo", "nccl"), "learner.backend", "auto | gloo | nccl", self.backend)
         _check(self.steps >= 1, "learner.steps", "an integer >= 1", self.steps)
@@ -302,10 +366,19 @@ class CheckpointConfig:
         False, "a local dir is on a filesystem every node mounts at the same path (NFS, a PVC); without it a "
         "local dir is refused when a learner rank runs on another node than the driver (use s3://)"
     )  # fmt: skip
+    s3_retries: int = _f(
+        4, "s3:// dir: retries of each upload/download/delete of a checkpoint on transient errors (connection, "
+        "5xx, throttling), on top of botocore's quick per-request retries; credential/access errors never retry"
+    )  # fmt: skip
+    s3_backoff_s: float = _f(2.0, "s3:// dir: wait before the first of those retries; doubles per retry (jittered)")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
+        _check_dir("checkpoint.dir", self.dir, s3=True)
         _check(self.every >= 0, "checkpoint.every", "an integer >= 0", self.every)
         _check(self.keep >= 1, "checkpoint.keep", "an integer >= 1", self.keep)
+        _check(self.s3_retries >= 0, "checkpoint.s3_retries", "an integer >= 0", self.s3_retries)
+        _check(self.s3_backoff_s >= 0, "checkpoint.s3_backoff_s", "a value >= 0", self.s3_backoff_s)
 
 
 @dataclass(frozen=True)
@@ -333,6 +406,7 @@ class ClusterConfig:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         for section in ("learner", "rollout", "reward", "judge"):
             for name, amount in getattr(self, f"{section}_resources").items():
                 what = "a custom resource >= 0 (CPU and GPU asks are cluster.cpus_per_actor and cluster.*_gpus)"
@@ -355,6 +429,8 @@ class LoggingConfig:
     every: int = _f(1, "print a metrics line every N steps")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
+        _check_dir("logging.dir", self.dir, s3=False)
         _check(self.every >= 1, "logging.every", "an integer >= 1", self.every)
 
 
@@ -380,6 +456,7 @@ class DemoConfig:
     seed: int = _f(0, "warm start: seed of batches and noise")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.motion in DEMO_MOTIONS, "demo.motion", f"one of {DEMO_MOTIONS}", self.motion)
         _check(self.examples >= 2, "demo.examples", "an integer >= 2", self.examples)
         for key in ("vae_steps", "steps", "warmup"):
@@ -478,8 +555,9 @@ def _is_section(tp: Any) -> bool:
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _coerce(key: str, tp: Any, value: Any) -> Any:
-    """Type-check one leaf; ints are accepted for floats, lists for tuples, nothing else is converted."""
+def _coerce(key: str, tp: Any, value: Any, *, finite: bool = True) -> Any:
+    """Type-check one leaf; ints are accepted for floats, lists for tuples, nothing else is converted. Floats
+    must be finite (YAML `.inf`/`.nan`, `1e999`) unless `finite=False` (a field declared with nonfinite=True)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -489,7 +567,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(key, arg, value)
+                return _coerce(key, arg, value, finite=finite)
             except ConfigError:
                 pass
         raise ConfigError(f"{key}: expected {tp}, got {value!r}")
@@ -497,12 +575,15 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
-        return tuple(_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value))
+        return tuple(_coerce(f"{key}[{i}]", item, v, finite=finite) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         key_tp, value_tp = typing.get_args(tp)
-        return {_coerce(f"{key} (a key)", key_tp, k): _coerce(f"{key}.{k}", value_tp, v) for k, v in value.items()}
+        return {
+            _coerce(f"{key} (a key)", key_tp, k): _coerce(f"{key}.{k}", value_tp, v, finite=finite)
+            for k, v in value.items()
+        }
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
@@ -513,10 +594,17 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
-            return float(value)  # PyYAML reads `1e-4` (no dot) as a string; it is plainly a number
-        if isinstance(value, bool) or not isinstance(value, int | float):
+            number = float(value)  # PyYAML reads `1e-4` (no dot) as a string; it is plainly a number
+        elif isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        else:
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond float range
+                number = math.inf
+        if finite and not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -537,8 +625,65 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise ConfigError(f"{key}: unknown key{hint}")
         tp = hints[name]
-        kwargs[name] = _build(tp, value, f"{key}.") if _is_section(tp) else _coerce(key, tp, value)
+        finite = not fields[name].metadata.get("nonfinite", False)
+        kwargs[name] = _build(tp, value, f"{key}.") if _is_section(tp) else _coerce(key, tp, value, finite=finite)
     return cls(**kwargs)  # keys left out keep their defaults
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (plain PyYAML keeps the last silently), at
+    any depth; the error names the dotted key and the lines. `root` prefixes the keys (an override's key)."""
+
+    root = ""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._paths: dict[int, str] = {}
+        self._name_paths(node, self.root, set())
+        return super().construct_document(node)
+
+    def _name_paths(self, node: yaml.Node, path: str, seen: set[int]) -> None:
+        """Dotted path of every collection node (`reward.flow`, `nft.lora_targets[0]`), before any is built."""
+        if id(node) in seen:  # an alias of a node already named
+            return
+        seen.add(id(node))
+        self._paths[id(node)] = path
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                self._name_paths(value_node, f"{path}.{name}" if path else str(name), seen)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._name_paths(item, f"{path}[{i}]", seen)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        path = self._paths.get(id(node), "")
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges; its keys may be overridden here, as YAML intends
+            key = self.construct_object(key_node, deep=True)
+            try:
+                earlier = first_line.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            line = key_node.start_mark.line + 1
+            if earlier is not None:
+                dotted = f"{path}.{key}" if path else str(key)
+                source = key_node.start_mark.name  # a file's name; "<unicode string>" for an override's value
+                where = "" if source.startswith("<") else f" at line {line} of {source} (first at line {earlier})"
+                raise ConfigError(f"{dotted}: duplicate key{where}; give each key once")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(stream: Any, root: str = "") -> Any:
+    """`yaml.safe_load` that refuses duplicate keys (`_StrictLoader`)."""
+    loader = _StrictLoader(stream)
+    loader.root = root
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -558,7 +703,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. rollout.group_size=4")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw, key.strip()) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from e
     return key.strip(), value
@@ -572,7 +717,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            with p.open("rb") as stream:  # a file stream: YAML marks (and duplicate-key errors) carry its name
+                loaded = _load_yaml(stream) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
         if not isinstance(loaded, dict):

@@ -27,17 +27,19 @@ Fields other than the known ones (e.g. the synthetic set's ``motion_dx``) are ke
 Validation happens once, at load: every row is parsed and **both images are fully decoded** (``Image.load()``,
 not ``verify()``: ``verify`` checks PNG chunk CRCs but does nothing for JPEG, and a full decode catches every
 truncated or corrupt file of any format; it costs one decode per image, spread over a thread pool). A bad row
-(missing field, missing image file, undecodable image, unknown category, duplicate id, or — when no
-resolution is given — input and target of different sizes) is reported with its file, row and id:
-``on_error="raise"`` raises :class:`DataError`, ``on_error="skip"`` drops the row, logs one warning listing
-every dropped row, and records it in ``dataset.skipped``. Row numbers are 1-based line numbers for JSONL,
-0-based row indices for parquet (each file type's usual convention) and 0-based positions among the sorted
-example folders.
+(missing field, missing image file, undecodable image, unknown category, duplicate id, an image narrower or
+lower than the given resolution — unless ``upscale_small``: then it is upscaled, counted in
+``dataset.upscaled`` and logged once — or, when no resolution is given, input and target of different sizes)
+is reported with its file, row and id: ``on_error="raise"`` raises :class:`DataError`, ``on_error="skip"``
+drops the row, logs one warning listing every dropped row, and records it in ``dataset.skipped``. Row
+numbers are 1-based line numbers for JSONL, 0-based row indices for parquet (each file type's usual
+convention) and 0-based positions among the sorted example folders.
 
 Examples stay encoded in memory (bytes for parquet rows, paths for files) and are decoded in
 ``__getitem__``; with a ``resolution`` ``(H, W)`` both images are centre-cropped to that aspect ratio (as the
 reference code crops to a square) and resized with PIL's bilinear filter, which is antialiased when
-downscaling (its support widens with the scale factor).
+downscaling (its support widens with the scale factor). Every image mode is first made 8-bit RGB by
+:func:`to_rgb` (16-bit scaled, not clipped; alpha composited over white; CMYK converted naively).
 """
 
 from __future__ import annotations
@@ -151,11 +153,57 @@ class _Names:
 # ----------------------------------------------------------------------------------------------- decoding
 
 
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA = ("RGBA", "RGBa", "LA", "PA")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any decoded PIL image as 8-bit RGB, by one stated rule per mode (pure; raises ValueError for a mode
+    with no defined rule, e.g. ``F``, which becomes a bad row at load):
+
+    - ``RGB``, ``L``, ``1``, ``YCbCr``, ``HSV`` (no transparency): PIL's ``convert("RGB")``; grey values are
+      copied to all three channels.
+    - 16 bit, ``I;16`` / ``I;16B`` / ``I;16L`` / ``I;16N`` and ``I`` (the mode 16-bit PNGs load as; ``I`` is
+      read as 16-bit samples, clamped to [0, 65535]): grey ``v >> 8``, so 65535 -> 255, 256 -> 1, 255 -> 0.
+      (PIL's own conversion clips every value above 255 to white.) A tRNS colour key is ignored here.
+    - ``CMYK``: naive, without colour management (an embedded ICC profile is ignored):
+      ``R = round((255 - C) * (255 - K) / 255)``, likewise G from M and B from Y.
+    - alpha (``RGBA``, ``RGBa``, ``LA``, ``PA``, and ``P`` / ``L`` / ``RGB`` with a ``transparency``
+      entry, i.e. a palette with transparent entries or a PNG tRNS colour key): converted to straight RGBA by
+      PIL, then **composited over white**: ``c' = (c * a + 255 * (255 - a) + 127) // 255`` (``a = 255`` keeps
+      ``c``, ``a = 0`` gives 255). Fully transparent pixels are white whatever colour they store.
+    - ``P`` without transparency: the palette colours.
+    """
+    mode = image.mode
+    if mode in _SIXTEEN_BIT:
+        grey = np.clip(np.asarray(image).astype(np.int64), 0, 65535) >> 8
+        return Image.fromarray(np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1), "RGB")
+    if mode == "CMYK":
+        cmyk = np.asarray(image).astype(np.int64)
+        white = 255 - cmyk[..., 3:]
+        rgb = ((255 - cmyk[..., :3]) * white * 2 + 255) // 510  # round half up of (255-c)(255-k)/255
+        return Image.fromarray(rgb.astype(np.uint8), "RGB")
+    if mode in _ALPHA or (mode in ("P", "L", "RGB") and "transparency" in image.info):
+        rgba = np.asarray(image.convert("RGBA")).astype(np.int64)
+        alpha = rgba[..., 3:]
+        rgb = (rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255
+        return Image.fromarray(rgb.astype(np.uint8), "RGB")
+    if mode in ("RGB", "L", "1", "P", "YCbCr", "HSV"):
+        return image.convert("RGB")
+    raise ValueError(f"unsupported image mode {mode!r} (no defined conversion to 8-bit RGB)")
+
+
+def to_rgb_uint8(image: Image.Image) -> torch.Tensor:
+    """:func:`to_rgb` as a uint8 tensor (3, H, W)."""
+    return _to_tensor(to_rgb(image))
+
+
 def _open_rgb(ref: ImageRef) -> Image.Image:
-    """Fully decode an image to RGB (raises PIL's errors for truncated or corrupt data)."""
+    """Fully decode an image to 8-bit RGB by :func:`to_rgb` (raises PIL's errors for truncated or corrupt data,
+    ValueError for a mode :func:`to_rgb` does not handle)."""
     with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as img:
         img.load()
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 def _fit(img: Image.Image, resolution: tuple[int, int] | None) -> Image.Image:
@@ -183,17 +231,35 @@ def _describe(ref: ImageRef, names: _Names, label: str) -> str:
     return f"{label} {names(ref)}" if isinstance(ref, Path) else f"{label} (embedded bytes)"
 
 
-def _check_images(record: _Record, names: _Names, same_size: bool) -> None:
-    """Decode both images fully; with ``same_size`` the pair must match in size (no resize will fix it)."""
+def _check_images(
+    record: _Record, names: _Names, resolution: tuple[int, int] | None, upscale_small: bool = False
+) -> int:
+    """Decode both images fully; without a resolution the pair must match in size (no resize will fix it).
+    With one, an image narrower or lower than it is a bad row unless ``upscale_small``. Returns how many of
+    the two images will be upscaled."""
     sizes = []
     for label, ref in (("input image", record.input_image), ("target image", record.target_image)):
         try:
             sizes.append(_open_rgb(ref).size)
         except _DECODE_ERRORS as err:
             raise _RowError(f"cannot decode {_describe(ref, names, label)}: {err}") from err
-    if same_size and sizes[0] != sizes[1]:
-        (wi, hi), (wt, ht) = sizes
-        raise _RowError(f"input image is {wi}x{hi} but target image is {wt}x{ht} (give a resolution to resize both)")
+    if resolution is None:
+        if sizes[0] != sizes[1]:
+            (wi, hi), (wt, ht) = sizes
+            raise _RowError(
+                f"input image is {wi}x{hi} but target image is {wt}x{ht} (give a resolution to resize both)"
+            )
+        return 0
+    height, width = resolution
+    labels = ("input", "target")
+    small = [(label, w, h) for label, (w, h) in zip(labels, sizes, strict=True) if w < width or h < height]
+    if small and not upscale_small:
+        label, w, h = small[0]
+        raise _RowError(
+            f"{label} image is {w}x{h}, smaller than the resolution {width}x{height} (WxH); "
+            "set data.upscale_small=true to upscale it"
+        )
+    return len(small)
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -418,10 +484,12 @@ class MotionEditDataset(Sequence[MotionExample]):
         *,
         resolution: tuple[int, int] | None = None,
         skipped: Sequence[tuple[RowRef, str]] = (),
+        upscaled: int = 0,
     ):
         self._records = list(records)
         self.resolution = resolution
         self.skipped: list[tuple[RowRef, str]] = list(skipped)  # (row, reason) dropped by on_error="skip"
+        self.upscaled = upscaled  # images (input and target counted apart) smaller than resolution, upscaled
 
     @classmethod
     def from_source(
@@ -431,8 +499,13 @@ class MotionEditDataset(Sequence[MotionExample]):
         resolution: tuple[int, int] | None = None,
         on_error: str = "raise",
         cache_dir: str | os.PathLike | None = None,
+        upscale_small: bool = False,
     ) -> MotionEditDataset:
-        """Load and validate a parquet file, JSONL manifest or folder, local or ``s3://`` (module docstring)."""
+        """Load and validate a parquet file, JSONL manifest or folder, local or ``s3://`` (module docstring).
+
+        With a ``resolution``, an image narrower or lower than it is a bad row (``on_error``), or with
+        ``upscale_small`` is upscaled: the kept rows' upscaled images are counted in ``dataset.upscaled`` and
+        logged once (one warning)."""
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if resolution is not None:
@@ -453,18 +526,20 @@ class MotionEditDataset(Sequence[MotionExample]):
             else:
                 candidates.append((pos, item))
 
-        def check(candidate: tuple[int, _Record]) -> tuple[int, str | None]:
+        def check(candidate: tuple[int, _Record]) -> tuple[int, str | int]:
             pos, record = candidate
             try:
-                _check_images(record, names, same_size=resolution is None)
+                return pos, _check_images(record, names, resolution, upscale_small)
             except _RowError as err:
                 return pos, str(err)
-            return pos, None
 
+        upscaled_at: dict[int, int] = {}  # position in `parsed` -> images of that row to upscale
         with ThreadPoolExecutor(max_workers=min(CHECK_THREADS, os.cpu_count() or 1)) as pool:
-            for pos, reason in pool.map(check, candidates):
-                if reason is not None:
-                    bad[pos] = reason
+            for pos, result in pool.map(check, candidates):
+                if isinstance(result, str):
+                    bad[pos] = result
+                elif result:
+                    upscaled_at[pos] = result
 
         records, first_seen = [], {}
         for pos, record in candidates:
@@ -486,7 +561,15 @@ class MotionEditDataset(Sequence[MotionExample]):
             logger.warning("skipped %d of %d rows of %s:\n  %s", len(skipped), len(parsed), names(path), listing)
         if not records:
             raise DataError(f"{names(path)}: no usable rows ({len(parsed)} read, {len(skipped)} skipped)")
-        return cls(records, resolution=resolution, skipped=skipped)
+        upscaled_rows = [n for pos, n in upscaled_at.items() if pos not in bad]
+        upscaled = sum(upscaled_rows)
+        if upscaled:
+            assert resolution is not None
+            logger.warning(
+                "upscaled %d images (in %d of %d rows) of %s: smaller than the resolution %dx%d (WxH)",
+                upscaled, len(upscaled_rows), len(records), names(path), resolution[1], resolution[0],
+            )  # fmt: skip
+        return cls(records, resolution=resolution, skipped=skipped, upscaled=upscaled)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -539,7 +622,10 @@ class MotionEditDataset(Sequence[MotionExample]):
         )
 
     def __repr__(self) -> str:
-        return f"MotionEditDataset(n={len(self)}, resolution={self.resolution}, skipped={len(self.skipped)})"
+        return (
+            f"MotionEditDataset(n={len(self)}, resolution={self.resolution}, skipped={len(self.skipped)}, "
+            f"upscaled={self.upscaled})"
+        )
 
 
 class ExampleServer:
@@ -558,6 +644,8 @@ def load_splits(cfg: Config) -> tuple[MotionEditDataset, MotionEditDataset]:
 
     Without `data.source`, `data.synthetic` examples are generated once into `<model.cache_dir>/synthetic`
     (keyed by the generator's source) and used; an `s3://` source is downloaded into `<model.cache_dir>/data`.
+    Images smaller than the resolution are bad rows unless `data.upscale_small`; generated synthetic images
+    (`data.synthetic_size`, which may be below the resolution) are always upscaled when needed.
     """
     d, cache = cfg.data, Path(cfg.model.cache_dir).expanduser()
     source = d.source
@@ -571,7 +659,11 @@ def load_splits(cfg: Config) -> tuple[MotionEditDataset, MotionEditDataset]:
         )
         source = str(out / synthetic.PARQUET_NAME)
     ds = MotionEditDataset.from_source(
-        source, resolution=(cfg.rollout.height, cfg.rollout.width), on_error=d.on_error, cache_dir=str(cache / "data")
+        source,
+        resolution=(cfg.rollout.height, cfg.rollout.width),
+        on_error=d.on_error,
+        cache_dir=str(cache / "data"),
+        upscale_small=d.upscale_small or not d.source,
     )
     if d.eval_fraction == 0:
         return ds, ds[0:0]

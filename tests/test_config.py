@@ -198,3 +198,92 @@ def test_print_config_builds_nothing(capsys):
     assert main(["--config", str(ROOT / "configs" / "learn_demo.yaml"), "--print-config"]) == 0
     out = capsys.readouterr().out
     assert '"enabled": true' in out and '"max_sequence_length": 48' in out
+
+
+# ------------------------------------------------------------------------------------------------ issue 13
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("nft:\n  beta: 1.0\n  lr: 0.1\n  beta: 2.0\n", "nft.beta: duplicate key at line 4 of {path} (first at line 2"),
+        ("model: {tiny: true}\nmodel: {family: qwen_image_edit}\n", "model: duplicate key at line 2 of {path}"),
+        ("reward:\n  flow:\n    q: 0.4\n    q: 0.5\n", "reward.flow.q: duplicate key at line 4"),
+        ("cluster:\n  node_types:\n    gpu: {GPU: 8, GPU: 4}\n", "cluster.node_types.gpu.GPU: duplicate key at line 3"),
+    ],
+)
+def test_duplicate_yaml_keys_are_refused_naming_the_key(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, MINIMAL)
+    assert message.format(path=path) in str(err.value)
+
+
+def test_duplicate_keys_in_an_override_value_and_yaml_merges(tmp_path):
+    with pytest.raises(ConfigError, match=r"^nft\.beta: duplicate key"):
+        load_config(None, MINIMAL + ["nft={beta: 1, beta: 2}"])
+    path = tmp_path / "run.yaml"  # a merge key's values may be overridden: that is what merges are for
+    path.write_text("rollout: {<<: {group_size: 4, num_steps: 3}, group_size: 6}\n")
+    cfg = load_config(path, MINIMAL)
+    assert (cfg.rollout.group_size, cfg.rollout.num_steps) == (6, 3)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("nft.beta=.inf", "nft.beta"),
+        ("nft.beta=-.inf", "nft.beta"),
+        ("nft.beta=.nan", "nft.beta"),
+        ("nft.beta=1e999", "nft.beta"),  # overflows to inf
+        ("nft.lr=" + "9" * 400, "nft.lr"),  # an int beyond float range
+        ("reward.judge.timeout_s=.inf", "reward.judge.timeout_s"),
+        ("reward.max_wait_ms=.nan", "reward.max_wait_ms"),
+        ("demo.weight_decay=.inf", "demo.weight_decay"),
+        ("cluster.learner_resources={learner_node: .inf}", "cluster.learner_resources.learner_node"),
+        ("cluster.node_types={gpu: {GPU: .nan}}", "cluster.node_types.gpu.GPU"),
+    ],
+)
+def test_non_finite_floats_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, MINIMAL + [override])
+    assert str(err.value).startswith(f"{key}: expected a finite number")
+
+
+def test_non_finite_floats_are_refused_in_yaml_and_in_code(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("nft: {beta: .inf}\n")
+    with pytest.raises(ConfigError, match=r"^nft\.beta: expected a finite number, got inf"):
+        load_config(path, MINIMAL)
+    with pytest.raises(ConfigError, match=r"^nft\.beta: expected a finite"):
+        NFTConfig(beta=float("inf"))
+    with pytest.raises(ConfigError, match=r"^reward\.flow\.tau: expected a finite"):
+        FlowRewardConfig(tau=float("inf"))
+    for section in (NFTConfig(), FlowRewardConfig(), Config().cluster, Config().reward, Config().checkpoint):
+        assert section  # every default is finite
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("checkpoint.dir=", "checkpoint.dir: expected a local dir or s3://bucket/prefix, not empty, got ''"),
+        ("checkpoint.dir='  '", "checkpoint.dir: expected a local dir or s3://bucket/prefix, not empty"),
+        ("checkpoint.dir=s3://", "checkpoint.dir: expected s3://bucket/prefix with a bucket name"),
+        ("checkpoint.dir=s3:///ckpt", "checkpoint.dir: expected s3://bucket/prefix with a bucket name"),
+        ("logging.dir=", "logging.dir: expected a local dir, not empty, got ''"),
+        ("logging.dir=s3://bucket/run", "logging.dir: expected a local dir (not s3://"),
+        ("checkpoint.s3_retries=-1", "checkpoint.s3_retries: expected an integer >= 0"),
+        ("checkpoint.s3_backoff_s=-1", "checkpoint.s3_backoff_s: expected a value >= 0"),
+        ("checkpoint.s3_backoff_s=.inf", "checkpoint.s3_backoff_s: expected a finite number"),
+    ],
+)
+def test_bad_dirs_and_s3_retry_settings_are_refused(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, MINIMAL + [override])
+    assert message in str(err.value)
+
+
+def test_s3_retry_settings_reach_the_s3_helpers():
+    from common.s3 import S3Retry
+
+    cfg = load_config(None, MINIMAL + ["checkpoint.dir=s3://bucket/ckpt", "checkpoint.s3_retries=2"])
+    assert S3Retry.from_config(cfg.checkpoint) == S3Retry(2, cfg.checkpoint.s3_backoff_s)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from common import s3
-from data.motionedit import CATEGORIES, DataError, MotionEditDataset
+from data.motionedit import CATEGORIES, DataError, MotionEditDataset, load_splits, to_rgb_uint8
 from data.synthetic import generate_synthetic, main, make_example
 
 N, SIZE, SEED = 12, 64, 0  # seed 0 gives both rotations (rows 3, 7) and translations in the first 12
@@ -369,3 +369,143 @@ def test_native_size_keeps_images_and_checks_pairs(tmp_path):
     with pytest.raises(DataError, match="input image is 40x24 but target image is 40x20"):
         MotionEditDataset.from_source(tmp_path)
     assert len(MotionEditDataset.from_source(tmp_path, resolution=(16, 16))) == 1
+
+
+# ------------------------------------------------------------------------------------------- image modes
+
+
+def _mode_set(root: Path, images: dict[str, Image.Image]) -> Path:
+    """A JSONL set whose row ``name`` has ``images[name]`` (saved as a real file) as input, a black target."""
+    root.mkdir(parents=True)
+    rows = []
+    for name, img in images.items():
+        suffix = ".tif" if img.mode == "CMYK" else ".png"  # PNG has no CMYK; TIFF stores it losslessly
+        img.save(root / f"{name}{suffix}")
+        Image.new("RGB", img.size).save(root / f"{name}_target.png")
+        rows.append({"id": name, "prompt": "nothing moves", "image": [f"{name}{suffix}", f"{name}_target.png"]})
+    manifest = root / "metadata.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return manifest
+
+
+def _hwc(image: torch.Tensor) -> np.ndarray:
+    assert image.dtype == torch.uint8 and image.shape[0] == 3
+    return image.permute(1, 2, 0).numpy().astype(int)
+
+
+def test_every_image_mode_loads_as_8bit_rgb(tmp_path):
+    x = np.arange(256)
+    gray16 = np.stack([257 * x, 256 * x + 255]).astype(np.uint16)  # both rows read x: v >> 8
+    palette = Image.new("P", (2, 2))
+    palette.putpalette([255, 0, 0, 0, 128, 0, 0, 0, 255, 10, 20, 30])
+    palette.putdata([0, 1, 2, 3])
+    palette.info["transparency"] = bytes([255, 128, 255, 0])  # index 1 half transparent, index 3 invisible
+    la = Image.new("LA", (3, 1))
+    la.putdata([(100, 255), (100, 0), (200, 51)])
+    rgba = Image.new("RGBA", (3, 1))
+    rgba.putdata([(10, 20, 30, 255), (10, 20, 30, 0), (100, 50, 0, 128)])
+    cmyk = Image.new("CMYK", (4, 1))
+    cmyk.putdata([(100, 50, 0, 60), (0, 0, 0, 0), (0, 0, 0, 255), (255, 0, 0, 0)])
+    images = {
+        "gray16": Image.fromarray(gray16),
+        "palette": palette,
+        "la": la,
+        "rgba": rgba,
+        "l": Image.fromarray(np.array([[7, 250]], dtype=np.uint8)),
+        "cmyk": cmyk,
+    }
+    assert images["gray16"].mode == "I;16"
+    ds = MotionEditDataset.from_source(_mode_set(tmp_path / "modes", images), on_error="raise")
+    got = {ex.id: _hwc(ex.input_image) for ex in ds}
+
+    assert got["gray16"].shape == (2, 256, 3)
+    assert (got["gray16"] == x[None, :, None]).all()  # 16-bit scaled to 8 bit, not clipped to white
+    assert (got["gray16"] < 255).mean() > 0.99
+    # Alpha over white: c' = round(c * a / 255 + 255 * (1 - a / 255)).
+    # Palette: red opaque; green (0, 128, 0) at a = 128 -> (127, 191.25, 127); blue opaque; index 3 invisible.
+    assert got["palette"].tolist() == [[[255, 0, 0], [127, 191, 127]], [[0, 0, 255], [255, 255, 255]]]
+    # LA: opaque 100; invisible -> white; 200 at a = 51 (0.2) -> 40 + 204 = 244.
+    assert got["la"].tolist() == [[[100] * 3, [255] * 3, [244] * 3]]
+    # RGBA: (100, 50, 0) at a = 128 -> (50.2 + 127, 25.1 + 127, 127).
+    assert got["rgba"].tolist() == [[[10, 20, 30], [255, 255, 255], [177, 152, 127]]]
+    assert got["l"].tolist() == [[[7] * 3, [250] * 3]]
+    # CMYK, naive: R = round((255 - C) * (255 - K) / 255): (155 * 195, 205 * 195, 255 * 195) / 255.
+    assert got["cmyk"].tolist() == [[[119, 157, 195], [255, 255, 255], [0, 0, 0], [0, 255, 255]]]
+
+
+def test_to_rgb_uint8_other_16bit_modes_pa_and_unsupported():
+    values = np.array([[0, 255, 256, 0x1234], [0x8080, 40000, 0xFF00, 65535]])
+    expected = [[0, 0, 1, 0x12], [0x80, 156, 255, 255]]
+    for mode, dtype in (("I;16B", ">u2"), ("I;16L", "<u2"), ("I;16", "<u2")):
+        img = Image.frombytes(mode, (4, 2), values.astype(dtype).tobytes())
+        out = to_rgb_uint8(img)
+        assert out.shape == (3, 2, 4) and out.dtype == torch.uint8
+        assert (out == torch.tensor(expected, dtype=torch.uint8)).all(), mode
+    as_i = to_rgb_uint8(Image.fromarray(np.array([[-5, 70000, 0x1234]], dtype=np.int32)))  # mode I, clamped
+    assert as_i[:, 0].tolist() == [[0, 255, 0x12]] * 3
+    pa = Image.new("PA", (2, 1))
+    pa.putpalette([0, 0, 0, 200, 100, 50])
+    pa.putdata([(1, 255), (1, 0)])
+    assert _hwc(to_rgb_uint8(pa)).tolist() == [[[200, 100, 50], [255, 255, 255]]]
+    with pytest.raises(ValueError, match="unsupported image mode 'F'"):
+        to_rgb_uint8(Image.new("F", (2, 2)))
+
+
+# ------------------------------------------------------------------------------------ images too small
+
+
+def _shrink_row(manifest: Path, line_no: int = 3) -> str:
+    """Replace the input image of one JSONL row by a 3x2 solid (10, 200, 30) PNG; returns the row's id."""
+    row = json.loads(manifest.read_text().splitlines()[line_no - 1])
+    Image.new("RGB", (3, 2), (10, 200, 30)).save(manifest.parent / row["image"][0])
+    return row["id"]
+
+
+def test_image_smaller_than_resolution_is_a_bad_row(synth, tmp_path, caplog):
+    manifest = _copy_jsonl_set(synth, tmp_path / "set")
+    row_id = _shrink_row(manifest)
+    with pytest.raises(DataError) as err:
+        MotionEditDataset.from_source(manifest, resolution=(SIZE, SIZE))
+    assert str(err.value).startswith(
+        f"{manifest} line 3 (id='{row_id}'): input image is 3x2, smaller than the resolution 64x64 (WxH)"
+    )
+    assert "upscale_small" in str(err.value)
+    with caplog.at_level(logging.WARNING, logger="data.motionedit"):
+        ds = MotionEditDataset.from_source(manifest, resolution=(SIZE, SIZE), on_error="skip")
+    assert len(ds) == N - 1 and row_id not in ds.ids and ds.upscaled == 0
+    assert [(w.row, w.id) for w, _ in ds.skipped] == [(3, row_id)]
+    assert "skipped 1 of 12 rows" in caplog.text and f"{manifest} line 3" in caplog.text
+    assert "upscaled" not in caplog.text
+    # Either side counts: the 64x64 images are narrower than 128 columns.
+    with pytest.raises(DataError, match=r"line 1 .*input image is 64x64, smaller than the resolution 128x32"):
+        MotionEditDataset.from_source(synth["jsonl"], resolution=(32, 128))
+    assert len(MotionEditDataset.from_source(synth["jsonl"], resolution=(32, 64))) == N  # not smaller: kept
+
+
+def test_upscale_small_loads_at_the_resolution_and_counts(synth, tmp_path, caplog):
+    manifest = _copy_jsonl_set(synth, tmp_path / "set")
+    row_id = _shrink_row(manifest)
+    with caplog.at_level(logging.WARNING, logger="data.motionedit"):
+        ds = MotionEditDataset.from_source(manifest, resolution=(SIZE, SIZE), upscale_small=True)
+    assert len(ds) == N and ds.skipped == [] and ds.upscaled == 1 and "upscaled=1" in repr(ds)
+    ex = ds[ds.ids.index(row_id)]
+    assert ex.input_image.shape == ex.target_image.shape == (3, SIZE, SIZE)
+    assert (_hwc(ex.input_image) == [10, 200, 30]).all()
+    assert caplog.text.count("upscaled") == 1
+    assert f"upscaled 1 images (in 1 of 12 rows) of {manifest}: smaller than the resolution 64x64" in caplog.text
+
+
+def test_load_splits_passes_upscale_small(synth, tmp_path):
+    from common.config import load_config
+
+    manifest = _copy_jsonl_set(synth, tmp_path / "set")
+    row_id = _shrink_row(manifest)
+    base = ["model.tiny=true", "reward.judge.tiny=true", f"model.cache_dir={tmp_path / 'cache'}",
+            "rollout.height=64", "rollout.width=64", "data.eval_fraction=0", "data.on_error=raise"]  # fmt: skip
+    with pytest.raises(DataError, match=f"line 3 \\(id='{row_id}'\\): input image is 3x2"):
+        load_splits(load_config(None, [*base, f"data.source={manifest}"]))
+    train, held = load_splits(load_config(None, [*base, f"data.source={manifest}", "data.upscale_small=true"]))
+    assert len(train) == N and len(held) == 0 and train.upscaled == 1
+    # Generated synthetic images below the resolution are always upscaled (both images of every row).
+    train, _ = load_splits(load_config(None, [*base, "data.synthetic=3", "data.synthetic_size=32"]))
+    assert len(train) == 3 and train.upscaled == 6 and train[0].input_image.shape == (3, 64, 64)
