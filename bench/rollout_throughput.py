@@ -107,8 +107,7 @@ def bench_weight_sync(args, policy: EditPolicy) -> None:
     from models.weights import PolicyWeights, WeightManifest
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=args.workers + 1, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=args.workers + 1, include_dashboard=False, log_to_driver=False)
 
     class Holder:
         """A rollout's weight endpoint without the sampler: loads into a policy in place."""

@@ -62,13 +62,15 @@ def _is_mine(rel: str, rank: int) -> bool:
 
 
 def save_rank(
-    state: dict[str, Any], target: str, rank: int, *, export: Callable[[Path], Any] | None = None
+    state: dict[str, Any], target: str, rank: int, *, export: Callable[[Path], Any] | None = None,
+    retry: s3.S3Retry | None = None,
 ) -> list[str]:
     """Collective: this rank's part of a checkpoint at `target`, a dir every rank reaches or an s3:// prefix.
 
     Its DCP shards go under learner/; `export(dir)`, when given (rank 0), writes the diffusers export into
-    `dir`. For S3 the files are staged in this node's temp dir and uploaded by this rank, so nothing depends on
-    another node's disk. Returns the paths this rank wrote, relative to `target`, for the driver to check.
+    `dir`. For S3 the files are staged in this node's temp dir and uploaded by this rank (transient S3 errors
+    retried as `retry` says), so nothing depends on another node's disk. Returns the paths this rank wrote,
+    relative to `target`, for the driver to check.
     """
     remote = s3.is_s3_uri(target)
     with tempfile.TemporaryDirectory(prefix="motionnft-ckpt-") if remote else contextlib.nullcontext(target) as base:
@@ -80,18 +82,18 @@ def save_rank(
         mine = sorted(rel for rel in written if _is_mine(rel, rank))
         if remote:
             for rel in mine:
-                s3.upload_file(base / rel, f"{target}/{rel}")
+                s3.upload_file(base / rel, f"{target}/{rel}", retry=retry)
     return mine
 
 
-def load_rank(state: dict[str, Any], source: str) -> None:
+def load_rank(state: dict[str, Any], source: str, *, retry: s3.S3Retry | None = None) -> None:
     """Collective: loads the learner shards at `source` (a dir or an s3:// prefix) in place into `state`; from
     S3 each rank downloads into its own node's temp dir, removed afterwards."""
     if not s3.is_s3_uri(source):
         load_sharded(state, source)
         return
     with tempfile.TemporaryDirectory(prefix="motionnft-restore-") as tmp:
-        load_sharded(state, s3.download_prefix(source, tmp))
+        load_sharded(state, s3.download_prefix(source, tmp, retry=retry))
 
 
 def check_reachable(cfg: CheckpointConfig, rank_nodes: list[str], driver_node: str) -> None:
@@ -110,11 +112,11 @@ class CheckpointManager:
     """Driver-side bookkeeping: where step N goes, the commit, which checkpoint is the latest complete one,
     retention. `cache_dir` holds local copies of S3 checkpoints for evaluation."""
 
-    def __init__(self, root: str, *, keep: int, cache_dir: str | Path) -> None:
+    def __init__(self, root: str, *, keep: int, cache_dir: str | Path, retry: s3.S3Retry | None = None) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint keep must be >= 1 (the newest checkpoint is never deleted), got {keep}")
         self.root, self.keep = str(root).rstrip("/"), keep
-        self.remote = s3.is_s3_uri(self.root)
+        self.remote, self.retry = s3.is_s3_uri(self.root), retry
         root_key = hashlib.blake2b(self.root.encode(), digest_size=6).hexdigest()
         self.cache = Path(cache_dir).expanduser() / "checkpoints" / root_key  # one cache per root
         if self.remote:
@@ -130,9 +132,8 @@ class CheckpointManager:
         it never looks complete while it is overwritten)."""
         if self.remote:
             uri = f"{self.root}/{step_name(step)}"
-            bucket, key = s3.split_s3_uri(f"{uri}/{MARKER}")
-            s3.s3_client().delete_object(Bucket=bucket, Key=key)
-            s3.delete_prefix(uri)
+            s3.delete_object(f"{uri}/{MARKER}", retry=self.retry)
+            s3.delete_prefix(uri, retry=self.retry)
             return uri
         path = Path(self.root) / f".tmp-{step_name(step)}"
         if path.exists():
@@ -155,8 +156,9 @@ class CheckpointManager:
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "driver.json").write_text(state)
                 (Path(tmp) / MARKER).write_text(str(step))
-                s3.upload_file(Path(tmp) / "driver.json", f"{target}/driver.json")
-                s3.upload_file(Path(tmp) / MARKER, f"{target}/{MARKER}")  # last: only now is it complete
+                s3.upload_file(Path(tmp) / "driver.json", f"{target}/driver.json", retry=self.retry)
+                # last: only now is it complete
+                s3.upload_file(Path(tmp) / MARKER, f"{target}/{MARKER}", retry=self.retry)
             location = target
         else:
             (Path(target) / "driver.json").write_text(state)
@@ -166,18 +168,32 @@ class CheckpointManager:
                 shutil.rmtree(final)
             Path(target).rename(final)
             location = str(final)
-        self._prune()
+        self._prune(step)
         return location
 
     def _files(self, where: str) -> set[str]:
         if self.remote:
-            return {uri[len(where) + 1 :] for uri in s3.list_prefix(where)}
+            return {uri[len(where) + 1 :] for uri in s3.list_prefix(where, retry=self.retry)}
         return {p.relative_to(where).as_posix() for p in Path(where).rglob("*") if p.is_file()}
 
-    def _prune(self) -> None:
-        for step in self.complete_steps()[: -self.keep]:
+    def delete_all(self) -> int:
+        """Remove every checkpoint under the root, complete or not (`--overwrite`); returns how many steps."""
+        if self.remote:
+            names = {k[len(self.root) + 1 :].split("/")[0] for k in s3.list_prefix(self.root, retry=self.retry)}
+            names = {n for n in names if _STEP_DIR.fullmatch(n)}
+            for name in names:
+                s3.delete_prefix(f"{self.root}/{name}", retry=self.retry)
+            return len(names)
+        paths = [p for p in Path(self.root).iterdir() if _STEP_DIR.fullmatch(p.name.removeprefix(".tmp-"))]
+        for path in paths:
+            shutil.rmtree(path)
+        return len(paths)
+
+    def _prune(self, written: int) -> None:
+        """Keep the newest `keep` complete checkpoints, and always the one just `written`."""
+        for step in [s for s in self.complete_steps()[: -self.keep] if s != written]:
             if self.remote:
-                s3.delete_prefix(f"{self.root}/{step_name(step)}")
+                s3.delete_prefix(f"{self.root}/{step_name(step)}", retry=self.retry)
             else:
                 shutil.rmtree(Path(self.root) / step_name(step), ignore_errors=True)
 
@@ -186,7 +202,7 @@ class CheckpointManager:
     def complete_steps(self) -> list[int]:
         """Steps whose `step_N/COMMITTED` marker exists, ascending (staging dirs and partial uploads never)."""
         if self.remote:
-            children = [k[len(self.root) + 1 :].split("/") for k in s3.list_prefix(self.root)]
+            children = [k[len(self.root) + 1 :].split("/") for k in s3.list_prefix(self.root, retry=self.retry)]
             names = {parts[0] for parts in children if len(parts) == 2 and parts[1] == MARKER}
         else:
             names = {p.parent.name for p in Path(self.root).glob(f"step_*/{MARKER}")}
@@ -199,7 +215,10 @@ class CheckpointManager:
     def location(self, step: int) -> str:
         """The dir or s3:// prefix of complete checkpoint `step` (what the learner ranks load from)."""
         where = f"{self.root}/{step_name(step)}"
-        complete = (f"{where}/{MARKER}" in s3.list_prefix(where)) if self.remote else Path(where, MARKER).is_file()
+        if self.remote:
+            complete = f"{where}/{MARKER}" in s3.list_prefix(where, retry=self.retry)
+        else:
+            complete = Path(where, MARKER).is_file()
         if not complete:
             raise FileNotFoundError(f"checkpoint {where} is not complete (no {MARKER} marker)")
         return where
@@ -212,14 +231,15 @@ class CheckpointManager:
             return Path(where)
         dest = self.cache / "restore" / step_name(step)
         shutil.rmtree(dest, ignore_errors=True)
-        return s3.download_prefix(where, dest)
+        return s3.download_prefix(where, dest, retry=self.retry)
 
     def driver_state(self, step: int) -> dict[str, Any]:
         where = self.location(step)
         if not self.remote:
             return json.loads((Path(where) / "driver.json").read_text())
         with tempfile.TemporaryDirectory() as tmp:
-            return json.loads(s3.download_file(f"{where}/driver.json", Path(tmp) / "driver.json").read_text())
+            local = s3.download_file(f"{where}/driver.json", Path(tmp) / "driver.json", retry=self.retry)
+            return json.loads(local.read_text())
 
 
 def export_lora(

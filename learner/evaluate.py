@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from actors.sampler import Sampler
+from common import s3
 from common.config import Config, RolloutConfig, load_config_or_exit
 from data.motionedit import load_splits
 from learner.checkpoint import CheckpointManager
@@ -124,7 +125,8 @@ def checkpoints_to_evaluate(cfg, which: str) -> list[tuple[int | None, Path | No
     if which == "none":
         return [(None, None)]
     if which in ("latest", "all"):
-        manager = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, cache_dir=cfg.model.cache_dir)
+        manager = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, cache_dir=cfg.model.cache_dir,
+                                    retry=s3.S3Retry.from_config(cfg.checkpoint))
         steps = manager.complete_steps()
         if which == "latest":
             if not steps:

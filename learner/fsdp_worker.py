@@ -18,6 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from common.config import ClusterConfig, LearnerConfig, NFTConfig
 from common.net import free_port, node_address
+from common.s3 import S3Retry
 from learner.checkpoint import export_lora, export_transformer, load_rank, save_rank
 from learner.trainer import (
     EMA,
@@ -86,12 +87,12 @@ class LearnerWorker:
             return None, None
         return WeightManifest.of(weights, version=version, kind=weight_kind(self.nft)).pack(), weights
 
-    def save(self, target: str, export: bool) -> list[str]:
+    def save(self, target: str, export: bool, retry: S3Retry | None = None) -> list[str]:
         """Collective: this rank's shards (rank 0: also the eval-EMA export for diffusers) to `target`, a dir or
         an s3:// prefix, written from this node; returns the files written, relative to `target`."""
         ema = self.trainer.gather(EMA) if export else None  # collective; the full tensors land on rank 0
         write_export = None if ema is None else functools.partial(self._export, ema)
-        return save_rank(self.trainer.state_dict(), target, self.rank, export=write_export)
+        return save_rank(self.trainer.state_dict(), target, self.rank, export=write_export, retry=retry)
 
     def _export(self, ema: dict[str, torch.Tensor], out: Path) -> None:
         n = self.nft
@@ -101,9 +102,9 @@ class LearnerWorker:
             export_lora(ema, out / "lora", family=self.trainer.policy.family, rank=n.lora_rank, alpha=n.lora_alpha,
                         targets=list(n.lora_targets))  # fmt: skip
 
-    def load(self, source: str) -> int:
+    def load(self, source: str, retry: S3Retry | None = None) -> int:
         state = self.trainer.state_dict()
-        load_rank(state, source)
+        load_rank(state, source, retry=retry)
         self.trainer.load_state_dict(state)
         return self.trainer.step
 
@@ -181,12 +182,13 @@ class LearnerGroup:
         ray.get([x for pair in refs[1:] for x in pair])  # surfaces a failed rank; their values are None
         return refs[0]
 
-    def save(self, target: str, *, export: bool) -> list[str]:
+    def save(self, target: str, *, export: bool, retry: S3Retry | None = None) -> list[str]:
         """Every rank writes (and for S3 uploads) its own part of a checkpoint; the files written, all ranks."""
-        return sorted(f for files in ray.get([w.save.remote(target, export) for w in self.workers]) for f in files)
+        files = ray.get([w.save.remote(target, export, retry) for w in self.workers])
+        return sorted(f for mine in files for f in mine)
 
-    def load(self, source: str) -> int:
-        return ray.get([w.load.remote(source) for w in self.workers])[0]
+    def load(self, source: str, *, retry: S3Retry | None = None) -> int:
+        return ray.get([w.load.remote(source, retry) for w in self.workers])[0]
 
     def shutdown(self) -> None:
         for w in self.workers:

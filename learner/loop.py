@@ -15,9 +15,11 @@ is a drain point (no later rollouts in flight), so a resumed run continues exact
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,13 +29,18 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from common.config import Config, config_to_dict
+from common import s3
+from common.config import Config, ConfigError, config_to_dict
+from common.storage import check_writable
 from data.motionedit import ExampleServer, load_splits
 from learner.checkpoint import LEARNER, CheckpointManager, step_name
+from learner.identity import flat_config, new_run_id, training_keys_that_differ
 from learner.nft_loss import group_filter, optimality, saturated_groups
 from learner.placement import alive_nodes, check_placement
 from learner.pools import Pools, build_pools
 from models.weights import PublishedWeights
+from rewards.judge import JudgeError
+from rewards.scorer import GroupReward
 
 
 @contextlib.contextmanager
@@ -47,6 +54,7 @@ def timed(name: str, timing: dict[str, float]):
 class DriverState:
     """Everything the driver needs to resume: saved in each checkpoint's driver.json."""
 
+    run_id: str = ""  # fixed at the run's first start, carried by every checkpoint
     step: int = 0  # next step to run
     version: int = 0  # newest published policy version (= optimizer steps taken)
     epoch: int = 0  # data cursor: pass over the training prompts ...
@@ -92,6 +100,10 @@ class StepRollouts:
     images: list[Any]
     meta: list[Any]
 
+    def only(self, keep: list[int]) -> StepRollouts:
+        return StepRollouts(*([x[g] for g in keep] for x in (self.prompt_ids, self.examples, self.groups,
+                                                              self.images, self.meta)))  # fmt: skip
+
 
 def group_stats(rewards: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(P, K) rewards -> optimality r (P, K), valid groups (P,), saturated groups to ban (P,) (DESIGN §5).
@@ -99,6 +111,9 @@ def group_stats(rewards: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch
     Validity and bans always come from the rewards themselves, so `nft.invert_reward` changes only the
     direction of learning, never which groups train."""
     n = cfg.nft
+    if rewards.shape[0] == 0:  # no group scored (reward.judge.on_outage=drop): nothing to train or ban
+        none = torch.zeros(0, dtype=torch.bool)
+        return rewards.clone(), none, none.clone()
     r = optimality(rewards, clip=n.adv_clip_max)
     if n.invert_reward:  # control experiment: the same updates towards the worse candidates
         r = 1.0 - r
@@ -108,13 +123,25 @@ def group_stats(rewards: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch
 
 
 class MetricsLog:
-    """One JSON line per step in `<logging.dir>/metrics.jsonl` and a short printed line every N steps."""
+    """One JSON line per step in `<logging.dir>/metrics.jsonl` and a short printed line every N steps.
 
-    def __init__(self, run_dir: Path, every: int, resume: bool) -> None:
+    Every step appears exactly once across kills and resumes: resuming at step S keeps the lines of steps
+    before S - 1, the line of step S - 1 as written (or, if the kill came between the commit and the write,
+    as the checkpoint carries it: `recovered`), and drops the lines of steps redone from S on."""
+
+    def __init__(self, run_dir: Path, every: int, *, resume_at: int = 0, recovered: dict | None = None) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path, self.every = run_dir / "metrics.jsonl", every
-        if not resume:
-            self.path.write_text("")
+        lines: list[dict] = []
+        if resume_at > 0 and self.path.exists():
+            lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+            lines = [x for x in lines if x["step"] < resume_at]
+            lines = list({x["step"]: x for x in lines}.values())  # a step logged twice by an older version: once
+        if recovered is not None and all(x["step"] != recovered["step"] for x in lines):
+            lines.append(recovered)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(x) + "\n" for x in sorted(lines, key=lambda x: x["step"])))
+        tmp.replace(self.path)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         with self.path.open("a") as f:
@@ -126,16 +153,17 @@ class MetricsLog:
             print(f"step {step}  {shown}", flush=True)
 
 
-def init_ray(cfg: Config) -> None:
+def init_ray(cfg: Config) -> bool:
+    """Join `cluster.address` / RAY_ADDRESS, or start an embedded one-machine cluster; True for the latter."""
     if ray.is_initialized():  # a caller (bench, notebook) already chose the cluster
-        return
+        return len(ray.nodes()) == 1
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address)
-    else:  # embedded cluster (laptop, CI): on loopback, so no token auth (see ENVIRONMENT.md)
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or None, include_dashboard=False,
-                 _node_ip_address="127.0.0.1")  # fmt: skip
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # one machine, a private cluster: no token auth
+    ray.init(address="local", num_cpus=cfg.cluster.num_cpus or None, include_dashboard=False)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ phases
@@ -158,11 +186,26 @@ def submit_rollouts(pools: Pools, examples_server, indices: list[int], ids: list
     return StepRollouts([ids[i] for i in indices], examples, groups, images, meta)
 
 
-def score_groups(pools: Pools, batch: StepRollouts):
-    """Every group goes to a reward worker as soon as it exists (Ray resolves the refs); fetch P*K floats."""
+def score_groups(pools: Pools, batch: StepRollouts) -> tuple[list[GroupReward | JudgeError], list[dict]]:
+    """Every group goes to a reward worker as soon as it exists (Ray resolves the refs); fetch P*K floats. A
+    group the judge could not score within its retry budget comes back as its JudgeError; any other error
+    propagates."""
     n = len(pools.rewards)
     refs = [pools.rewards[g % n].score.remote(batch.examples[g], batch.images[g]) for g in range(len(batch.groups))]
-    return ray.get(refs), ray.get(batch.meta)
+    results: list[GroupReward | JudgeError] = []
+    for ref in refs:
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as e:
+            if not isinstance(e.cause, JudgeError):
+                raise
+            results.append(e.cause)
+    return results, ray.get(batch.meta)
+
+
+class RunStopped(RuntimeError):
+    """The run ended on purpose (a judge outage past its budget), after saving what it could; the message says
+    what happened, what was saved and how to go on."""
 
 
 def publish(pools: Pools, version: int) -> PublishedWeights:
@@ -178,7 +221,10 @@ def reward_counters(pools: Pools) -> dict[str, float]:
     total: dict[str, float] = {}
     for counters in ray.get([w.counters.remote() for w in pools.rewards]):
         for key, value in counters.items():
-            total[f"reward_workers/{key}"] = total.get(f"reward_workers/{key}", 0.0) + value
+            name, gauge = f"reward_workers/{key}", key.endswith("_max") or "peak_" in key
+            total[name] = max(total.get(name, 0.0), value) if gauge else total.get(name, 0.0) + value
+    if pools.judges:
+        total["judges/restarts"] = float(sum(ray.get([j.restarts.remote() for j in pools.judges])))
     return total
 
 
@@ -200,41 +246,43 @@ def step_metrics(rewards, meta, r, valid, version: int, timing: dict[str, float]
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
     run_dir = Path(cfg.logging.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:  # before anything starts: a checkpoint dir that cannot be written (credentials, endpoint, permissions)
+        check_writable(cfg.checkpoint.dir)
+    except (OSError, s3.S3Error) as e:  # FileNotFoundError (no bucket) is an OSError
+        raise ConfigError(f"checkpoint.dir: {e}") from e
+    retry = s3.S3Retry.from_config(cfg.checkpoint)
+    ckpt = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, cache_dir=cfg.model.cache_dir, retry=retry)
+    state, recovered = start_state(cfg, ckpt, resume=resume, overwrite=overwrite)  # refusals before any start-up
     (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
-    init_ray(cfg)
+    embedded = init_ray(cfg)
     check_placement(cfg, alive_nodes())  # a pool no node (type) can ever hold fails now, naming its keys
     train_ds, eval_ds = load_splits(cfg)
     print(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples; "
           f"{cfg.samples_per_step} samples per step ({cfg.rollout.prompts_per_step} prompts x "
           f"{cfg.rollout.group_size})", flush=True)  # fmt: skip
-    ckpt = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, cache_dir=cfg.model.cache_dir)
-    state = DriverState()
-    pools = build_pools(cfg)
+    pools = build_pools(cfg, local=embedded)
     last: dict[str, float] = {}
     try:
-        latest = ckpt.latest() if resume else None
-        if latest is not None:
-            state = DriverState(**ckpt.driver_state(latest)["driver"])
-            pools.learner.load(f"{ckpt.location(latest)}/{LEARNER}")  # each rank reads from its own node
-            print(f"resumed from {step_name(latest)}: step {state.step}, policy version {state.version}", flush=True)
-        elif resume:
-            print(f"--resume: no complete checkpoint under {cfg.checkpoint.dir}; starting fresh", flush=True)
+        if state.step > 0:
+            pools.learner.load(f"{ckpt.location(state.step)}/{LEARNER}", retry=retry)  # each rank, from its node
         weights = publish(pools, state.version)
         cursor = PromptCursor(train_ds.ids, cfg.data.seed)
         # On the driver's node, where the data was loaded; decoded examples go to the object store.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         examples = ray.remote(num_cpus=0)(ExampleServer).options(scheduling_strategy=here).remote(train_ds)
-        log = MetricsLog(run_dir, cfg.logging.every, resume=latest is not None)
+        log = MetricsLog(run_dir, cfg.logging.every, resume_at=state.step, recovered=recovered)
         steps, ahead = cfg.learner.steps, cfg.rollout.max_staleness
         pending: dict[int, StepRollouts] = {}
+        drawn_from: dict[int, tuple[int, int]] = {}
+        dropped_total = 0
 
         for step in range(state.step, steps):
             metrics, timing = {}, {}
             save_now = step == steps - 1 or (cfg.checkpoint.every > 0 and (step + 1) % cfg.checkpoint.every == 0)
-            with timed("step", timing):
+            with timed("step", timing):  # the step's work; a checkpoint's time is timing_s/checkpoint
                 # 1. Rollouts: this step's groups, plus later steps up to the staleness bound (never past a
                 #    checkpoint step, which is a drain point).
                 with timed("rollout_submit", timing):
@@ -243,15 +291,25 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
                         if s not in pending:
                             # Sampled with the weights published now: at training time they are at most
                             # s - step <= max_staleness versions old (steps without a valid group publish none).
+                            drawn_from[s] = (state.epoch, state.position)  # an outage checkpoint redraws s
                             idx = cursor.draw(cfg.rollout.prompts_per_step, state)
                             pending[s] = submit_rollouts(pools, examples, idx, train_ds.ids, s, weights)
                     batch = pending.pop(step)
                 # 2-3. Rewards: each group is scored as soon as its rollout finishes.
                 with timed("rollout_and_reward", timing):
-                    rewards, meta = score_groups(pools, batch)
+                    results, meta = score_groups(pools, batch)
+                failed = [g for g, x in enumerate(results) if isinstance(x, JudgeError)]
+                if failed and cfg.reward.judge.on_outage == "stop":
+                    stop_on_judge_outage(cfg, ckpt, pools, state, step, drawn_from[step], last, results[failed[0]],
+                                         len(failed))  # fmt: skip
+                scored = [g for g in range(len(results)) if g not in failed]  # on_outage=drop: the rest trains
+                dropped_total += len(failed)
+                batch, meta = batch.only(scored), [meta[g] for g in scored]
+                rewards = [results[g] for g in scored]
                 # 4. Group statistics -> optimality and validity; saturated prompts are banned from now on.
                 with timed("stats", timing):
                     R = torch.tensor([g.reward for g in rewards], dtype=torch.float64)
+                    R = R.reshape(len(rewards), cfg.rollout.group_size)  # also when no group was scored
                     r, valid, banned = group_stats(R, cfg)
                     state.banned += [batch.prompt_ids[g] for g in range(len(rewards)) if banned[g]]
                 # 5. Learner: NFT step on the valid groups (by reference), then the old policy moves and is published.
@@ -266,26 +324,95 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
                         state.version += 1
                         weights = publish(pools, state.version)
                 state.step = step + 1
-                with timed("checkpoint", timing):
-                    if save_now:
-                        save_checkpoint(cfg, ckpt, pools, state)
-            metrics.update(step_metrics(rewards, meta, r, valid, state.version - (1 if keep else 0), timing,
-                                        cfg.samples_per_step))  # fmt: skip
+            if rewards:
+                metrics.update(step_metrics(rewards, meta, r, valid, state.version - (1 if keep else 0), timing,
+                                            cfg.samples_per_step))  # fmt: skip
+            else:  # on_outage=drop and the judge scored none: nothing trained, nothing published
+                metrics.update({"groups/valid": 0.0, "groups/total": 0.0})
+                metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
             metrics["groups/banned_total"] = float(len(state.banned))
+            metrics["groups/dropped_judge"], metrics["groups/dropped_judge_total"] = float(len(failed)), dropped_total
             metrics["policy/version"] = float(state.version)
             metrics.update(reward_counters(pools))
+            if save_now:  # the step's metrics line travels in the checkpoint: a resume logs it exactly once
+                with timed("checkpoint", timing):
+                    save_checkpoint(cfg, ckpt, pools, state, {"step": step, **metrics})
+                metrics["timing_s/checkpoint"] = timing["checkpoint"]
+                fault_point("after_commit", step)
             log.write(step, metrics)
+            fault_point("after_log", step)
             last = metrics
     finally:
         pools.shutdown()
     return last
 
 
-def save_checkpoint(cfg: Config, ckpt: CheckpointManager, pools: Pools, state: DriverState) -> str:
+def stop_on_judge_outage(cfg: Config, ckpt: CheckpointManager, pools: Pools, state: DriverState, step: int,
+                         drawn_from: tuple[int, int], last: dict, error: JudgeError, n_failed: int
+                         ) -> None:  # fmt: skip
+    """reward.judge.on_outage=stop: checkpoint the last completed step (unless it already is), then end the run
+    naming the judge's error. The checkpoint's data cursor is where step `step` drew its prompts, so a resume
+    redoes exactly that step."""
+    j = cfg.reward.judge
+    saved = "no step was completed, nothing to checkpoint"
+    if step > 0 and ckpt.latest() != step:
+        at = dataclasses.replace(state, step=step, epoch=drawn_from[0], position=drawn_from[1],
+                                 banned=list(state.banned))  # fmt: skip
+        where = save_checkpoint(cfg, ckpt, pools, at, {"step": step - 1, **last})
+        saved = f"checkpointed the last completed step at {where}"
+    elif step > 0:
+        saved = f"the last completed step is checkpointed at {ckpt.location(step)}"
+    raise RunStopped(f"the judge could not score {n_failed} group(s) of step {step} within reward.judge.retry_budget_s="
+                     f"{j.retry_budget_s:g}s: {error}. {saved}; run again with --resume once the judge answers, or "
+                     "set reward.judge.on_outage=drop to train on without those groups")  # fmt: skip
+
+
+def start_state(cfg: Config, ckpt: CheckpointManager, *, resume: bool, overwrite: bool
+                ) -> tuple[DriverState, dict | None]:  # fmt: skip
+    """Where this run starts, and the metrics line of the step its checkpoint ended with.
+
+    A checkpoint dir holds one run: a fresh start where checkpoints exist is refused unless `overwrite` (which
+    deletes them), and `resume` refuses a checkpoint whose training-relevant config differs, naming the keys."""
+    latest = ckpt.latest()
+    if latest is not None and not resume:
+        if not overwrite:
+            raise ConfigError(f"checkpoint.dir: {cfg.checkpoint.dir} already holds checkpoints (latest "
+                              f"{step_name(latest)}); pass --resume to continue that run, or --overwrite to delete "
+                              "them and start anew")  # fmt: skip
+        removed = ckpt.delete_all()
+        print(f"--overwrite: deleted {removed} checkpoint(s) under {cfg.checkpoint.dir}", flush=True)
+    if latest is None or not resume:
+        if resume:
+            print(f"--resume: no complete checkpoint under {cfg.checkpoint.dir}; starting fresh", flush=True)
+        return DriverState(run_id=new_run_id()), None
+    saved = ckpt.driver_state(latest)
+    if differ := training_keys_that_differ(saved["config"], config_to_dict(cfg)):
+        was, now = flat_config(saved["config"]), flat_config(config_to_dict(cfg))
+        shown = "; ".join(f"{k}: {was.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in differ)
+        raise ConfigError(f"--resume: {ckpt.location(latest)} was trained with other values of {len(differ)} "
+                          f"training-relevant key(s): {shown}. Start a new run in another checkpoint.dir, or "
+                          "resume with the checkpoint's values")  # fmt: skip
+    state = DriverState(**{"run_id": new_run_id(), **saved["driver"]})  # checkpoints before run ids: a new one
+    print(f"resumed from {step_name(latest)}: step {state.step}, policy version {state.version}, "
+          f"run {state.run_id}", flush=True)  # fmt: skip
+    return state, saved.get("metrics")
+
+
+def save_checkpoint(cfg: Config, ckpt: CheckpointManager, pools: Pools, state: DriverState,
+                    metrics: dict[str, float]) -> str:  # fmt: skip
     """Each learner rank writes its shards (rank 0 also the eval-EMA export for diffusers) from its own node;
     the driver checks they all arrived, then writes its state and the commit marker. It holds no weights."""
     target = ckpt.begin(state.step)
-    written = pools.learner.save(target, export=cfg.checkpoint.export_lora)
-    where = ckpt.commit(state.step, target, {"driver": asdict(state), "config": config_to_dict(cfg)}, written=written)
+    written = pools.learner.save(target, export=cfg.checkpoint.export_lora, retry=ckpt.retry)
+    driver = {"driver": asdict(state), "config": config_to_dict(cfg), "metrics": metrics}
+    where = ckpt.commit(state.step, target, driver, written=written)
     print(f"checkpoint: {where}", flush=True)
     return where
+
+
+def fault_point(name: str, step: int) -> None:
+    """Fault injection for the resilience tests: with MOTIONNFT_KILL_AT=<name>:<step> in the environment, the
+    driver SIGKILLs itself here (a real kill at an exact point, which a timed external kill cannot hit)."""
+    if os.environ.get("MOTIONNFT_KILL_AT") == f"{name}:{step}":
+        print(f"fault injection: SIGKILL at {name}, step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
         "config keys (section.key (type, default): meaning):\n" + "\n".join(describe()),
     )
     parser.add_argument("--config", help="YAML file; keys it leaves out keep their defaults")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint (a "
+                        "fresh start when there is none); refused if its training-relevant config differs")
+    parser.add_argument("--overwrite", action="store_true", help="delete the checkpoints already under "
+                        "checkpoint.dir and start anew (without it, a fresh start there is refused)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser
@@ -39,16 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local paths or S3, never a hub
 
     # Heavy imports (torch, ray) only once the config is known to be good.
-    from learner.loop import train
+    from learner.loop import RunStopped, train
     from models.warmstart import resolve_demo
 
     cfg = resolve_demo(cfg)  # demo.enabled: build the demo data and warm-started pipeline (once), train those
     print("resolved config:\n" + json.dumps(config_to_dict(cfg), indent=1), flush=True)
     try:
-        train(cfg, resume=args.resume)
-    except ConfigError as e:  # found once the cluster is known: placement, checkpoint reach
+        train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except ConfigError as e:  # found once checkpoints or the cluster are known: run identity, placement, reach
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RunStopped as e:
+        print(f"run stopped: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

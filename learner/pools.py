@@ -48,8 +48,9 @@ class Pools:
             ray.kill(a)
 
 
-def start_judges(cfg: Config, api_key: Secret) -> list[Any]:
-    """The vLLM judge replicas the service starts (`cluster.judge_replicas`), each on its node's address and
+def start_judges(cfg: Config, api_key: Secret, *, local: bool = False) -> list[Any]:
+    """The vLLM judge replicas the service starts (`cluster.judge_replicas`), each on its node's address (on
+    loopback when `local`: a one-machine cluster, where Ray's node address is the machine's routable one) and
     answering only requests with `api_key`; none when `reward.judge_weight` is 0 or `reward.judge.url` names
     an existing endpoint. Each replica finds (or builds) its model on its own node."""
     j, c = cfg.reward.judge, cfg.cluster
@@ -58,12 +59,12 @@ def start_judges(cfg: Config, api_key: Secret) -> list[Any]:
     model = functools.partial(judge_source, j, cfg.model.cache_dir)
     return [
         JudgeServerActor.options(num_cpus=c.cpus_per_actor, num_gpus=c.judge_gpus, resources=c.judge_resources)
-        .remote(model, j, api_key=api_key)
+        .remote(model, j, api_key=api_key, host="127.0.0.1" if local else None)
         for _ in range(c.judge_replicas)
     ]
 
 
-def build_pools(cfg: Config) -> Pools:
+def build_pools(cfg: Config, *, local: bool = False) -> Pools:
     """Learner group, judge replicas, reward workers and rollout workers, each ready; if any fails to start,
     the others are shut down before the error propagates."""
     c, n = cfg.cluster, cfg.nft
@@ -81,7 +82,7 @@ def build_pools(cfg: Config) -> Pools:
         learner.start()
         j = cfg.reward.judge
         key = secret_from_env(j.api_key_env, generate=not j.url)  # a started judge always gets one
-        pools.judges = start_judges(cfg, key)
+        pools.judges = start_judges(cfg, key, local=local)
         urls = (j.url,) if j.url else tuple(ray.get([judge.url.remote() for judge in pools.judges]))
         build_scorer = functools.partial(
             build_reward_scorer, cfg.reward, urls, device="cuda" if c.reward_gpus > 0 else "cpu",

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import io
 import math
+import time
 import weakref
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -84,6 +85,10 @@ METRIC_KEYS = (
     "unparseable",  # 200 replies without six digit log-probs summing to ~1
     "failures",  # JudgeErrors raised
     "peak_in_flight",  # most requests in flight at once (a gauge, bounded by max_concurrency)
+    "failovers",  # attempts sent to another replica than the previous attempt of the same call
+    "waits_no_replica",  # times a call waited because every replica was being skipped after failures
+    "latency_ms_sum",  # wall time of the answered (HTTP) attempts, for the mean latency ...
+    "latency_ms_max",  # ... and the slowest one (a gauge)
 )
 
 
@@ -96,6 +101,9 @@ class JudgeError(RuntimeError):
         self.attempts = attempts
         reply = "none" if last_reply is None else repr(last_reply[:500])
         super().__init__(f"judge failed after {attempts} attempt(s): {reason}; last reply: {reply}")
+
+    def __reduce__(self):  # Ray pickles it to the driver: rebuild from the fields, not from the message
+        return JudgeError, (self.reason, self.last_reply, self.attempts)
 
 
 class UnparseableReply(ValueError):
@@ -209,18 +217,30 @@ class JudgeClient:
     """Async judge client over vLLM's OpenAI-compatible chat API (DESIGN §4), set up by `reward.judge`.
 
     mode: "score" (training: one expected-digit score) or "rubric" (evaluation: three criteria).
-    max_retries: retries after the first attempt, so a call makes at most max_retries + 1 attempts; the
-    wait before retry n is backoff_s * 2**(n-1). max_concurrency bounds the requests in flight from this
-    client per event loop. structured_output=False drops the vLLM digit choice, for servers without it;
-    the reply must then still put ~all first-token mass on the digits, or it counts as unparseable.
+    Replicas: `base_urls` are equivalent servers. Each attempt goes to the next replica that is not being
+    skipped; a replica that fails to answer (refused, reset, timeout, 5xx) is skipped for backoff_s * 2**n
+    after its n-th failure in a row, at most max_backoff_s (a circuit breaker), so the others take the load;
+    when every replica is skipped the call waits.
+    Retries: the wait before retry n is backoff_s * 2**(n-1), at most max_backoff_s. An unparseable reply is
+    retried max_retries times; a transport failure as long as the next try would begin within
+    retry_budget_s of the call's start, which rides out a replica that restarts (with retry_budget_s = 0:
+    max_retries times). max_concurrency bounds the requests in
+    flight from this client per event loop. structured_output=False drops the vLLM digit choice, for servers
+    without it; the reply must then still put ~all first-token mass on the digits, or it counts as unparseable.
     api_key: sent as `Authorization: Bearer` (vLLM's --api-key); None sends no credentials.
     """
 
-    def __init__(self, base_url: str, cfg: JudgeConfig, api_key: Secret | None = None):
-        self.base_url = base_url.rstrip("/")
+    def __init__(self, base_urls: str | Sequence[str], cfg: JudgeConfig, api_key: Secret | None = None):
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        if not urls:
+            raise ValueError("JudgeClient needs at least one base URL")
+        self.base_urls = [u.rstrip("/") for u in urls]
         self.cfg = cfg
         self._api_key = api_key
         self.metrics: dict[str, int] = dict.fromkeys(METRIC_KEYS, 0)
+        self._skip_until = [0.0] * len(self.base_urls)  # monotonic time until which a replica is skipped
+        self._fails = [0] * len(self.base_urls)  # its transport failures in a row
+        self._next = 0
         self._in_flight = 0
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
 
@@ -314,48 +334,88 @@ class JudgeClient:
             self._states[loop] = state
         return state
 
+    def _replica(self) -> tuple[int, float]:
+        """(replica to try next, seconds to wait first): round robin over those not being skipped, else the one
+        skipped the shortest."""
+        now, n = time.monotonic(), len(self.base_urls)
+        for i in range(n):
+            k = (self._next + i) % n
+            if self._skip_until[k] <= now:
+                self._next = k + 1
+                return k, 0.0
+        k = min(range(n), key=lambda j: self._skip_until[j])
+        self._next = k + 1
+        return k, self._skip_until[k] - now
+
     async def _ask(self, source_url: str, candidate_url: str, prompt: str) -> tuple[list[float], int]:
-        """One question with retries: (digit probabilities, attempts used), or JudgeError."""
+        """One question with retries and failover: (digit probabilities, attempts used), or JudgeError."""
         state = self._state()
         body = self._request_body(source_url, candidate_url, prompt)
-        url = f"{self.base_url}/chat/completions"
-        reason, last_reply = "no attempt made", None
-        for attempt in range(1, self.cfg.max_retries + 2):
+        cfg, began = self.cfg, time.monotonic()
+        reason, last_reply, previous, unparseable = "no attempt made", None, None, 0
+        attempt = 0
+        while True:
+            attempt += 1
+            delay = min(cfg.backoff_s * 2 ** (attempt - 2), cfg.max_backoff_s) if attempt > 1 else 0.0
+            k, wait = self._replica()
+            if wait > delay:
+                self.metrics["waits_no_replica"] += 1
             if attempt > 1:
                 self.metrics["retries"] += 1
-                await asyncio.sleep(self.cfg.backoff_s * 2 ** (attempt - 2))
+                self.metrics["failovers"] += int(previous is not None and k != previous)
+            await asyncio.sleep(max(delay, wait))
+            url, previous = f"{self.base_urls[k]}/chat/completions", k
+            transport_failure = True
             async with state.semaphore:
                 self.metrics["requests"] += 1
                 self._in_flight += 1
                 self.metrics["peak_in_flight"] = max(self.metrics["peak_in_flight"], self._in_flight)
+                sent = time.monotonic()
                 try:
                     response = await state.http.post(url, json=body)
                 except httpx.TimeoutException as exc:
                     self.metrics["timeouts"] += 1
-                    reason, last_reply = f"timeout after {self.cfg.timeout_s}s ({type(exc).__name__})", None
-                    continue
+                    reason, last_reply = f"timeout after {cfg.timeout_s}s at {url} ({type(exc).__name__})", None
+                    response = None
                 except httpx.RequestError as exc:  # refused, reset, protocol or decoding failure
                     self.metrics["connection_errors"] += 1
                     reason, last_reply = f"cannot reach {url} ({type(exc).__name__}: {exc})", None
-                    continue
+                    response = None
                 finally:
                     self._in_flight -= 1
-            last_reply = response.text
-            status = response.status_code
-            if status >= 500 or status in (408, 429):
-                self.metrics["server_errors"] += 1
-                reason = f"HTTP {status} from {url}"
+            if response is not None:
+                ms = int(1000 * (time.monotonic() - sent))
+                self.metrics["latency_ms_sum"] += ms
+                self.metrics["latency_ms_max"] = max(self.metrics["latency_ms_max"], ms)
+                last_reply, status = response.text, response.status_code
+                if status >= 500 or status in (408, 429):
+                    self.metrics["server_errors"] += 1
+                    reason = f"HTTP {status} from {url}"
+                elif status != 200:
+                    self.metrics["client_errors"] += 1
+                    self.metrics["failures"] += 1
+                    why = ("the API key is missing or wrong: reward.judge.api_key_env names the variable that holds it"
+                           if status in (401, 403) else "a bad request")  # fmt: skip
+                    raise JudgeError(f"HTTP {status} from {url} ({why}; not retried)", last_reply, attempt)
+                else:
+                    transport_failure, self._fails[k] = False, 0
+                    try:
+                        return digit_probs_from_reply(response.json()), attempt
+                    except ValueError as exc:  # UnparseableReply, or a body that is not JSON
+                        self.metrics["unparseable"] += 1
+                        unparseable += 1
+                        reason = f"unparseable reply ({exc})"
+            if transport_failure:  # skip this replica a while, longer each failure in a row: the others take the load
+                self._fails[k] += 1
+                now = time.monotonic()
+                self._skip_until[k] = now + min(cfg.backoff_s * 2 ** self._fails[k], cfg.max_backoff_s)
+                next_try = max(min(cfg.backoff_s * 2 ** (attempt - 1), cfg.max_backoff_s), min(self._skip_until) - now)
+                no_budget_left = now + next_try - began >= cfg.retry_budget_s
+                if not no_budget_left or (cfg.retry_budget_s == 0 and attempt <= cfg.max_retries):
+                    continue  # the next try still falls within the budget (no budget: max_retries tries)
+                reason += f" (retried for {now - began:.0f}s: reward.judge.retry_budget_s)"
+            elif unparseable <= cfg.max_retries:
                 continue
-            if status != 200:
-                self.metrics["client_errors"] += 1
-                self.metrics["failures"] += 1
-                why = ("the API key is missing or wrong: reward.judge.api_key_env names the variable that holds it"
-                       if status in (401, 403) else "a bad request")  # fmt: skip
-                raise JudgeError(f"HTTP {status} from {url} ({why}; not retried)", last_reply, attempt)
-            try:
-                return digit_probs_from_reply(response.json()), attempt
-            except ValueError as exc:  # UnparseableReply, or a body that is not JSON
-                self.metrics["unparseable"] += 1
-                reason = f"unparseable reply ({exc})"
+            break
         self.metrics["failures"] += 1
-        raise JudgeError(reason, last_reply, self.cfg.max_retries + 1)
+        raise JudgeError(reason, last_reply, attempt)

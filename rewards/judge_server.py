@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ from common.secret import Secret
 
 STOP_GRACE_S = 30.0  # how long stop() lets the server shut down its engine and workers before SIGKILL
 READY_POLL_S = 0.5  # /health polling interval while starting
+SUPERVISE_POLL_S = 1.0  # how often a JudgeServerActor checks that its server is alive
+RESTART_BACKOFF_MAX_S = 300.0  # the longest wait before restarting a dead server
 
 # Runs as `python -c _SUPERVISOR <owner pid> <server argv...>`, the leader of the server's process group.
 # Ray SIGKILLs an actor's direct children when the actor dies, which would orphan vLLM's engine core and
@@ -243,9 +246,11 @@ class JudgeServerActor:
 
     `model` is the model dir, or a function returning it that runs here, so the model is found (or built,
     or downloaded) on the judge's own node. The server listens on this node's address (reward workers on
-    other nodes reach it; on an embedded cluster that address is loopback) unless `host` says otherwise.
+    other nodes reach it) unless `host` says otherwise (127.0.0.1 on a one-machine cluster).
     The server starts (and is ready) by the end of the constructor, so `ray.get(actor.ready.remote())`
     waits for start-up and surfaces its error. With host="0.0.0.0" the URL names this node's IP.
+    A server that dies is restarted on the same port (so its URL holds) after `cfg.restart_backoff_s`,
+    doubling per restart in a row up to RESTART_BACKOFF_MAX_S, until `stop()`.
     """
 
     def __init__(self, model: str | Callable[[], str], cfg: JudgeConfig, *, host: str | None = None,
@@ -253,6 +258,33 @@ class JudgeServerActor:
         model_path = model() if callable(model) else model
         host = host or node_address()
         self._server = VLLMServer(model_path, cfg, host=host, **server_kwargs).start()
+        self._cfg, self._stopping, self._restarts, self._lock = cfg, threading.Event(), 0, threading.Lock()
+        threading.Thread(target=self._supervise, name="judge-supervisor", daemon=True).start()
+
+    def _supervise(self) -> None:
+        in_a_row = 0
+        while not self._stopping.wait(SUPERVISE_POLL_S):
+            with self._lock:
+                process = self._server.process
+                if process is None or process.poll() is None:
+                    continue
+                code = process.returncode
+            delay = min(self._cfg.restart_backoff_s * 2**in_a_row, RESTART_BACKOFF_MAX_S)
+            print(f"judge server on port {self._server.port} exited with code {code}; restarting in {delay:.0f}s "
+                  f"(restart {self._restarts + 1}); log {self._server.log_path}", flush=True)  # fmt: skip
+            if self._stopping.wait(delay):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                try:
+                    self._server.stop()  # reaps what is left of its process group
+                    self._server.start()
+                    self._restarts += 1
+                    in_a_row = 0
+                except Exception as e:  # noqa: BLE001 - retried with a longer wait; the log says why
+                    in_a_row += 1
+                    print(f"judge server restart failed: {e}", flush=True)
 
     def url(self) -> str:
         if self._server.host in ("0.0.0.0", "::"):
@@ -262,9 +294,14 @@ class JudgeServerActor:
     def ready(self) -> bool:
         return self._server.is_ready()
 
+    def restarts(self) -> int:
+        return self._restarts
+
     def log_tail(self, lines: int = 40) -> str:
         """The end of the server's log, which lives on this replica's node."""
         return self._server.log_tail(lines)
 
     def stop(self) -> None:
-        self._server.stop()
+        self._stopping.set()
+        with self._lock:
+            self._server.stop()

@@ -153,8 +153,9 @@ class RewardScorer:
 def build_reward_scorer(
     cfg: RewardConfig, judge_urls: Sequence[str], *, device: str, cache_dir: str, judge_key: Secret | None = None
 ) -> RewardScorer:
-    """The scorer a reward worker runs: the flow reward on `device` and one judge client per URL (authorized
-    with `judge_key`); a component whose weight is 0 is never built (no RAFT weights loaded, no judge contacted)."""
+    """The scorer a reward worker runs: the flow reward on `device` and one judge client over the replicas'
+    URLs (failing over between them, authorized with `judge_key`); a component whose weight is 0 is never built
+    (no RAFT weights loaded, no judge contacted)."""
     flow = build_flow_scorer(cfg.flow, device=device, cache_dir=cache_dir) if cfg.flow_weight > 0 else None
-    judges = [JudgeClient(url, cfg.judge, judge_key) for url in judge_urls] if cfg.judge_weight > 0 else []
+    judges = [JudgeClient(judge_urls, cfg.judge, judge_key)] if cfg.judge_weight > 0 else []  # fails over
     return RewardScorer(flow, judges, cfg)

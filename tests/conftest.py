@@ -142,7 +142,6 @@ def ray_cluster():
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")  # servers the tests start (the judge) bind loopback only
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -40,7 +40,8 @@ def unauthorized(url: str) -> dict[str, object]:
 
 def main(cache_dir: str) -> None:
     ray.init()
-    cfg = JudgeConfig(tiny=True, max_model_len=2048, max_retries=1, backoff_s=0.1, startup_timeout_s=240)
+    cfg = JudgeConfig(tiny=True, max_model_len=2048, max_retries=1, backoff_s=0.1, startup_timeout_s=240,
+                      retry_budget_s=60)
     key = secret_from_env(cfg.api_key_env)
     assert key is not None, f"{cfg.api_key_env} must come from the job's runtime env"
     judge = JudgeServerActor.options(num_cpus=0.5, resources={"rollout_slot": 1}).remote(

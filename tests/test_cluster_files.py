@@ -303,6 +303,12 @@ def _rayjob_config_and_types():
     return cfg, types
 
 
+def test_rayjob_resumes_its_run_when_retried_or_resubmitted():
+    job = _rayjob()
+    assert "--resume" in shlex.split(job["spec"]["entrypoint"])
+    assert job["spec"]["backoffLimit"] >= 1
+
+
 def test_rayjob_declares_its_worker_groups_and_every_pool_fits_them():
     cfg, types = _rayjob_config_and_types()
     assert cfg.cluster.node_types == types

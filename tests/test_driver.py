@@ -55,3 +55,37 @@ def test_a_resumed_cursor_continues_the_same_permutation():
     saved = json.loads(json.dumps(asdict(state)))  # as driver.json holds it
     after = _draws(PromptCursor(IDS, seed=1), DriverState(**saved), [4, 4, 4])
     assert before + after == expected
+
+
+# ------------------------------------------------------------------------------------------------ run identity
+
+
+def test_training_relevant_keys_are_all_but_the_operational_ones():
+    from common.config import config_to_dict, load_config
+    from learner.identity import training_keys_that_differ
+
+    base = config_to_dict(load_config("configs/tiny_cpu.yaml"))
+    operational = ["learner.steps=9", "cluster.rollout_workers=1", "checkpoint.every=1", "logging.dir=/elsewhere",
+                   "reward.judge.timeout_s=5", "learner.micro_batch=2", "model.cache_dir=/c",
+                   "cluster.learner_resources={node_a: 1}"]  # fmt: skip
+    assert training_keys_that_differ(base, config_to_dict(load_config("configs/tiny_cpu.yaml", operational))) == []
+    changed = ["nft.beta=0.5", "reward.flow.q=0.3", "data.seed=2", "rollout.group_size=2",
+               "model.family=qwen_image_edit"]
+    got = training_keys_that_differ(base, config_to_dict(load_config("configs/tiny_cpu.yaml", changed)))
+    assert got == ["data.seed", "model.family", "nft.beta", "reward.flow.q", "rollout.group_size"]
+
+
+def test_metrics_log_keeps_each_step_once_on_resume(tmp_path):
+    from learner.loop import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "x": s}) + "\n" for s in (0, 1, 2, 3, 3)))
+    MetricsLog(tmp_path, 1, resume_at=2, recovered={"step": 1, "x": 99})  # line 1 exists: kept as written
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [{"step": 0, "x": 0}, {"step": 1, "x": 1}]
+    path.write_text(json.dumps({"step": 0, "x": 0}) + "\n")  # killed between the commit of step 1 and its line
+    log = MetricsLog(tmp_path, 1, resume_at=2, recovered={"step": 1, "x": 99})
+    log.write(2, {"x": 2.0})
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1, 2]
+    assert json.loads(path.read_text().splitlines()[1])["x"] == 99
+    MetricsLog(tmp_path, 1)  # a fresh run starts an empty log
+    assert path.read_text() == ""

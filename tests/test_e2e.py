@@ -81,8 +81,7 @@ def submitted_run(tmp_path_factory):
     dash = free_port("127.0.0.1")
     # The job agent's HTTP port defaults to a fixed 52365: another Ray cluster on the machine (the session's
     # embedded one, a user's) already holds it, and then no job agent ever registers. Give it a free one.
-    start = [ray, "start", "--head", "--block", "--num-cpus=4", "--node-ip-address=127.0.0.1",
-             f"--port={free_port('127.0.0.1')}",
+    start = [ray, "start", "--head", "--block", "--num-cpus=4", f"--port={free_port('127.0.0.1')}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
              f"--dashboard-agent-listen-port={free_port('127.0.0.1')}", "--disable-usage-stats"]  # fmt: skip
     # --block in its own process group: stopping it stops exactly this cluster. (`ray stop` would kill every

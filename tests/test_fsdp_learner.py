@@ -308,10 +308,13 @@ def test_learner_group_on_ray(ray_cluster, world1, tiny_paths, tmp_path):
         for name, t in plain.gather("theta").items():
             torch.testing.assert_close(theta1[name], t, rtol=0, atol=1e-6)
 
-        # Save after step 0; step 1; load; step 1 again gives the same loss.
-        group.save(str(tmp_path / "ckpt"))
+        # Save after step 0 (each rank its own shards, rank 0 also the LoRA export); step 1; load; step 1 again
+        # gives the same loss.
+        written = group.save(str(tmp_path / "ckpt"), export=True)
+        assert written == ["learner/.metadata", "learner/__0_0.distcp", "learner/__1_0.distcp",
+                           "lora/pytorch_lora_weights.safetensors"]  # fmt: skip
         uninterrupted = group.train_step(refs, r, step=1)
-        assert group.load(str(tmp_path / "ckpt")) == 1
+        assert group.load(str(tmp_path / "ckpt" / "learner")) == 1
         assert group.train_step(refs, r, step=1)["loss"] == uninterrupted["loss"]
     finally:
         group.shutdown()

@@ -114,7 +114,7 @@ def test_bad_inputs_name_the_field():
 
 def test_closed_port_fails_after_retries():
     source, candidates = _images()
-    client = _client(f"http://127.0.0.1:{_closed_port()}/v1", max_retries=2, backoff_s=0.05)
+    client = _client(f"http://127.0.0.1:{_closed_port()}/v1", max_retries=2, backoff_s=0.05, retry_budget_s=0)
     began = time.perf_counter()
     with pytest.raises(JudgeError, match="cannot reach") as err:
         asyncio.run(client.score(source, candidates[0], INSTRUCTION))
@@ -215,7 +215,7 @@ class TestAgainstVLLM:
 
     def test_tiny_timeout_counts_then_raises(self, server):
         source, candidates = _images()
-        client = _client(server.url, timeout_s=0.001, max_retries=2, backoff_s=0.01)
+        client = _client(server.url, timeout_s=0.001, max_retries=2, backoff_s=0.01, retry_budget_s=0)
         with pytest.raises(JudgeError, match="timeout after 0.001s") as err:
             asyncio.run(client.score(source, candidates[0], INSTRUCTION))
         assert err.value.attempts == 3
@@ -249,7 +249,7 @@ class TestAgainstVLLM:
 # ---- Ray actor ----------------------------------------------------------------------------------------------
 def test_judge_server_actor_serves_and_stops(judge_dir, tmp_path_factory, ray_cluster):
     files = _server_files(tmp_path_factory, "actor")
-    actor = JudgeServerActor.options(num_cpus=1).remote(str(judge_dir), _cfg(), **files)
+    actor = JudgeServerActor.options(num_cpus=1).remote(str(judge_dir), _cfg(), host="127.0.0.1", **files)
     try:
         assert ray.get(actor.ready.remote(), timeout=330) is True
         url = ray.get(actor.url.remote())

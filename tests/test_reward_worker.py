@@ -84,7 +84,8 @@ def test_zero_weight_component_is_never_built():
 
 def test_judge_failure_fails_the_group_instead_of_scoring(examples):
     """A dead judge endpoint: retried, counted, then the group raises (never a silent default score)."""
-    judge = JudgeClient("http://127.0.0.1:9/v1", JudgeConfig(max_retries=1, backoff_s=0.01, timeout_s=2))
+    cfg = JudgeConfig(max_retries=1, backoff_s=0.01, timeout_s=2, retry_budget_s=0)
+    judge = JudgeClient("http://127.0.0.1:9/v1", cfg)
     scorer = RewardScorer(_dis(), [judge], _reward())
     ex = examples[0]
     with pytest.raises(JudgeError):
@@ -102,7 +103,8 @@ def judge_server(ray_cluster, tmp_path_factory):
     from rewards.judge_server import JudgeServerActor
 
     path = build_tiny_judge(tmp_path_factory.mktemp("judge") / "tiny_judge")
-    actor = JudgeServerActor.options(num_cpus=1).remote(str(path), JudgeConfig(max_model_len=2048))
+    actor = JudgeServerActor.options(num_cpus=1).remote(str(path), JudgeConfig(max_model_len=2048),
+                                                         host="127.0.0.1")
     assert ray_cluster.get(actor.ready.remote(), timeout=330) is True
     yield actor, ray_cluster.get(actor.url.remote())
     ray_cluster.get(actor.stop.remote(), timeout=60)

@@ -1,0 +1,105 @@
+"""A real judge outage in a real run (issue 13, part 1): `learner.main` with the tiny vLLM judge, whose server
+process group is SIGKILLed mid-run. The service restarts it and the step waits; with a short retry budget and
+no restart in sight, the run checkpoints its last completed step and stops naming the judge's error, and a
+resume then finishes the run with every step logged once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _judge_group(name: str) -> int | None:
+    """The process group of the vLLM server serving `name`: its supervisor (`python -c ...`) leads it."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 2 and argv[1] == b"-c" and name.encode() in argv:
+            return int(pid)
+    return None
+
+
+def _steps_logged(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(x)["step"] for x in text.splitlines() if x.strip()]
+
+
+def _run(tmp: Path, name: str, *args: str, kill_after_step: int | None = None
+         ) -> tuple[subprocess.CompletedProcess, float | None]:  # fmt: skip
+    """One run; with `kill_after_step`, the judge's whole process group is SIGKILLed once that step is logged."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "learner.main", "--config", str(ROOT / "configs/tiny_cpu.yaml"),
+           f"reward.judge.served_model_name={name}", "nft.group_min_std=-1", "nft.group_max_mean=2",
+           "checkpoint.every=0", f"checkpoint.dir={tmp / 'ckpt'}", f"logging.dir={tmp / 'run'}", *args]  # fmt: skip
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and kill_after_step not in _steps_logged(tmp / "run"):
+            time.sleep(0.5)
+        group = _judge_group(name)
+        if group is not None:
+            os.killpg(group, signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+    watcher = threading.Thread(target=kill, daemon=True) if kill_after_step is not None else None
+    if watcher:
+        watcher.start()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if watcher:
+        watcher.join(timeout=5)
+    return proc, (killed_at[0] if killed_at else None)
+
+
+def test_a_killed_judge_is_restarted_and_the_step_waits_for_it(tmp_path):
+    name = f"judge-{uuid.uuid4().hex[:8]}"
+    proc, killed = _run(tmp_path, name, "learner.steps=3", "reward.judge.restart_backoff_s=1", kill_after_step=0)
+    out = proc.stdout + proc.stderr
+    assert killed is not None, "the judge server was never found to kill"
+    assert proc.returncode == 0, out[-4000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(r["groups/total"] == 2 and r["groups/dropped_judge"] == 0 for r in rows)  # every group scored
+    assert rows[-1]["judges/restarts"] == 1 and rows[-1]["reward_workers/judge/failures"] == 0
+    assert rows[-1]["reward_workers/judge/connection_errors"] + rows[-1]["reward_workers/judge/timeouts"] > 0
+    assert "judge server on port" in out and "restarting in 1s" in out
+    assert _judge_group(name) is None  # nothing of the judge outlives the run
+
+
+def test_past_the_budget_the_run_checkpoints_and_stops_then_resumes(tmp_path):
+    name = f"judge-{uuid.uuid4().hex[:8]}"
+    never = "reward.judge.restart_backoff_s=10000"  # no restart within this test
+    proc, killed = _run(tmp_path, name, "learner.steps=5", "reward.judge.retry_budget_s=3", never, kill_after_step=0)
+    out = proc.stdout + proc.stderr
+    assert killed is not None and proc.returncode == 1, out[-4000:]
+    # The first step whose groups were not yet scored when the judge died (step 1, or a later one if its
+    # rewards were already in) stops the run; the steps before it are logged once and checkpointed.
+    found = re.search(r"could not score (\d) group\(s\) of step (\d) within reward.judge.retry_budget_s=3s", out)
+    assert found, out[-4000:]
+    stopped = int(found.group(2))
+    assert 1 <= stopped <= 4 and "cannot reach http://127.0.0.1:" in out  # the judge's own error, through Ray
+    assert f"checkpointed the last completed step at {tmp_path / 'ckpt' / f'step_{stopped:08d}'}" in out
+    assert _steps_logged(tmp_path / "run") == list(range(stopped))
+    assert _judge_group(name) is None
+
+    again, _ = _run(tmp_path, name, "learner.steps=5", "--resume")
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert f"resumed from step_{stopped:08d}: step {stopped}, policy version {stopped}" in again.stdout
+    assert _steps_logged(tmp_path / "run") == [0, 1, 2, 3, 4]
