@@ -345,10 +345,15 @@ class LearnerConfig:
     cudnn_sdpa: bool = _f(
         False, "allow the cuDNN SDPA attention backend in training (it crashes in the backward on torch 2.11 + CUDA 13)"
     )
+    max_recoveries: int = _f(
+        3, "times a run rebuilds its learner group after a rank dies and goes on from the latest checkpoint, in the "
+        "same process (0 = the run ends at the first lost rank)"
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         _check_finite(self)
         _check(self.micro_batch >= 1, "learner.micro_batch", "an integer >= 1", self.micro_batch)
+        _check(self.max_recoveries >= 0, "learner.max_recoveries", "an integer >= 0", self.max_recoveries)
         _check(self.backend in ("auto", "gloo", "nccl"), "learner.backend", "auto | gloo | nccl", self.backend)
         _check(self.steps >= 1, "learner.steps", "an integer >= 1", self.steps)
 

@@ -156,11 +156,8 @@ class LearnerGroup:
     def start(self) -> None:
         """Every rank loads its policy, then they meet in the torch.distributed rendezvous."""
         master = ray.get(self.workers[0].address.remote())
-        pending = [w.setup.remote(master) for w in self.workers]
-        try:
-            while pending:  # the first rank to fail fails the group now; the rest would wait in the rendezvous
-                done, pending = ray.wait(pending, num_returns=1)
-                ray.get(done)
+        try:  # the first rank to fail fails the group now; the rest would wait in the rendezvous
+            _all_ranks([w.setup.remote(master) for w in self.workers])
         except Exception:
             self.shutdown()
             raise
@@ -168,29 +165,46 @@ class LearnerGroup:
     def train_step(self, groups: list, r: list[list[float]], step: int) -> dict[str, float]:
         """Train on `groups` (ObjectRefs of GroupSample, passed by reference) with optimality r; summed metrics."""
         n_global = sum(len(x) for x in r)
-        return merge_rank_metrics(ray.get([w.train_step.remote(groups, r, n_global, step) for w in self.workers]))
+        return merge_rank_metrics(_all_ranks([w.train_step.remote(groups, r, n_global, step) for w in self.workers]))
 
     def gather(self, which: str = OLD):
         """ObjectRef of rank 0's full adapter (the other ranks join the collective and return None)."""
         refs = [w.gather.remote(which) for w in self.workers]
-        ray.get(refs[1:])  # surfaces a failed rank; their values are None
+        _all_ranks(refs)  # surfaces a failed rank (and brings rank 0's weights here: for tests and tools)
         return refs[0]
 
     def publishable(self, which: str, version: int):
         """(manifest ref, weights ref) of rank 0's gathered adapter; the weights stay in the object store."""
         refs = [w.publishable.options(num_returns=2).remote(which, version) for w in self.workers]
-        ray.get([x for pair in refs[1:] for x in pair])  # surfaces a failed rank; their values are None
+        _all_ranks([manifest for manifest, _ in refs])  # surfaces a failed rank; fetches only the manifests
         return refs[0]
 
     def save(self, target: str, *, export: bool, retry: S3Retry | None = None) -> list[str]:
         """Every rank writes (and for S3 uploads) its own part of a checkpoint; the files written, all ranks."""
-        files = ray.get([w.save.remote(target, export, retry) for w in self.workers])
+        files = _all_ranks([w.save.remote(target, export, retry) for w in self.workers])
         return sorted(f for mine in files for f in mine)
 
     def load(self, source: str, *, retry: S3Retry | None = None) -> int:
-        return ray.get([w.load.remote(source, retry) for w in self.workers])[0]
+        return _all_ranks([w.load.remote(source, retry) for w in self.workers])[0]
 
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w)
         remove_placement_group(self.pg)
+
+
+class LearnerLost(RuntimeError):
+    """A learner rank died (its process or its node): the group cannot go on, the driver rebuilds it."""
+
+
+def _all_ranks(refs: list) -> list:
+    """ray.get of one collective call on every rank, failing at the first rank that fails: the survivors would
+    wait in the collective for the lost one until the backend's timeout."""
+    pending = list(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+            ray.get(done)
+    except ray.exceptions.RayActorError as e:
+        raise LearnerLost(f"a learner rank is gone ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    return ray.get(refs)

@@ -34,6 +34,7 @@ from common.config import Config, ConfigError, config_to_dict
 from common.storage import check_writable
 from data.motionedit import ExampleServer, load_splits
 from learner.checkpoint import LEARNER, CheckpointManager, step_name
+from learner.fsdp_worker import LearnerLost
 from learner.identity import flat_config, new_run_id, training_keys_that_differ
 from learner.nft_loss import group_filter, optimality, saturated_groups
 from learner.placement import alive_nodes, check_placement
@@ -264,86 +265,109 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict
           f"{cfg.samples_per_step} samples per step ({cfg.rollout.prompts_per_step} prompts x "
           f"{cfg.rollout.group_size})", flush=True)  # fmt: skip
     pools = build_pools(cfg, local=embedded)
-    last: dict[str, float] = {}
     try:
-        if state.step > 0:
-            pools.learner.load(f"{ckpt.location(state.step)}/{LEARNER}", retry=retry)  # each rank, from its node
-        weights = publish(pools, state.version)
-        cursor = PromptCursor(train_ds.ids, cfg.data.seed)
         # On the driver's node, where the data was loaded; decoded examples go to the object store.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         examples = ray.remote(num_cpus=0)(ExampleServer).options(scheduling_strategy=here).remote(train_ds)
-        log = MetricsLog(run_dir, cfg.logging.every, resume_at=state.step, recovered=recovered)
-        steps, ahead = cfg.learner.steps, cfg.rollout.max_staleness
-        pending: dict[int, StepRollouts] = {}
-        drawn_from: dict[int, tuple[int, int]] = {}
-        dropped_total = 0
-
-        for step in range(state.step, steps):
-            metrics, timing = {}, {}
-            save_now = step == steps - 1 or (cfg.checkpoint.every > 0 and (step + 1) % cfg.checkpoint.every == 0)
-            with timed("step", timing):  # the step's work; a checkpoint's time is timing_s/checkpoint
-                # 1. Rollouts: this step's groups, plus later steps up to the staleness bound (never past a
-                #    checkpoint step, which is a drain point).
-                with timed("rollout_submit", timing):
-                    horizon = step if save_now else min(step + ahead, steps - 1)
-                    for s in range(step, horizon + 1):
-                        if s not in pending:
-                            # Sampled with the weights published now: at training time they are at most
-                            # s - step <= max_staleness versions old (steps without a valid group publish none).
-                            drawn_from[s] = (state.epoch, state.position)  # an outage checkpoint redraws s
-                            idx = cursor.draw(cfg.rollout.prompts_per_step, state)
-                            pending[s] = submit_rollouts(pools, examples, idx, train_ds.ids, s, weights)
-                    batch = pending.pop(step)
-                # 2-3. Rewards: each group is scored as soon as its rollout finishes.
-                with timed("rollout_and_reward", timing):
-                    results, meta = score_groups(pools, batch)
-                failed = [g for g, x in enumerate(results) if isinstance(x, JudgeError)]
-                if failed and cfg.reward.judge.on_outage == "stop":
-                    stop_on_judge_outage(cfg, ckpt, pools, state, step, drawn_from[step], last, results[failed[0]],
-                                         len(failed))  # fmt: skip
-                scored = [g for g in range(len(results)) if g not in failed]  # on_outage=drop: the rest trains
-                dropped_total += len(failed)
-                batch, meta = batch.only(scored), [meta[g] for g in scored]
-                rewards = [results[g] for g in scored]
-                # 4. Group statistics -> optimality and validity; saturated prompts are banned from now on.
-                with timed("stats", timing):
-                    R = torch.tensor([g.reward for g in rewards], dtype=torch.float64)
-                    R = R.reshape(len(rewards), cfg.rollout.group_size)  # also when no group was scored
-                    r, valid, banned = group_stats(R, cfg)
-                    state.banned += [batch.prompt_ids[g] for g in range(len(rewards)) if banned[g]]
-                # 5. Learner: NFT step on the valid groups (by reference), then the old policy moves and is published.
-                with timed("train", timing):
-                    keep = [g for g in range(len(rewards)) if valid[g]]
-                    if keep:
-                        learner = pools.learner.train_step([batch.groups[g] for g in keep],
-                                                           [r[g].tolist() for g in keep], step)  # fmt: skip
-                        metrics.update({f"learner/{k}": v for k, v in learner.items()})
-                with timed("publish", timing):
-                    if keep:
-                        state.version += 1
-                        weights = publish(pools, state.version)
-                state.step = step + 1
-            if rewards:
-                metrics.update(step_metrics(rewards, meta, r, valid, state.version - (1 if keep else 0), timing,
-                                            cfg.samples_per_step))  # fmt: skip
-            else:  # on_outage=drop and the judge scored none: nothing trained, nothing published
-                metrics.update({"groups/valid": 0.0, "groups/total": 0.0})
-                metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
-            metrics["groups/banned_total"] = float(len(state.banned))
-            metrics["groups/dropped_judge"], metrics["groups/dropped_judge_total"] = float(len(failed)), dropped_total
-            metrics["policy/version"] = float(state.version)
-            metrics.update(reward_counters(pools))
-            if save_now:  # the step's metrics line travels in the checkpoint: a resume logs it exactly once
-                with timed("checkpoint", timing):
-                    save_checkpoint(cfg, ckpt, pools, state, {"step": step, **metrics})
-                metrics["timing_s/checkpoint"] = timing["checkpoint"]
-                fault_point("after_commit", step)
-            log.write(step, metrics)
-            fault_point("after_log", step)
-            last = metrics
+        recoveries = 0
+        while True:
+            try:
+                return run_steps(cfg, pools, ckpt, state, recovered, train_ds, examples)
+            except LearnerLost as e:  # rebuild the group, go on from the latest checkpoint: bounded, in-process
+                recoveries += 1
+                if recoveries > cfg.learner.max_recoveries:
+                    raise RunStopped(f"{e}, and learner.max_recoveries={cfg.learner.max_recoveries} recoveries are "
+                                     "spent; run again with --resume to go on from the latest checkpoint") from e
+                latest = ckpt.latest()
+                print(f"{e}: rebuilding the learner group (recovery {recoveries} of {cfg.learner.max_recoveries}), "
+                      f"then going on from {step_name(latest) if latest else 'the start'}", flush=True)  # fmt: skip
+                pools.rebuild_learner(cfg)
+                if latest is None:
+                    state, recovered = DriverState(run_id=state.run_id), None
+                else:
+                    state, recovered = resumed_state(ckpt, latest)
     finally:
         pools.shutdown()
+
+
+def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverState, recovered: dict | None,
+              train_ds, examples) -> dict[str, float]:  # fmt: skip
+    """The steps from `state.step` on, as DESIGN §1 lists them (the learner restored from its checkpoint first);
+    returns the last step's metrics."""
+    last: dict[str, float] = {}
+    if state.step > 0:
+        pools.learner.load(f"{ckpt.location(state.step)}/{LEARNER}", retry=ckpt.retry)  # each rank, from its node
+    weights = publish(pools, state.version)
+    cursor = PromptCursor(train_ds.ids, cfg.data.seed)
+    log = MetricsLog(Path(cfg.logging.dir), cfg.logging.every, resume_at=state.step, recovered=recovered)
+    steps, ahead = cfg.learner.steps, cfg.rollout.max_staleness
+    pending: dict[int, StepRollouts] = {}
+    drawn_from: dict[int, tuple[int, int]] = {}
+    dropped_total = 0
+
+    for step in range(state.step, steps):
+        metrics, timing = {}, {}
+        save_now = step == steps - 1 or (cfg.checkpoint.every > 0 and (step + 1) % cfg.checkpoint.every == 0)
+        with timed("step", timing):  # the step's work; a checkpoint's time is timing_s/checkpoint
+            # 1. Rollouts: this step's groups, plus later steps up to the staleness bound (never past a
+            #    checkpoint step, which is a drain point).
+            with timed("rollout_submit", timing):
+                horizon = step if save_now else min(step + ahead, steps - 1)
+                for s in range(step, horizon + 1):
+                    if s not in pending:
+                        # Sampled with the weights published now: at training time they are at most
+                        # s - step <= max_staleness versions old (steps without a valid group publish none).
+                        drawn_from[s] = (state.epoch, state.position)  # an outage checkpoint redraws s
+                        idx = cursor.draw(cfg.rollout.prompts_per_step, state)
+                        pending[s] = submit_rollouts(pools, examples, idx, train_ds.ids, s, weights)
+                batch = pending.pop(step)
+            # 2-3. Rewards: each group is scored as soon as its rollout finishes.
+            with timed("rollout_and_reward", timing):
+                results, meta = score_groups(pools, batch)
+            failed = [g for g, x in enumerate(results) if isinstance(x, JudgeError)]
+            if failed and cfg.reward.judge.on_outage == "stop":
+                stop_on_judge_outage(cfg, ckpt, pools, state, step, drawn_from[step], last, results[failed[0]],
+                                     len(failed))  # fmt: skip
+            scored = [g for g in range(len(results)) if g not in failed]  # on_outage=drop: the rest trains
+            dropped_total += len(failed)
+            batch, meta = batch.only(scored), [meta[g] for g in scored]
+            rewards = [results[g] for g in scored]
+            # 4. Group statistics -> optimality and validity; saturated prompts are banned from now on.
+            with timed("stats", timing):
+                R = torch.tensor([g.reward for g in rewards], dtype=torch.float64)
+                R = R.reshape(len(rewards), cfg.rollout.group_size)  # also when no group was scored
+                r, valid, banned = group_stats(R, cfg)
+                state.banned += [batch.prompt_ids[g] for g in range(len(rewards)) if banned[g]]
+            # 5. Learner: NFT step on the valid groups (by reference), then the old policy moves and is published.
+            with timed("train", timing):
+                keep = [g for g in range(len(rewards)) if valid[g]]
+                if keep:
+                    learner = pools.learner.train_step([batch.groups[g] for g in keep],
+                                                       [r[g].tolist() for g in keep], step)  # fmt: skip
+                    metrics.update({f"learner/{k}": v for k, v in learner.items()})
+            with timed("publish", timing):
+                if keep:
+                    state.version += 1
+                    weights = publish(pools, state.version)
+            state.step = step + 1
+        if rewards:
+            metrics.update(step_metrics(rewards, meta, r, valid, state.version - (1 if keep else 0), timing,
+                                        cfg.samples_per_step))  # fmt: skip
+        else:  # on_outage=drop and the judge scored none: nothing trained, nothing published
+            metrics.update({"groups/valid": 0.0, "groups/total": 0.0})
+            metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
+        metrics["groups/banned_total"] = float(len(state.banned))
+        metrics["groups/dropped_judge"], metrics["groups/dropped_judge_total"] = float(len(failed)), dropped_total
+        metrics["policy/version"] = float(state.version)
+        metrics.update(reward_counters(pools))
+        if save_now:  # the step's metrics line travels in the checkpoint: a resume logs it exactly once
+            with timed("checkpoint", timing):
+                save_checkpoint(cfg, ckpt, pools, state, {"step": step, **metrics})
+            metrics["timing_s/checkpoint"] = timing["checkpoint"]
+            fault_point("after_commit", step)
+        log.write(step, metrics)
+        fault_point("after_log", step)
+        last = metrics
     return last
 
 
@@ -392,8 +416,14 @@ def start_state(cfg: Config, ckpt: CheckpointManager, *, resume: bool, overwrite
         raise ConfigError(f"--resume: {ckpt.location(latest)} was trained with other values of {len(differ)} "
                           f"training-relevant key(s): {shown}. Start a new run in another checkpoint.dir, or "
                           "resume with the checkpoint's values")  # fmt: skip
+    return resumed_state(ckpt, latest, saved)
+
+
+def resumed_state(ckpt: CheckpointManager, step: int, saved: dict | None = None) -> tuple[DriverState, dict | None]:
+    """The driver state checkpoint `step` holds, and the metrics line of the step it ended with."""
+    saved = saved or ckpt.driver_state(step)
     state = DriverState(**{"run_id": new_run_id(), **saved["driver"]})  # checkpoints before run ids: a new one
-    print(f"resumed from {step_name(latest)}: step {state.step}, policy version {state.version}, "
+    print(f"resumed from {step_name(step)}: step {state.step}, policy version {state.version}, "
           f"run {state.run_id}", flush=True)  # fmt: skip
     return state, saved.get("metrics")
 

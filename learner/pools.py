@@ -47,6 +47,29 @@ class Pools:
         for a in [*self.rollouts, *self.rewards, *self.judges]:
             ray.kill(a)
 
+    def rebuild_learner(self, cfg: Config) -> None:
+        """A rank was lost: the whole group goes (the survivors wait in a collective) and a new one starts; it
+        holds the initial weights until the caller restores a checkpoint."""
+        self.learner.shutdown()
+        self.learner = start_learner(cfg)
+
+
+def start_learner(cfg: Config) -> LearnerGroup:
+    """The learner group, placed, checked and started. A local checkpoint dir the ranks' nodes cannot reach is
+    refused once they are placed, before anything loads."""
+    c = cfg.cluster
+    learner = LearnerGroup(
+        functools.partial(load_policy, cfg.model, use_gpu=c.learner_gpus > 0), cfg.nft, cfg.learner, c,
+        mixed_precision=c.learner_gpus > 0 and cfg.model.dtype != "float32", start=False,
+    )  # fmt: skip
+    try:
+        check_reachable(cfg.checkpoint, learner.node_ids, ray.get_runtime_context().get_node_id())
+        learner.start()
+    except BaseException:
+        learner.shutdown()
+        raise
+    return learner
+
 
 def start_judges(cfg: Config, api_key: Secret, *, local: bool = False) -> list[Any]:
     """The vLLM judge replicas the service starts (`cluster.judge_replicas`), each on its node's address (on
@@ -71,15 +94,8 @@ def build_pools(cfg: Config, *, local: bool = False) -> Pools:
 
     # Learner first: it publishes version 0 (old = θ at init) before any rollout samples. Every actor loads
     # its model on its own node (`load_policy` without a path resolves `model.*` there).
-    learner = LearnerGroup(
-        functools.partial(load_policy, cfg.model, use_gpu=c.learner_gpus > 0), n, cfg.learner, c,
-        mixed_precision=c.learner_gpus > 0 and cfg.model.dtype != "float32", start=False,
-    )  # fmt: skip
-    pools = Pools(rollouts=[], rewards=[], learner=learner, judges=[])
+    pools = Pools(rollouts=[], rewards=[], learner=start_learner(cfg), judges=[])
     try:
-        # Before anything loads: a local checkpoint dir the ranks' nodes cannot reach is refused now.
-        check_reachable(cfg.checkpoint, learner.node_ids, ray.get_runtime_context().get_node_id())
-        learner.start()
         j = cfg.reward.judge
         key = secret_from_env(j.api_key_env, generate=not j.url)  # a started judge always gets one
         pools.judges = start_judges(cfg, key, local=local)

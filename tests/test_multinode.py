@@ -79,7 +79,16 @@ def test_trains_with_each_rank_checkpointing_to_s3_from_its_own_node(cluster, bu
     rc, log, run_dir = trained
     assert rc == 0 and "succeeded" in log, log[-4000:]
     metrics = _metrics(run_dir)
-    assert [m["step"] for m in metrics] == [0, 1, 2, 3] and all("learner/loss" in m for m in metrics)
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    for m in metrics:
+        assert m["groups/valid"] == 2 and "learner/loss" in m and m["learner/n_valid"] == 8
+    # Version 0 is the initial policy; every trained step publishes one more, so the versions after each step
+    # are 1, 2, 3, 4; the samples a step trains on are never more than rollout.max_staleness (1) versions old.
+    assert [m["policy/version"] for m in metrics] == [1, 2, 3, 4]
+    assert all(0 <= m["staleness/max"] <= 1 for m in metrics)
+    assert metrics[0]["staleness/max"] == 0  # nothing was published before step 0's rollouts but version 0
+    # Reward-worker counters reach the metrics: every step's groups (2 per step) were scored.
+    assert [m["reward_workers/groups"] for m in metrics] == [2, 4, 6, 8]
     for step in ("step_00000002", "step_00000004"):
         keys = _objects(cluster, bucket, f"run/{step}/")
         assert keys == [f"run/{step}/{name}" for name in (
@@ -105,8 +114,8 @@ def test_resume_on_the_cluster_matches_the_uninterrupted_run(cluster, bucket, tr
     assert rc == 0, log[-4000:]
     assert "resumed from step_00000002: step 2, policy version 2" in log
     resumed, full = _metrics(tmp_path / "run"), _metrics(full_dir)
-    assert [m["step"] for m in resumed] == [2, 3]
-    for got, want in zip(resumed, full[2:], strict=True):
+    assert [m["step"] for m in resumed] == [1, 2, 3]  # step 1's line comes with its checkpoint
+    for got, want in zip(resumed, full[1:], strict=True):
         for key in COMPARED:
             assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), (got["step"], key)
 
