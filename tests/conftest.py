@@ -145,3 +145,21 @@ def ray_cluster():
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------ vLLM judge
+
+
+@pytest.fixture(scope="session")
+def vllm_judge(tmp_path_factory):
+    """One real vLLM server (the tiny random Qwen2-VL judge, CPU, on 127.0.0.1) for the whole session: each
+    start costs ~35 s on 2 cores, so the tests that only need a live judge share this one."""
+    from common.config import JudgeConfig
+    from models.tiny_judge import build_tiny_judge
+    from rewards.judge_server import VLLMServer
+
+    path = build_tiny_judge(tmp_path_factory.mktemp("judge") / "tiny_judge")
+    log = tmp_path_factory.mktemp("vllm-judge") / "vllm.log"
+    with VLLMServer(path, JudgeConfig(max_model_len=2048), log_path=log) as server:
+        print(f"vLLM start-up {server.startup_s:.1f} s")
+        yield server

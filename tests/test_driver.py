@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +91,30 @@ def test_metrics_log_keeps_each_step_once_on_resume(tmp_path):
     assert json.loads(path.read_text().splitlines()[1])["x"] == 99
     MetricsLog(tmp_path, 1)  # a fresh run starts an empty log
     assert path.read_text() == ""
+
+
+def test_a_checkpoint_dir_holds_one_run(tmp_path):
+    """start_state (no Ray): a fresh start over checkpoints is refused, --overwrite deletes them and starts a new
+    run id, --resume takes the run's id and state."""
+    from common.config import ConfigError, config_to_dict, load_config
+    from learner.checkpoint import CheckpointManager
+    from learner.loop import DriverState, start_state
+
+    cfg = load_config("configs/tiny_cpu.yaml", [f"checkpoint.dir={tmp_path / 'ckpt'}"])
+    ckpt = CheckpointManager(cfg.checkpoint.dir, keep=3, cache_dir=tmp_path / "cache")
+    fresh, recovered = start_state(cfg, ckpt, resume=False, overwrite=False)
+    assert fresh.step == 0 and len(fresh.run_id) == 12 and recovered is None
+    for step in (2, 4):
+        target = ckpt.begin(step)
+        (Path(target) / "learner").mkdir()
+        (Path(target) / "learner" / ".metadata").write_text("m")
+        state = DriverState(run_id=fresh.run_id, step=step, version=step)
+        ckpt.commit(step, target, {"driver": dataclasses.asdict(state), "config": config_to_dict(cfg),
+                                   "metrics": {"step": step - 1}}, written=["learner/.metadata"])  # fmt: skip
+    with pytest.raises(ConfigError, match="already holds checkpoints .latest step_00000004.; pass --resume"):
+        start_state(cfg, ckpt, resume=False, overwrite=False)
+    resumed, recovered = start_state(cfg, ckpt, resume=True, overwrite=False)
+    assert (resumed.run_id, resumed.step, recovered) == (fresh.run_id, 4, {"step": 3})
+    other, _ = start_state(cfg, ckpt, resume=False, overwrite=True)
+    assert other.step == 0 and other.run_id != fresh.run_id and ckpt.complete_steps() == []
+    assert list((tmp_path / "ckpt").iterdir()) == []

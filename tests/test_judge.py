@@ -150,11 +150,8 @@ def test_server_rejects_missing_model(tmp_path):
 # ---- against one real vLLM server ---------------------------------------------------------------------------
 class TestAgainstVLLM:
     @pytest.fixture(scope="class")
-    def server(self, judge_dir, tmp_path_factory):
-        files = _server_files(tmp_path_factory, "server")
-        with VLLMServer(judge_dir, _cfg(), **files) as server:
-            print(f"vLLM start-up {server.startup_s:.1f} s")
-            yield server
+    def server(self, vllm_judge):
+        return vllm_judge  # the session's shared server (tests/conftest.py)
 
     def test_score_is_expected_digit_of_server_logprobs(self, server):
         source, candidates = _images()

@@ -75,7 +75,7 @@ def test_a_killed_judge_is_restarted_and_the_step_waits_for_it(tmp_path):
     assert killed is not None, "the judge server was never found to kill"
     assert proc.returncode == 0, out[-4000:]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2]  # step 1 or 2 waited for the restarted server
     assert all(r["groups/total"] == 2 and r["groups/dropped_judge"] == 0 for r in rows)  # every group scored
     assert rows[-1]["judges/restarts"] == 1 and rows[-1]["reward_workers/judge/failures"] == 0
     assert rows[-1]["reward_workers/judge/connection_errors"] + rows[-1]["reward_workers/judge/timeouts"] > 0

@@ -120,6 +120,12 @@ def test_resume_on_the_cluster_matches_the_uninterrupted_run(cluster, bucket, tr
             assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), (got["step"], key)
 
 
+def test_an_unreachable_checkpoint_dir_is_refused_before_anything_starts(cluster, tmp_path):
+    rc, log = _train(cluster, tmp_path / "run", "s3://no-such-bucket-here/x", "learner.steps=1")
+    assert rc != 0
+    assert "config error: checkpoint.dir: s3 bucket not found for s3://no-such-bucket-here/x" in log, log[-3000:]
+
+
 def test_a_local_checkpoint_dir_is_refused_when_ranks_are_on_other_nodes(cluster, tmp_path):
     rc, log = _train(cluster, tmp_path / "run", str(tmp_path / "ckpt"), "learner.steps=1")
     assert rc != 0
@@ -127,8 +133,8 @@ def test_a_local_checkpoint_dir_is_refused_when_ranks_are_on_other_nodes(cluster
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
 
 
-def test_a_pool_no_node_can_hold_fails_at_start_naming_its_keys(cluster, tmp_path):
-    rc, log = _train(cluster, tmp_path / "run", "s3://unused-bucket/x", "learner.steps=1",
+def test_a_pool_no_node_can_hold_fails_at_start_naming_its_keys(cluster, bucket, tmp_path):
+    rc, log = _train(cluster, tmp_path / "run", f"s3://{bucket}/unplaceable", "learner.steps=1",
                      "cluster.judge_resources={gpu_node: 1}", "reward.judge_weight=0.5")  # fmt: skip
     assert rc != 0
     assert "config error: pools that can never be placed" in log, log[-3000:]

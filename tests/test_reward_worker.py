@@ -96,24 +96,9 @@ def test_judge_failure_fails_the_group_instead_of_scoring(examples):
     assert counters["judge/retries"] == m["retries"] and counters["judge/failures"] == m["failures"]
 
 
-@pytest.fixture(scope="module")
-def judge_server(ray_cluster, tmp_path_factory):
-    """A real vLLM server (tiny random Qwen2-VL judge, CPU) owned by a Ray actor."""
-    from models.tiny_judge import build_tiny_judge
-    from rewards.judge_server import JudgeServerActor
-
-    path = build_tiny_judge(tmp_path_factory.mktemp("judge") / "tiny_judge")
-    actor = JudgeServerActor.options(num_cpus=1).remote(str(path), JudgeConfig(max_model_len=2048),
-                                                         host="127.0.0.1")
-    assert ray_cluster.get(actor.ready.remote(), timeout=330) is True
-    yield actor, ray_cluster.get(actor.url.remote())
-    ray_cluster.get(actor.stop.remote(), timeout=60)
-    ray_cluster.kill(actor)
-
-
-def test_reward_pool_scores_groups_with_flow_and_live_judge(ray_cluster, judge_server, examples):
+def test_reward_pool_scores_groups_with_flow_and_live_judge(ray_cluster, vllm_judge, examples):
     ray = ray_cluster
-    _, url = judge_server
+    url = vllm_judge.url
     cfg = _reward(judge=JudgeConfig(max_retries=2, backoff_s=0.1), batch_pairs=64, max_wait_ms=300)
     spec = functools.partial(build_reward_scorer, cfg, [url], device="cpu", cache_dir="/tmp/motionnft-test-cache")
     worker = ray.remote(RewardWorker).options(num_cpus=0.5).remote(spec)

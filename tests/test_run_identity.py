@@ -127,11 +127,3 @@ def test_every_step_logged_once_across_kills_a_lost_rank_and_refused_starts(tmp_
     assert sum(r["groups/total"] for r in rows) * K == 5 * P * K  # every sample counted once
     assert [r["policy/version"] for r in rows] == [1, 2, 3, 4, 5]
     assert json.loads((tmp_path / "ckpt" / "step_00000005" / "driver.json").read_text())["driver"]["run_id"] == run_id
-
-    # 4. --overwrite deletes the old run's checkpoints and starts a new run.
-    over = _main(tmp_path, "learner.steps=1", "--overwrite")
-    assert over.returncode == 0, over.stderr[-2000:]
-    assert "--overwrite: deleted 3 checkpoint(s)" in over.stdout
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000001"]
-    assert json.loads((tmp_path / "ckpt" / "step_00000001" / "driver.json").read_text())["driver"]["run_id"] != run_id
-    assert _steps(tmp_path) == [0]
