@@ -25,10 +25,10 @@ class ConfigError(ValueError):
     """A config key is unknown, of the wrong type or out of range; the message names the dotted key."""
 
 
-def _f(default: Any, help: str, *, nonfinite: bool = False) -> Any:  # noqa: A002 - mirrors argparse's name
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
     """A dataclass field whose help text feeds `--help`; tuples rather than lists, a dict is copied per instance.
-    Float values must be finite (no .inf / .nan) unless `nonfinite=True` (no field needs that so far)."""
-    metadata = {"help": help, "nonfinite": nonfinite}
+    Float values must be finite (no .inf / .nan): `_coerce` and `_check_finite` refuse them."""
+    metadata = {"help": help}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -40,7 +40,7 @@ def _check(ok: bool, key: str, expected: str, value: Any) -> None:
 
 
 def _check_finite(section: Any) -> None:
-    """Every float of a section (also inside its dicts and lists) is finite, unless its field allows .inf/.nan:
+    """Every float of a section (also inside its dicts and lists) is finite:
     a section built in code fails like a parsed one (`_coerce` already refuses them in YAML and overrides)."""
 
     def floats(value: Any, key: str):
@@ -55,8 +55,6 @@ def _check_finite(section: Any) -> None:
 
     prefix = f"{section.SECTION}." if section.SECTION else ""
     for f in dataclasses.fields(section):
-        if f.metadata.get("nonfinite"):
-            continue
         for key, x in floats(getattr(section, f.name), f"{prefix}{f.name}"):
             _check(math.isfinite(x), key, "a finite number", x)
 
@@ -560,9 +558,9 @@ def _is_section(tp: Any) -> bool:
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _coerce(key: str, tp: Any, value: Any, *, finite: bool = True) -> Any:
+def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Type-check one leaf; ints are accepted for floats, lists for tuples, nothing else is converted. Floats
-    must be finite (YAML `.inf`/`.nan`, `1e999`) unless `finite=False` (a field declared with nonfinite=True)."""
+    must be finite (YAML `.inf`/`.nan`, `1e999`)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -572,7 +570,7 @@ def _coerce(key: str, tp: Any, value: Any, *, finite: bool = True) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(key, arg, value, finite=finite)
+                return _coerce(key, arg, value)
             except ConfigError:
                 pass
         raise ConfigError(f"{key}: expected {tp}, got {value!r}")
@@ -580,13 +578,13 @@ def _coerce(key: str, tp: Any, value: Any, *, finite: bool = True) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
-        return tuple(_coerce(f"{key}[{i}]", item, v, finite=finite) for i, v in enumerate(value))
+        return tuple(_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         key_tp, value_tp = typing.get_args(tp)
         return {
-            _coerce(f"{key} (a key)", key_tp, k): _coerce(f"{key}.{k}", value_tp, v, finite=finite)
+            _coerce(f"{key} (a key)", key_tp, k): _coerce(f"{key}.{k}", value_tp, v)
             for k, v in value.items()
         }
     if tp is bool:
@@ -607,7 +605,7 @@ def _coerce(key: str, tp: Any, value: Any, *, finite: bool = True) -> Any:
                 number = float(value)
             except OverflowError:  # an int beyond float range
                 number = math.inf
-        if finite and not math.isfinite(number):
+        if not math.isfinite(number):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return number
     if tp is str:
@@ -630,8 +628,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise ConfigError(f"{key}: unknown key{hint}")
         tp = hints[name]
-        finite = not fields[name].metadata.get("nonfinite", False)
-        kwargs[name] = _build(tp, value, f"{key}.") if _is_section(tp) else _coerce(key, tp, value, finite=finite)
+        kwargs[name] = _build(tp, value, f"{key}.") if _is_section(tp) else _coerce(key, tp, value)
     return cls(**kwargs)  # keys left out keep their defaults
 
 

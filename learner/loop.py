@@ -61,6 +61,7 @@ class DriverState:
     epoch: int = 0  # data cursor: pass over the training prompts ...
     position: int = 0  # ... and index into that pass's permutation
     banned: list[str] = field(default_factory=list)  # prompts whose group saturated (DESIGN §5)
+    dropped_judge: int = 0  # groups left out because the judge could not score them (reward.judge.on_outage)
 
 
 class PromptCursor:
@@ -303,7 +304,6 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
     steps, ahead = cfg.learner.steps, cfg.rollout.max_staleness
     pending: dict[int, StepRollouts] = {}
     drawn_from: dict[int, tuple[int, int]] = {}
-    dropped_total = 0
 
     for step in range(state.step, steps):
         metrics, timing = {}, {}
@@ -329,7 +329,7 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
                 stop_on_judge_outage(cfg, ckpt, pools, state, step, drawn_from[step], last, results[failed[0]],
                                      len(failed))  # fmt: skip
             scored = [g for g in range(len(results)) if g not in failed]  # on_outage=drop: the rest trains
-            dropped_total += len(failed)
+            state.dropped_judge += len(failed)
             batch, meta = batch.only(scored), [meta[g] for g in scored]
             rewards = [results[g] for g in scored]
             # 4. Group statistics -> optimality and validity; saturated prompts are banned from now on.
@@ -357,7 +357,8 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
             metrics.update({"groups/valid": 0.0, "groups/total": 0.0})
             metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
         metrics["groups/banned_total"] = float(len(state.banned))
-        metrics["groups/dropped_judge"], metrics["groups/dropped_judge_total"] = float(len(failed)), dropped_total
+        metrics["groups/dropped_judge"] = float(len(failed))
+        metrics["groups/dropped_judge_total"] = float(state.dropped_judge)  # carried by checkpoints, like bans
         metrics["policy/version"] = float(state.version)
         metrics.update(reward_counters(pools))
         if save_now:  # the step's metrics line travels in the checkpoint: a resume logs it exactly once

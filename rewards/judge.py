@@ -334,6 +334,10 @@ class JudgeClient:
             self._states[loop] = state
         return state
 
+    def _backoff(self, n: int) -> float:
+        """backoff_s * 2**n, at most max_backoff_s: the wait before a retry, and a failing replica's skip."""
+        return min(self.cfg.backoff_s * 2**n, self.cfg.max_backoff_s)
+
     def _replica(self) -> tuple[int, float]:
         """(replica to try next, seconds to wait first): round robin over those not being skipped, else the one
         skipped the shortest."""
@@ -356,13 +360,13 @@ class JudgeClient:
         attempt = 0
         while True:
             attempt += 1
-            delay = min(cfg.backoff_s * 2 ** (attempt - 2), cfg.max_backoff_s) if attempt > 1 else 0.0
+            delay = self._backoff(attempt - 2) if attempt > 1 else 0.0
             k, wait = self._replica()
             if wait > delay:
                 self.metrics["waits_no_replica"] += 1
             if attempt > 1:
                 self.metrics["retries"] += 1
-                self.metrics["failovers"] += int(previous is not None and k != previous)
+                self.metrics["failovers"] += int(k != previous)
             await asyncio.sleep(max(delay, wait))
             url, previous = f"{self.base_urls[k]}/chat/completions", k
             transport_failure = True
@@ -408,10 +412,10 @@ class JudgeClient:
             if transport_failure:  # skip this replica a while, longer each failure in a row: the others take the load
                 self._fails[k] += 1
                 now = time.monotonic()
-                self._skip_until[k] = now + min(cfg.backoff_s * 2 ** self._fails[k], cfg.max_backoff_s)
-                next_try = max(min(cfg.backoff_s * 2 ** (attempt - 1), cfg.max_backoff_s), min(self._skip_until) - now)
-                no_budget_left = now + next_try - began >= cfg.retry_budget_s
-                if not no_budget_left or (cfg.retry_budget_s == 0 and attempt <= cfg.max_retries):
+                self._skip_until[k] = now + self._backoff(self._fails[k])
+                next_try = max(self._backoff(attempt - 1), min(self._skip_until) - now)
+                within_budget = now + next_try - began < cfg.retry_budget_s
+                if within_budget or (cfg.retry_budget_s == 0 and attempt <= cfg.max_retries):
                     continue  # the next try still falls within the budget (no budget: max_retries tries)
                 reason += f" (retried for {now - began:.0f}s: reward.judge.retry_budget_s)"
             elif unparseable <= cfg.max_retries:
