@@ -367,7 +367,10 @@ class JudgeClient:
             if attempt > 1:
                 self.metrics["retries"] += 1
                 self.metrics["failovers"] += int(k != previous)
-            await asyncio.sleep(max(delay, wait))
+            pause = max(delay, wait)
+            if cfg.retry_budget_s > 0:  # a replica skipped past the budget is still tried once, at its end
+                pause = min(pause, max(0.0, began + cfg.retry_budget_s - time.monotonic()))
+            await asyncio.sleep(pause)
             url, previous = f"{self.base_urls[k]}/chat/completions", k
             transport_failure = True
             async with state.semaphore:

@@ -65,6 +65,18 @@ def test_after_the_budget_the_call_fails_naming_it():
     assert client.metrics["failures"] == 1 and client.metrics["waits_no_replica"] >= 1
 
 
+def test_a_call_starting_while_every_replica_is_skipped_waits_no_longer_than_its_budget():
+    """Earlier failures skip the only replica for max_backoff_s (30 s); a new call with a 0.3 s budget still
+    makes one try by the end of its budget and fails then, not after the skip."""
+    client, hits = _client([DEAD], {}, backoff_s=10, max_backoff_s=30, retry_budget_s=0.3)
+    client._fails[0], client._skip_until[0] = 5, time.monotonic() + 30
+    began = time.monotonic()
+    with pytest.raises(JudgeError, match="cannot reach"):
+        asyncio.run(_ask(client))
+    assert 0.25 < time.monotonic() - began < 1.5 and hits == ["dead"]
+    assert client.metrics["waits_no_replica"] == 1
+
+
 def test_judge_error_survives_pickling_with_its_message():
     err = JudgeError("HTTP 503 from http://judge/v1/chat/completions", "overloaded", 4)
     back = pickle.loads(pickle.dumps(err))
