@@ -1,8 +1,9 @@
 """The rollout worker: the Ray shell around `Sampler` (actors/sampler.py), one per rollout GPU.
 
 Each call carries the weights it must sample with (`PublishedWeights`, handed over by the driver); the worker
-loads them in place when its version differs and returns each group's training sample, its decoded images and
-small metadata as separate objects, so reward workers never fetch latents and learners never fetch images.
+loads them in place when its version differs, checks that its policy then computes what the learner's does
+(models/parity.py), and returns each group's training sample, its decoded images and small metadata as separate
+objects, so reward workers never fetch latents and learners never fetch images.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
+import torch
 
 from actors.sampler import Prompt, ReferenceForwards, Sampler
 from common.config import RolloutConfig
+from common.faults import fault_point
+from models.parity import ParityError, ParityProbe, check_parity
 from models.policy import EditPolicy
-from models.weights import PolicyWeights, PublishedWeights
+from models.weights import PolicyWeights, PublishedWeights, WeightManifest
 
 
 class RolloutWorker:
@@ -30,20 +34,39 @@ class RolloutWorker:
         reference: ReferenceForwards | None = None,
     ) -> None:
         policy = build_policy()
-        self.name = name
+        self.name, self.cfg = name, cfg
         self.weights = PolicyWeights(policy, weight_kind)
         self.sampler = Sampler(policy, cfg, reference)
+        self.probe = ParityProbe.build(policy, cfg) if cfg.parity_check else None
+        self.parity_error: float | None = None  # of the version loaded last
 
     def ready(self) -> str:
         return self.name
+
+    def load(self, weights: PublishedWeights, tensors: dict[str, torch.Tensor]) -> None:
+        """Load a published version, then check that the policy computes what the learner's does (when the
+        learner sent its probe output): on a mismatch nothing samples until a later version passes."""
+        self.weights.load(weights.version, weights.manifest, tensors)
+        if self.probe is None or weights.probe is None:
+            return
+        policy = self.weights.policy
+        tolerance = self.cfg.parity_tolerance[str(policy.dtype).removeprefix("torch.")]
+        try:
+            self.parity_error = check_parity(policy, self.probe, weights.probe, WeightManifest.unpack(weights.manifest),
+                                             tolerance, worker=self.name)  # fmt: skip
+        except ParityError:
+            self.weights.version = -1  # the next call loads (and checks) again
+            raise
 
     def sample(self, step: int, weights: PublishedWeights, *prompts: Prompt) -> list[Any]:
         """[group, images, meta] per prompt, flat; call with `.options(num_returns=3 * len(prompts))`.
 
         Three objects so each consumer fetches only its part: the learner the GroupSample, the reward worker
-        the images, the driver the small metadata (version, timings).
+        the images, the driver the small metadata (version, timings, parity error).
         """
+        fault_point("rollout.sample", step)
         if weights.version != self.weights.version:
-            self.weights.load(weights.version, weights.manifest, ray.get(weights.tensors))
+            self.load(weights, ray.get(weights.tensors))
         pairs = self.sampler.sample(list(prompts), step, self.weights.version)
-        return [x for g, images in pairs for x in (g, images, {"version": g.version, "worker": self.name, **g.timing})]
+        meta = {"worker": self.name, "parity_error": self.parity_error}
+        return [x for g, images in pairs for x in (g, images, {"version": g.version, **meta, **g.timing})]

@@ -136,9 +136,21 @@ class RolloutConfig:
     compile: bool = _f(
         False, "regional compilation: torch.compile each repeated transformer block for sampling (DESIGN §6)"
     )
+    parity_check: bool = _f(
+        True, "after loading each published version, compare the policy's output on a fixed probe with the "
+        "learner's and count the adapter modules bound (models/parity.py); a mismatch stops that rollout"
+    )  # fmt: skip
+    parity_tolerance: dict[str, float] = _f(
+        {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3},
+        "largest parity error allowed per model dtype, relative to the probe output's peak: float32 agrees to "
+        "rounding, 16-bit differs by kernel choice (compiled or not, another GPU) within a few ulps of the peak",
+    )
 
     def __post_init__(self) -> None:
         _check_finite(self)
+        for dtype, tol in self.parity_tolerance.items():
+            _check(dtype in DTYPES, "rollout.parity_tolerance", f"keys among {DTYPES}", dtype)
+            _check(tol > 0, f"rollout.parity_tolerance.{dtype}", "a number > 0", tol)
         for key in ("group_size", "prompts_per_step", "num_steps", "micro_batch"):
             _check(getattr(self, key) >= 1, f"rollout.{key}", "an integer >= 1", getattr(self, key))
         _check(self.group_size >= 2, "rollout.group_size", "K >= 2 (group statistics need 2)", self.group_size)
@@ -407,9 +419,16 @@ class ClusterConfig:
         {}, "resources of each node type the autoscaler may add, name -> {CPU, GPU, custom}; start-up checks "
         "every pool's ask against these and the nodes alive (empty: against the nodes alive only)"
     )  # fmt: skip
+    worker_crashes: int = _f(
+        10, "crashes one rollout or reward worker may have within cluster.crash_window_s; Ray restarts it without "
+        "a lifetime limit and its groups are re-queued, but one crash more stops the run (a crash loop)"
+    )  # fmt: skip
+    crash_window_s: float = _f(3600.0, "the sliding window (seconds) of cluster.worker_crashes")
 
     def __post_init__(self) -> None:
         _check_finite(self)
+        _check(self.worker_crashes >= 0, "cluster.worker_crashes", "an integer >= 0", self.worker_crashes)
+        _check(self.crash_window_s > 0, "cluster.crash_window_s", "seconds > 0", self.crash_window_s)
         for section in ("learner", "rollout", "reward", "judge"):
             for name, amount in getattr(self, f"{section}_resources").items():
                 what = "a custom resource >= 0 (CPU and GPU asks are cluster.cpus_per_actor and cluster.*_gpus)"

@@ -13,10 +13,9 @@ def free_port(host: str = "") -> int:
 
 
 def node_address() -> str:
-    """The address this process's Ray node registered with: what other nodes reach it by. (Ray never registers
-    a node on loopback: even a one-machine cluster gets the machine's routable address.)
-    `ray.util.get_node_ip_address()` is not it inside a worker: there it guesses from the default route, which
-    on a multi-homed machine names some other interface."""
+    """The address this process's Ray node registered with: what other nodes reach it by (127.0.0.1 on the
+    embedded cluster, learner/local_cluster.py). `ray.util.get_node_ip_address()` is not it inside a worker:
+    there it guesses from the default route, which on a multi-homed machine names some other interface."""
     import ray
 
     return ray._private.worker.global_worker.node_ip_address  # no public accessor in Ray 2.60

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,9 +16,11 @@ import torch
 import torch.distributed as dist
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from torch.distributed.constants import default_pg_timeout
 
-from common.config import ClusterConfig, LearnerConfig, NFTConfig
-from common.net import free_port, node_address
+from common.config import ClusterConfig, LearnerConfig, NFTConfig, RolloutConfig
+from common.faults import fault_point
+from common.net import node_address
 from common.s3 import S3Retry
 from learner.checkpoint import export_lora, export_transformer, load_rank, save_rank
 from learner.trainer import (
@@ -30,6 +33,7 @@ from learner.trainer import (
     rank_share,
     train_sample,
 )
+from models.parity import ParityProbe
 from models.policy import EditPolicy
 from models.weights import WeightManifest, weight_kind
 
@@ -45,14 +49,23 @@ class LearnerWorker:
         nft: NFTConfig,
         learner: LearnerConfig,
         mixed_precision: bool,
+        parity: RolloutConfig | None = None,
     ):
         self.rank, self.world, self.build_policy = rank, world, build_policy
-        self.nft, self.learner, self.mixed_precision = nft, learner, mixed_precision
+        self.nft, self.learner, self.mixed_precision, self.parity = nft, learner, mixed_precision, parity
         self.trainer: NFTTrainer | None = None
+        self.probe: ParityProbe | None = None
+        self.listener: socket.socket | None = None  # rank 0: the rendezvous socket (`address`)
+
+    def where(self) -> str:
+        return f"rank {self.rank}: pid {os.getpid()} on {node_address()}"
 
     def address(self) -> tuple[str, int]:
+        """Rank 0: the rendezvous address, on this node's address only (loopback on the embedded cluster), its
+        socket bound now and kept until the store takes it over (no other process can take the port meanwhile)."""
         host = node_address()
-        return host, free_port(host)
+        self.listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        return host, self.listener.getsockname()[1]
 
     def setup(self, master: tuple[str, int]) -> bool:
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
@@ -61,11 +74,17 @@ class LearnerWorker:
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         policy = self.build_policy()  # before the rendezvous: a rank that cannot load keeps no one waiting
-        dist.init_process_group(backend, rank=self.rank, world_size=self.world)
+        if self.parity is not None:
+            self.probe = ParityProbe.build(policy, self.parity)
+        listen_fd = self.listener.fileno() if self.rank == 0 else None
+        store = dist.TCPStore(*master, self.world, is_master=self.rank == 0, master_listen_fd=listen_fd,
+                              timeout=default_pg_timeout)  # fmt: skip
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world)
         self.trainer = NFTTrainer(policy, self.nft, self.learner, mixed_precision=self.mixed_precision)
         return True
 
     def train_step(self, groups: list, r: list[list[float]], n_global: int, step: int) -> dict[str, float]:
+        fault_point(f"learner.rank{self.rank}.train_step", step)
         return self.trainer.train_step(self._my_samples(groups, r), n_global, step)
 
     def _my_samples(self, groups: list, r: list[list[float]]) -> list[TrainSample]:
@@ -80,12 +99,15 @@ class LearnerWorker:
     def gather(self, which: str = OLD) -> dict[str, torch.Tensor] | None:
         return self.trainer.gather(which)
 
-    def publishable(self, which: str, version: int) -> tuple[bytes | None, dict[str, torch.Tensor] | None]:
-        """(msgpack manifest, weights) on rank 0, (None, None) elsewhere; call with num_returns=2."""
-        weights = self.trainer.gather(which)
+    def publishable(self, version: int) -> tuple[bytes | None, dict[str, torch.Tensor] | None, torch.Tensor | None]:
+        """The sampling policy ("old") as rank 0 publishes it: (msgpack manifest, weights, its output on the
+        parity probe or None), (None, None, None) elsewhere; collective, call with num_returns=3."""
+        fault_point(f"learner.rank{self.rank}.publish", version)
+        weights = self.trainer.gather(OLD)
+        probe = None if self.probe is None else self.trainer.probe_output(self.probe)
         if weights is None:
-            return None, None
-        return WeightManifest.of(weights, version=version, kind=weight_kind(self.nft)).pack(), weights
+            return None, None, None
+        return WeightManifest.of(weights, version=version, kind=weight_kind(self.nft)).pack(), weights, probe
 
     def save(self, target: str, export: bool, retry: S3Retry | None = None) -> list[str]:
         """Collective: this rank's shards (rank 0: also the eval-EMA export for diffusers) to `target`, a dir or
@@ -127,6 +149,7 @@ class LearnerGroup:
         cluster: ClusterConfig,
         *,
         mixed_precision: bool = False,
+        parity: RolloutConfig | None = None,
         start: bool = True,
     ) -> None:
         n, gpus, cpus = cluster.learner_ranks, cluster.learner_gpus, cluster.cpus_per_actor
@@ -141,7 +164,7 @@ class LearnerGroup:
                 num_gpus=gpus,
                 resources=custom,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k),
-            ).remote(k, n, build_policy, nft, learner, mixed_precision)
+            ).remote(k, n, build_policy, nft, learner, mixed_precision, parity)
             for k in range(n)
         ]
         if start:
@@ -161,6 +184,7 @@ class LearnerGroup:
         except Exception:
             self.shutdown()
             raise
+        print("learner ranks: " + "; ".join(ray.get([w.where.remote() for w in self.workers])), flush=True)
 
     def train_step(self, groups: list, r: list[list[float]], step: int) -> dict[str, float]:
         """Train on `groups` (ObjectRefs of GroupSample, passed by reference) with optimality r; summed metrics."""
@@ -173,10 +197,11 @@ class LearnerGroup:
         _all_ranks(refs)  # surfaces a failed rank (and brings rank 0's weights here: for tests and tools)
         return refs[0]
 
-    def publishable(self, which: str, version: int):
-        """(manifest ref, weights ref) of rank 0's gathered adapter; the weights stay in the object store."""
-        refs = [w.publishable.options(num_returns=2).remote(which, version) for w in self.workers]
-        _all_ranks([manifest for manifest, _ in refs])  # surfaces a failed rank; fetches only the manifests
+    def publishable(self, version: int):
+        """(manifest ref, weights ref, parity probe output ref) of rank 0's gathered old policy; the weights stay
+        in the object store."""
+        refs = [w.publishable.options(num_returns=3).remote(version) for w in self.workers]
+        _all_ranks([manifest for manifest, _, _ in refs])  # surfaces a failed rank; fetches only the manifests
         return refs[0]
 
     def save(self, target: str, *, export: bool, retry: S3Retry | None = None) -> list[str]:
@@ -194,12 +219,15 @@ class LearnerGroup:
 
 
 class LearnerLost(RuntimeError):
-    """A learner rank died (its process or its node): the group cannot go on, the driver rebuilds it."""
+    """A learner rank died (its process or its node), or lost its input with a node: the group cannot go on (the
+    other ranks wait in a collective), the driver rebuilds it."""
 
 
-def _all_ranks(refs: list) -> list:
+def _all_ranks(refs: list, peer_grace_s: float = 15.0) -> list:
     """ray.get of one collective call on every rank, failing at the first rank that fails: the survivors would
-    wait in the collective for the lost one until the backend's timeout."""
+    wait in the collective for the lost one until the backend's timeout. A rank whose collective broke (its
+    peer's connection reset) often reports before Ray reports the dead peer: its error waits `peer_grace_s` for
+    that news."""
     pending = list(refs)
     try:
         while pending:
@@ -207,4 +235,18 @@ def _all_ranks(refs: list) -> list:
             ray.get(done)
     except ray.exceptions.RayActorError as e:
         raise LearnerLost(f"a learner rank is gone ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ray.exceptions.ObjectLostError):
+            raise LearnerLost(f"a learner rank lost its input ({type(e.cause).__name__}: a node holding groups of "
+                              f"this step is gone): {str(e.cause).splitlines()[0]}") from e  # fmt: skip
+        ray.wait(pending, num_returns=len(pending), timeout=peer_grace_s, fetch_local=False)
+        for ref in pending:
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayActorError as lost:
+                raise LearnerLost(f"a learner rank is gone ({type(lost).__name__}: {str(lost).splitlines()[0]}); "
+                                  f"another rank's collective broke with it") from e  # fmt: skip
+            except Exception:  # noqa: BLE001 - still running, or failed otherwise: the first error stands
+                pass
+        raise
     return ray.get(refs)

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import random
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,14 +30,17 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from common import s3
 from common.config import Config, ConfigError, config_to_dict
+from common.faults import fault_point
 from common.storage import check_writable
 from data.motionedit import ExampleServer, load_splits
 from learner.checkpoint import LEARNER, CheckpointManager, step_name
 from learner.fsdp_worker import LearnerLost
 from learner.identity import flat_config, new_run_id, training_keys_that_differ
+from learner.local_cluster import start_local_ray
 from learner.nft_loss import group_filter, optimality, saturated_groups
 from learner.placement import alive_nodes, check_placement
 from learner.pools import Pools, build_pools
+from learner.recovery import WorkerCrashLoop, WorkerPool
 from models.weights import PublishedWeights
 from rewards.judge import JudgeError
 from rewards.scorer import GroupReward
@@ -94,17 +96,30 @@ class PromptCursor:
 
 @dataclass
 class StepRollouts:
-    """The refs of one step's groups: for the learner, the reward workers, and the driver's metadata."""
+    """The refs of one step's groups (for the learner, the reward workers, and the driver's metadata), and what
+    a group needs to be sampled again, identically, if its rollout worker crashes: step, weights, worker, time."""
 
+    step: int
+    weights: PublishedWeights
     prompt_ids: list[str]
     examples: list[Any]
     groups: list[Any]
     images: list[Any]
     meta: list[Any]
+    workers: list[int]  # the rollout worker of each group
+    sent_at: list[float]  # when (time.monotonic) each group was sent to it
 
     def only(self, keep: list[int]) -> StepRollouts:
-        return StepRollouts(*([x[g] for g in keep] for x in (self.prompt_ids, self.examples, self.groups,
-                                                              self.images, self.meta)))  # fmt: skip
+        per_group = (self.prompt_ids, self.examples, self.groups, self.images, self.meta, self.workers, self.sent_at)
+        return StepRollouts(self.step, self.weights, *([x[g] for g in keep] for x in per_group))
+
+    def resample(self, g: int, pool: WorkerPool) -> None:
+        """Send group g again, to a rollout worker that is up (another one when there is): the same seeds and
+        weights sample the same group."""
+        w = pool.pick(avoid=self.workers[g])
+        refs = pool.actors[w].sample.options(num_returns=3).remote(self.step, self.weights, self.examples[g])
+        self.groups[g], self.images[g], self.meta[g] = refs
+        self.workers[g], self.sent_at[g] = w, time.monotonic()
 
 
 def group_stats(rewards: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,8 +178,7 @@ def init_ray(cfg: Config) -> bool:
     if address:
         ray.init(address=address)
         return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # one machine, a private cluster: no token auth
-    ray.init(address="local", num_cpus=cfg.cluster.num_cpus or None, include_dashboard=False)
+    start_local_ray(cfg.cluster.num_cpus or None)  # loopback only; its processes end with this one
     return True
 
 
@@ -173,35 +187,60 @@ def init_ray(cfg: Config) -> bool:
 
 def submit_rollouts(pools: Pools, examples_server, indices: list[int], ids: list[str], step: int,
                     weights: PublishedWeights) -> StepRollouts:  # fmt: skip
-    """Spread one step's prompts over the rollout workers; several groups per call share transformer calls.
-    Every call carries the weights to sample with (one reference, fetched only by a worker that lacks them)."""
+    """Spread one step's prompts over the rollout workers that are up; several groups per call share transformer
+    calls. Every call carries the weights to sample with (one reference, fetched only by a worker that lacks
+    them)."""
     examples = [examples_server.get.remote(i) for i in indices]
-    n = len(pools.rollouts)
-    groups, images, meta = [None] * len(indices), [None] * len(indices), [None] * len(indices)
-    for w, worker in enumerate(pools.rollouts):
-        mine = list(range(w, len(indices), n))
+    up, n, now = pools.rollouts.up(), len(indices), time.monotonic()
+    groups, images, meta, workers = [None] * n, [None] * n, [None] * n, [0] * n
+    for j, w in enumerate(up):
+        mine = list(range(j, n, len(up)))
         if not mine:
             continue
-        refs = worker.sample.options(num_returns=3 * len(mine)).remote(step, weights, *[examples[i] for i in mine])
-        for j, i in enumerate(mine):
-            groups[i], images[i], meta[i] = refs[3 * j : 3 * j + 3]
-    return StepRollouts([ids[i] for i in indices], examples, groups, images, meta)
+        call = pools.rollouts.actors[w].sample.options(num_returns=3 * len(mine))
+        refs = call.remote(step, weights, *[examples[i] for i in mine])
+        for k, i in enumerate(mine):
+            groups[i], images[i], meta[i] = refs[3 * k : 3 * k + 3]
+            workers[i] = w
+    return StepRollouts(step, weights, [ids[i] for i in indices], examples, groups, images, meta, workers, [now] * n)
 
 
 def score_groups(pools: Pools, batch: StepRollouts) -> tuple[list[GroupReward | JudgeError], list[dict]]:
     """Every group goes to a reward worker as soon as it exists (Ray resolves the refs); fetch P*K floats. A
-    group the judge could not score within its retry budget comes back as its JudgeError; any other error
-    propagates."""
-    n = len(pools.rewards)
-    refs = [pools.rewards[g % n].score.remote(batch.examples[g], batch.images[g]) for g in range(len(batch.groups))]
+    group the judge could not score within its retry budget comes back as its JudgeError. A group whose rollout
+    or reward worker crashed is sampled or scored again on a worker that is up, and the crash counted
+    (learner/recovery.py); any other error propagates."""
+    up = pools.rewards.up()
+    scorer = [up[g % len(up)] for g in range(len(batch.groups))]
+    sent_at = [time.monotonic()] * len(scorer)
+    refs = [pools.rewards.actors[w].score.remote(batch.examples[g], batch.images[g]) for g, w in enumerate(scorer)]
     results: list[GroupReward | JudgeError] = []
-    for ref in refs:
-        try:
-            results.append(ray.get(ref))
-        except ray.exceptions.RayTaskError as e:
-            if not isinstance(e.cause, JudgeError):
-                raise
-            results.append(e.cause)
+    for g in range(len(refs)):
+        while True:
+            try:
+                results.append(ray.get(refs[g]))
+                break
+            except ray.exceptions.RayTaskError as e:  # raised in the reward worker, or by an argument's task
+                if isinstance(e.cause, JudgeError):
+                    results.append(e.cause)
+                    break
+                if not isinstance(e.cause, (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)):
+                    raise
+                crash: Exception = e.cause
+            except ray.exceptions.RayActorError as e:  # the reward worker itself died
+                crash = e
+            lost = isinstance(crash, ray.exceptions.ObjectLostError)  # its images went with their node
+            try:
+                ray.get(batch.meta[g])  # did the group's rollout finish?
+            except ray.exceptions.RayActorError as e:
+                lost, crash = True, e
+            if lost:
+                pools.rollouts.crashed(batch.workers[g], batch.sent_at[g], crash)
+                batch.resample(g, pools.rollouts)
+            else:
+                pools.rewards.crashed(scorer[g], sent_at[g], crash)
+            scorer[g], sent_at[g] = pools.rewards.pick(avoid=scorer[g]), time.monotonic()
+            refs[g] = pools.rewards.actors[scorer[g]].score.remote(batch.examples[g], batch.images[g])
     return results, ray.get(batch.meta)
 
 
@@ -213,20 +252,35 @@ class RunStopped(RuntimeError):
 def publish(pools: Pools, version: int) -> PublishedWeights:
     """The learner's old adapter as version `version`: rank 0's gathered weights stay in the object store; the
     driver keeps their reference and the few-hundred-byte manifest."""
-    manifest, tensors = pools.learner.publishable("old", version)
-    return PublishedWeights(version, ray.get(manifest), tensors)
+    manifest, tensors, probe = pools.learner.publishable(version)
+    manifest, probe = ray.get([manifest, probe])  # a few hundred bytes and the probe output (KBs)
+    return PublishedWeights(version, manifest, tensors, probe)
 
 
 def reward_counters(pools: Pools) -> dict[str, float]:
-    """Counters of all reward workers since they started (judge requests, retries, timeouts, failures; flow
-    estimator calls and target-flow cache hits), summed, as `reward_workers/<name>`."""
+    """Counters of the reward workers up, each since it started (judge requests, retries, timeouts, failures;
+    flow estimator calls and target-flow cache hits), summed, as `reward_workers/<name>`; and the judge
+    replicas' restarts."""
     total: dict[str, float] = {}
-    for counters in ray.get([w.counters.remote() for w in pools.rewards]):
+    sent_at = time.monotonic()
+    asked = {w: pools.rewards.actors[w].counters.remote() for w in pools.rewards.up()}
+    for w, ref in asked.items():
+        try:
+            counters = ray.get(ref)
+        except ray.exceptions.RayActorError as e:  # it crashed since its last group (its node may be gone)
+            pools.rewards.crashed(w, sent_at, e)
+            continue
         for key, value in counters.items():
             name, gauge = f"reward_workers/{key}", key.endswith("_max") or "peak_" in key
             total[name] = max(total.get(name, 0.0), value) if gauge else total.get(name, 0.0) + value
     if pools.judges:
-        total["judges/restarts"] = float(sum(ray.get([j.restarts.remote() for j in pools.judges])))
+        restarts = []
+        for ref in [j.restarts.remote() for j in pools.judges]:
+            try:
+                restarts.append(ray.get(ref))
+            except ray.exceptions.RayActorError:  # a replica's actor is gone with its node
+                total["judges/unreachable"] = total.get("judges/unreachable", 0.0) + 1
+        total["judges/restarts"] = float(sum(restarts))
     return total
 
 
@@ -240,6 +294,8 @@ def step_metrics(rewards, meta, r, valid, version: int, timing: dict[str, float]
     stale = [version - x["version"] for x in meta]
     m["staleness/mean"], m["staleness/max"] = sum(stale) / len(stale), float(max(stale))
     m["timing_s/rollout_worker"] = max(x["total_s"] for x in meta)
+    if checked := [x["parity_error"] for x in meta if x.get("parity_error") is not None]:
+        m["parity/max_error"] = max(checked)  # of the versions these groups were sampled with (models/parity.py)
     m.update({f"timing_s/{k}": v for k, v in timing.items()})
     m["perf/samples_per_s"] = n_samples / timing["step"]
     return m
@@ -248,7 +304,7 @@ def step_metrics(rewards, meta, r, valid, version: int, timing: dict[str, float]
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     run_dir = Path(cfg.logging.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:  # before anything starts: a checkpoint dir that cannot be written (credentials, endpoint, permissions)
@@ -274,6 +330,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict
         while True:
             try:
                 return run_steps(cfg, pools, ckpt, state, recovered, train_ds, examples)
+            except WorkerCrashLoop as e:
+                raise RunStopped(f"{e}; the run is stopped (its latest checkpoint stays), fix the cause and run "
+                                 "again with --resume") from e  # fmt: skip
             except LearnerLost as e:  # rebuild the group, go on from the latest checkpoint: bounded, in-process
                 recoveries += 1
                 if recoveries > cfg.learner.max_recoveries:
@@ -292,7 +351,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict
 
 
 def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverState, recovered: dict | None,
-              train_ds, examples) -> dict[str, float]:  # fmt: skip
+              train_ds, examples) -> dict[str, Any]:  # fmt: skip
     """The steps from `state.step` on, as DESIGN §1 lists them (the learner restored from its checkpoint first);
     returns the last step's metrics."""
     last: dict[str, float] = {}
@@ -356,10 +415,13 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
         else:  # on_outage=drop and the judge scored none: nothing trained, nothing published
             metrics.update({"groups/valid": 0.0, "groups/total": 0.0})
             metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
+        metrics["prompts"] = list(batch.prompt_ids)  # the groups scored this step, by prompt id
         metrics["groups/banned_total"] = float(len(state.banned))
         metrics["groups/dropped_judge"] = float(len(failed))
         metrics["groups/dropped_judge_total"] = float(state.dropped_judge)  # carried by checkpoints, like bans
         metrics["policy/version"] = float(state.version)
+        metrics["workers/rollout_crashes_total"] = float(pools.rollouts.crashes.total)  # since this process started
+        metrics["workers/reward_crashes_total"] = float(pools.rewards.crashes.total)
         metrics.update(reward_counters(pools))
         if save_now:  # the step's metrics line travels in the checkpoint: a resume logs it exactly once
             with timed("checkpoint", timing):
@@ -439,11 +501,3 @@ def save_checkpoint(cfg: Config, ckpt: CheckpointManager, pools: Pools, state: D
     where = ckpt.commit(state.step, target, driver, written=written)
     print(f"checkpoint: {where}", flush=True)
     return where
-
-
-def fault_point(name: str, step: int) -> None:
-    """Fault injection for the resilience tests: with MOTIONNFT_KILL_AT=<name>:<step> in the environment, the
-    driver SIGKILLs itself here (a real kill at an exact point, which a timed external kill cannot hit)."""
-    if os.environ.get("MOTIONNFT_KILL_AT") == f"{name}:{step}":
-        print(f"fault injection: SIGKILL at {name}, step {step}", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)

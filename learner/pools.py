@@ -20,6 +20,7 @@ from common.config import Config
 from common.secret import Secret, secret_from_env
 from learner.checkpoint import check_reachable
 from learner.fsdp_worker import LearnerGroup
+from learner.recovery import RESTART_OPTIONS, WorkerPool
 from models.policy import load_policy
 from models.tiny_judge import judge_source
 from models.weights import weight_kind
@@ -27,13 +28,11 @@ from rewards.judge_server import JudgeServerActor
 from rewards.scorer import build_reward_scorer
 from rewards.worker import RewardWorker
 
-ACTOR_RESTARTS = 2  # a crashed rollout or reward worker is restarted (and its task retried) this often
-
 
 @dataclass
 class Pools:
-    rollouts: list[Any]
-    rewards: list[Any]
+    rollouts: WorkerPool
+    rewards: WorkerPool
     learner: LearnerGroup
     judges: list[Any]
 
@@ -44,7 +43,7 @@ class Pools:
             except Exception as e:  # noqa: BLE001 - shutdown continues, but says what failed
                 print(f"warning: judge replica did not stop cleanly: {e!r}", flush=True)
         self.learner.shutdown()
-        for a in [*self.rollouts, *self.rewards, *self.judges]:
+        for a in [*self.rollouts.actors, *self.rewards.actors, *self.judges]:
             ray.kill(a)
 
     def rebuild_learner(self, cfg: Config) -> None:
@@ -60,7 +59,8 @@ def start_learner(cfg: Config) -> LearnerGroup:
     c = cfg.cluster
     learner = LearnerGroup(
         functools.partial(load_policy, cfg.model, use_gpu=c.learner_gpus > 0), cfg.nft, cfg.learner, c,
-        mixed_precision=c.learner_gpus > 0 and cfg.model.dtype != "float32", start=False,
+        mixed_precision=c.learner_gpus > 0 and cfg.model.dtype != "float32",
+        parity=cfg.rollout if cfg.rollout.parity_check else None, start=False,
     )  # fmt: skip
     try:
         check_reachable(cfg.checkpoint, learner.node_ids, ray.get_runtime_context().get_node_id())
@@ -94,7 +94,8 @@ def build_pools(cfg: Config, *, local: bool = False) -> Pools:
 
     # Learner first: it publishes version 0 (old = θ at init) before any rollout samples. Every actor loads
     # its model on its own node (`load_policy` without a path resolves `model.*` there).
-    pools = Pools(rollouts=[], rewards=[], learner=start_learner(cfg), judges=[])
+    crashes = (c.worker_crashes, c.crash_window_s)  # restarts are unlimited; a crash loop stops the run
+    pools = Pools(WorkerPool("rollout", [], *crashes), WorkerPool("reward", [], *crashes), start_learner(cfg), [])
     try:
         j = cfg.reward.judge
         key = secret_from_env(j.api_key_env, generate=not j.url)  # a started judge always gets one
@@ -104,10 +105,10 @@ def build_pools(cfg: Config, *, local: bool = False) -> Pools:
             build_reward_scorer, cfg.reward, urls, device="cuda" if c.reward_gpus > 0 else "cpu",
             cache_dir=cfg.model.cache_dir, judge_key=key,
         )  # fmt: skip
-        pools.rewards = [
+        pools.rewards.actors = [
             ray.remote(RewardWorker)
             .options(num_cpus=c.cpus_per_actor, num_gpus=c.reward_gpus, resources=c.reward_resources,
-                     max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
+                     **RESTART_OPTIONS)
             .remote(build_scorer)  # fmt: skip
             for _ in range(c.reward_workers)
         ]
@@ -117,14 +118,14 @@ def build_pools(cfg: Config, *, local: bool = False) -> Pools:
         rollout_policy = functools.partial(
             load_policy, cfg.model, use_gpu=c.rollout_gpus > 0, lora=None if n.full_finetune else n
         )
-        pools.rollouts = [
+        pools.rollouts.actors = [
             ray.remote(RolloutWorker)
             .options(num_cpus=c.cpus_per_actor, num_gpus=c.rollout_gpus, resources=c.rollout_resources,
-                     max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
+                     **RESTART_OPTIONS)
             .remote(f"rollout-{i}", rollout_policy, cfg.rollout, weight_kind(n), reference)  # fmt: skip
             for i in range(c.rollout_workers)
         ]
-        ray.get([a.ready.remote() for a in pools.rollouts + pools.rewards])
+        ray.get([a.ready.remote() for a in pools.rollouts.actors + pools.rewards.actors])
     except BaseException:
         pools.shutdown()
         raise

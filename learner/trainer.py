@@ -28,6 +28,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from common.config import LearnerConfig, NFTConfig
 from common.noise import noised, training_draws, training_seed
 from learner.nft_loss import ema_decay, nft_loss, old_policy_decay
+from models.parity import ParityProbe
 from models.policy import Conditioning, EditPolicy
 
 THETA, OLD, REF = "default", "old", "ref"
@@ -196,6 +197,10 @@ class NFTTrainer:
         """v_old (adapter "old") or v_ref (adapter None = base model), without touching θ's grads."""
         with self._active(adapter), _expected_warnings():
             return self.policy.velocity(x_t, t, cond)
+
+    def probe_output(self, probe: ParityProbe) -> torch.Tensor:
+        """The sampling policy ("old") on the weight-parity probe, float32 on the CPU; collective."""
+        return self._frozen_velocity(OLD, probe.x_t, torch.tensor(probe.sigma), probe.cond).float().cpu()
 
     @contextlib.contextmanager
     def old_policy(self) -> Iterator[EditPolicy]:

@@ -94,6 +94,7 @@ class PublishedWeights:
     version: int
     manifest: bytes  # WeightManifest.pack()
     tensors: Any
+    probe: torch.Tensor | None = None  # the learner's output on the parity probe (models/parity.py); KBs
 
 
 class PolicyWeights:

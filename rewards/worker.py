@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from common.faults import fault_point
 from rewards.scorer import GroupReward, RewardScorer
 
 
@@ -15,11 +16,14 @@ class RewardWorker:
 
     def __init__(self, build_scorer: Callable[[], RewardScorer]) -> None:
         self.scorer = build_scorer()
+        self.calls = 0
 
     def ready(self) -> bool:
         return True
 
     async def score(self, example: Any, candidates: torch.Tensor) -> GroupReward:
+        self.calls += 1
+        fault_point("reward.score", self.calls)
         return await self.scorer.score(
             example.id, example.prompt, example.input_image, example.target_image, candidates
         )

@@ -202,6 +202,29 @@ class NamespacedCluster:
                                f"{out.stderr[-3000:]}")  # fmt: skip
         return out
 
+    def kill_node(self, name: str) -> int:
+        """A whole worker node dies at once: every process in its namespaces is SIGKILLed (its private disk goes
+        with its mount namespace). Returns how many processes were killed."""
+        node = self.node(name)
+        pids = subprocess.run(["ip", "netns", "pids", self.ns(node)], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        node.process.wait(timeout=30)
+        return len(pids)
+
+    def replace_node(self, name: str, timeout_s: float = 120.0) -> None:
+        """A replacement for a dead worker node: a new Ray node (fresh disk) with the same IP and resources, as
+        an autoscaler would add; returns once the cluster counts it alive."""
+        node = self.node(name)
+        args = [f"--address={self.head.ip()}:{HEAD_PORT}", f"--num-cpus={node.num_cpus}"]
+        if node.resources:
+            args.append(f"--resources={json.dumps(node.resources)}")
+        self._start_ray(node, args)
+        self._wait_for_nodes(time.monotonic() + timeout_s)
+
     def submit(self, entrypoint: list[str], *, working_dir: Path, runtime_env: dict | None = None,
                timeout: float = 600) -> subprocess.CompletedProcess:  # fmt: skip
         """`ray job submit` of `entrypoint` from the head's namespaces; waits for the job to end."""

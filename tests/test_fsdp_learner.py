@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from actors.rollout import RolloutWorker
 from actors.sampler import ReferenceForwards, Sampler
 from common.config import ClusterConfig, ModelConfig, RolloutConfig
 from common.noise import noised
@@ -25,7 +26,7 @@ from learner.trainer import LOSS_KEYS, NFTTrainer, TrainSample, merge_rank_metri
 from learner.trainer import THETA as THETA_NAME
 from models import policy as policies
 from models.tiny import build_tiny
-from models.weights import PolicyWeights, WeightManifest
+from models.weights import PolicyWeights, PublishedWeights, WeightManifest
 from tests.learner_harness import (
     PROMPTS,
     TARGETS,
@@ -267,12 +268,12 @@ def test_learner_group_on_ray(ray_cluster, world1, tiny_paths, tmp_path):
     spec = functools.partial(policies.load_policy, model, str(tiny_paths["flux_kontext"]), use_gpu=False)
     # DESIGN lr 3e-4: at 1e-2, AdamW's first step amplifies world-size rounding to ~1e-6 (see below)
     nft, learner = sections(backend="gloo")
-    group = LearnerGroup(spec, nft, learner, TWO_RANKS)
+    group = LearnerGroup(spec, nft, learner, TWO_RANKS, parity=ROLLOUT)
     try:
         # Rollouts: the old policy (version 0) samples 2 prompts x 2 candidates; refs go to the learners.
         rollout_policy = functools.partial(spec, lora=nft)()
         weights = PolicyWeights(rollout_policy, "lora")
-        manifest_ref, weights_ref = group.publishable("old", 0)
+        manifest_ref, weights_ref, _ = group.publishable(0)
         weights.load(0, ray.get(manifest_ref), ray.get(weights_ref))  # names and shapes fit the rollout adapter
         g = torch.Generator().manual_seed(0)
         prompts = [
@@ -286,8 +287,12 @@ def test_learner_group_on_ray(ray_cluster, world1, tiny_paths, tmp_path):
         theta0 = ray.get(group.gather("theta"))
         metrics = group.train_step(refs, r, step=0)
         assert metrics["n_valid"] == 3 and metrics["old_decay"] == old_policy_decay(1)
-        manifest_ref, weights_ref = group.publishable("old", 1)
+        manifest_ref, weights_ref, probe_ref = group.publishable(1)
         manifest, old1 = WeightManifest.unpack(ray.get(manifest_ref)), ray.get(weights_ref)
+        # Weight parity: a rollout loading version 1 computes what the 2 sharded ranks' old policy computes.
+        rollout = RolloutWorker("rollout-0", lambda: rollout_policy, ROLLOUT, "lora")
+        rollout.load(PublishedWeights(1, ray.get(manifest_ref), None, ray.get(probe_ref)), old1)
+        assert rollout.weights.version == 1 and rollout.parity_error <= ROLLOUT.parity_tolerance["float32"]
         assert manifest.version == 1 and manifest == WeightManifest.of(old1, version=1, kind="lora")
         theta1 = ray.get(group.gather("theta"))
         d = old_policy_decay(1)

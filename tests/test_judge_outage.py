@@ -1,7 +1,7 @@
 """A real judge outage in a real run (issue 13, part 1): `learner.main` with the tiny vLLM judge, whose server
-process group is SIGKILLed mid-run. The service restarts it and the step waits; with a short retry budget and
-no restart in sight, the run checkpoints its last completed step and stops naming the judge's error, and a
-resume then finishes the run with every step logged once."""
+process group is SIGKILLed mid-run. With a short retry budget and no restart in sight, the run checkpoints its
+last completed step and stops naming the judge's error, and a resume then finishes the run with every step
+logged once. (A killed judge that the service restarts while the step waits: tests/test_survival.py.)"""
 
 from __future__ import annotations
 
@@ -66,21 +66,6 @@ def _run(tmp: Path, name: str, *args: str, kill_after_step: int | None = None
     if watcher:
         watcher.join(timeout=5)
     return proc, (killed_at[0] if killed_at else None)
-
-
-def test_a_killed_judge_is_restarted_and_the_step_waits_for_it(tmp_path):
-    name = f"judge-{uuid.uuid4().hex[:8]}"
-    proc, killed = _run(tmp_path, name, "learner.steps=3", "reward.judge.restart_backoff_s=1", kill_after_step=0)
-    out = proc.stdout + proc.stderr
-    assert killed is not None, "the judge server was never found to kill"
-    assert proc.returncode == 0, out[-4000:]
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2]  # step 1 or 2 waited for the restarted server
-    assert all(r["groups/total"] == 2 and r["groups/dropped_judge"] == 0 for r in rows)  # every group scored
-    assert rows[-1]["judges/restarts"] == 1 and rows[-1]["reward_workers/judge/failures"] == 0
-    assert rows[-1]["reward_workers/judge/connection_errors"] + rows[-1]["reward_workers/judge/timeouts"] > 0
-    assert "judge server on port" in out and "restarting in 1s" in out
-    assert _judge_group(name) is None  # nothing of the judge outlives the run
 
 
 def test_past_the_budget_the_run_checkpoints_and_stops_then_resumes(tmp_path):

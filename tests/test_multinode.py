@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -157,6 +159,42 @@ def test_judge_on_its_node_address_scored_from_another_node_and_locked(cluster):
     assert probe["no_key"] == 401 and probe["wrong_key"] == 401
     assert probe["log_lines"] > 10 and probe["key_in_judge_log"] is False
     assert key not in log  # the job's own output
+
+
+def test_a_lost_worker_node_is_replaced_and_the_run_finishes(cluster, bucket, trained, tmp_path):
+    """Node B (both rollout workers and the reward worker) dies whole once step 0 is logged; a replacement node
+    with the same resources joins, as the autoscaler would add one. Ray restarts the workers there, the driver
+    re-queues the groups that were lost (or, when the learner lost its input with the node, rebuilds the group
+    from the latest checkpoint), and the run logs every step once, with the uninterrupted run's prompts."""
+    _, _, full_dir = trained
+    run_dir, result = tmp_path / "run", {}
+
+    def job() -> None:
+        result["rc"], result["log"] = _train(cluster, run_dir, f"s3://{bucket}/lost-node", "learner.steps=4")
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while thread.is_alive() and time.monotonic() < deadline and not (
+        (run_dir / "metrics.jsonl").exists() and _metrics(run_dir)
+    ):
+        time.sleep(0.2)
+    killed = cluster.kill_node("b")
+    t0 = time.monotonic()
+    cluster.replace_node("b")
+    print(f"node b: {killed} processes killed, replacement alive {time.monotonic() - t0:.1f}s later")
+    thread.join(timeout=600)
+    log = result.get("log", "")
+    driver = "\n".join(x for x in log.splitlines() if "(raylet)" not in x and "[state-dump]" not in x)
+    assert result.get("rc") == 0, driver[-6000:]
+    print("\n".join(x for x in driver.splitlines() if any(k in x for k in ("crashed (", "rebuilding", "waiting "))))
+    assert killed > 3  # raylet, workers, agents: the whole node
+    metrics, full = _metrics(run_dir), _metrics(full_dir)
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    assert [m["prompts"] for m in metrics] == [m["prompts"] for m in full]
+    assert all(m["groups/total"] == 2 for m in metrics)
+    recovered = metrics[-1]["workers/rollout_crashes_total"] + metrics[-1]["workers/reward_crashes_total"]
+    assert recovered >= 1 or "rebuilding the learner group" in log, log[-4000:]
 
 
 if __name__ == "__main__":
