@@ -215,15 +215,14 @@ class NamespacedCluster:
         node.process.wait(timeout=30)
         return len(pids)
 
-    def replace_node(self, name: str, timeout_s: float = 120.0) -> None:
-        """A replacement for a dead worker node: a new Ray node (fresh disk) with the same IP and resources, as
-        an autoscaler would add; returns once the cluster counts it alive."""
+    def replace_node(self, name: str) -> None:
+        """Start a replacement for a dead worker node, as an autoscaler would: a new Ray node (fresh disk) with the
+        same IP and resources. It joins once its raylet registers; work that needs it waits for it meanwhile."""
         node = self.node(name)
         args = [f"--address={self.head.ip()}:{HEAD_PORT}", f"--num-cpus={node.num_cpus}"]
         if node.resources:
             args.append(f"--resources={json.dumps(node.resources)}")
         self._start_ray(node, args)
-        self._wait_for_nodes(time.monotonic() + timeout_s)
 
     def submit(self, entrypoint: list[str], *, working_dir: Path, runtime_env: dict | None = None,
                timeout: float = 600) -> subprocess.CompletedProcess:  # fmt: skip
@@ -246,13 +245,12 @@ class NamespacedCluster:
         return self.in_node(self.s3_node, [sys.executable, "-c", prog]).stdout
 
     def stop(self) -> None:
-        for node in [*reversed(self.nodes), self.s3_node]:
-            if node.process is not None and node.process.poll() is None:
-                _signal_group(node.process.pid, signal.SIGTERM)
-        for node in [*reversed(self.nodes), self.s3_node]:
+        for node in [*reversed(self.nodes), self.s3_node]:  # one by one: a worker drains through the head's GCS
             if node.process is not None:
+                if node.process.poll() is None:
+                    _signal_group(node.process.pid, signal.SIGTERM)
                 try:
-                    node.process.wait(timeout=30)
+                    node.process.wait(timeout=10)  # a node that outlives SIGTERM this long is killed
                 except subprocess.TimeoutExpired:
                     _signal_group(node.process.pid, signal.SIGKILL)
                     node.process.wait(timeout=10)

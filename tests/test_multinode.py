@@ -180,9 +180,8 @@ def test_a_lost_worker_node_is_replaced_and_the_run_finishes(cluster, bucket, tr
     ):
         time.sleep(0.2)
     killed = cluster.kill_node("b")
-    t0 = time.monotonic()
     cluster.replace_node("b")
-    print(f"node b: {killed} processes killed, replacement alive {time.monotonic() - t0:.1f}s later")
+    print(f"node b: {killed} processes killed, a replacement started")
     thread.join(timeout=600)
     log = result.get("log", "")
     driver = "\n".join(x for x in log.splitlines() if "(raylet)" not in x and "[state-dump]" not in x)
