@@ -17,6 +17,7 @@ import torch
 from actors.sampler import Prompt, ReferenceForwards, Sampler
 from common.config import RolloutConfig
 from common.faults import fault_point
+from common.net import whereabouts
 from models.parity import ParityError, ParityProbe, check_parity
 from models.policy import EditPolicy
 from models.weights import PolicyWeights, PublishedWeights, WeightManifest
@@ -42,6 +43,9 @@ class RolloutWorker:
 
     def ready(self) -> str:
         return self.name
+
+    def where(self) -> str:
+        return f"{self.name}: {whereabouts()}"
 
     def load(self, weights: PublishedWeights, tensors: dict[str, torch.Tensor]) -> None:
         """Load a published version, then check that the policy computes what the learner's does (when the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 
@@ -19,3 +20,8 @@ def node_address() -> str:
     import ray
 
     return ray._private.worker.global_worker.node_ip_address  # no public accessor in Ray 2.60
+
+
+def whereabouts() -> str:
+    """"pid P on ADDRESS": where an actor runs, for the start-up summary and for operators."""
+    return f"pid {os.getpid()} on {node_address()}"

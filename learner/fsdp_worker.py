@@ -20,7 +20,7 @@ from torch.distributed.constants import default_pg_timeout
 
 from common.config import ClusterConfig, LearnerConfig, NFTConfig, RolloutConfig
 from common.faults import fault_point
-from common.net import node_address
+from common.net import node_address, whereabouts
 from common.s3 import S3Retry
 from learner.checkpoint import export_lora, export_transformer, load_rank, save_rank
 from learner.trainer import (
@@ -58,7 +58,7 @@ class LearnerWorker:
         self.listener: socket.socket | None = None  # rank 0: the rendezvous socket (`address`)
 
     def where(self) -> str:
-        return f"rank {self.rank}: pid {os.getpid()} on {node_address()}"
+        return f"rank {self.rank}: {whereabouts()}"
 
     def address(self) -> tuple[str, int]:
         """Rank 0: the rendezvous address, on this node's address only (loopback on the embedded cluster), its

@@ -146,9 +146,11 @@ class MetricsLog:
     before S - 1, the line of step S - 1 as written (or, if the kill came between the commit and the write,
     as the checkpoint carries it: `recovered`), and drops the lines of steps redone from S on."""
 
-    def __init__(self, run_dir: Path, every: int, *, resume_at: int = 0, recovered: dict | None = None) -> None:
+    def __init__(self, run_dir: Path, every: int, *, steps: int = 0, resume_at: int = 0,
+                 recovered: dict | None = None) -> None:  # fmt: skip
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.path, self.every = run_dir / "metrics.jsonl", every
+        self.path, self.every, self.steps = run_dir / "metrics.jsonl", every, steps
+        self.seconds: list[float] = []  # of the steps this process ran, checkpoints included: for the ETA
         lines: list[dict] = []
         if resume_at > 0 and self.path.exists():
             lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
@@ -160,14 +162,23 @@ class MetricsLog:
         tmp.write_text("".join(json.dumps(x) + "\n" for x in sorted(lines, key=lambda x: x["step"])))
         tmp.replace(self.path)
 
-    def write(self, step: int, metrics: dict[str, float]) -> None:
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.seconds.append(metrics.get("timing_s/step", 0.0) + metrics.get("timing_s/checkpoint", 0.0))
         if step % self.every == 0:
             keys = ("reward/mean", "reward/std", "learner/loss", "groups/valid", "staleness/mean",
                     "perf/samples_per_s", "timing_s/step")  # fmt: skip
             shown = "  ".join(f"{k} {metrics[k]:.4g}" for k in keys if k in metrics)
+            if self.steps > step + 1:  # the mean of the last 10 steps, times the steps left
+                recent = self.seconds[-10:]
+                shown += f"  eta {_clock(sum(recent) / len(recent) * (self.steps - step - 1))}"
             print(f"step {step}  {shown}", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def init_ray(cfg: Config) -> bool:
@@ -318,11 +329,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict
     embedded = init_ray(cfg)
     check_placement(cfg, alive_nodes())  # a pool no node (type) can ever hold fails now, naming its keys
     train_ds, eval_ds = load_splits(cfg)
-    print(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples; "
-          f"{cfg.samples_per_step} samples per step ({cfg.rollout.prompts_per_step} prompts x "
-          f"{cfg.rollout.group_size})", flush=True)  # fmt: skip
     pools = build_pools(cfg, local=embedded)
     try:
+        print(startup_summary(cfg, state, len(train_ds), len(eval_ds), pools), flush=True)
         # On the driver's node, where the data was loaded; decoded examples go to the object store.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         examples = ray.remote(num_cpus=0)(ExampleServer).options(scheduling_strategy=here).remote(train_ds)
@@ -350,6 +359,26 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict
         pools.shutdown()
 
 
+def startup_summary(cfg: Config, state: DriverState, n_train: int, n_eval: int, pools: Pools) -> str:
+    """What runs where and where it writes, in a few lines (the whole config is in <logging.dir>/config.json)."""
+    m, n, c, j = cfg.model, cfg.nft, cfg.checkpoint, cfg.reward.judge
+    weights = "full fine-tuning" if n.full_finetune else f"LoRA r{n.lora_rank} on {', '.join(n.lora_targets)}"
+    judges = ("off (reward.judge_weight=0)" if cfg.reward.judge_weight == 0 else f"{j.url} (external)" if j.url
+              else ", ".join(ray.get([judge.url.remote() for judge in pools.judges])))  # fmt: skip
+    rollouts = "; ".join(ray.get([a.where.remote() for a in pools.rollouts.actors]))
+    rewards = "; ".join(ray.get([a.where.remote() for a in pools.rewards.actors]))
+    return "\n".join([
+        f"run {state.run_id}: {m.family} ({m.path or 'tiny random weights'}, {m.dtype}), {weights}",
+        f"data: {n_train} train / {n_eval} eval examples; {cfg.samples_per_step} samples per step "
+        f"({cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size}); steps {state.step} to "
+        f"{cfg.learner.steps - 1}",
+        f"rollout workers: {rollouts}",
+        f"reward workers: {rewards}; judge: {judges}",
+        f"writes: {cfg.logging.dir}/ (config.json, metrics.jsonl); checkpoints to {c.dir} "
+        f"{f'every {c.every} steps and ' if c.every > 0 else ''}at the end, the last {c.keep} kept",
+    ])  # fmt: skip
+
+
 def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverState, recovered: dict | None,
               train_ds, examples) -> dict[str, Any]:  # fmt: skip
     """The steps from `state.step` on, as DESIGN §1 lists them (the learner restored from its checkpoint first);
@@ -359,7 +388,8 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
         pools.learner.load(f"{ckpt.location(state.step)}/{LEARNER}", retry=ckpt.retry)  # each rank, from its node
     weights = publish(pools, state.version)
     cursor = PromptCursor(train_ds.ids, cfg.data.seed)
-    log = MetricsLog(Path(cfg.logging.dir), cfg.logging.every, resume_at=state.step, recovered=recovered)
+    log = MetricsLog(Path(cfg.logging.dir), cfg.logging.every, steps=cfg.learner.steps, resume_at=state.step,
+                     recovered=recovered)  # fmt: skip
     steps, ahead = cfg.learner.steps, cfg.rollout.max_staleness
     pending: dict[int, StepRollouts] = {}
     drawn_from: dict[int, tuple[int, int]] = {}

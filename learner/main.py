@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.warmstart import resolve_demo
 
     cfg = resolve_demo(cfg)  # demo.enabled: build the demo data and warm-started pipeline (once), train those
-    print("resolved config:\n" + json.dumps(config_to_dict(cfg), indent=1), flush=True)
+    print(f"config: {cfg.logging.dir}/config.json (--print-config shows it)", flush=True)
     try:
         train(cfg, resume=args.resume, overwrite=args.overwrite)
     except ConfigError as e:  # found once checkpoints or the cluster are known: run identity, placement, reach

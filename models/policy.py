@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, QwenImageEditPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
+from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig
+from transformers.utils import logging as transformers_logging
 
 from common import s3
 from common.config import ModelConfig, NFTConfig
@@ -538,6 +540,9 @@ def load_policy(
     process, so no model ever travels through the driver. Without `path`, `model` is resolved here, on the
     actor's node (`model.path`, or the tiny pipeline built into this node's `model.cache_dir`): the driver's
     disk is not the actor's on a cluster."""
+    # Every actor loads its own copy: their progress bars would interleave on one console (and say nothing new).
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     if path is None:
         path = pipeline_source(model)
     extra = (

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from common.faults import fault_point
+from common.net import whereabouts
 from rewards.scorer import GroupReward, RewardScorer
 
 
@@ -20,6 +21,9 @@ class RewardWorker:
 
     def ready(self) -> bool:
         return True
+
+    def where(self) -> str:
+        return whereabouts()
 
     async def score(self, example: Any, candidates: torch.Tensor) -> GroupReward:
         self.calls += 1

@@ -93,6 +93,21 @@ def test_metrics_log_keeps_each_step_once_on_resume(tmp_path):
     assert path.read_text() == ""
 
 
+def test_step_lines_show_an_eta_from_the_recent_steps(tmp_path, capsys):
+    from learner.loop import MetricsLog
+
+    log = MetricsLog(tmp_path, 1, steps=100)
+    log.write(0, {"reward/mean": 0.5, "timing_s/step": 30.0})  # 99 steps left at 30 s
+    log.write(1, {"timing_s/step": 8.0, "timing_s/checkpoint": 2.0})  # (30 + 10) / 2 = 20 s, 98 left
+    for step in range(2, 12):  # only the last 10 steps count: 4 s each, 88 left
+        log.write(step, {"timing_s/step": 4.0})
+    log.write(99, {"timing_s/step": 4.0})  # the last step: nothing left to estimate
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "step 0  reward/mean 0.5  timing_s/step 30  eta 0:49:30"
+    assert lines[1].endswith("eta 0:32:40") and lines[11].endswith("eta 0:05:52")
+    assert "eta" not in lines[12]
+
+
 def test_a_checkpoint_dir_holds_one_run(tmp_path):
     """start_state (no Ray): a fresh start over checkpoints is refused, --overwrite deletes them and starts a new
     run id, --resume takes the run's id and state."""

@@ -58,7 +58,16 @@ def _main(args: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
 
 def test_qwen_image_edit_trains(tmp_path):
     """Qwen-Image-Edit end to end, with v_old / v_ref computed on the rollout pool (DESIGN §6)."""
-    _main(_overrides(tmp_path, 2, family="qwen_image_edit") + ["checkpoint.every=0", "nft.reference_forwards=rollout"])
+    proc = _main(_overrides(tmp_path, 2, family="qwen_image_edit") + ["checkpoint.every=0",
+                                                                       "nft.reference_forwards=rollout"])
+    # The console: a start-up summary of what runs where, no config dump, no actor's loading progress bars.
+    out = proc.stdout + proc.stderr
+    assert f"config: {tmp_path / 'run'}/config.json" in out and '"nft": {' not in out
+    assert "qwen_image_edit (tiny random weights, float32), LoRA r4 on" in out
+    assert "data: 30 train / 2 eval examples; 8 samples per step (2 prompts x 4); steps 0 to 1" in out
+    assert "rollout workers: rollout-0: pid " in out and "reward workers: pid " in out
+    assert "judge: off (reward.judge_weight=0)" in out and "learner ranks: rank 0: pid " in out
+    assert "Loading pipeline components" not in out and "Loading weights" not in out
     metrics = _metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [0, 1] and all("learner/loss" in m for m in metrics)
     assert (tmp_path / "ckpt" / "step_00000002" / "COMMITTED").exists()
