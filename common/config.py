@@ -447,13 +447,20 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     SECTION: ClassVar[str] = "logging"
-    dir: str = _f("runs/default", "run dir: resolved config, metrics.jsonl, plots")
+    dir: str = _f("runs/default", "run dir: resolved config, metrics.jsonl, TensorBoard events, plots")
     every: int = _f(1, "print a metrics line every N steps")
+    tensorboard: bool = _f(True, "write TensorBoard event files under <logging.dir>/tensorboard (every scalar)")
+    image_every: int = _f(50, "every N steps, an image grid per logged group in TensorBoard (0 = none)")
+    image_groups: int = _f(2, "groups shown per image grid step: input | candidates by reward | target")
+    image_size: int = _f(128, "pixel height of each tile of the image grid")
 
     def __post_init__(self) -> None:
         _check_finite(self)
         _check_dir("logging.dir", self.dir, s3=False)
         _check(self.every >= 1, "logging.every", "an integer >= 1", self.every)
+        for key in ("image_every", "image_groups"):
+            _check(getattr(self, key) >= 0, f"logging.{key}", "an integer >= 0", getattr(self, key))
+        _check(self.image_size >= 8, "logging.image_size", "an integer >= 8", self.image_size)
 
 
 @dataclass(frozen=True)

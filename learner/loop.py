@@ -29,10 +29,11 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from common import s3
-from common.config import Config, ConfigError, config_to_dict
+from common.config import Config, ConfigError, LoggingConfig, config_to_dict
 from common.faults import fault_point
 from common.storage import check_writable
 from data.motionedit import ExampleServer, load_splits
+from learner.board import BoardLog, group_grid
 from learner.checkpoint import LEARNER, CheckpointManager, step_name
 from learner.fsdp_worker import LearnerLost
 from learner.identity import flat_config, new_run_id, training_keys_that_differ
@@ -330,6 +331,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict
     check_placement(cfg, alive_nodes())  # a pool no node (type) can ever hold fails now, naming its keys
     train_ds, eval_ds = load_splits(cfg)
     pools = build_pools(cfg, local=embedded)
+    board = BoardLog(cfg.logging)
     try:
         print(startup_summary(cfg, state, len(train_ds), len(eval_ds), pools), flush=True)
         # On the driver's node, where the data was loaded; decoded examples go to the object store.
@@ -338,7 +340,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict
         recoveries = 0
         while True:
             try:
-                return run_steps(cfg, pools, ckpt, state, recovered, train_ds, examples)
+                return run_steps(cfg, pools, ckpt, state, recovered, train_ds, examples, board)
             except WorkerCrashLoop as e:
                 raise RunStopped(f"{e}; the run is stopped (its latest checkpoint stays), fix the cause and run "
                                  "again with --resume") from e  # fmt: skip
@@ -356,6 +358,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict
                 else:
                     state, recovered = resumed_state(ckpt, latest)
     finally:
+        board.close()
         pools.shutdown()
 
 
@@ -380,16 +383,17 @@ def startup_summary(cfg: Config, state: DriverState, n_train: int, n_eval: int, 
 
 
 def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverState, recovered: dict | None,
-              train_ds, examples) -> dict[str, Any]:  # fmt: skip
+              train_ds, examples, board: BoardLog) -> dict[str, Any]:  # fmt: skip
     """The steps from `state.step` on, as DESIGN §1 lists them (the learner restored from its checkpoint first);
     returns the last step's metrics."""
-    last: dict[str, float] = {}
+    last: dict[str, Any] = {}
     if state.step > 0:
         pools.learner.load(f"{ckpt.location(state.step)}/{LEARNER}", retry=ckpt.retry)  # each rank, from its node
     weights = publish(pools, state.version)
     cursor = PromptCursor(train_ds.ids, cfg.data.seed)
     log = MetricsLog(Path(cfg.logging.dir), cfg.logging.every, steps=cfg.learner.steps, resume_at=state.step,
                      recovered=recovered)  # fmt: skip
+    board.start(resume_at=state.step)
     steps, ahead = cfg.learner.steps, cfg.rollout.max_staleness
     pending: dict[int, StepRollouts] = {}
     drawn_from: dict[int, tuple[int, int]] = {}
@@ -459,9 +463,26 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
             metrics["timing_s/checkpoint"] = timing["checkpoint"]
             fault_point("after_commit", step)
         log.write(step, metrics)
+        board.scalars(step, metrics)
+        if board.wants_images(step) and rewards:
+            board.grids(step, image_grids(batch, rewards, cfg.logging))
         fault_point("after_log", step)
         last = metrics
     return last
+
+
+def image_grids(batch: StepRollouts, rewards: list[GroupReward], logging: LoggingConfig) -> list:
+    """The first `logging.image_groups` groups as thumbnail strips, drawn by tasks next to their images."""
+    draw = ray.remote(num_cpus=0)(_draw_grid)
+    shown = range(min(logging.image_groups, len(rewards)))
+    drawn = ray.get([draw.remote(batch.examples[g], batch.images[g], rewards[g].reward, logging.image_size)
+                     for g in shown])  # fmt: skip
+    return [(batch.prompt_ids[g], prompt, rewards[g].reward, grid)
+            for g, (prompt, grid) in zip(shown, drawn, strict=True)]  # fmt: skip
+
+
+def _draw_grid(example, candidates, rewards: list[float], size: int):
+    return example.prompt, group_grid(example, candidates, rewards, size)
 
 
 def stop_on_judge_outage(cfg: Config, ckpt: CheckpointManager, pools: Pools, state: DriverState, step: int,

@@ -195,6 +195,14 @@ def test_demo_needs_no_model_or_data_but_refuses_others():
             load_config(None, DEMO + [extra])
 
 
+def test_logging_image_settings_are_checked():
+    from common.config import LoggingConfig
+
+    for bad, key in (({"image_every": -1}, "logging.image_every"), ({"image_size": 4}, "logging.image_size")):
+        with pytest.raises(ConfigError, match=key):
+            LoggingConfig(**bad)
+
+
 def test_print_config_builds_nothing(capsys):
     assert main(["--config", str(ROOT / "configs" / "learn_demo.yaml"), "--print-config"]) == 0
     out = capsys.readouterr().out

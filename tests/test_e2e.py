@@ -59,7 +59,8 @@ def _main(args: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
 def test_qwen_image_edit_trains(tmp_path):
     """Qwen-Image-Edit end to end, with v_old / v_ref computed on the rollout pool (DESIGN §6)."""
     proc = _main(_overrides(tmp_path, 2, family="qwen_image_edit") + ["checkpoint.every=0",
-                                                                       "nft.reference_forwards=rollout"])
+                                                                       "nft.reference_forwards=rollout",
+                                                                       "logging.image_every=1", "logging.image_size=32"])
     # The console: a start-up summary of what runs where, no config dump, no actor's loading progress bars.
     out = proc.stdout + proc.stderr
     assert f"config: {tmp_path / 'run'}/config.json" in out and '"nft": {' not in out
@@ -71,6 +72,21 @@ def test_qwen_image_edit_trains(tmp_path):
     metrics = _metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [0, 1] and all("learner/loss" in m for m in metrics)
     assert (tmp_path / "ckpt" / "step_00000002" / "COMMITTED").exists()
+
+    # TensorBoard, read back: every scalar of metrics.jsonl, and per step a grid and caption for each of 2 groups.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    board.Reload()
+    for key in ("reward/mean", "learner/loss", "timing_s/step", "policy/version"):
+        events = board.Scalars(key)  # float32 in the event file
+        assert [e.step for e in events] == [0, 1]
+        assert [e.value for e in events] == pytest.approx([m[key] for m in metrics], rel=1e-6)
+    assert sorted(board.Tags()["images"]) == ["groups/0", "groups/1"]
+    grid = board.Images("groups/0")[-1]
+    assert grid.step == 1 and (grid.height, grid.width) == (32, 32 * (4 + 2))  # input | 4 candidates | target
+    caption = board.Tensors("groups/0/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert caption.startswith(metrics[1]["prompts"][0] + ": ") and "rewards, best first: " in caption
 
 
 def test_bad_config_fails_fast_naming_the_key(tmp_path):
