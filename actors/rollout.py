@@ -8,6 +8,7 @@ objects, so reward workers never fetch latents and learners never fetch images.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -73,4 +74,10 @@ class RolloutWorker:
             self.load(weights, ray.get(weights.tensors))
         pairs = self.sampler.sample(list(prompts), step, self.weights.version)
         meta = {"worker": self.name, "parity_error": self.parity_error}
-        return [x for g, images in pairs for x in (g, images, {"version": g.version, **meta, **g.timing})]
+        return [x for g, images in pairs for x in (g, images, {"version": g.version, "seeds": g.seeds,
+                                                               "digests": image_digests(images), **meta, **g.timing})]
+
+
+def image_digests(images: torch.Tensor) -> list[str]:
+    """A short sha256 of each candidate's uint8 pixels: what a replay from the lineage must reproduce exactly."""
+    return [hashlib.sha256(image.contiguous().numpy().tobytes()).hexdigest()[:16] for image in images]

@@ -37,6 +37,7 @@ from learner.board import BoardLog, group_grid
 from learner.checkpoint import LEARNER, CheckpointManager, step_name
 from learner.fsdp_worker import LearnerLost
 from learner.identity import flat_config, new_run_id, training_keys_that_differ
+from learner.lineage import Lineage
 from learner.local_cluster import start_local_ray
 from learner.nft_loss import group_filter, optimality, saturated_groups
 from learner.placement import alive_nodes, check_placement
@@ -394,6 +395,7 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
     log = MetricsLog(Path(cfg.logging.dir), cfg.logging.every, steps=cfg.learner.steps, resume_at=state.step,
                      recovered=recovered)  # fmt: skip
     board.start(resume_at=state.step)
+    lineage = Lineage(Path(cfg.logging.dir), resume_at=state.step)
     steps, ahead = cfg.learner.steps, cfg.rollout.max_staleness
     pending: dict[int, StepRollouts] = {}
     drawn_from: dict[int, tuple[int, int]] = {}
@@ -457,6 +459,8 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
         metrics["workers/rollout_crashes_total"] = float(pools.rollouts.crashes.total)  # since this process started
         metrics["workers/reward_crashes_total"] = float(pools.rewards.crashes.total)
         metrics.update(reward_counters(pools))
+        if rewards:  # every scored candidate: seed, version, worker, image digest, reward terms, optimality
+            lineage.write(step, batch.prompt_ids, meta, rewards, r, valid)
         if save_now:  # the step's metrics line travels in the checkpoint: a resume logs it exactly once
             with timed("checkpoint", timing):
                 save_checkpoint(cfg, ckpt, pools, state, {"step": step, **metrics})

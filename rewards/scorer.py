@@ -30,6 +30,7 @@ class GroupReward:
     reward: list[float]  # R = w_flow * r_flow + w_mllm * r_mllm
     components: dict[str, list[float]] = field(default_factory=dict)  # flow/l_q, flow/reward, judge/score, ...
     timing: dict[str, float] = field(default_factory=dict)
+    judge_digit_probs: list = field(default_factory=list)  # per candidate: the judge's P(digit 0..5) (lineage)
 
 
 def blend(flow: torch.Tensor | None, judge: torch.Tensor | None, *, flow_weight: float, judge_weight: float):
@@ -77,6 +78,7 @@ class RewardScorer:
             judge_task = asyncio.ensure_future(judge.score_many(input_image, candidates, prompt))
         components: dict[str, list[float]] = {}
         r_flow = r_judge = None
+        digit_probs: list = []
         try:
             if flow_task is not None:
                 parts = await flow_task
@@ -86,13 +88,15 @@ class RewardScorer:
                 scores = await judge_task
                 r_judge = torch.tensor([s.score for s in scores], dtype=torch.float64)
                 components["judge/score"] = r_judge.tolist()
+                digit_probs = [s.digit_probs for s in scores]
         finally:
             for task in (flow_task, judge_task):  # a failure of one component cancels the other, never half-scores
                 if task is not None and not task.done():
                     task.cancel()
         reward = blend(r_flow, r_judge, flow_weight=self.flow_weight, judge_weight=self.judge_weight)
         self.metrics["groups"] += 1
-        return GroupReward(prompt_id, reward.tolist(), components, {"reward_s": time.perf_counter() - t0})
+        return GroupReward(prompt_id, reward.tolist(), components, {"reward_s": time.perf_counter() - t0},
+                           digit_probs)  # fmt: skip
 
     async def _flow(self, item: FlowItem) -> dict[str, torch.Tensor]:
         if self._queue is None:

@@ -14,7 +14,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+import torch
+
+from actors.rollout import image_digests
+from actors.sampler import Sampler
+from common.config import load_config
+from common.noise import candidate_seed
+from data.motionedit import load_splits
+from models.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
@@ -58,9 +67,8 @@ def _main(args: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
 
 def test_qwen_image_edit_trains(tmp_path):
     """Qwen-Image-Edit end to end, with v_old / v_ref computed on the rollout pool (DESIGN §6)."""
-    proc = _main(_overrides(tmp_path, 2, family="qwen_image_edit") + ["checkpoint.every=0",
-                                                                       "nft.reference_forwards=rollout",
-                                                                       "logging.image_every=1", "logging.image_size=32"])
+    extra = ["checkpoint.every=0", "nft.reference_forwards=rollout", "logging.image_every=1", "logging.image_size=32"]
+    proc = _main(_overrides(tmp_path, 2, family="qwen_image_edit") + extra)
     # The console: a start-up summary of what runs where, no config dump, no actor's loading progress bars.
     out = proc.stdout + proc.stderr
     assert f"config: {tmp_path / 'run'}/config.json" in out and '"nft": {' not in out
@@ -87,6 +95,26 @@ def test_qwen_image_edit_trains(tmp_path):
     assert grid.step == 1 and (grid.height, grid.width) == (32, 32 * (4 + 2))  # input | 4 candidates | target
     caption = board.Tensors("groups/0/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert caption.startswith(metrics[1]["prompts"][0] + ": ") and "rewards, best first: " in caption
+
+    # Lineage: a row per candidate; step 0's first group replayed bit-exactly from its rows (version 0: the
+    # initial adapter, whose B = 0 adds exactly nothing).
+    rows = pq.read_table(tmp_path / "run" / "lineage" / "step_00000000.parquet").to_pylist()
+    assert len(rows) == 2 * 4 and sorted({r["prompt_id"] for r in rows}) == sorted(metrics[0]["prompts"])
+    assert all(r["version"] == 0 and r["valid"] and r["worker"].startswith("rollout-") for r in rows)
+    assert [r["reward"] for r in rows] == [r["flow/reward"] for r in rows]  # flow_weight 1, judge off
+    group = [r for r in rows if r["prompt_id"] == rows[0]["prompt_id"]]
+    cfg = load_config(str(ROOT / "configs/tiny_cpu.yaml"), _overrides(tmp_path, 2, family="qwen_image_edit"))
+    assert [r["seed"] for r in group] == [candidate_seed(cfg.rollout.seed, 0, group[0]["prompt_id"], k)
+                                          for k in range(4)]  # fmt: skip
+    example = next(x for x in load_splits(cfg)[0] if x.id == group[0]["prompt_id"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the rollout actor (Ray gives a fractional-CPU actor one thread)
+    try:
+        policy = load_policy(cfg.model, use_gpu=False, lora=cfg.nft)
+        ((_, images),) = Sampler(policy, cfg.rollout).sample([example], step=0, version=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert image_digests(images) == [r["image_digest"] for r in group]
 
 
 def test_bad_config_fails_fast_naming_the_key(tmp_path):
