@@ -80,4 +80,4 @@ class RolloutWorker:
 
 def image_digests(images: torch.Tensor) -> list[str]:
     """A short sha256 of each candidate's uint8 pixels: what a replay from the lineage must reproduce exactly."""
-    return [hashlib.sha256(image.contiguous().numpy().tobytes()).hexdigest()[:16] for image in images]
+    return [hashlib.sha256(image.contiguous().numpy().tobytes()).hexdigest()[:16] for image in images.cpu()]

@@ -20,7 +20,7 @@ from common.config import LoggingConfig
 def group_grid(example: Any, candidates: torch.Tensor, rewards: list[float], size: int) -> torch.Tensor:
     """uint8 (3, size, (K + 2) * width) strip: input, the K candidates by reward (best first), target."""
     order = sorted(range(len(rewards)), key=lambda k: -rewards[k])
-    tiles = [example.input_image, *(candidates[k] for k in order), example.target_image]
+    tiles = [example.input_image, *(candidates[k].cpu() for k in order), example.target_image]
     h, w = tiles[0].shape[-2:]
     width = max(1, round(w * size / h))
     resized = [F.interpolate(t[None].float(), size=(size, width), mode="area")[0] for t in tiles]

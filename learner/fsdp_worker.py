@@ -23,6 +23,7 @@ from common.faults import fault_point
 from common.net import node_address, whereabouts
 from common.s3 import S3Retry
 from learner.checkpoint import export_lora, export_transformer, load_rank, save_rank
+from learner.recovery import first_line
 from learner.trainer import (
     EMA,
     OLD,
@@ -234,19 +235,22 @@ def _all_ranks(refs: list, peer_grace_s: float = 15.0) -> list:
             done, pending = ray.wait(pending, num_returns=1, fetch_local=False)
             ray.get(done)
     except ray.exceptions.RayActorError as e:
-        raise LearnerLost(f"a learner rank is gone ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        raise LearnerLost(_rank_gone(e)) from e
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, ray.exceptions.ObjectLostError):
             raise LearnerLost(f"a learner rank lost its input ({type(e.cause).__name__}: a node holding groups of "
-                              f"this step is gone): {str(e.cause).splitlines()[0]}") from e  # fmt: skip
+                              f"this step is gone): {first_line(e.cause)}") from e  # fmt: skip
         ray.wait(pending, num_returns=len(pending), timeout=peer_grace_s, fetch_local=False)
         for ref in pending:
             try:
                 ray.get(ref, timeout=0)
             except ray.exceptions.RayActorError as lost:
-                raise LearnerLost(f"a learner rank is gone ({type(lost).__name__}: {str(lost).splitlines()[0]}); "
-                                  f"another rank's collective broke with it") from e  # fmt: skip
+                raise LearnerLost(f"{_rank_gone(lost)}; another rank's collective broke with it") from e
             except Exception:  # noqa: BLE001 - still running, or failed otherwise: the first error stands
                 pass
         raise
     return ray.get(refs)
+
+
+def _rank_gone(error: ray.exceptions.RayActorError) -> str:
+    return f"a learner rank is gone ({type(error).__name__}: {first_line(error)})"

@@ -21,6 +21,11 @@ import ray
 RESTART_OPTIONS = {"max_restarts": -1, "max_task_retries": 0}  # Ray restarts, the driver re-queues and counts
 
 
+def first_line(error: BaseException) -> str:
+    """The headline of an error (Ray's carry a traceback after it), for messages that name it."""
+    return next(iter(str(error).splitlines()), "") or type(error).__name__
+
+
 class WorkerCrashLoop(RuntimeError):
     """A worker crashed more often than `cluster.worker_crashes` within `cluster.crash_window_s`."""
 
@@ -52,7 +57,7 @@ class Crashes:
         if len(recent) > self.limit:
             raise WorkerCrashLoop(
                 f"{self.name(worker)} crashed {len(recent)} times within {self.window_s:g} s (cluster.worker_crashes="
-                f"{self.limit} per cluster.crash_window_s); last error: {str(error).splitlines()[0]}"
+                f"{self.limit} per cluster.crash_window_s); last error: {first_line(error)}"
             )
         return True
 
@@ -79,7 +84,7 @@ class WorkerPool:
             except ray.exceptions.ActorUnavailableError:  # still restarting
                 self.pings[w] = self.actors[w].ready.remote()
             except ray.exceptions.RayActorError as e:  # dead for good (its constructor failed): no restart
-                raise WorkerCrashLoop(f"{self.crashes.name(w)} cannot be restarted: {str(e).splitlines()[0]}") from e
+                raise WorkerCrashLoop(f"{self.crashes.name(w)} cannot be restarted: {first_line(e)}") from e
 
     def up(self) -> list[int]:
         """The workers up now; waits while none is."""
@@ -100,7 +105,7 @@ class WorkerPool:
         (the worker is still down, or the task was sent before the crash counted last)."""
         if worker in self.pings or not self.crashes.record(worker, sent_at, error):
             return
-        print(f"{self.crashes.name(worker)} crashed ({str(error).splitlines()[0][:160]}); Ray restarts it, "
+        print(f"{self.crashes.name(worker)} crashed ({first_line(error)[:160]}); Ray restarts it, "
               "its groups are re-queued", flush=True)  # fmt: skip
         self.pings[worker] = self.actors[worker].ready.remote()
 

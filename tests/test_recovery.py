@@ -56,3 +56,10 @@ def test_crash_config_is_checked():
         ClusterConfig(worker_crashes=-1)
     with pytest.raises(ConfigError, match="cluster.crash_window_s"):
         ClusterConfig(crash_window_s=0)
+
+
+def test_first_line_is_the_headline_or_the_error_type():
+    from learner.recovery import first_line
+
+    assert first_line(RuntimeError("actor died\n  Traceback ...")) == "actor died"
+    assert first_line(RuntimeError("")) == "RuntimeError"
