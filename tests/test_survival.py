@@ -78,9 +78,9 @@ def test_a_run_survives_every_worker_role_killed_in_turn(tmp_path):
     (tmp_path / "b").mkdir()
     rc, out, faulted = _run(tmp_path / "a", faults=True)
     assert rc == 0, out[-6000:]
-    for point in KILLS:
-        assert f"fault injection: SIGKILL at {point}" in out, point
-    assert sorted(os.listdir(tmp_path / "a" / "faults")) == sorted(KILLS)  # each fired once
+    # Each point fired once: its marker is made right before the SIGKILL. (The actor's own "fault injection" line
+    # is not proof: Ray may drop the last stdout line of a process it sees die.)
+    assert sorted(os.listdir(tmp_path / "a" / "faults")) == sorted(KILLS)
 
     rc, clean_out, clean = _run(tmp_path / "b", faults=False)
     assert rc == 0, clean_out[-6000:]
