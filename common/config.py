@@ -497,6 +497,72 @@ class DemoConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """MotionEdit-Bench evaluation (issue 14, DESIGN §8). The paper publishes the MAS formula but not α, τ,
+    d_min, d_max: their defaults carry over the published MotionNFT training scorer's constants
+    (elainew728/motion-edit train/flow_grpo/motionedit_scorer.py), the closest published use of the same terms."""
+
+    SECTION: ClassVar[str] = "eval"
+    num_steps: int = _f(28, "sampling steps of the evaluation edits (the paper's protocol; training uses rollout.*)")
+    seed: int = _f(42, "noise seed of every evaluation edit (the paper's protocol: one seed, the same for each row)")
+    kontext_guidance: float = _f(2.5, "FLUX.1 Kontext: distilled guidance of the evaluation edits (its pipeline's "
+                                 "default, the paper's protocol)")  # fmt: skip
+    qwen_true_cfg: float = _f(
+        4.0, "Qwen-Image-Edit: true CFG scale of the evaluation edits (the paper's protocol; guidance 1.0); <= 1 = off"
+    )
+    negative_prompt: str = _f(" ", "Qwen-Image-Edit: negative prompt of true CFG (diffusers' examples use \" \")")
+    chunk_rows: int = _f(8, "edits scored per chunk written: a crash loses at most this many scored rows per policy")
+    mas_alpha: float = _f(
+        0.7, "α in D = α·D_mag + (1 − α)·D_dir: the reference scorer weighs L_q 0.7 against 0.2 direction + 0.1 "
+        "movement hinge; MAS has no hinge (its 0.01 ratio rule replaces it), so direction takes the other 0.3"
+    )  # fmt: skip
+    mas_tau: float = _f(
+        0.002, "τ: |V_gt| (diagonal-normalised) above which a pixel weighs in D_dir; the reference scorer's "
+        "direction mask threshold (mthr = 0.002, about 1.4 px at 512²)"
+    )  # fmt: skip
+    mas_d_min: float = _f(
+        1e-6**0.4, "d_min of the MAS clip: ε^0.4, the D_mag of a perfect match (the reference scorer's lower bound, "
+        "the L_q of the target against itself), so a perfect edit scores MAS 100"
+    )  # fmt: skip
+    mas_d_max: float = _f(1.0, "d_max of the MAS clip: the reference scorer's upper bound (max_loss = 1.0)")
+    mas_eps: float = _f(1e-6, "ε of D_mag, of D_dir's Σw + ε and of unit vectors V / max(|V|, ε): the reference's eps")
+    mas_q: float = _f(0.4, "exponent of D_mag = mean((|V_pred − V_gt| + ε)^q): 0.4 in the published MAS formula")
+    mas_min_motion_ratio: float = _f(
+        0.01, "MAS = 0 when mean|V_pred| / mean|V_gt| is below this (published: an edit that does not move)"
+    )
+    tie_margin: float = _f(
+        0.0, "candidate and baseline scores this close (|Δ| <= margin) tie, on Overall and on MAS; 0 = only equal "
+        "scores tie, the paper's rule as stated"
+    )  # fmt: skip
+    bootstrap_samples: int = _f(
+        10000, "resamples of the rows for the bootstrap intervals (percentile method): 10x the 1,000 usually "
+        "quoted as enough for 95 % percentile bounds, and cheap (~3 s for every metric and category of 1,015 rows)"
+    )  # fmt: skip
+    bootstrap_seed: int = _f(0, "seed of the bootstrap resampling (the intervals are deterministic given it)")
+    confidence: float = _f(0.95, "coverage of the bootstrap intervals (percentile method)")
+
+    def __post_init__(self) -> None:
+        _check_finite(self)
+        _check(self.num_steps >= 1, "eval.num_steps", "an integer >= 1", self.num_steps)
+        _check(self.kontext_guidance >= 0, "eval.kontext_guidance", "a value >= 0", self.kontext_guidance)
+        _check(self.qwen_true_cfg >= 0, "eval.qwen_true_cfg", "a value >= 0", self.qwen_true_cfg)
+        _check(bool(self.negative_prompt), "eval.negative_prompt", "a non-empty string (\" \" is fine)",
+               self.negative_prompt)  # fmt: skip
+        _check(self.chunk_rows >= 1, "eval.chunk_rows", "an integer >= 1", self.chunk_rows)
+        _check(0.0 <= self.mas_alpha <= 1.0, "eval.mas_alpha", "a value in [0, 1]", self.mas_alpha)
+        _check(self.mas_tau >= 0, "eval.mas_tau", "a value >= 0", self.mas_tau)
+        _check(self.mas_eps > 0, "eval.mas_eps", "a value > 0", self.mas_eps)
+        _check(self.mas_q > 0, "eval.mas_q", "a value > 0", self.mas_q)
+        _check(self.mas_d_min >= 0, "eval.mas_d_min", "a value >= 0", self.mas_d_min)
+        _check(self.mas_d_max > self.mas_d_min, "eval.mas_d_max", f"a value > eval.mas_d_min ({self.mas_d_min})",
+               self.mas_d_max)  # fmt: skip
+        _check(self.mas_min_motion_ratio >= 0, "eval.mas_min_motion_ratio", "a value >= 0", self.mas_min_motion_ratio)
+        _check(self.tie_margin >= 0, "eval.tie_margin", "a value >= 0", self.tie_margin)
+        _check(self.bootstrap_samples >= 1, "eval.bootstrap_samples", "an integer >= 1", self.bootstrap_samples)
+        _check(0.0 < self.confidence < 1.0, "eval.confidence", "a value in (0, 1)", self.confidence)
+
+
+@dataclass(frozen=True)
 class Config:
     SECTION: ClassVar[str] = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -509,6 +575,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def samples_per_step(self) -> int:

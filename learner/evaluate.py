@@ -22,32 +22,67 @@ filled in (a prepared model or data set) are the ones evaluated.
 5. `<out>/reward_curve.png` from `<logging.dir>/metrics.jsonl`: the training reward `reward/mean` per step
    (with `reward/flow/score` and any `eval/*` keys the run logged), plus the held-out means of this command
    (one point per evaluated checkpoint step). Skipped, with a message, when there is neither.
+
+MotionEdit-Bench comparison (issue 14, DESIGN §8): `--baseline base|latest|DIR [--split PATH|s3://...]` compares
+`--checkpoint` (one policy) with the baseline on `--split` (default: the run's held-out split), the first
+`--limit` rows, into `--out` (default `<logging.dir>/bench`):
+1. Each policy's edits are made with the pipeline's own sampler and settings (`eval.num_steps` 28, `eval.seed`
+   42, Kontext guidance 2.5, Qwen-Image-Edit true CFG 4.0 with negative prompt " ": actors/eval_sampler.py),
+   one row at a time, so a row's edit is the same however the run was chunked or resumed.
+2. MAS (rewards/mas.py, `eval.mas_*`) from the run's flow estimator (`reward.flow.*`, batched and cached as in
+   training); the rubric (Fidelity, Preservation, Coherence 0-5, Overall = mean; rewards/rubric.py) from the
+   judge at `reward.judge.url`, or a vLLM server started here on `reward.judge.model_path` / the tiny judge.
+   A row the judge cannot score within its retry budget is marked failed, never scored 0.
+3. Rows are written a chunk (`eval.chunk_rows`) at a time under `<out>/scores/` (learner/eval_table.py): a rerun
+   after a crash scores only the rows missing. The baseline goes first; the same policy on both sides is
+   sampled once (so a checkpoint against itself ties every row: win rate exactly 0.5).
+4. `<out>/rows.parquet` (a row per example: MAS and its terms, the rubric with digit probabilities, both sides,
+   win/tie/loss), `summary.json` and `report.md` (per-category and overall means and win rates with bootstrap
+   intervals, the MAS parameters, the judge's model and prompt digest; learner/eval_report.py), `grid.png`
+   (input | target | baseline | candidate, the first `--grid-rows` rows) and `win_rates.png`.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import hashlib
 import json
 import math
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
+from actors.eval_sampler import EvalSampler
 from actors.sampler import Sampler
 from common import s3
 from common.config import Config, RolloutConfig, load_config_or_exit
-from data.motionedit import load_splits
+from common.secret import secret_from_env
+from data.motionedit import MotionEditDataset, MotionExample, load_splits
 from learner.checkpoint import CheckpointManager
+from learner.eval_report import ReportInfo, comparison_grid, plot_win_rates, summary_table, write_grid, write_report
+from learner.eval_stats import GroupSummary, summarize
+from learner.eval_table import ScoreStore, pair_rows, score_row, write_rows
 from models.policy import EditPolicy, load_policy
 from models.tiny import pipeline_source
+from models.tiny_judge import judge_source
 from models.warmstart import check_text_length, resolve_demo
 from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer
+from rewards.judge import JudgeClient
+from rewards.judge_prompts import prompt_digest
+from rewards.judge_server import VLLMServer
+from rewards.mas import mas_constants, motion_alignment_score
+from rewards.rubric import RubricRow, judge_model_name, judge_rubric_many, rubric_client
 
 COMPONENTS = ("reward", "score", "l_q", "direction", "move", "distance")
+BENCH_POLICIES = ("baseline", "candidate")  # sampled in this order: the baseline is usually shared by runs
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -168,36 +203,6 @@ def format_table(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
-def write_grid(
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    edits: torch.Tensor | Sequence[torch.Tensor],
-    path: Path,
-    scale: int = 1,
-) -> Path:
-    """PNG with one row per example: input | ground truth | edit [| edit ...] (one edit column per batch in
-    `edits`, e.g. the base policy's and each checkpoint's), each cell (H*scale, W*scale); uint8 (N, 3, H, W)."""
-    from PIL import Image
-
-    edit_batches = [edits] if isinstance(edits, torch.Tensor) else list(edits)
-    batches = [inputs, targets, *edit_batches]
-    if not edit_batches or any(b.shape != inputs.shape or b.dtype != torch.uint8 for b in batches) or inputs.ndim != 4:
-        raise ValueError(
-            "write_grid needs uint8 (N, 3, H, W) batches of one shape, got "
-            + ", ".join(f"{tuple(b.shape)} {b.dtype}" for b in batches)
-        )
-    if scale < 1:
-        raise ValueError(f"grid scale must be >= 1, got {scale}")
-    rows = torch.cat(batches, dim=3)  # (N, 3, H, C*W)
-    grid = torch.cat(list(rows), dim=1)  # (3, N*H, C*W)
-    image = Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy())
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
-    return path
-
-
 def read_metrics(path: Path) -> list[dict]:
     """Rows of a metrics.jsonl (one JSON object per line, each with a "step")."""
     rows = []
@@ -251,6 +256,211 @@ def plot_reward_curve(rows: list[dict], held_out: list[tuple[int, dict[str, floa
     fig.savefig(path, format="png")
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------------------------ MotionEdit-Bench
+
+
+def bench_examples(cfg: Config, split: str, limit: int) -> list[MotionExample]:
+    """The rows to compare on: `split` (MotionEdit-Bench's hub parquet, a reference JSONL manifest or a folder,
+    local or s3://) at the run's resolution, or the run's own held-out split; the first `limit` (0 = all)."""
+    if split:
+        dataset = MotionEditDataset.from_source(
+            split, resolution=(cfg.rollout.height, cfg.rollout.width), on_error=cfg.data.on_error,
+            cache_dir=cfg.model.cache_dir, upscale_small=cfg.data.upscale_small,
+        )  # fmt: skip
+    else:
+        _, dataset = load_splits(cfg)
+    if len(dataset) == 0:
+        raise ValueError(f"no rows to evaluate in {split or 'the held-out split (data.eval_fraction)'}")
+    return [dataset[i] for i in range(len(dataset) if limit <= 0 else min(limit, len(dataset)))]
+
+
+def bench_policy_dir(cfg: Config, which: str, flag: str) -> Path | None:
+    """`base`/`none` -> None (the base pipeline); `latest` or a checkpoint / LoRA dir -> its LoRA dir."""
+    if which in ("base", "none"):
+        return None
+    if which == "all":
+        raise ValueError(f"{flag} all: a comparison takes one candidate and one baseline")
+    ((_, lora_dir),) = checkpoints_to_evaluate(cfg, which)
+    return lora_dir
+
+
+@contextmanager
+def bench_judge(cfg: Config) -> Iterator[JudgeClient]:
+    """A rubric client for `reward.judge.url` (key from `reward.judge.api_key_env`), or for a vLLM server started
+    here on `reward.judge.model_path` / the tiny judge, stopped on exit."""
+    j = cfg.reward.judge
+    if j.url:
+        yield rubric_client(j.url, j, secret_from_env(j.api_key_env))
+        return
+    if not (j.model_path or j.tiny):
+        raise ValueError("the rubric needs a judge: reward.judge.url, reward.judge.model_path or reward.judge.tiny")
+    key = secret_from_env(j.api_key_env, generate=True)
+    with VLLMServer(judge_source(j, cfg.model.cache_dir), j, api_key=key) as server:
+        yield rubric_client(server.url, j, key)
+
+
+def _edit_png(edits_dir: Path, policy: str, example_id: str) -> Path:
+    return edits_dir / policy / f"{hashlib.sha1(example_id.encode()).hexdigest()[:16]}.png"
+
+
+def _read_png(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def _judge_chunk(judge: JudgeClient, examples: list[MotionExample], edits: list[torch.Tensor]) -> list[RubricRow]:
+    async def run_chunk() -> list[RubricRow]:
+        try:
+            inputs, prompts = [e.input_image for e in examples], [e.prompt for e in examples]
+            return await judge_rubric_many(judge, inputs, edits, prompts)
+        finally:
+            await judge.aclose()  # the pool belongs to this chunk's event loop
+
+    return asyncio.run(run_chunk())
+
+
+def score_bench_policy(
+    name: str, policy: EditPolicy, examples: list[MotionExample], store: ScoreStore, flows: FlowRewardScorer,
+    judge: JudgeClient, cfg: Config, *, edits_dir: Path, grid_ids: set[str],
+) -> int:  # fmt: skip
+    """Sample, MAS-score and judge the rows of `examples` that `name` has no row for in `store`, a chunk of
+    `eval.chunk_rows` at a time (each chunk written before the next begins); edits of `grid_ids` kept as PNG.
+    Returns the number of rows scored now."""
+    sampler = EvalSampler(policy, cfg.eval)
+    pending = set(store.pending(name, [e.id for e in examples]))
+    todo = [e for e in examples if e.id in pending]
+    for start in range(0, len(todo), cfg.eval.chunk_rows):
+        chunk = todo[start : start + cfg.eval.chunk_rows]
+        edits = [sampler.sample(e.prompt, e.input_image) for e in chunk]
+        for e, edit in zip(chunk, edits, strict=True):
+            if e.id in grid_ids:
+                path = _edit_png(edits_dir, name, e.id)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(edit.permute(1, 2, 0).numpy()).save(path)
+        items = [FlowItem(e.id, e.input_image, e.target_image, x[None]) for e, x in zip(chunk, edits, strict=True)]
+        mas = [motion_alignment_score(p, g, **mas_constants(cfg.eval)) for p, g in flows.flows(items)]
+        rubric = _judge_chunk(judge, chunk, edits)
+        store.append([
+            score_row(name, e.id, e.category, cfg.eval.seed, {k: float(v[0]) for k, v in m.items()}, asdict(r))
+            for e, m, r in zip(chunk, mas, rubric, strict=True)
+        ])  # fmt: skip
+        print(f"{name}: {len(examples) - len(todo) + start + len(chunk)}/{len(examples)} rows scored", flush=True)
+    return len(todo)
+
+
+def run_bench(
+    cfg: Config, candidate: str, baseline: str, out_dir: Path, *, split: str, limit: int, grid_rows: int,
+    grid_scale: int,
+) -> dict[str, GroupSummary]:  # fmt: skip
+    """Candidate vs baseline on MotionEdit-Bench (issue 14): `<out>/scores/` (resumable), `rows.parquet`,
+    `summary.json`, `report.md`, `grid.png`, `win_rates.png`. The same policy on both sides is sampled once."""
+    examples = bench_examples(cfg, split, limit)
+    ids = [e.id for e in examples]
+    dirs = {"baseline": bench_policy_dir(cfg, baseline, "--baseline"),
+            "candidate": bench_policy_dir(cfg, candidate, "--checkpoint")}  # fmt: skip
+    check_bench_manifest(out_dir, bench_manifest(cfg, dirs, split))
+    store, edits_dir = ScoreStore(out_dir / "scores"), out_dir / "edits"
+    grid_ids = set(ids[:grid_rows])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    flows = build_flow_scorer(cfg.reward.flow, device=device, cache_dir=cfg.model.cache_dir)
+    same = dirs["candidate"] == dirs["baseline"]
+    todo = [name for name in (("baseline",) if same else BENCH_POLICIES) if store.pending(name, ids)]
+    judge_metrics: dict[str, int] = {}
+    if todo:
+        with bench_judge(cfg) as judge:
+            for name in todo:
+                policy = load_evaluated_policy(cfg, dirs[name])
+                score_bench_policy(name, policy, examples, store, flows, judge, cfg, edits_dir=edits_dir,
+                                   grid_ids=grid_ids)  # fmt: skip
+                del policy
+            judge_metrics = dict(judge.metrics)
+    if same:  # the same policy and seeds make the same edits: the candidate's rows are the baseline's
+        pending = set(store.pending("candidate", ids))
+        store.append([{**r, "policy": "candidate"} for r in store.table().to_pylist()
+                      if r["policy"] == "baseline" and r["id"] in pending])  # fmt: skip
+    return write_bench_outputs(cfg, examples, store, dirs, out_dir, split=split, judge_metrics=judge_metrics,
+                               grid_rows=grid_rows, grid_scale=grid_scale)  # fmt: skip
+
+
+def write_bench_outputs(
+    cfg: Config, examples: list[MotionExample], store: ScoreStore, dirs: dict[str, Path | None], out_dir: Path, *,
+    split: str, judge_metrics: dict[str, int], grid_rows: int, grid_scale: int,
+) -> dict[str, GroupSummary]:  # fmt: skip
+    """From the scores in `store`: rows.parquet, summary.json, grid.png, win_rates.png and report.md."""
+    rows = pair_rows(store.table(), [e.id for e in examples], margin=cfg.eval.tie_margin)
+    write_rows(rows, out_dir / "rows.parquet")
+    groups = summarize(rows, cfg.eval)
+    (out_dir / "summary.json").write_text(json.dumps({k: asdict(g) for k, g in groups.items()}, indent=1))
+    same, edits_dir = dirs["candidate"] == dirs["baseline"], out_dir / "edits"
+    edit_of = {p: "baseline" if same else p for p in BENCH_POLICIES}  # whose PNG shows each column
+    shown = [e for e in examples[:grid_rows]
+             if all(_edit_png(edits_dir, edit_of[p], e.id).is_file() for p in BENCH_POLICIES)]  # fmt: skip
+    grids = []
+    if shown:
+        baselines, candidates = ([_read_png(_edit_png(edits_dir, edit_of[p], e.id)) for e in shown]
+                                 for p in BENCH_POLICIES)  # fmt: skip
+        comparison_grid([e.input_image for e in shown], [e.target_image for e in shown], baselines, candidates,
+                        out_dir / "grid.png", scale=grid_scale)  # fmt: skip
+        grids.append("grid.png")
+    plot_win_rates(groups, out_dir / "win_rates.png")
+    info = ReportInfo(
+        candidate=_policy_label(dirs["candidate"]), baseline=_policy_label(dirs["baseline"]),
+        split=split or f"held-out split of {cfg.data.source or 'the run data'} (data.eval_fraction "
+        f"{cfg.data.eval_fraction}, data.seed {cfg.data.seed})",
+        judge_model=judge_model_name(cfg.reward.judge), prompt_digest=prompt_digest(),
+        sampling={"family": cfg.model.family, "steps": cfg.eval.num_steps, "seed": cfg.eval.seed,
+                  **({"guidance": cfg.eval.kontext_guidance} if cfg.model.family == "flux_kontext" else
+                     {"true_cfg": cfg.eval.qwen_true_cfg, "negative_prompt": cfg.eval.negative_prompt}),
+                  "size": f"{cfg.rollout.height}x{cfg.rollout.width}", "flow": cfg.reward.flow.estimator},
+        judge_metrics=judge_metrics, grids=grids, plots=["win_rates.png"],
+    )  # fmt: skip
+    report = write_report(out_dir / "report.md", groups, info, cfg.eval)
+    print(summary_table(groups), flush=True)
+    print(f"report: {report}", flush=True)
+    return groups
+
+
+MANIFEST = "bench.json"
+MANIFEST_EVAL_KEYS = ("num_steps", "seed", "kontext_guidance", "qwen_true_cfg", "negative_prompt", "mas_alpha",
+                      "mas_tau", "mas_d_min", "mas_d_max", "mas_eps", "mas_q", "mas_min_motion_ratio")  # fmt: skip
+
+
+def bench_manifest(cfg: Config, dirs: dict[str, Path | None], split: str) -> dict:
+    """What the scores in an out dir depend on: the two policies, the data, the model, the sampling and MAS
+    settings, the flow estimator and the judge (its model and prompt). Not the statistics' settings."""
+    flow = {k: v for k, v in asdict(cfg.reward.flow).items() if k not in ("max_batch", "cache_size")}
+    j = cfg.reward.judge
+    return {
+        "candidate": _policy_label(dirs["candidate"]), "baseline": _policy_label(dirs["baseline"]),
+        "split": split or {"source": cfg.data.source, "synthetic": cfg.data.synthetic,
+                           "eval_fraction": cfg.data.eval_fraction, "seed": cfg.data.seed},
+        "size": [cfg.rollout.height, cfg.rollout.width],
+        "model": {"family": cfg.model.family, "path": cfg.model.path, "tiny": cfg.model.tiny, "dtype": cfg.model.dtype},
+        "eval": {k: getattr(cfg.eval, k) for k in MANIFEST_EVAL_KEYS},
+        "flow": flow,
+        "judge": {"served_model_name": j.served_model_name, "model_path": j.model_path, "tiny": j.tiny},
+        "prompt_digest": prompt_digest(),  # not the judge's URL: a resume may find it elsewhere
+    }  # fmt: skip
+
+
+def check_bench_manifest(out_dir: Path, manifest: dict) -> None:
+    """First run: write `<out>/bench.json`. A rerun (a resume) must have the same manifest, or its rows would mix
+    two comparisons: refuse, naming what differs."""
+    path = out_dir / MANIFEST
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        differ = sorted(k for k in saved.keys() | manifest.keys() if saved.get(k) != manifest.get(k))
+        if differ:
+            raise ValueError(f"{out_dir} holds a comparison with other {', '.join(differ)} ({path}); "
+                             "use another --out, or delete it to start over")  # fmt: skip
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=1))
+
+
+def _policy_label(lora_dir: Path | None) -> str:
+    return "base policy (no adapter)" if lora_dir is None else str(lora_dir)
 
 
 # ------------------------------------------------------------------------------------------------ entry
@@ -324,6 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N held-out examples (0 = all)")
     parser.add_argument("--grid-rows", type=int, default=16, help="examples shown in grid.png")
     parser.add_argument("--grid-scale", type=int, default=0, help="grid upscaling (0 = to >= 96 px per image)")
+    parser.add_argument("--baseline", default="", help="MotionEdit-Bench comparison of --checkpoint against this: "
+                        "base | latest | a checkpoint or LoRA dir (eval.* settings; the module docstring)")
+    parser.add_argument("--split", default="", help="with --baseline: the rows to compare on (hub parquet, JSONL, "
+                        "folder; local or s3://); default the run's held-out split")  # fmt: skip
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser
 
@@ -343,6 +557,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = resolve_demo(cfg)  # --config of a demo run: the same (cached) data and warm-started pipeline it trained
     scale = args.grid_scale or max(1, math.ceil(96 / min(cfg.rollout.height, cfg.rollout.width)))
+    if args.baseline:
+        out = Path(args.out) if args.out else Path(cfg.logging.dir) / "bench"
+        run_bench(cfg, args.checkpoint, args.baseline, out, split=args.split, limit=args.limit,
+                  grid_rows=args.grid_rows, grid_scale=scale)  # fmt: skip
+        return 0
+    if args.split:
+        raise SystemExit("--split needs --baseline (the flow-score evaluation uses the run's held-out split)")
     out = Path(args.out) if args.out else Path(cfg.logging.dir) / "eval"
     run(cfg, args.checkpoint, out, seed=args.seed, limit=args.limit, grid_rows=args.grid_rows, grid_scale=scale)
     return 0

@@ -2,7 +2,8 @@
 both (driver.json), so a run can refuse to continue another run's checkpoints, or its own under changed math.
 
 Operational keys may change between a run and its resume: where things go, how many actors, batch and
-memory levers, how long to train, how patient the judge client is. Everything else is training-relevant.
+memory levers, how long to train, how patient the judge client is, how a run is evaluated (`eval.*`).
+Everything else is training-relevant.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ OPERATIONAL = (
     "reward.judge.max_backoff_s", "reward.judge.retry_budget_s", "reward.judge.on_outage",
     "reward.judge.restart_backoff_s",
     "data.on_error",
+    "eval",
 )  # fmt: skip
 
 

@@ -45,22 +45,29 @@ def magnitude_error(v_pred: torch.Tensor, v_gt: torch.Tensor, *, q: float = Q, e
     return ((v_pred - v_gt).abs() + eps).pow(q).mean(dim=(1, 2, 3))
 
 
+def cosine_error(v_pred: torch.Tensor, v_gt: torch.Tensor, *, eps: float = EPS) -> torch.Tensor:
+    """Per-pixel `(1 − cos(V_p, V_g)) / 2` in [0, 1], the direction error of DESIGN §3 and of MAS (§8).
+
+    Unit vectors are `V / max(|V|, eps)`, so a zero vector has cos = 0 and error 0.5 (neither right nor wrong).
+    v_pred, v_gt: (B, H, W, 2) -> (B, H, W).
+    """
+    unit_pred = v_pred / torch.linalg.vector_norm(v_pred, dim=-1, keepdim=True).clamp_min(eps)
+    unit_gt = v_gt / torch.linalg.vector_norm(v_gt, dim=-1, keepdim=True).clamp_min(eps)
+    cos = (unit_pred * unit_gt).sum(dim=-1).clamp(-1.0, 1.0)
+    return (1.0 - cos) / 2.0
+
+
 def direction_error(
     v_pred: torch.Tensor, v_gt: torch.Tensor, *, m: float = MOVE_THRESHOLD, eps: float = EPS
 ) -> torch.Tensor:
     """`dir = Σ_{|V_g|>m} (1 − cos(V_p, V_g)) / 2  /  max(#{|V_g|>m}, 1)` (DESIGN §3).
 
-    Unit vectors are `V / max(|V|, eps)`, so a zero prediction has cos = 0 and error 0.5 (neither right nor
-    wrong), and a target that moves nowhere (empty mask) gives error 0.
+    `cosine_error` per pixel, so a zero prediction has error 0.5, and a target that moves nowhere (empty mask)
+    gives error 0.
     v_pred, v_gt: (B, H, W, 2), normalised -> (B,) in [0, 1].
     """
-    mag_pred = torch.linalg.vector_norm(v_pred, dim=-1, keepdim=True)  # (B, H, W, 1)
-    mag_gt = torch.linalg.vector_norm(v_gt, dim=-1, keepdim=True)
-    unit_pred = v_pred / mag_pred.clamp_min(eps)
-    unit_gt = v_gt / mag_gt.clamp_min(eps)
-    cos = (unit_pred * unit_gt).sum(dim=-1).clamp(-1.0, 1.0)  # (B, H, W)
-    err = (1.0 - cos) / 2.0
-    mask = (mag_gt.squeeze(-1) > m).to(err.dtype)
+    err = cosine_error(v_pred, v_gt, eps=eps)  # (B, H, W)
+    mask = (torch.linalg.vector_norm(v_gt, dim=-1) > m).to(err.dtype)
     return (err * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp_min(1.0)
 
 
@@ -109,7 +116,7 @@ def quantize_reward(score: torch.Tensor, *, levels: int = LEVELS) -> torch.Tenso
     return torch.round(levels * score).clamp(0, levels) / levels
 
 
-def _check_flow(name: str, flow: torch.Tensor) -> None:
+def check_flow(name: str, flow: torch.Tensor) -> None:
     """Raise ValueError naming `name` unless flow is a finite floating (B, H, W, 2) tensor."""
     if not isinstance(flow, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(flow).__name__}")
@@ -146,8 +153,8 @@ def motion_alignment_reward(
     (the quantized s when `quantize`, else s). Half-precision flows are upcast to float32 first.
     Raises ValueError (naming the argument) for NaN/inf, a wrong shape or dtype, or mismatched shapes.
     """
-    _check_flow("v_pred", v_pred)
-    _check_flow("v_gt", v_gt)
+    check_flow("v_pred", v_pred)
+    check_flow("v_gt", v_gt)
     if v_pred.shape != v_gt.shape:
         raise ValueError(f"v_pred and v_gt shapes differ: {tuple(v_pred.shape)} vs {tuple(v_gt.shape)}")
     dtype = torch.promote_types(torch.promote_types(v_pred.dtype, v_gt.dtype), torch.float32)

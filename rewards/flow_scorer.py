@@ -75,6 +75,15 @@ class FlowRewardScorer:
 
     def score(self, items: list[FlowItem]) -> list[dict[str, torch.Tensor]]:
         """Per item, a dict of (K,) CPU tensors: l_q, direction, move, distance, score, reward."""
+        results = []
+        for v_pred, v_gt in self.flows(items):
+            out = motion_alignment_reward(v_pred, v_gt, **self.reward_constants)
+            results.append({name: value.cpu() for name, value in out.items()})
+        return results
+
+    def flows(self, items: list[FlowItem]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per item, (V_pred, V_gt) pixel flows, both (K, H, W, 2): input -> each candidate and input -> target
+        (the cached flow, expanded), for any score of them (the training reward, the evaluation's MAS)."""
         # 1. Check inputs; bring each target to its input's size.
         targets = [_check_item(item) for item in items]
 
@@ -105,14 +114,12 @@ class FlowRewardScorer:
             else:
                 pred_flows[pair.item_index][pair.candidate_index] = flow
 
-        # 4. Score each item against its (cached or fresh) target flow.
-        results = []
+        # 4. Pair each item's candidate flows with its (cached or fresh) target flow.
+        out = []
         for item, preds in zip(items, pred_flows, strict=True):
             v_pred = torch.stack(preds)  # (K, H, W, 2)
-            v_gt = gt_flows[_cache_key(item)].to(v_pred.device).expand_as(v_pred)
-            out = motion_alignment_reward(v_pred, v_gt, **self.reward_constants)
-            results.append({name: value.cpu() for name, value in out.items()})
-        return results
+            out.append((v_pred, gt_flows[_cache_key(item)].to(v_pred.device).expand_as(v_pred)))
+        return out
 
     def _estimate(self, pairs: list[_Pair]) -> list[tuple[_Pair, torch.Tensor]]:
         """Run the estimator over pairs grouped by size, <= max_batch pairs per call; flows are (H, W, 2)."""

@@ -5,6 +5,7 @@ Training score (reference method of MotionNFT): the judge sees [input image, can
 asking for one digit 0-5; the first generated token is constrained to the six digits with vLLM structured
 output, its log-probs over the digits are softmaxed and `r = sum(k * p_k) / 5`. Evaluation rubric: the same
 call once per criterion (instruction fidelity, preservation, coherence), each mapped to [0, 1], and their mean.
+Every prompt's text is in rewards/judge_prompts.py.
 
 A timeout, HTTP error or unparseable reply is retried with exponential backoff and counted in
 `JudgeClient.metrics`; when the retry budget is spent a `JudgeError` is raised. A failure never becomes a score.
@@ -26,54 +27,13 @@ from PIL import Image
 from common.config import JudgeConfig
 from common.secret import Secret
 
+from rewards.judge_prompts import RUBRIC, rubric_prompt, score_prompt
 DIGITS = ("0", "1", "2", "3", "4", "5")
 MAX_DIGIT = 5
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG"}  # reward.judge.image_format -> PIL format
 # The six digits' raw probability mass must be within this of 1: otherwise the digit choice was not applied (an
 # old server, an ignored request key) and the log-probs would not mean what the score assumes.
 DIGIT_MASS_TOL = 0.05
-
-_SCORE_PROMPT = """You are shown two images: first the original image, then an edited version of it.
-The edit was supposed to follow this instruction:
-{instruction}
-Rate the edited image from 0 to 5 for how accurately and how well the edit was carried out.
-0: the wrong object was edited, or the instruction was not followed at all.
-5: the right object was edited, the instruction was followed, and the result looks high quality.
-Answer with a single digit from 0 to 5 and nothing else."""
-
-_RUBRIC_PROMPT = """You are shown two images: first the original image, then an edited version of it.
-The edit was supposed to follow this instruction:
-{instruction}
-Judge only one aspect of the edited image: {aspect}
-{question}
-0: {worst}
-5: {best}
-Answer with a single digit from 0 to 5 and nothing else."""
-
-# MotionEdit-Bench-style criteria, each scored 0-5 (wording our own).
-RUBRIC: dict[str, dict[str, str]] = {
-    "instruction_fidelity": {
-        "aspect": "instruction fidelity.",
-        "question": "Does the edited image carry out the instruction: the requested motion, pose, position or "
-        "interaction, applied to the subject the instruction names?",
-        "worst": "the instruction was ignored, or a different subject was changed.",
-        "best": "the requested change is fully and exactly carried out on the right subject.",
-    },
-    "preservation": {
-        "aspect": "preservation of the original.",
-        "question": "Apart from the requested change, does the edited image keep the original: the subject's "
-        "identity and appearance, the other objects, the background, lighting and framing?",
-        "worst": "the image is changed beyond recognition.",
-        "best": "everything the instruction does not ask to change is unchanged.",
-    },
-    "coherence": {
-        "aspect": "visual coherence.",
-        "question": "Is the edited image physically and visually plausible: natural anatomy and pose, consistent "
-        "geometry, contacts and shadows, and free of artifacts, blur or distortion?",
-        "worst": "the image is broken or physically implausible.",
-        "best": "the image is fully natural and clean.",
-    },
-}
 
 METRIC_KEYS = (
     "requests",  # HTTP attempts sent
@@ -123,18 +83,6 @@ class JudgeScore:
     digit_probs: list[float] | dict[str, list[float]]
     attempts: int
     sub_scores: dict[str, float] | None = None
-
-
-def score_prompt(instruction: str) -> str:
-    """Text of the training-score question (reference method: one digit 0-5)."""
-    return _SCORE_PROMPT.format(instruction=instruction)
-
-
-def rubric_prompt(criterion: str, instruction: str) -> str:
-    """Text of the rubric question for one criterion of RUBRIC."""
-    if criterion not in RUBRIC:
-        raise ValueError(f"criterion {criterion!r} is not one of {sorted(RUBRIC)}")
-    return _RUBRIC_PROMPT.format(instruction=instruction, **RUBRIC[criterion])
 
 
 def digit_probs_from_reply(reply: Mapping, *, mass_tol: float = DIGIT_MASS_TOL) -> list[float]:
