@@ -9,6 +9,7 @@ objects, so reward workers never fetch latents and learners never fetch images.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ import ray
 import torch
 
 from actors.sampler import Prompt, ReferenceForwards, Sampler
+from common import telemetry
 from common.config import RolloutConfig
 from common.faults import fault_point
 from common.net import whereabouts
@@ -35,8 +37,10 @@ class RolloutWorker:
         weight_kind: str,
         reference: ReferenceForwards | None = None,
     ) -> None:
+        telemetry.bind("rollout", name)
         policy = build_policy()
         self.name, self.cfg = name, cfg
+        self.busy = telemetry.Busy()
         self.weights = PolicyWeights(policy, weight_kind)
         self.sampler = Sampler(policy, cfg, reference)
         self.probe = ParityProbe.build(policy, cfg) if cfg.parity_check else None
@@ -51,7 +55,12 @@ class RolloutWorker:
     def load(self, weights: PublishedWeights, tensors: dict[str, torch.Tensor]) -> None:
         """Load a published version, then check that the policy computes what the learner's does (when the
         learner sent its probe output): on a mismatch nothing samples until a later version passes."""
-        self.weights.load(weights.version, weights.manifest, tensors)
+        with telemetry.timed("load_weights"):
+            self.weights.load(weights.version, weights.manifest, tensors)
+            self._check_parity(weights)
+        telemetry.count(telemetry.WEIGHT_BYTES, sum(t.nbytes for t in tensors.values()))
+
+    def _check_parity(self, weights: PublishedWeights) -> None:
         if self.probe is None or weights.probe is None:
             return
         policy = self.weights.policy
@@ -63,17 +72,33 @@ class RolloutWorker:
             self.weights.version = -1  # the next call loads (and checks) again
             raise
 
+    def prepare(self, weights: PublishedWeights) -> float | None:
+        """Before a worker joining an elastic pool takes work: load `weights` and pass the parity check (also when
+        its version is the one the worker started with); returns the error measured."""
+        if weights.version != self.weights.version:
+            self.load(weights, ray.get(weights.tensors))
+        elif self.parity_error is None:
+            self._check_parity(weights)
+        return self.parity_error
+
     def sample(self, step: int, weights: PublishedWeights, *prompts: Prompt) -> list[Any]:
         """[group, images, meta] per prompt, flat; call with `.options(num_returns=3 * len(prompts))`.
 
         Three objects so each consumer fetches only its part: the learner the GroupSample, the reward worker
         the images, the driver the small metadata (version, timings, parity error).
         """
-        fault_point("rollout.sample", step)
-        if weights.version != self.weights.version:
-            self.load(weights, ray.get(weights.tensors))
-        pairs = self.sampler.sample(list(prompts), step, self.weights.version)
-        meta = {"worker": self.name, "parity_error": self.parity_error}
+        began = time.time()  # wall clock: the driver compares it with its own (learner/elastic.py)
+        with self.busy.call():
+            fault_point("rollout.sample", step)
+            if weights.version != self.weights.version:
+                with telemetry.timed("fetch_weights"):
+                    tensors = ray.get(weights.tensors)
+                self.load(weights, tensors)
+            pairs = self.sampler.sample(list(prompts), step, self.weights.version)
+        telemetry.seconds("sample", pairs[0][0].timing["total_s"])  # the whole call: every group of it
+        telemetry.count(telemetry.SAMPLES, sum(len(images) for _, images in pairs))
+        done = time.time()
+        meta = {"worker": self.name, "parity_error": self.parity_error, "done_at": done, "call_s": done - began}
         return [x for g, images in pairs for x in (g, images, {"version": g.version, "seeds": g.seeds,
                                                                "digests": image_digests(images), **meta, **g.timing})]
 

@@ -424,6 +424,10 @@ class ClusterConfig:
         "a lifetime limit and its groups are re-queued, but one crash more stops the run (a crash loop)"
     )  # fmt: skip
     crash_window_s: float = _f(3600.0, "the sliding window (seconds) of cluster.worker_crashes")
+    metrics_export_port: int = _f(
+        0, "port of a local cluster's Prometheus endpoint (Ray and motionnft_* metrics, on 127.0.0.1; 0 = a free "
+        "port Ray picks, printed at start); a real cluster's nodes set theirs with ray start --metrics-export-port"
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         _check_finite(self)
@@ -442,6 +446,8 @@ class ClusterConfig:
         for key in ("rollout_gpus", "reward_gpus", "judge_gpus", "learner_gpus", "cpus_per_actor"):
             _check(getattr(self, key) >= 0, f"cluster.{key}", "a value >= 0", getattr(self, key))
         _check(self.num_cpus >= 0, "cluster.num_cpus", "an integer >= 0", self.num_cpus)
+        _check(0 <= self.metrics_export_port <= 65535, "cluster.metrics_export_port", "a port from 1 to 65535, or 0",
+               self.metrics_export_port)  # fmt: skip
 
 
 @dataclass(frozen=True)

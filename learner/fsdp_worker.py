@@ -18,6 +18,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch.distributed.constants import default_pg_timeout
 
+from common import telemetry
 from common.config import ClusterConfig, LearnerConfig, NFTConfig, RolloutConfig
 from common.faults import fault_point
 from common.net import node_address, whereabouts
@@ -52,6 +53,8 @@ class LearnerWorker:
         mixed_precision: bool,
         parity: RolloutConfig | None = None,
     ):
+        telemetry.bind("learner", f"rank{rank}")
+        self.busy = telemetry.Busy()
         self.rank, self.world, self.build_policy = rank, world, build_policy
         self.nft, self.learner, self.mixed_precision, self.parity = nft, learner, mixed_precision, parity
         self.trainer: NFTTrainer | None = None
@@ -85,8 +88,12 @@ class LearnerWorker:
         return True
 
     def train_step(self, groups: list, r: list[list[float]], n_global: int, step: int) -> dict[str, float]:
-        fault_point(f"learner.rank{self.rank}.train_step", step)
-        return self.trainer.train_step(self._my_samples(groups, r), n_global, step)
+        with self.busy.call():
+            fault_point(f"learner.rank{self.rank}.train_step", step)
+            out = self.trainer.train_step(self._my_samples(groups, r), n_global, step)
+        for phase in ("forward", "backward", "train"):
+            telemetry.seconds(phase, out[f"{phase}_s"])
+        return out
 
     def _my_samples(self, groups: list, r: list[list[float]]) -> list[TrainSample]:
         """Fetch only the groups this rank trains on (the first group too when this rank only pads)."""
@@ -103,19 +110,22 @@ class LearnerWorker:
     def publishable(self, version: int) -> tuple[bytes | None, dict[str, torch.Tensor] | None, torch.Tensor | None]:
         """The sampling policy ("old") as rank 0 publishes it: (msgpack manifest, weights, its output on the
         parity probe or None), (None, None, None) elsewhere; collective, call with num_returns=3."""
-        fault_point(f"learner.rank{self.rank}.publish", version)
-        weights = self.trainer.gather(OLD)
-        probe = None if self.probe is None else self.trainer.probe_output(self.probe)
+        with self.busy.call(), telemetry.timed("publish"):
+            fault_point(f"learner.rank{self.rank}.publish", version)
+            weights = self.trainer.gather(OLD)
+            probe = None if self.probe is None else self.trainer.probe_output(self.probe)
         if weights is None:
             return None, None, None
+        telemetry.count(telemetry.WEIGHT_BYTES, sum(t.nbytes for t in weights.values()))
         return WeightManifest.of(weights, version=version, kind=weight_kind(self.nft)).pack(), weights, probe
 
     def save(self, target: str, export: bool, retry: S3Retry | None = None) -> list[str]:
         """Collective: this rank's shards (rank 0: also the eval-EMA export for diffusers) to `target`, a dir or
         an s3:// prefix, written from this node; returns the files written, relative to `target`."""
-        ema = self.trainer.gather(EMA) if export else None  # collective; the full tensors land on rank 0
-        write_export = None if ema is None else functools.partial(self._export, ema)
-        return save_rank(self.trainer.state_dict(), target, self.rank, export=write_export, retry=retry)
+        with self.busy.call(), telemetry.timed("checkpoint"):
+            ema = self.trainer.gather(EMA) if export else None  # collective; the full tensors land on rank 0
+            write_export = None if ema is None else functools.partial(self._export, ema)
+            return save_rank(self.trainer.state_dict(), target, self.rank, export=write_export, retry=retry)
 
     def _export(self, ema: dict[str, torch.Tensor], out: Path) -> None:
         n = self.nft

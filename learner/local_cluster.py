@@ -44,8 +44,10 @@ _REAP_TIMEOUT_S = 10.0  # the watchdog stops rescanning after this long
 _watchdogs: list[subprocess.Popen] = []  # referenced, so that no "still running" ResourceWarning is raised
 
 
-def start_local_ray(num_cpus: int | None) -> None:
-    """Start the embedded cluster on loopback (`ray.init(address="local")`); its processes die with this one."""
+def start_local_ray(num_cpus: int | None, *, metrics_export_port: int = 0) -> None:
+    """Start the embedded cluster on loopback (`ray.init(address="local")`); its processes die with this one.
+    Its Prometheus endpoint (Ray's metrics and ours, common/telemetry.py) listens on 127.0.0.1 at
+    `metrics_export_port` (0: a free port Ray picks), printed."""
     import ray
     import ray._private.ray_constants as ray_constants  # no public switch for a loopback node (module docstring)
 
@@ -53,7 +55,8 @@ def start_local_ray(num_cpus: int | None) -> None:
     watchdog = _start_watchdog()
     enabled, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
     try:
-        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=_LOOPBACK)
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=_LOOPBACK,
+                           _metrics_export_port=metrics_export_port or None)  # fmt: skip
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = enabled
     try:
@@ -64,6 +67,8 @@ def start_local_ray(num_cpus: int | None) -> None:
     if (address := ray.util.get_node_ip_address()) != _LOOPBACK:
         ray.shutdown()
         raise RuntimeError(f"Ray {ray.__version__} registered the embedded node on {address}, not on loopback")
+    if (port := context.address_info["metrics_export_port"]) and port > 0:  # -1: RAY_enable_metrics_collection=0
+        print(f"metrics: http://{_LOOPBACK}:{port}/metrics (Prometheus; cluster/grafana_dashboard.json)", flush=True)
 
 
 def _start_watchdog() -> int:

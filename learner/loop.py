@@ -28,7 +28,7 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from common import s3
+from common import s3, telemetry
 from common.config import Config, ConfigError, LoggingConfig, config_to_dict
 from common.faults import fault_point
 from common.storage import check_writable
@@ -191,7 +191,8 @@ def init_ray(cfg: Config) -> bool:
     if address:
         ray.init(address=address)
         return False
-    start_local_ray(cfg.cluster.num_cpus or None)  # loopback only; its processes end with this one
+    # Loopback only; its processes end with this one.
+    start_local_ray(cfg.cluster.num_cpus or None, metrics_export_port=cfg.cluster.metrics_export_port)
     return True
 
 
@@ -229,6 +230,7 @@ def score_groups(pools: Pools, batch: StepRollouts) -> tuple[list[GroupReward | 
     refs = [pools.rewards.actors[w].score.remote(batch.examples[g], batch.images[g]) for g, w in enumerate(scorer)]
     results: list[GroupReward | JudgeError] = []
     for g in range(len(refs)):
+        telemetry.queue_depths(sampled=batch.meta, scored=refs)  # each time a group is taken: what waits where
         while True:
             try:
                 results.append(ray.get(refs[g]))
@@ -254,6 +256,7 @@ def score_groups(pools: Pools, batch: StepRollouts) -> tuple[list[GroupReward | 
                 pools.rewards.crashed(scorer[g], sent_at[g], crash)
             scorer[g], sent_at[g] = pools.rewards.pick(avoid=scorer[g]), time.monotonic()
             refs[g] = pools.rewards.actors[scorer[g]].score.remote(batch.examples[g], batch.images[g])
+    telemetry.queue_depths(sampled=batch.meta, scored=refs)
     return results, ray.get(batch.meta)
 
 
@@ -468,6 +471,7 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
             fault_point("after_commit", step)
         log.write(step, metrics)
         board.scalars(step, metrics)
+        telemetry.export_step(metrics)  # the same scalars, live, for Prometheus / Grafana (motionnft_step{key})
         if board.wants_images(step) and rewards:
             board.grids(step, image_grids(batch, rewards, cfg.logging))
         fault_point("after_log", step)

@@ -223,11 +223,12 @@ class NFTTrainer:
             raise ValueError("train_step needs at least one sample per rank (pad with valid=False samples)")
         self.optimizer.zero_grad(set_to_none=True)
         sums = dict.fromkeys(LOSS_KEYS, 0.0)
+        spent = {"forward_s": 0.0, "backward_s": 0.0}
         # Padding samples (valid=False) still run forward/backward with zero weight: every rank must issue the
         # same FSDP collectives (see rank_micro_batches).
         micro_batch = self.learner.micro_batch
         for start in range(0, len(samples), micro_batch):
-            self._train_micro_batch(samples[start : start + micro_batch], n_global, step, sums)
+            self._train_micro_batch(samples[start : start + micro_batch], n_global, step, sums, spent)
         n_local = sum(s.valid for s in samples)
         grad_norm = torch.nn.utils.clip_grad_norm_(list(self.theta.values()), self.nft.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -236,11 +237,14 @@ class NFTTrainer:
         decay = self._update_old_and_ema()
         out = {k: v for k, v in sums.items()}
         out.update(
-            n_valid=float(n_local), grad_norm=float(grad_norm), old_decay=decay, train_s=time.perf_counter() - t0
+            n_valid=float(n_local), grad_norm=float(grad_norm), old_decay=decay, train_s=time.perf_counter() - t0,
+            **spent,
         )
         return out
 
-    def _train_micro_batch(self, batch: list[TrainSample], n_global: int, step: int, sums: dict) -> None:
+    def _train_micro_batch(self, batch: list[TrainSample], n_global: int, step: int, sums: dict, spent: dict) -> None:
+        """Forward and backward over every timestep of one micro-batch; adds the loss terms to `sums` and the
+        seconds of the forwards (v_old, v_ref, v_θ, loss) and backwards to `spent`."""
         n = self.nft
         device = next(iter(self.theta.values())).device
         dtype = self.policy.dtype
@@ -260,6 +264,7 @@ class NFTTrainer:
         n_t = times.shape[1]
         weight = float(valid.sum()) / max(n_global, 1) / n_t * self.world
         for j in range(n_t):
+            t0 = time.perf_counter()
             eps = eps_all[:, j].to(device, dtype)
             t = times[:, j].to(device, dtype)
             x_t = noised(x0, eps, t)
@@ -275,10 +280,15 @@ class NFTTrainer:
                 v_theta.float(), v_old.float(), v_ref.float(), x_t.float(), x0.float(), t.float(), r, valid,
                 beta=n.beta, adv_clip_max=n.adv_clip_max, kl_weight=n.kl_weight,
             )  # fmt: skip
-            (loss * weight).backward()
             share = float(valid.sum()) / max(n_global, 1) / n_t
-            for key in sums:
+            for key in sums:  # float() waits for the forward's kernels: its time ends here
                 sums[key] += float(m[key]) * share
+            t1 = time.perf_counter()
+            (loss * weight).backward()
+            if device.type == "cuda":  # the backward's kernels (and FSDP's reduce-scatter), so its time is its own
+                torch.cuda.synchronize(device)
+            spent["forward_s"] += t1 - t0
+            spent["backward_s"] += time.perf_counter() - t1
 
     @torch.no_grad()
     def _update_old_and_ema(self) -> float:
@@ -329,11 +339,13 @@ class NFTTrainer:
 
 def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """One step's metrics from every rank's `train_step`: the losses are each rank's share of the global mean
-    (so they add up), n_valid adds up, grad_norm and old_decay are global already, train_s is the slowest."""
+    (so they add up), n_valid adds up, grad_norm and old_decay are global already, the seconds (train_s,
+    forward_s, backward_s) are the slowest rank's."""
     out = {k: sum(m[k] for m in per_rank) for k in (*LOSS_KEYS, "n_valid")}
     out["grad_norm"] = per_rank[0]["grad_norm"]
     out["old_decay"] = per_rank[0]["old_decay"]
-    out["train_s"] = max(m["train_s"] for m in per_rank)
+    for key in ("train_s", "forward_s", "backward_s"):
+        out[key] = max(m[key] for m in per_rank)
     return out
 
 

@@ -24,10 +24,11 @@ import httpx
 import torch
 from PIL import Image
 
+from common import telemetry
 from common.config import JudgeConfig
 from common.secret import Secret
-
 from rewards.judge_prompts import RUBRIC, rubric_prompt, score_prompt
+
 DIGITS = ("0", "1", "2", "3", "4", "5")
 MAX_DIGIT = 5
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG"}  # reward.judge.image_format -> PIL format
@@ -50,6 +51,8 @@ METRIC_KEYS = (
     "latency_ms_sum",  # wall time of the answered (HTTP) attempts, for the mean latency ...
     "latency_ms_max",  # ... and the slowest one (a gauge)
 )
+# The events among them: also counted live as the Ray counter motionnft_judge_events{event} (common/telemetry.py).
+EVENT_KEYS = tuple(k for k in METRIC_KEYS if k not in ("peak_in_flight", "latency_ms_sum", "latency_ms_max"))
 
 
 class JudgeError(RuntimeError):
@@ -311,10 +314,10 @@ class JudgeClient:
             delay = self._backoff(attempt - 2) if attempt > 1 else 0.0
             k, wait = self._replica()
             if wait > delay:
-                self.metrics["waits_no_replica"] += 1
+                self._count("waits_no_replica")
             if attempt > 1:
-                self.metrics["retries"] += 1
-                self.metrics["failovers"] += int(k != previous)
+                self._count("retries")
+                self._count("failovers", int(k != previous))
             pause = max(delay, wait)
             if cfg.retry_budget_s > 0:  # a replica skipped past the budget is still tried once, at its end
                 pause = min(pause, max(0.0, began + cfg.retry_budget_s - time.monotonic()))
@@ -322,33 +325,35 @@ class JudgeClient:
             url, previous = f"{self.base_urls[k]}/chat/completions", k
             transport_failure = True
             async with state.semaphore:
-                self.metrics["requests"] += 1
+                self._count("requests")
                 self._in_flight += 1
                 self.metrics["peak_in_flight"] = max(self.metrics["peak_in_flight"], self._in_flight)
                 sent = time.monotonic()
                 try:
                     response = await state.http.post(url, json=body)
                 except httpx.TimeoutException as exc:
-                    self.metrics["timeouts"] += 1
+                    self._count("timeouts")
                     reason, last_reply = f"timeout after {cfg.timeout_s}s at {url} ({type(exc).__name__})", None
                     response = None
                 except httpx.RequestError as exc:  # refused, reset, protocol or decoding failure
-                    self.metrics["connection_errors"] += 1
+                    self._count("connection_errors")
                     reason, last_reply = f"cannot reach {url} ({type(exc).__name__}: {exc})", None
                     response = None
                 finally:
                     self._in_flight -= 1
             if response is not None:
-                ms = int(1000 * (time.monotonic() - sent))
+                elapsed = time.monotonic() - sent
+                telemetry.observe(telemetry.JUDGE_LATENCY, elapsed)
+                ms = int(1000 * elapsed)
                 self.metrics["latency_ms_sum"] += ms
                 self.metrics["latency_ms_max"] = max(self.metrics["latency_ms_max"], ms)
                 last_reply, status = response.text, response.status_code
                 if status >= 500 or status in (408, 429):
-                    self.metrics["server_errors"] += 1
+                    self._count("server_errors")
                     reason = f"HTTP {status} from {url}"
                 elif status != 200:
-                    self.metrics["client_errors"] += 1
-                    self.metrics["failures"] += 1
+                    self._count("client_errors")
+                    self._count("failures")
                     why = ("the API key is missing or wrong: reward.judge.api_key_env names the variable that holds it"
                            if status in (401, 403) else "a bad request")  # fmt: skip
                     raise JudgeError(f"HTTP {status} from {url} ({why}; not retried)", last_reply, attempt)
@@ -357,7 +362,7 @@ class JudgeClient:
                     try:
                         return digit_probs_from_reply(response.json()), attempt
                     except ValueError as exc:  # UnparseableReply, or a body that is not JSON
-                        self.metrics["unparseable"] += 1
+                        self._count("unparseable")
                         unparseable += 1
                         reason = f"unparseable reply ({exc})"
             if transport_failure:  # skip this replica a while, longer each failure in a row: the others take the load
@@ -372,5 +377,10 @@ class JudgeClient:
             elif unparseable <= cfg.max_retries:
                 continue
             break
-        self.metrics["failures"] += 1
+        self._count("failures")
         raise JudgeError(reason, last_reply, attempt)
+
+    def _count(self, event: str, n: int = 1) -> None:
+        """An event in `metrics` (summed into the driver's step line) and in the live Ray counter, per worker."""
+        self.metrics[event] += n
+        telemetry.count(telemetry.JUDGE_EVENTS, n, event=event)

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
+from common import telemetry
 from common.config import RewardConfig
 from common.secret import Secret
 from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer
 from rewards.judge import JudgeClient
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -75,7 +79,7 @@ class RewardScorer:
         if self.judge_weight > 0:
             judge = self.judges[self._next_judge % len(self.judges)]
             self._next_judge += 1
-            judge_task = asyncio.ensure_future(judge.score_many(input_image, candidates, prompt))
+            judge_task = asyncio.ensure_future(_timed("judge", judge.score_many(input_image, candidates, prompt)))
         components: dict[str, list[float]] = {}
         r_flow = r_judge = None
         digit_probs: list = []
@@ -95,8 +99,9 @@ class RewardScorer:
                     task.cancel()
         reward = blend(r_flow, r_judge, flow_weight=self.flow_weight, judge_weight=self.judge_weight)
         self.metrics["groups"] += 1
-        return GroupReward(prompt_id, reward.tolist(), components, {"reward_s": time.perf_counter() - t0},
-                           digit_probs)  # fmt: skip
+        elapsed = time.perf_counter() - t0
+        telemetry.seconds("score", elapsed)
+        return GroupReward(prompt_id, reward.tolist(), components, {"reward_s": elapsed}, digit_probs)
 
     async def _flow(self, item: FlowItem) -> dict[str, torch.Tensor]:
         if self._queue is None:
@@ -127,7 +132,8 @@ class RewardScorer:
             if not live:
                 continue
             try:
-                results = await asyncio.to_thread(self.flow.score, [p.item for p in live])
+                with telemetry.timed("flow"):  # one batched call, for every group in it
+                    results = await asyncio.to_thread(self.flow.score, [p.item for p in live])
             except Exception as e:  # noqa: BLE001 - handed to every waiting caller, never swallowed
                 for p in live:
                     if not p.future.done():
@@ -152,6 +158,12 @@ class RewardScorer:
         flow = {} if self.flow is None else {f"flow/{k}": v for k, v in self.flow.counters().items()}
         judge = {f"judge/{k}": v for k, v in self.judge_metrics().items()}
         return {**self.metrics, **flow, **judge}
+
+
+async def _timed(phase: str, work: Awaitable[T]) -> T:
+    """Await `work`, observing its seconds as `phase` (a task of its own, so the time is its own)."""
+    with telemetry.timed(phase):
+        return await work
 
 
 def build_reward_scorer(

@@ -141,8 +141,9 @@ def ray_cluster():
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():  # workers report metrics every 1 s (Ray's default: 10 s) for tests that scrape them
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 _system_config={"metrics_report_interval_ms": 1000})  # fmt: skip
     yield ray
     ray.shutdown()
 

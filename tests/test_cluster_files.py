@@ -3,6 +3,7 @@ secure: Ray token auth on every node (token from a secret or a synced file, neve
 server not on public addresses, no credential written in them."""
 
 import copy
+import json
 import re
 import shlex
 from pathlib import Path
@@ -10,8 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common import telemetry
 from common.config import load_config
 from learner.placement import placement_problems, pool_asks
+from tests.prometheus import DASHBOARD, dashboard_queries, series_named
 
 ROOT = Path(__file__).resolve().parents[1]
 RAYJOB = ROOT / "cluster" / "rayjob.yaml"
@@ -328,3 +331,19 @@ def test_gpu_configs_declare_the_autoscaler_node_types_and_fit_them(config):
     cfg = load_config(ROOT / config)
     assert cfg.cluster.node_types == types
     assert placement_problems(pool_asks(cfg), [], types) == []
+
+
+def test_grafana_dashboard_reads_only_series_the_code_defines_and_all_of_them():
+    """cluster/grafana_dashboard.json against common/telemetry.py's schema: a renamed or dropped series fails
+    here, not as an empty panel. (That the `key`s it selects of motionnft_step really occur is checked against a
+    live scrape in tests/test_e2e.py.)"""
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = dashboard_queries()
+    used = set().union(*map(series_named, queries))
+    assert used <= telemetry.prometheus_names(), used - telemetry.prometheus_names()
+    assert {s for s in telemetry.SERIES if not any(f"ray_{s}" in q for q in queries)} == set()
+    assert all('SessionName=~"$SessionName"' in q and 'job=~"$job"' in q for q in queries)
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert all(p["datasource"]["uid"] == "${datasource}" and p["targets"] for p in panels)
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    assert {v["name"] for v in dashboard["templating"]["list"]} == {"datasource", "SessionName", "job"}

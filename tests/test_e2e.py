@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,11 @@ import torch
 from actors.rollout import image_digests
 from actors.sampler import Sampler
 from common.config import load_config
+from common.net import free_port
 from common.noise import candidate_seed
 from data.motionedit import load_splits
 from models.policy import load_policy
+from tests.prometheus import Scraper, dashboard_queries, step_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
@@ -58,17 +61,23 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
 
 
-def _main(args: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
+def _main(args: list[str], timeout: int = 420, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "learner.main", "--config", str(ROOT / "configs/tiny_cpu.yaml"), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env={**_env(), **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
 def test_qwen_image_edit_trains(tmp_path):
-    """Qwen-Image-Edit end to end, with v_old / v_ref computed on the rollout pool (DESIGN §6)."""
-    extra = ["checkpoint.every=0", "nft.reference_forwards=rollout", "logging.image_every=1", "logging.image_size=32"]
-    proc = _main(_overrides(tmp_path, 2, family="qwen_image_edit") + extra)
+    """Qwen-Image-Edit end to end, with v_old / v_ref computed on the rollout pool (DESIGN §6); its Ray metrics
+    scraped from the embedded cluster's Prometheus endpoint while it runs."""
+    port = free_port("127.0.0.1")
+    extra = ["checkpoint.every=0", "nft.reference_forwards=rollout", "logging.image_every=1", "logging.image_size=32",
+             f"cluster.metrics_export_port={port}"]  # fmt: skip
+    with Scraper(port, "ray_motionnft_") as scraper:  # workers report every 0.5 s (Ray's default: 10 s)
+        proc = _main(_overrides(tmp_path, 2, family="qwen_image_edit") + extra,
+                     env={"RAY_metrics_report_interval_ms": "500"})  # fmt: skip
     # The console: a start-up summary of what runs where, no config dump, no actor's loading progress bars.
     out = proc.stdout + proc.stderr
     assert f"config: {tmp_path / 'run'}/config.json" in out and '"nft": {' not in out
@@ -80,6 +89,8 @@ def test_qwen_image_edit_trains(tmp_path):
     metrics = _metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [0, 1] and all("learner/loss" in m for m in metrics)
     assert (tmp_path / "ckpt" / "step_00000002" / "COMMITTED").exists()
+    assert f"metrics: http://127.0.0.1:{port}/metrics" in out
+    _check_ray_metrics(scraper, metrics)
 
     # TensorBoard, read back: every scalar of metrics.jsonl, and per step a grid and caption for each of 2 groups.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -115,6 +126,38 @@ def test_qwen_image_edit_trains(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert image_digests(images) == [r["image_digest"] for r in group]
+
+
+def _check_ray_metrics(scraper: Scraper, metrics: list[dict]) -> None:
+    """The series of common/telemetry.py with sane values, from the driver, both rollout workers, the reward worker
+    and both learner ranks, and every `key` the Grafana dashboard selects. Only what step 0 (or the start) records
+    is required: a worker's last report may not leave before the run ends and the worker with it."""
+    step = {s.label("key"): s.value for s in scraper.series("ray_motionnft_step", pool="driver", worker="driver")}
+    print("scraped", scraper.scrapes, "times:", {k: round(v, 4) for k, v in sorted(step.items())})
+    for key in ("reward/mean", "reward/std", "reward/flow/l_q", "groups/valid", "staleness/max", "learner/loss"):
+        assert any(step[key] == pytest.approx(m[key], rel=1e-9) for m in metrics), key  # one of the two steps
+    assert step["perf/samples_per_s"] > 0 and 0 <= step["reward/mean"] <= 1 and step["groups/banned_total"] == 0
+    assert all(step[k] > 0 for k in ("timing_s/step", "timing_s/train", "learner/forward_s", "learner/backward_s"))
+    for op, value in {m for q in dashboard_queries() for m in step_keys(q)}:  # the dashboard selects real keys
+        assert (value in step) if op == "=" else any(re.fullmatch(value, k) for k in step), (op, value)
+
+    queues = {s.label("queue"): s.value for s in scraper.series("ray_motionnft_queue_groups")}
+    assert 0 <= queues["reward"] <= 2 and 0 <= queues["learner"] <= 2
+    busy = {(s.label("pool"), s.label("worker")): s.value for s in scraper.series("ray_motionnft_busy_fraction")}
+    assert {w for _, w in busy} >= {"rollout-0", "rollout-1", "rank0", "rank1"}, busy
+    assert {p for p, _ in busy} == {"rollout", "reward", "learner"} and all(0 < v <= 1 for v in busy.values())
+    samples = {s.label("worker"): s.value for s in scraper.series("ray_motionnft_samples_total", pool="rollout")}
+    assert set(samples) == {"rollout-0", "rollout-1"} and 8 <= sum(samples.values()) <= 16  # 2 steps x 2 x 4
+    calls = {(s.label("pool"), s.label("phase")): s.value for s in scraper.series("ray_motionnft_phase_seconds_count")}
+    for phase in [("rollout", "sample"), ("rollout", "load_weights"), ("reward", "score"), ("reward", "flow"),
+                  ("learner", "forward"), ("learner", "backward"), ("learner", "train"), ("learner", "publish")]:
+        assert calls.get(phase, 0) >= 1, (phase, calls)
+    for s in scraper.series("ray_motionnft_phase_seconds_bucket", le="+Inf"):  # every observation in a bucket
+        labels = {k: v for k, v in s.labels if k != "le"}
+        assert s.value == scraper.latest[("ray_motionnft_phase_seconds_count", tuple(sorted(labels.items())))].value
+    synced = {s.label("worker"): s.value for s in scraper.series("ray_motionnft_weight_sync_bytes_total")}
+    assert synced["rank0"] > 0 and synced["rollout-0"] > 0 and "rank1" not in synced  # rank 0 publishes
+    assert len({s.label("job") for s in scraper.latest.values()}) == 1  # one run: one Ray job
 
 
 def test_bad_config_fails_fast_naming_the_key(tmp_path):

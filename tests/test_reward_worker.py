@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import time
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer
 from rewards.judge import JudgeClient, JudgeError
 from rewards.scorer import RewardScorer, blend, build_reward_scorer
 from rewards.worker import RewardWorker
+from tests.prometheus import scrape
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
 SIZE = 64
@@ -101,7 +103,7 @@ def test_reward_pool_scores_groups_with_flow_and_live_judge(ray_cluster, vllm_ju
     url = vllm_judge.url
     cfg = _reward(judge=JudgeConfig(max_retries=2, backoff_s=0.1), batch_pairs=64, max_wait_ms=300)
     spec = functools.partial(build_reward_scorer, cfg, [url], device="cpu", cache_dir="/tmp/motionnft-test-cache")
-    worker = ray.remote(RewardWorker).options(num_cpus=0.5).remote(spec)
+    worker = ray.remote(RewardWorker).options(num_cpus=0.5).remote(spec, "reward-live")
     example_refs = [ray.put(ex) for ex in examples[:3]]
     image_refs = [ray.put(_candidates(ex)) for ex in examples[:3]]
     results = ray.get([worker.score.remote(e, i) for e, i in zip(example_refs, image_refs, strict=True)])
@@ -118,4 +120,32 @@ def test_reward_pool_scores_groups_with_flow_and_live_judge(ray_cluster, vllm_ju
     assert metrics["judge/requests"] == 9 and metrics["judge/failures"] == 0
     # Every group of these 3 prompts needed its input -> target flow once: 3 misses, then estimated.
     assert metrics["flow/cache_misses"] == 3 and metrics["flow/pairs_estimated"] == 3 + 9
+    live = _scrape_worker(ray, "reward-live", until=lambda x: x.get(("judge_latency", "")) == 9)
     ray.kill(worker)
+    # The same, live, as this worker's Ray metrics (common/telemetry.py) on the node's Prometheus endpoint.
+    assert live[("judge_events", "requests")] == 9 and ("judge_events", "failures") not in live
+    assert live[("judge_latency", "")] == 9 and live[("judge_latency_sum", "")] > 0
+    assert live[("phase", "judge")] == 3 and live[("phase", "score")] == 3
+    assert live[("phase", "flow")] == metrics["flow_calls"] and 0 < live[("busy", "")] <= 1
+
+
+def _scrape_worker(ray, worker: str, until, timeout_s: float = 30.0) -> dict[tuple[str, str], float]:
+    """A worker's judge events, judge latency count and sum, phase call counts and busy fraction, scraped from the
+    session node's Prometheus endpoint until `until` holds (workers report every second, conftest.ray_cluster)."""
+    node = ray.nodes()[0]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found: dict[tuple[str, str], float] = {}
+        for s in scrape(node["MetricsExportPort"], "ray_motionnft_", host=node["NodeManagerAddress"]):
+            if s.label("worker") != worker or s.label("pool") != "reward":
+                continue
+            key = {"ray_motionnft_judge_events_total": ("judge_events", s.label("event")),
+                   "ray_motionnft_judge_latency_seconds_count": ("judge_latency", ""),
+                   "ray_motionnft_judge_latency_seconds_sum": ("judge_latency_sum", ""),
+                   "ray_motionnft_phase_seconds_count": ("phase", s.label("phase")),
+                   "ray_motionnft_busy_fraction": ("busy", "")}.get(s.name)  # fmt: skip
+            if key is not None:
+                found[key] = s.value
+        if until(found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.25)
