@@ -401,7 +401,29 @@ class ClusterConfig:
     SECTION: ClassVar[str] = "cluster"
     address: str = _f("", "Ray address; empty = RAY_ADDRESS when set (ray job submit), else a local cluster")
     num_cpus: int = _f(0, "CPUs of a local cluster (0 = all)")
-    rollout_workers: int = _f(1, "rollout actors")
+    rollout_workers: int = _f(1, "rollout actors at the start (the pool's size unless it is elastic)")
+    rollout_workers_min: int = _f(0, "elastic rollout pool: fewest rollout actors (0 = cluster.rollout_workers)")
+    rollout_workers_max: int = _f(
+        0, "elastic rollout pool: most rollout actors (0 = cluster.rollout_workers); above the minimum the driver "
+        "adds a worker while the learner waits on rollouts and removes one while rollouts idle; on an autoscaling "
+        "cluster the autoscaler adds and removes the nodes for them"
+    )  # fmt: skip
+    rollout_grow_wait: float = _f(
+        0.5, "grow the rollout pool by one worker when the driver waited on rollouts more than this fraction of a "
+        "step, cluster.rollout_scale_patience steps in a row (0.5: rollouts, not training, set the pace)"
+    )  # fmt: skip
+    rollout_shrink_busy: float = _f(
+        0.3, "shrink the rollout pool by one worker when its workers sampled less than this fraction of a step, "
+        "cluster.rollout_scale_patience steps in a row; with 0.5 above, one worker more or less never flips the "
+        "decision back"
+    )  # fmt: skip
+    rollout_scale_patience: int = _f(2, "steps in a row a grow or shrink condition must hold before the pool changes")
+
+    @property
+    def rollout_bounds(self) -> tuple[int, int]:
+        """(fewest, most) rollout workers: both cluster.rollout_workers unless the pool is elastic."""
+        return self.rollout_workers_min or self.rollout_workers, self.rollout_workers_max or self.rollout_workers
+
     rollout_gpus: float = _f(1.0, "GPUs per rollout actor (0 on CPU)")
     reward_workers: int = _f(1, "reward actors (flow model + judge client)")
     reward_gpus: float = _f(1.0, "GPUs per reward actor, for RAFT (0 on CPU)")
@@ -442,6 +464,16 @@ class ClusterConfig:
                 _check(amount >= 0, f"cluster.node_types.{name}.{r}", "a value >= 0", amount)
         for key in ("rollout_workers", "reward_workers", "learner_ranks"):
             _check(getattr(self, key) >= 1, f"cluster.{key}", "an integer >= 1", getattr(self, key))
+        _check(0 <= self.rollout_workers_min <= self.rollout_workers, "cluster.rollout_workers_min",
+               f"an integer from 1 to cluster.rollout_workers ({self.rollout_workers}), or 0", self.rollout_workers_min)
+        _check(self.rollout_bounds[1] >= self.rollout_workers, "cluster.rollout_workers_max",
+               f"an integer >= cluster.rollout_workers ({self.rollout_workers}), or 0", self.rollout_workers_max)
+        _check(0 < self.rollout_grow_wait <= 1, "cluster.rollout_grow_wait", "a fraction in (0, 1]",
+               self.rollout_grow_wait)
+        _check(0 <= self.rollout_shrink_busy < 1, "cluster.rollout_shrink_busy", "a fraction in [0, 1)",
+               self.rollout_shrink_busy)
+        _check(self.rollout_scale_patience >= 1, "cluster.rollout_scale_patience", "an integer >= 1",
+               self.rollout_scale_patience)
         _check(self.judge_replicas >= 0, "cluster.judge_replicas", "an integer >= 0", self.judge_replicas)
         for key in ("rollout_gpus", "reward_gpus", "judge_gpus", "learner_gpus", "cpus_per_actor"):
             _check(getattr(self, key) >= 0, f"cluster.{key}", "a value >= 0", getattr(self, key))

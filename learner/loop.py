@@ -35,6 +35,7 @@ from common.storage import check_writable
 from data.motionedit import ExampleServer, load_splits
 from learner.board import BoardLog, group_grid
 from learner.checkpoint import LEARNER, CheckpointManager, step_name
+from learner.elastic import RolloutScaler, rollout_load
 from learner.fsdp_worker import LearnerLost
 from learner.identity import flat_config, new_run_id, training_keys_that_differ
 from learner.lineage import Lineage
@@ -402,9 +403,11 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
     steps, ahead = cfg.learner.steps, cfg.rollout.max_staleness
     pending: dict[int, StepRollouts] = {}
     drawn_from: dict[int, tuple[int, int]] = {}
+    scaler = RolloutScaler(cfg.cluster)
 
     for step in range(state.step, steps):
         metrics, timing = {}, {}
+        began, workers = time.time(), len(pools.rollouts.up())  # wall clock: rollouts report when they finished
         save_now = step == steps - 1 or (cfg.checkpoint.every > 0 and (step + 1) % cfg.checkpoint.every == 0)
         with timed("step", timing):  # the step's work; a checkpoint's time is timing_s/checkpoint
             # 1. Rollouts: this step's groups, plus later steps up to the staleness bound (never past a
@@ -462,6 +465,7 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
         metrics["workers/rollout_crashes_total"] = float(pools.rollouts.crashes.total)  # since this process started
         metrics["workers/reward_crashes_total"] = float(pools.rewards.crashes.total)
         metrics.update(reward_counters(pools))
+        metrics.update(scale_rollouts(pools, scaler, meta, began, timing["step"], workers, weights))
         if rewards:  # every scored candidate: seed, version, worker, image digest, reward terms, optimality
             lineage.write(step, batch.prompt_ids, meta, rewards, r, valid)
         if save_now:  # the step's metrics line travels in the checkpoint: a resume logs it exactly once
@@ -475,8 +479,27 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
         if board.wants_images(step) and rewards:
             board.grids(step, image_grids(batch, rewards, cfg.logging))
         fault_point("after_log", step)
+        pools.rollouts.release(in_use={w for b in pending.values() for w in b.workers})  # drained: removed
         last = metrics
     return last
+
+
+def scale_rollouts(pools: Pools, scaler: RolloutScaler, meta: list[dict], began: float, step_s: float, workers: int,
+                   weights: PublishedWeights) -> dict[str, float]:  # fmt: skip
+    """The rollout pool's load in the step, and, when it is elastic, one worker added or drained
+    (learner/elastic.py); a new worker takes work once it has loaded `weights` and passed their parity probe."""
+    pool = pools.rollouts
+    wait, busy = rollout_load(meta, began, step_s, workers)
+    change = scaler.decide(pool.size(), wait, busy, settling=bool(pool.joining or pool.draining))
+    if change > 0 and pools.new_rollout is not None:
+        w = pool.add(pools.new_rollout(len(pool.actors)), lambda actor: actor.prepare.remote(weights))
+        print(f"rollout pool: adding rollout-{w} (the learner waited on rollouts {wait:.0%} of the step, "
+              f"{scaler.patience} step(s) in a row)", flush=True)  # fmt: skip
+    elif change < 0 and (w := pool.drain()) is not None:
+        print(f"rollout pool: removing rollout-{w} once its groups are trained on (rollout workers sampled "
+              f"{busy:.0%} of the step, {scaler.patience} step(s) in a row)", flush=True)  # fmt: skip
+    return {"pool/rollout_wait": wait, "pool/rollout_busy": busy, "pool/rollout_workers": float(len(pool.up())),
+            "pool/rollout_joining": float(len(pool.joining)), "cluster/nodes": float(len(alive_nodes()))}
 
 
 def image_grids(batch: StepRollouts, rewards: list[GroupReward], logging: LoggingConfig) -> list:

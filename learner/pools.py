@@ -9,6 +9,7 @@ role come from `cluster.*`; the judge's API key (`secret_from_env`) travels only
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ class Pools:
     rewards: WorkerPool
     learner: LearnerGroup
     judges: list[Any]
+    new_rollout: Callable[[int], Any] | None = None  # starts rollout worker i (an elastic pool adds them)
 
     def shutdown(self) -> None:
         for j in self.judges:  # stop the vLLM processes cleanly before the actors go
@@ -44,7 +46,7 @@ class Pools:
                 print(f"warning: judge replica did not stop cleanly: {e!r}", flush=True)
         self.learner.shutdown()
         for a in [*self.rollouts.actors, *self.rewards.actors, *self.judges]:
-            ray.kill(a)
+            ray.kill(a)  # also a removed one: killing twice is harmless
 
     def rebuild_learner(self, cfg: Config) -> None:
         """A rank was lost: the whole group goes (the survivors wait in a collective) and a new one starts; it
@@ -87,6 +89,16 @@ def start_judges(cfg: Config, api_key: Secret, *, local: bool = False) -> list[A
     ]
 
 
+def start_rollout_worker(cfg: Config, policy: Callable[[], Any], reference: ReferenceForwards | None, i: int) -> Any:
+    """Rollout worker `rollout-i`, asking for the resources of `cluster.rollout_*` (restarted by Ray on a crash)."""
+    c = cfg.cluster
+    return (
+        ray.remote(RolloutWorker)
+        .options(num_cpus=c.cpus_per_actor, num_gpus=c.rollout_gpus, resources=c.rollout_resources, **RESTART_OPTIONS)
+        .remote(f"rollout-{i}", policy, cfg.rollout, weight_kind(cfg.nft), reference)
+    )
+
+
 def build_pools(cfg: Config, *, local: bool = False) -> Pools:
     """Learner group, judge replicas, reward workers and rollout workers, each ready; if any fails to start,
     the others are shut down before the error propagates."""
@@ -118,13 +130,8 @@ def build_pools(cfg: Config, *, local: bool = False) -> Pools:
         rollout_policy = functools.partial(
             load_policy, cfg.model, use_gpu=c.rollout_gpus > 0, lora=None if n.full_finetune else n
         )
-        pools.rollouts.actors = [
-            ray.remote(RolloutWorker)
-            .options(num_cpus=c.cpus_per_actor, num_gpus=c.rollout_gpus, resources=c.rollout_resources,
-                     **RESTART_OPTIONS)
-            .remote(f"rollout-{i}", rollout_policy, cfg.rollout, weight_kind(n), reference)  # fmt: skip
-            for i in range(c.rollout_workers)
-        ]
+        pools.new_rollout = functools.partial(start_rollout_worker, cfg, rollout_policy, reference)
+        pools.rollouts.actors = [pools.new_rollout(i) for i in range(c.rollout_workers)]
         ray.get([a.ready.remote() for a in pools.rollouts.actors + pools.rewards.actors])
     except BaseException:
         pools.shutdown()

@@ -67,14 +67,73 @@ class WorkerPool:
 
     A crashed worker is down until it answers a `ready` call again (a call sent while Ray restarts it fails
     with ActorUnavailableError, so it is sent again). While every worker is down, work waits for the first one
-    back: a lost node's workers come back when Ray places them on another or a replacement node."""
+    back: a lost node's workers come back when Ray places them on another or a replacement node.
+
+    An elastic pool (learner/elastic.py) also has workers joining (up once their `prepare` call returns: weights
+    loaded and parity checked) and draining (no new work; removed once the caller says their groups are used).
+    A worker's index never changes and is never reused, so crash records and in-flight groups stay valid."""
 
     def __init__(self, role: str, actors: list[Any], limit: int, window_s: float) -> None:
         self.role, self.actors = role, actors
         self.crashes = Crashes(role, limit, window_s)
         self.pings: dict[int, Any] = {}  # down workers -> their pending `ready` call
+        self.joining: dict[int, Any] = {}  # added workers -> their pending `prepare` call
+        self.draining: set[int] = set()  # leaving workers: no new work
+        self.removed: set[int] = set()  # killed for good
+
+    def live(self) -> list[int]:
+        """Every worker not removed: up, down, joining or draining."""
+        return [w for w in range(len(self.actors)) if w not in self.removed]
+
+    def size(self) -> int:
+        """The pool's size as an elastic pool counts it: joining workers in, draining ones out."""
+        return len(self.live()) - len(self.draining)
+
+    def add(self, actor: Any, prepare: Callable[[Any], Any]) -> int:
+        """A new worker, up once `prepare(actor)` (a call returning a ref) succeeds; returns its index."""
+        self.actors.append(actor)
+        self.joining[len(self.actors) - 1] = prepare(actor)
+        return len(self.actors) - 1
+
+    def drain(self) -> int | None:
+        """Stop giving work to one worker that is up (the newest), if another stays up; returns it."""
+        up = self.up()
+        if len(up) < 2:
+            return None
+        self.draining.add(up[-1])
+        return up[-1]
+
+    def release(self, in_use: set[int]) -> list[int]:
+        """Remove the draining workers none of whose groups is still in use; returns them."""
+        done = sorted(self.draining - in_use)
+        for w in done:
+            self.remove(w)
+        return done
+
+    def remove(self, worker: int) -> None:
+        ray.kill(self.actors[worker], no_restart=True)
+        self.removed.add(worker)
+        self.draining.discard(worker)
+        self.joining.pop(worker, None)
+        self.pings.pop(worker, None)
+
+    def _poll_joining(self) -> None:
+        for w, call in list(self.joining.items()):
+            if not ray.wait([call], timeout=0)[0]:
+                continue
+            del self.joining[w]
+            try:
+                measured = ray.get(call)
+            except (ray.exceptions.RayError, RuntimeError) as e:  # its parity check failed, or it died starting
+                print(f"{self.crashes.name(w)} could not join the pool ({first_line(e)[:200]}); removed", flush=True)
+                self.remove(w)
+                continue
+            where = ray.get(self.actors[w].where.remote())
+            shown = "" if measured is None else f", parity error {measured:.2g}"
+            print(f"{self.crashes.name(w)} joined the {self.role} pool ({where}{shown})", flush=True)
 
     def _poll(self) -> None:
+        self._poll_joining()
         for w, ping in list(self.pings.items()):
             if not ray.wait([ping], timeout=0)[0]:
                 continue
@@ -91,9 +150,10 @@ class WorkerPool:
         waited, t0 = 0.0, time.monotonic()
         while True:
             self._poll()
-            if up := [w for w in range(len(self.actors)) if w not in self.pings]:
+            out = self.pings.keys() | self.joining.keys() | self.draining | self.removed
+            if up := [w for w in range(len(self.actors)) if w not in out]:
                 return up
-            ray.wait(list(self.pings.values()), num_returns=1, timeout=10.0)
+            ray.wait([*self.pings.values(), *self.joining.values()], num_returns=1, timeout=10.0)
             time.sleep(0.5)  # a call to a worker Ray cannot place yet fails at once: do not spin on it
             if (elapsed := time.monotonic() - t0) >= waited + 60:
                 waited = elapsed
@@ -103,7 +163,7 @@ class WorkerPool:
     def crashed(self, worker: int, sent_at: float, error: BaseException) -> None:
         """A task sent to `worker` at `sent_at` failed with the worker: count the crash unless it is one known
         (the worker is still down, or the task was sent before the crash counted last)."""
-        if worker in self.pings or not self.crashes.record(worker, sent_at, error):
+        if worker in self.pings or worker in self.removed or not self.crashes.record(worker, sent_at, error):
             return
         print(f"{self.crashes.name(worker)} crashed ({first_line(error)[:160]}); Ray restarts it, "
               "its groups are re-queued", flush=True)  # fmt: skip

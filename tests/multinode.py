@@ -53,13 +53,19 @@ class Node:
 
 
 class NamespacedCluster:
-    """A CPU-only head (runs the driver), worker nodes with custom resources, and an S3 server.
+    """A head (runs the driver; no CPUs unless `head_cpus`), worker nodes with custom resources, and an S3 server.
 
     `workers`: name -> (CPUs, custom resources). `disk` is the private mount point on every node; `env` is
     what every node (and so every Ray worker and job there) inherits on top of the caller's environment.
+
+    `autoscale`: node types (name -> {resources, min_workers, max_workers}) for Ray's real autoscaler with its
+    fake multi-node provider (../shared/ENVIRONMENT.md): the head runs the autoscaler, which starts and stops
+    those nodes as local raylets in the head's namespaces (so they share its disk).
     """
 
-    def __init__(self, workers: dict[str, tuple[int, dict[str, float]]], *, log_dir: Path) -> None:
+    def __init__(self, workers: dict[str, tuple[int, dict[str, float]]], *, log_dir: Path, head_cpus: int = 0,
+                 autoscale: dict[str, dict] | None = None, idle_timeout_s: float = 6.0) -> None:  # fmt: skip
+        self.head_cpus, self.autoscale, self.idle_timeout_s = head_cpus, autoscale, idle_timeout_s
         self.tag = uuid.uuid4().hex[:6]
         self.disk = f"/tmp/mn-{self.tag}"
         self.log_dir = Path(log_dir)
@@ -103,6 +109,8 @@ class NamespacedCluster:
             AWS_ENDPOINT_URL=self.s3_endpoint, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
             AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
         )  # fmt: skip
+        if self.autoscale is not None:  # the fake provider refuses to run without it; a decision every second
+            env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         return env
 
     # ---------------------------------------------------------------- start / stop
@@ -114,8 +122,11 @@ class NamespacedCluster:
             Path(self.disk).mkdir(parents=True, exist_ok=True)  # the mount point; each node mounts its own tmpfs
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self._start_s3()
-            self._start_ray(self.head, ["--head", f"--port={HEAD_PORT}", f"--dashboard-host={self.head.ip()}",
-                                        f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=0"])  # fmt: skip
+            head = ["--head", f"--port={HEAD_PORT}", f"--dashboard-host={self.head.ip()}",
+                    f"--dashboard-port={DASHBOARD_PORT}", f"--num-cpus={self.head_cpus}"]  # fmt: skip
+            if self.autoscale is not None:
+                head.append(f"--autoscaling-config={self._autoscaler_config()}")
+            self._start_ray(self.head, head)
             for node in self.nodes[1:]:
                 args = [f"--address={self.head.ip()}:{HEAD_PORT}", f"--num-cpus={node.num_cpus}"]
                 if node.resources:
@@ -127,6 +138,31 @@ class NamespacedCluster:
             raise
         self.timings["start_s"] = time.monotonic() - t0
         return self
+
+    def _autoscaler_config(self) -> Path:
+        """The cluster config the head's autoscaler reads: the fake provider, this run's node types (the wheel
+        lacks the example file `AutoscalingCluster` reads, so it is written here in full)."""
+        types = {"ray.head.default": {"resources": {"CPU": self.head_cpus}, "node_config": {}, "max_workers": 0}}
+        for name, t in self.autoscale.items():
+            types[name] = {"node_config": {}, "min_workers": 0, **t}
+        config = {
+            "cluster_name": f"fake-{self.tag}",
+            "max_workers": sum(t["max_workers"] for t in self.autoscale.values()),
+            "upscaling_speed": 1.0,
+            "idle_timeout_minutes": self.idle_timeout_s / 60,
+            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                         "disable_launch_config_check": True, "gcs_address": f"{self.head.ip()}:{HEAD_PORT}"},
+            "auth": {"ssh_user": "nobody"},
+            "available_node_types": types,
+            "head_node_type": "ray.head.default",
+            "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+            "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
+            "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+            "worker_start_ray_commands": [],
+        }  # fmt: skip
+        path = self.log_dir / "autoscaler.json"
+        path.write_text(json.dumps(config))
+        return path
 
     def _run(self, *cmd: str) -> None:
         subprocess.run(cmd, check=True, capture_output=True, timeout=30)
@@ -224,11 +260,13 @@ class NamespacedCluster:
             args.append(f"--resources={json.dumps(node.resources)}")
         self._start_ray(node, args)
 
-    def submit(self, entrypoint: list[str], *, working_dir: Path, runtime_env: dict | None = None,
+    def submit(self, entrypoint: list[str], *, working_dir: Path | None = None, runtime_env: dict | None = None,
                timeout: float = 600) -> subprocess.CompletedProcess:  # fmt: skip
         """`ray job submit` of `entrypoint` from the head's namespaces; waits for the job to end."""
         ray = os.path.join(VENV_BIN, "ray")
-        cmd = [ray, "job", "submit", f"--address={self.dashboard}", f"--working-dir={working_dir}"]
+        cmd = [ray, "job", "submit", f"--address={self.dashboard}"]
+        if working_dir is not None:
+            cmd.append(f"--working-dir={working_dir}")
         if runtime_env:
             cmd.append(f"--runtime-env-json={json.dumps(runtime_env)}")
         cmd += ["--", *entrypoint]
