@@ -418,6 +418,10 @@ class ClusterConfig:
         "decision back"
     )  # fmt: skip
     rollout_scale_patience: int = _f(2, "steps in a row a grow or shrink condition must hold before the pool changes")
+    rollout_join_timeout_s: float = _f(
+        900.0, "a rollout worker added to an elastic pool that has not joined (placed, loaded, parity checked) after "
+        "this many seconds is given up, so a cluster at its node limit does not freeze the pool's scaling"
+    )  # fmt: skip
 
     @property
     def rollout_bounds(self) -> tuple[int, int]:
@@ -474,6 +478,8 @@ class ClusterConfig:
                self.rollout_shrink_busy)
         _check(self.rollout_scale_patience >= 1, "cluster.rollout_scale_patience", "an integer >= 1",
                self.rollout_scale_patience)
+        _check(self.rollout_join_timeout_s > 0, "cluster.rollout_join_timeout_s", "seconds > 0",
+               self.rollout_join_timeout_s)
         _check(self.judge_replicas >= 0, "cluster.judge_replicas", "an integer >= 0", self.judge_replicas)
         for key in ("rollout_gpus", "reward_gpus", "judge_gpus", "learner_gpus", "cpus_per_actor"):
             _check(getattr(self, key) >= 0, f"cluster.{key}", "a value >= 0", getattr(self, key))

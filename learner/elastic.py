@@ -37,7 +37,7 @@ class RolloutScaler:
     def __init__(self, cluster: ClusterConfig) -> None:
         self.fewest, self.most = cluster.rollout_bounds
         self.grow_wait, self.shrink_busy = cluster.rollout_grow_wait, cluster.rollout_shrink_busy
-        self.patience = cluster.rollout_scale_patience
+        self.patience, self.join_timeout_s = cluster.rollout_scale_patience, cluster.rollout_join_timeout_s
         self.slow = self.idle = 0  # steps in a row with the grow / shrink condition
 
     @property

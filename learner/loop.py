@@ -492,7 +492,8 @@ def scale_rollouts(pools: Pools, scaler: RolloutScaler, meta: list[dict], began:
     wait, busy = rollout_load(meta, began, step_s, workers)
     change = scaler.decide(pool.size(), wait, busy, settling=bool(pool.joining or pool.draining))
     if change > 0 and pools.new_rollout is not None:
-        w = pool.add(pools.new_rollout(len(pool.actors)), lambda actor: actor.prepare.remote(weights))
+        w = pool.add(pools.new_rollout(len(pool.actors)), lambda actor: actor.prepare.remote(weights),
+                     timeout_s=scaler.join_timeout_s)  # fmt: skip
         print(f"rollout pool: adding rollout-{w} (the learner waited on rollouts {wait:.0%} of the step, "
               f"{scaler.patience} step(s) in a row)", flush=True)  # fmt: skip
     elif change < 0 and (w := pool.drain()) is not None:

@@ -78,6 +78,7 @@ class WorkerPool:
         self.crashes = Crashes(role, limit, window_s)
         self.pings: dict[int, Any] = {}  # down workers -> their pending `ready` call
         self.joining: dict[int, Any] = {}  # added workers -> their pending `prepare` call
+        self.join_deadline: dict[int, float] = {}  # added workers -> when (time.monotonic) to give up on them
         self.draining: set[int] = set()  # leaving workers: no new work
         self.removed: set[int] = set()  # killed for good
 
@@ -89,11 +90,14 @@ class WorkerPool:
         """The pool's size as an elastic pool counts it: joining workers in, draining ones out."""
         return len(self.live()) - len(self.draining)
 
-    def add(self, actor: Any, prepare: Callable[[Any], Any]) -> int:
-        """A new worker, up once `prepare(actor)` (a call returning a ref) succeeds; returns its index."""
+    def add(self, actor: Any, prepare: Callable[[Any], Any], timeout_s: float) -> int:
+        """A new worker, up once `prepare(actor)` (a call returning a ref) succeeds; removed if that takes longer
+        than `timeout_s` (no node for it: the cluster is at its limit). Returns its index."""
         self.actors.append(actor)
-        self.joining[len(self.actors) - 1] = prepare(actor)
-        return len(self.actors) - 1
+        w = len(self.actors) - 1
+        self.joining[w] = prepare(actor)
+        self.join_deadline[w] = time.monotonic() + timeout_s
+        return w
 
     def drain(self) -> int | None:
         """Stop giving work to one worker that is up (the newest), if another stays up; returns it."""
@@ -120,12 +124,17 @@ class WorkerPool:
     def _poll_joining(self) -> None:
         for w, call in list(self.joining.items()):
             if not ray.wait([call], timeout=0)[0]:
+                if time.monotonic() > self.join_deadline[w]:
+                    print(f"{self.crashes.name(w)} did not join the pool in time (no node had room for it, or it "
+                          "could not load); removed", flush=True)  # fmt: skip
+                    self.remove(w)
                 continue
             del self.joining[w]
             try:
                 measured = ray.get(call)
             except (ray.exceptions.RayError, RuntimeError) as e:  # its parity check failed, or it died starting
-                print(f"{self.crashes.name(w)} could not join the pool ({first_line(e)[:200]}); removed", flush=True)
+                reason = first_line(getattr(e, "cause", None) or e)[:200]  # a task's error: the exception inside
+                print(f"{self.crashes.name(w)} could not join the pool ({reason}); removed", flush=True)
                 self.remove(w)
                 continue
             where = ray.get(self.actors[w].where.remote())
