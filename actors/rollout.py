@@ -3,7 +3,9 @@
 Each call carries the weights it must sample with (`PublishedWeights`, handed over by the driver); the worker
 loads them in place when its version differs, checks that its policy then computes what the learner's does
 (models/parity.py), and returns each group's training sample, its decoded images and small metadata as separate
-objects, so reward workers never fetch latents and learners never fetch images.
+objects, so reward workers never fetch latents and learners never fetch images. Evaluation edits (issue 14:
+the pipeline's own sampler, actors/eval_sampler.py) are made here too, with the published weights during
+training or a checkpoint's export for learner.evaluate, so they run where and as the rollouts do.
 """
 
 from __future__ import annotations
@@ -11,19 +13,21 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import ray
 import torch
 
+from actors.eval_sampler import EvalSampler
 from actors.sampler import Prompt, ReferenceForwards, Sampler
 from common import telemetry
-from common.config import RolloutConfig
+from common.config import EvalConfig, RolloutConfig
 from common.faults import fault_point
 from common.net import whereabouts
 from models.parity import ParityError, ParityProbe, check_parity
 from models.policy import EditPolicy
-from models.weights import PolicyWeights, PublishedWeights, WeightManifest
+from models.weights import PolicyWeights, PublishedWeights, WeightManifest, check_lora_export, read_lora_export
 
 
 class RolloutWorker:
@@ -101,6 +105,30 @@ class RolloutWorker:
         meta = {"worker": self.name, "parity_error": self.parity_error, "done_at": done, "call_s": done - began}
         return [x for g, images in pairs for x in (g, images, {"version": g.version, "seeds": g.seeds,
                                                                "digests": image_digests(images), **meta, **g.timing})]
+
+    def load_export(self, lora_dir: str, rank: int, alpha: int) -> None:
+        """Evaluation of a checkpoint (learner.evaluate --baseline): its diffusers LoRA export, read on this
+        worker's node, into the adapter in place. Version -1 afterwards: the next published weights load."""
+        with self.busy.call():
+            check_lora_export(lora_dir, rank=rank, alpha=alpha)
+            self.weights.policy.load_lora_state_dict(read_lora_export(self.weights.policy, lora_dir))
+            self.weights.version, self.parity_error = -1, None
+
+    def edit(self, cfg: EvalConfig, example: Prompt, weights: PublishedWeights | None = None,
+             base: bool = False) -> torch.Tensor:  # fmt: skip
+        """One evaluation edit of `example` (actors/eval_sampler.py: the pipeline's sampler and seed, `eval.*`),
+        uint8 (3, H, W): with `weights` (loaded first when their version differs; None: what the policy holds),
+        or with `base`, the base policy (the LoRA adapter off). The same row gives the same edit on any worker."""
+        with self.busy.call():
+            if weights is not None and weights.version != self.weights.version:
+                with telemetry.timed("fetch_weights"):
+                    tensors = ray.get(weights.tensors)
+                self.load(weights, tensors)
+            if base and self.weights.kind != "lora":
+                raise ValueError("base-policy edits need a LoRA policy (with nft.full_finetune the base is gone)")
+            policy = self.weights.policy
+            with telemetry.timed("eval_sample"), policy.adapters_disabled() if base else nullcontext():
+                return EvalSampler(policy, cfg).sample(example.prompt, example.input_image)
 
 
 def image_digests(images: torch.Tensor) -> list[str]:

@@ -584,10 +584,21 @@ class EvalConfig:
     )  # fmt: skip
     bootstrap_seed: int = _f(0, "seed of the bootstrap resampling (the intervals are deterministic given it)")
     confidence: float = _f(0.95, "coverage of the bootstrap intervals (percentile method)")
+    every: int = _f(
+        0, "during training, every N steps: MAS, its win rate against the base policy (LoRA runs) and the rubric "
+        "Overall (runs with a judge) of the sampling policy's evaluation edits of eval.during_rows held-out rows, "
+        "logged as eval/* with the step; 0 = off"
+    )  # fmt: skip
+    during_rows: int = _f(
+        8, "held-out rows (the first of the run's held-out split) evaluated every eval.every steps: each costs "
+        "eval.num_steps forwards on a rollout worker, and the first evaluation samples the base policy's too"
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         _check_finite(self)
         _check(self.num_steps >= 1, "eval.num_steps", "an integer >= 1", self.num_steps)
+        _check(self.every >= 0, "eval.every", "an integer >= 0 (0 = off)", self.every)
+        _check(self.during_rows >= 1, "eval.during_rows", "an integer >= 1", self.during_rows)
         _check(self.kontext_guidance >= 0, "eval.kontext_guidance", "a value >= 0", self.kontext_guidance)
         _check(self.qwen_true_cfg >= 0, "eval.qwen_true_cfg", "a value >= 0", self.qwen_true_cfg)
         _check(bool(self.negative_prompt), "eval.negative_prompt", "a non-empty string (\" \" is fine)",
@@ -667,6 +678,8 @@ def validate(cfg: Config) -> None:
         )
     if cfg.model.tiny and cfg.model.path:
         raise ConfigError("model.tiny: set either model.path or model.tiny=true, not both")
+    _check(cfg.eval.every == 0 or cfg.data.eval_fraction > 0, "eval.every",
+           "0 when data.eval_fraction is 0 (the evaluation during training needs held-out rows)", cfg.eval.every)
 
 
 def _validate_demo(cfg: Config) -> None:

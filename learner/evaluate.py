@@ -25,27 +25,37 @@ filled in (a prepared model or data set) are the ones evaluated.
 
 MotionEdit-Bench comparison (issue 14, DESIGN §8): `--baseline base|latest|DIR [--split PATH|s3://...]` compares
 `--checkpoint` (one policy) with the baseline on `--split` (default: the run's held-out split), the first
-`--limit` rows, into `--out` (default `<logging.dir>/bench`):
-1. Each policy's edits are made with the pipeline's own sampler and settings (`eval.num_steps` 28, `eval.seed`
-   42, Kontext guidance 2.5, Qwen-Image-Edit true CFG 4.0 with negative prompt " ": actors/eval_sampler.py),
-   one row at a time, so a row's edit is the same however the run was chunked or resumed.
-2. MAS (rewards/mas.py, `eval.mas_*`) from the run's flow estimator (`reward.flow.*`, batched and cached as in
-   training); the rubric (Fidelity, Preservation, Coherence 0-5, Overall = mean; rewards/rubric.py) from the
-   judge at `reward.judge.url`, or a vLLM server started here on `reward.judge.model_path` / the tiny judge.
+`--limit` rows, into `--out` (default `<logging.dir>/bench`), on the Ray pools of the run's config: Ray is
+joined as training joins it (`cluster.address`, RAY_ADDRESS under `ray job submit`, else an embedded cluster),
+and the driver (this process) only schedules and writes; edits and images stay in the object store
+(learner/eval_pools.py).
+1. Rollout workers (`cluster.rollout_workers`, placed as in training) make each policy's edits with the
+   pipeline's own sampler and settings (`eval.num_steps` 28, `eval.seed` 42, Kontext guidance 2.5,
+   Qwen-Image-Edit true CFG 4.0 with negative prompt " ": actors/eval_sampler.py), one row per call, so a
+   row's edit is the same whichever worker makes it and however the run was chunked or resumed. A checkpoint's
+   diffusers LoRA export is read by each worker on its node into the adapter training uses; the base policy
+   is that adapter turned off.
+2. Reward workers (`cluster.reward_workers`) score MAS (rewards/mas.py, `eval.mas_*`) with the run's flow
+   estimator (`reward.flow.*`) and the rubric (Fidelity, Preservation, Coherence 0-5, Overall = mean;
+   rewards/rubric.py) with a judge client of their own, next to the images (rewards/bench_scorer.py): the judge
+   at `reward.judge.url`, or vLLM replicas started on the pool (`reward.judge.model_path` / the tiny judge).
    A row the judge cannot score within its retry budget is marked failed, never scored 0.
-3. Rows are written a chunk (`eval.chunk_rows`) at a time under `<out>/scores/` (learner/eval_table.py): a rerun
-   after a crash scores only the rows missing. The baseline goes first; the same policy on both sides is
-   sampled once (so a checkpoint against itself ties every row: win rate exactly 0.5).
+3. Rows are written a chunk (`eval.chunk_rows`) at a time under `<out>/scores/` (learner/eval_table.py), the
+   next chunk sampled while one is scored: a rerun after a crash scores only the rows missing. The baseline
+   goes first; the same policy on both sides is sampled once (so a checkpoint against itself ties every row:
+   win rate exactly 0.5). Every actor started here is stopped at the end, also after an error.
 4. `<out>/rows.parquet` (a row per example: MAS and its terms, the rubric with digit probabilities, both sides,
    win/tie/loss), `summary.json` and `report.md` (per-category and overall means and win rates with bootstrap
    intervals, the MAS parameters, the judge's model and prompt digest; learner/eval_report.py), `grid.png`
-   (input | target | baseline | candidate, the first `--grid-rows` rows) and `win_rates.png`.
+   (input | target | baseline | candidate, the first `--grid-rows` rows, their edits fetched as PNG bytes)
+   and `win_rates.png`.
+During training, `eval.every` runs the same scoring on `eval.during_rows` held-out rows (learner/eval_pools.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import functools
 import hashlib
 import json
 import math
@@ -55,35 +65,37 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import ray
 import torch
 from PIL import Image
 
-from actors.eval_sampler import EvalSampler
 from actors.sampler import Sampler
 from common import s3
-from common.config import Config, RolloutConfig, load_config_or_exit
+from common.config import Config, ConfigError, RolloutConfig, load_config_or_exit
 from common.secret import secret_from_env
 from data.motionedit import MotionEditDataset, MotionExample, load_splits
 from learner.checkpoint import CheckpointManager
+from learner.eval_pools import edit_pngs, gather, sample_edits, score_edits
 from learner.eval_report import ReportInfo, comparison_grid, plot_win_rates, summary_table, write_grid, write_report
 from learner.eval_stats import GroupSummary, summarize
 from learner.eval_table import ScoreStore, pair_rows, score_row, write_rows
+from learner.loop import init_ray
+from learner.placement import alive_nodes, placement_problems, pool_asks
+from learner.pools import start_judges, start_reward_worker, start_rollout_worker
 from models.policy import EditPolicy, load_policy
 from models.tiny import pipeline_source
-from models.tiny_judge import judge_source
 from models.warmstart import check_text_length, resolve_demo
+from models.weights import LORA_FILE, check_lora_export
 from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer
-from rewards.judge import JudgeClient
 from rewards.judge_prompts import prompt_digest
-from rewards.judge_server import VLLMServer
-from rewards.mas import mas_constants, motion_alignment_score
-from rewards.rubric import RubricRow, judge_model_name, judge_rubric_many, rubric_client
+from rewards.rubric import judge_model_name
+from rewards.scorer import build_reward_scorer
 
 COMPONENTS = ("reward", "score", "l_q", "direction", "move", "distance")
 BENCH_POLICIES = ("baseline", "candidate")  # sampled in this order: the baseline is usually shared by runs
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -134,25 +146,6 @@ def load_evaluated_policy(cfg: Config, lora_dir: Path | None) -> EditPolicy:
         check_lora_export(lora_dir, rank=cfg.nft.lora_rank, alpha=cfg.nft.lora_alpha)
         policy.pipe.load_lora_weights(str(lora_dir), adapter_name="default")
     return policy
-
-
-def check_lora_export(lora_dir: Path, *, rank: int, alpha: int) -> None:
-    """Raise unless `lora_dir` holds an export whose rank / alpha match the run's `nft.lora_rank` / `lora_alpha`."""
-    from safetensors import safe_open
-
-    path = Path(lora_dir) / LORA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no exported LoRA at {path} (written by checkpoint.export_lora)")
-    with safe_open(str(path), "pt") as f:
-        raw = (f.metadata() or {}).get("lora_adapter_metadata")
-    if raw is None:
-        return  # an export without metadata: diffusers infers rank from the tensors
-    meta = json.loads(raw)
-    found = (meta.get("transformer.r"), meta.get("transformer.lora_alpha"))
-    if found != (rank, alpha):
-        raise ValueError(
-            f"{path}: adapter has rank/alpha {found}, the config says nft.lora_rank/nft.lora_alpha = {(rank, alpha)}"
-        )
 
 
 def checkpoints_to_evaluate(cfg, which: str) -> list[tuple[int | None, Path | None]]:
@@ -287,18 +280,61 @@ def bench_policy_dir(cfg: Config, which: str, flag: str) -> Path | None:
 
 
 @contextmanager
-def bench_judge(cfg: Config) -> Iterator[JudgeClient]:
-    """A rubric client for `reward.judge.url` (key from `reward.judge.api_key_env`), or for a vLLM server started
-    here on `reward.judge.model_path` / the tiny judge, stopped on exit."""
-    j = cfg.reward.judge
-    if j.url:
-        yield rubric_client(j.url, j, secret_from_env(j.api_key_env))
-        return
-    if not (j.model_path or j.tiny):
+def bench_workers(cfg: Config) -> Iterator[tuple[list[Any], list[Any]]]:
+    """(rollout workers, reward workers) of a comparison, started as training starts them: Ray joined with
+    `learner.loop.init_ray` (`cluster.address` / RAY_ADDRESS, as under `ray job submit`, an already initialized
+    Ray as it is, else an embedded one-machine cluster), `cluster.rollout_workers` rollout workers on the
+    `cluster.rollout_*` resources holding the run's policy (its LoRA adapter empty: the base policy), and
+    `cluster.reward_workers` reward workers with the run's flow estimator and a rubric client for the judge at
+    `reward.judge.url` (API key from `reward.judge.api_key_env`) or for `cluster.judge_replicas` vLLM replicas
+    started here on `reward.judge.model_path` / the tiny judge. Every actor started is stopped on exit, and an
+    embedded cluster started here is shut down."""
+    j, c = cfg.reward.judge, cfg.cluster
+    if not (j.url or j.model_path or j.tiny):
         raise ValueError("the rubric needs a judge: reward.judge.url, reward.judge.model_path or reward.judge.tiny")
-    key = secret_from_env(j.api_key_env, generate=True)
-    with VLLMServer(judge_source(j, cfg.model.cache_dir), j, api_key=key) as server:
-        yield rubric_client(server.url, j, key)
+    started = not ray.is_initialized()
+    embedded = init_ray(cfg)
+    judges: list[Any] = []
+    workers: list[Any] = []
+    try:
+        check_bench_placement(cfg)
+        key = secret_from_env(j.api_key_env, generate=not j.url)
+        judges = start_judges(cfg, key, local=embedded, rubric=True)
+        urls = (j.url,) if j.url else tuple(ray.get([judge.url.remote() for judge in judges]))
+        if not urls:
+            raise ValueError("the rubric needs a judge: cluster.judge_replicas is 0 and reward.judge.url is empty")
+        flow_only = functools.partial(
+            build_reward_scorer, replace(cfg.reward, flow_weight=1.0, judge_weight=0.0), (),
+            device="cuda" if c.reward_gpus > 0 else "cpu", cache_dir=cfg.model.cache_dir,
+        )  # fmt: skip
+        rewards = [start_reward_worker(cfg, flow_only, urls, key) for _ in range(c.reward_workers)]
+        workers += rewards
+        policy = functools.partial(load_policy, cfg.model, use_gpu=c.rollout_gpus > 0,
+                                   lora=None if cfg.nft.full_finetune else cfg.nft)  # fmt: skip
+        no_probe = replace(cfg, rollout=replace(cfg.rollout, parity_check=False))  # no learner to compare with
+        rollouts = [start_rollout_worker(no_probe, policy, None, i) for i in range(c.rollout_workers)]
+        workers += rollouts
+        ray.get([w.ready.remote() for w in workers])
+        yield rollouts, rewards
+    finally:
+        for judge in judges:  # the vLLM processes stop cleanly before their actors go
+            try:
+                ray.get(judge.stop.remote(), timeout=60)
+            except Exception as e:  # noqa: BLE001 - shutdown continues, but says what failed
+                print(f"warning: judge replica did not stop cleanly: {e!r}", flush=True)
+        for actor in [*workers, *judges]:
+            ray.kill(actor)
+        if started:
+            ray.shutdown()
+
+
+def check_bench_placement(cfg: Config) -> None:
+    """Raise ConfigError naming the keys of a pool of the comparison (rollout, reward, judge) that no node or
+    node type can ever hold, instead of waiting forever for it (learner/placement.py; no learner here)."""
+    rubric = replace(cfg, reward=replace(cfg.reward, judge_weight=1.0))  # replicas whatever the training weight
+    asks = [p for p in pool_asks(rubric) if p.name != "learner"]
+    if problems := placement_problems(asks, alive_nodes(), cfg.cluster.node_types):
+        raise ConfigError("pools that can never be placed:\n  " + "\n  ".join(problems))
 
 
 def _edit_png(edits_dir: Path, policy: str, example_id: str) -> Path:
@@ -309,43 +345,42 @@ def _read_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
 
 
-def _judge_chunk(judge: JudgeClient, examples: list[MotionExample], edits: list[torch.Tensor]) -> list[RubricRow]:
-    async def run_chunk() -> list[RubricRow]:
-        try:
-            inputs, prompts = [e.input_image for e in examples], [e.prompt for e in examples]
-            return await judge_rubric_many(judge, inputs, edits, prompts)
-        finally:
-            await judge.aclose()  # the pool belongs to this chunk's event loop
-
-    return asyncio.run(run_chunk())
-
-
 def score_bench_policy(
-    name: str, policy: EditPolicy, examples: list[MotionExample], store: ScoreStore, flows: FlowRewardScorer,
-    judge: JudgeClient, cfg: Config, *, edits_dir: Path, grid_ids: set[str],
+    name: str, lora_dir: Path | None, rollouts: list[Any], rewards: list[Any], examples: list[MotionExample],
+    rows: list[Any], store: ScoreStore, cfg: Config, *, edits_dir: Path, grid_ids: set[str],
 ) -> int:  # fmt: skip
-    """Sample, MAS-score and judge the rows of `examples` that `name` has no row for in `store`, a chunk of
-    `eval.chunk_rows` at a time (each chunk written before the next begins); edits of `grid_ids` kept as PNG.
-    Returns the number of rows scored now."""
-    sampler = EvalSampler(policy, cfg.eval)
+    """Sample (rollout workers), MAS-score and judge (reward workers) the rows of `examples` (`rows`: their
+    references) that `name` has no row for in `store`, a chunk of `eval.chunk_rows` at a time, each chunk
+    written before the next is scored while the next one's edits are being sampled; the edits of `grid_ids`
+    kept as PNG. `lora_dir` None: the base policy. Returns the number of rows scored now."""
     pending = set(store.pending(name, [e.id for e in examples]))
-    todo = [e for e in examples if e.id in pending]
-    for start in range(0, len(todo), cfg.eval.chunk_rows):
-        chunk = todo[start : start + cfg.eval.chunk_rows]
-        edits = [sampler.sample(e.prompt, e.input_image) for e in chunk]
-        for e, edit in zip(chunk, edits, strict=True):
-            if e.id in grid_ids:
-                path = _edit_png(edits_dir, name, e.id)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(edit.permute(1, 2, 0).numpy()).save(path)
-        items = [FlowItem(e.id, e.input_image, e.target_image, x[None]) for e, x in zip(chunk, edits, strict=True)]
-        mas = [motion_alignment_score(p, g, **mas_constants(cfg.eval)) for p, g in flows.flows(items)]
-        rubric = _judge_chunk(judge, chunk, edits)
+    todo = [i for i, e in enumerate(examples) if e.id in pending]
+    if not todo:
+        return 0
+    if lora_dir is not None:  # each worker reads the export on its own node
+        ray.get([w.load_export.remote(str(lora_dir), cfg.nft.lora_rank, cfg.nft.lora_alpha) for w in rollouts])
+    base = lora_dir is None and not cfg.nft.full_finetune  # the adapter off; a full fine-tuning policy is the base
+
+    def sample(chunk: list[int]) -> list[Any]:
+        return sample_edits(rollouts, [rows[i] for i in chunk], cfg.eval, base=base)
+
+    chunks = [todo[s : s + cfg.eval.chunk_rows] for s in range(0, len(todo), cfg.eval.chunk_rows)]
+    edits = sample(chunks[0])
+    for c, chunk in enumerate(chunks):
+        scores = score_edits(rewards, [rows[i] for i in chunk], edits, cfg.eval)
+        shown = [(i, edit) for i, edit in zip(chunk, edits, strict=True) if examples[i].id in grid_ids]
+        if c + 1 < len(chunks):
+            edits = sample(chunks[c + 1])  # one chunk ahead: the rollout workers sample while this one is scored
+        for (i, _), png in zip(shown, edit_pngs([edit for _, edit in shown]), strict=True):
+            path = _edit_png(edits_dir, name, examples[i].id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(png)
         store.append([
-            score_row(name, e.id, e.category, cfg.eval.seed, {k: float(v[0]) for k, v in m.items()}, asdict(r))
-            for e, m, r in zip(chunk, mas, rubric, strict=True)
+            score_row(name, examples[i].id, examples[i].category, cfg.eval.seed, s["mas"], s["rubric"])
+            for i, s in zip(chunk, gather(scores), strict=True)
         ])  # fmt: skip
-        print(f"{name}: {len(examples) - len(todo) + start + len(chunk)}/{len(examples)} rows scored", flush=True)
+        done = len(examples) - len(todo) + sum(len(x) for x in chunks[: c + 1])
+        print(f"{name}: {done}/{len(examples)} rows scored", flush=True)
     return len(todo)
 
 
@@ -353,8 +388,9 @@ def run_bench(
     cfg: Config, candidate: str, baseline: str, out_dir: Path, *, split: str, limit: int, grid_rows: int,
     grid_scale: int,
 ) -> dict[str, GroupSummary]:  # fmt: skip
-    """Candidate vs baseline on MotionEdit-Bench (issue 14): `<out>/scores/` (resumable), `rows.parquet`,
-    `summary.json`, `report.md`, `grid.png`, `win_rates.png`. The same policy on both sides is sampled once."""
+    """Candidate vs baseline on MotionEdit-Bench (issue 14) on the Ray pools (`bench_workers`): `<out>/scores/`
+    (resumable), `rows.parquet`, `summary.json`, `report.md`, `grid.png`, `win_rates.png`. The same policy on
+    both sides is sampled once."""
     examples = bench_examples(cfg, split, limit)
     ids = [e.id for e in examples]
     dirs = {"baseline": bench_policy_dir(cfg, baseline, "--baseline"),
@@ -362,19 +398,20 @@ def run_bench(
     check_bench_manifest(out_dir, bench_manifest(cfg, dirs, split))
     store, edits_dir = ScoreStore(out_dir / "scores"), out_dir / "edits"
     grid_ids = set(ids[:grid_rows])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    flows = build_flow_scorer(cfg.reward.flow, device=device, cache_dir=cfg.model.cache_dir)
     same = dirs["candidate"] == dirs["baseline"]
     todo = [name for name in (("baseline",) if same else BENCH_POLICIES) if store.pending(name, ids)]
     judge_metrics: dict[str, int] = {}
     if todo:
-        with bench_judge(cfg) as judge:
+        with bench_workers(cfg) as (rollouts, rewards):
+            rows = [ray.put(e) for e in examples]  # put once: rollout and reward workers fetch them by reference
             for name in todo:
-                policy = load_evaluated_policy(cfg, dirs[name])
-                score_bench_policy(name, policy, examples, store, flows, judge, cfg, edits_dir=edits_dir,
-                                   grid_ids=grid_ids)  # fmt: skip
-                del policy
-            judge_metrics = dict(judge.metrics)
+                score_bench_policy(name, dirs[name], rollouts, rewards, examples, rows, store, cfg,
+                                   edits_dir=edits_dir, grid_ids=grid_ids)  # fmt: skip
+            for counters in ray.get([w.counters.remote() for w in rewards]):
+                for key, value in counters.items():
+                    if key.startswith("eval_judge/"):
+                        name = key.removeprefix("eval_judge/")
+                        judge_metrics[name] = judge_metrics.get(name, 0) + value
     if same:  # the same policy and seeds make the same edits: the candidate's rows are the baseline's
         pending = set(store.pending("candidate", ids))
         store.append([{**r, "policy": "candidate"} for r in store.table().to_pylist()

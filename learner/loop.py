@@ -36,6 +36,7 @@ from data.motionedit import ExampleServer, load_splits
 from learner.board import BoardLog, group_grid
 from learner.checkpoint import LEARNER, CheckpointManager, step_name
 from learner.elastic import RolloutScaler, rollout_load
+from learner.eval_pools import HeldOutEval
 from learner.fsdp_worker import LearnerLost
 from learner.identity import flat_config, new_run_id, training_keys_that_differ
 from learner.lineage import Lineage
@@ -342,10 +343,11 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict
         # On the driver's node, where the data was loaded; decoded examples go to the object store.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         examples = ray.remote(num_cpus=0)(ExampleServer).options(scheduling_strategy=here).remote(train_ds)
+        held_out = HeldOutEval(cfg, eval_ds)  # eval.every: its rows go to the object store once
         recoveries = 0
         while True:
             try:
-                return run_steps(cfg, pools, ckpt, state, recovered, train_ds, examples, board)
+                return run_steps(cfg, pools, ckpt, state, recovered, train_ds, examples, board, held_out)
             except WorkerCrashLoop as e:
                 raise RunStopped(f"{e}; the run is stopped (its latest checkpoint stays), fix the cause and run "
                                  "again with --resume") from e  # fmt: skip
@@ -388,7 +390,7 @@ def startup_summary(cfg: Config, state: DriverState, n_train: int, n_eval: int, 
 
 
 def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverState, recovered: dict | None,
-              train_ds, examples, board: BoardLog) -> dict[str, Any]:  # fmt: skip
+              train_ds, examples, board: BoardLog, held_out: HeldOutEval) -> dict[str, Any]:  # fmt: skip
     """The steps from `state.step` on, as DESIGN §1 lists them (the learner restored from its checkpoint first);
     returns the last step's metrics."""
     last: dict[str, Any] = {}
@@ -462,6 +464,7 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
         metrics["groups/dropped_judge"] = float(len(failed))
         metrics["groups/dropped_judge_total"] = float(state.dropped_judge)  # carried by checkpoints, like bans
         metrics["policy/version"] = float(state.version)
+        metrics.update(held_out(pools, step, weights))  # eval.every: the held-out slice, weights just published
         metrics["workers/rollout_crashes_total"] = float(pools.rollouts.crashes.total)  # since this process started
         metrics["workers/reward_crashes_total"] = float(pools.rewards.crashes.total)
         metrics.update(reward_counters(pools))

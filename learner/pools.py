@@ -25,8 +25,9 @@ from learner.recovery import RESTART_OPTIONS, WorkerPool
 from models.policy import load_policy
 from models.tiny_judge import judge_source
 from models.weights import weight_kind
+from rewards.bench_scorer import build_bench_scorer
 from rewards.judge_server import JudgeServerActor
-from rewards.scorer import build_reward_scorer
+from rewards.scorer import RewardScorer, build_reward_scorer
 from rewards.worker import RewardWorker
 
 
@@ -73,13 +74,14 @@ def start_learner(cfg: Config) -> LearnerGroup:
     return learner
 
 
-def start_judges(cfg: Config, api_key: Secret, *, local: bool = False) -> list[Any]:
+def start_judges(cfg: Config, api_key: Secret, *, local: bool = False, rubric: bool = False) -> list[Any]:
     """The vLLM judge replicas the service starts (`cluster.judge_replicas`), each on its node's address (on
     loopback when `local`: a one-machine cluster, where Ray's node address is the machine's routable one) and
-    answering only requests with `api_key`; none when `reward.judge_weight` is 0 or `reward.judge.url` names
-    an existing endpoint. Each replica finds (or builds) its model on its own node."""
+    answering only requests with `api_key`; none when `reward.judge.url` names an existing endpoint, or when
+    `reward.judge_weight` is 0 unless the evaluation's `rubric` needs them. Each replica finds (or builds) its
+    model on its own node."""
     j, c = cfg.reward.judge, cfg.cluster
-    if cfg.reward.judge_weight == 0 or j.url:
+    if j.url or (cfg.reward.judge_weight == 0 and not rubric):
         return []
     model = functools.partial(judge_source, j, cfg.model.cache_dir)
     return [
@@ -96,6 +98,22 @@ def start_rollout_worker(cfg: Config, policy: Callable[[], Any], reference: Refe
         ray.remote(RolloutWorker)
         .options(num_cpus=c.cpus_per_actor, num_gpus=c.rollout_gpus, resources=c.rollout_resources, **RESTART_OPTIONS)
         .remote(f"rollout-{i}", policy, cfg.rollout, weight_kind(cfg.nft), reference)
+    )
+
+
+def start_reward_worker(cfg: Config, build_scorer: Callable[[], RewardScorer], judge_urls: tuple[str, ...],
+                        judge_key: Secret | None) -> Any:  # fmt: skip
+    """A reward worker asking for the resources of `cluster.reward_*` (restarted by Ray on a crash); its
+    evaluation scorer (MAS, and the rubric when `judge_urls` are given) is built on its first evaluation call."""
+    c = cfg.cluster
+    build_bench = functools.partial(
+        build_bench_scorer, cfg.reward.flow, cfg.reward.judge, judge_urls,
+        device="cuda" if c.reward_gpus > 0 else "cpu", cache_dir=cfg.model.cache_dir, judge_key=judge_key,
+    )  # fmt: skip
+    return (
+        ray.remote(RewardWorker)
+        .options(num_cpus=c.cpus_per_actor, num_gpus=c.reward_gpus, resources=c.reward_resources, **RESTART_OPTIONS)
+        .remote(build_scorer, build_bench=build_bench)
     )
 
 
@@ -117,13 +135,7 @@ def build_pools(cfg: Config, *, local: bool = False) -> Pools:
             build_reward_scorer, cfg.reward, urls, device="cuda" if c.reward_gpus > 0 else "cpu",
             cache_dir=cfg.model.cache_dir, judge_key=key,
         )  # fmt: skip
-        pools.rewards.actors = [
-            ray.remote(RewardWorker)
-            .options(num_cpus=c.cpus_per_actor, num_gpus=c.reward_gpus, resources=c.reward_resources,
-                     **RESTART_OPTIONS)
-            .remote(build_scorer)  # fmt: skip
-            for _ in range(c.reward_workers)
-        ]
+        pools.rewards.actors = [start_reward_worker(cfg, build_scorer, urls, key) for _ in range(c.reward_workers)]
         reference = None
         if n.reference_forwards == "rollout":
             reference = ReferenceForwards(seed=cfg.learner.seed, fraction=n.timestep_fraction)

@@ -10,7 +10,9 @@ holds that version never fetches the tensors. Plain Python: nothing here needs R
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -128,3 +130,40 @@ class PolicyWeights:
                 for name, tensor in state.items():
                     current[name].copy_(tensor)
         self.version = version
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what checkpoint exports write and diffusers' loader reads
+
+
+def check_lora_export(lora_dir: str | Path, *, rank: int, alpha: int) -> Path:
+    """The export's file; raise unless `lora_dir` holds one whose rank / alpha match the run's `nft.lora_rank`
+    / `nft.lora_alpha` (alpha sets the adapter's scale alpha / rank, which the tensors alone do not carry)."""
+    from safetensors import safe_open
+
+    path = Path(lora_dir) / LORA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no exported LoRA at {path} (written by checkpoint.export_lora)")
+    with safe_open(str(path), "pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if raw is None:
+        return path  # an export without metadata: diffusers infers rank from the tensors
+    meta = json.loads(raw)
+    found = (meta.get("transformer.r"), meta.get("transformer.lora_alpha"))
+    if found != (rank, alpha):
+        raise ValueError(
+            f"{path}: adapter has rank/alpha {found}, the config says nft.lora_rank/nft.lora_alpha = {(rank, alpha)}"
+        )
+    return path
+
+
+def read_lora_export(policy: EditPolicy, lora_dir: str | Path) -> dict[str, torch.Tensor]:
+    """A diffusers LoRA export (`<lora_dir>/pytorch_lora_weights.safetensors`) as the state dict of the policy's
+    own adapter (`EditPolicy.lora_state_dict` names), read by the pipeline's own `lora_state_dict`: a worker
+    built like a rollout worker then evaluates a checkpoint by `load_lora_state_dict`, which refuses any
+    missing, unexpected or misshapen tensor, with the export's values exactly."""
+    state = type(policy.pipe).lora_state_dict(str(lora_dir))
+    prefix = "transformer."
+    other = sorted(k for k in state if not k.startswith(prefix))
+    if other:
+        raise ValueError(f"{lora_dir}: the export holds non-transformer LoRA tensors (e.g. {other[0]!r})")
+    return {k.removeprefix(prefix): v for k, v in state.items()}

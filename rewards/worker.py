@@ -1,4 +1,5 @@
-"""The reward worker: the async Ray shell around `RewardScorer` (rewards/scorer.py), one per reward GPU."""
+"""The reward worker: the async Ray shell around `RewardScorer` (rewards/scorer.py), one per reward GPU, and
+around `BenchScorer` (rewards/bench_scorer.py) for evaluation edits (MAS, rubric)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,27 @@ from typing import Any
 import torch
 
 from common import telemetry
+from common.config import EvalConfig
 from common.faults import fault_point
 from common.net import whereabouts
+from rewards.bench_scorer import BenchScorer
 from rewards.scorer import GroupReward, RewardScorer
 
 
 class RewardWorker:
     """Wrap at the call site: `ray.remote(num_gpus=g)(RewardWorker)`; the scorer is built in the actor's process.
-    `name` tags its metrics (default: reward-<head of its actor id>)."""
+    `name` tags its metrics (default: reward-<head of its actor id>). `build_bench` makes the evaluation scorer
+    from the training scorer's flow model (so the estimator is loaded once), on the first evaluation call."""
 
-    def __init__(self, build_scorer: Callable[[], RewardScorer], name: str = "") -> None:
+    def __init__(
+        self,
+        build_scorer: Callable[[], RewardScorer],
+        name: str = "",
+        build_bench: Callable[..., BenchScorer] | None = None,  # called with flow=<FlowRewardScorer | None>
+    ) -> None:
         telemetry.bind("reward", name or telemetry.actor_name("reward"))
         self.scorer = build_scorer()
+        self.build_bench, self.bench = build_bench, None
         self.calls = 0
         self.busy = telemetry.Busy()  # busy while any group is being scored (calls overlap)
 
@@ -37,5 +47,19 @@ class RewardWorker:
                 example.id, example.prompt, example.input_image, example.target_image, candidates
             )
 
+    async def score_edits(self, cfg: EvalConfig, *rows_then_edits: Any) -> list[dict]:
+        """MAS and rubric of evaluation edits: n data rows, then their n edits (uint8 (3, H, W)), all passed as
+        top-level arguments so Ray resolves them here; one small dict per row (`BenchScorer.score`)."""
+        if self.bench is None:
+            if self.build_bench is None:
+                raise RuntimeError("this reward worker was started without an evaluation scorer (build_bench)")
+            self.bench = self.build_bench(flow=self.scorer.flow)
+        n, odd = divmod(len(rows_then_edits), 2)
+        if odd:
+            raise ValueError(f"score_edits: {len(rows_then_edits)} arguments, expected n rows then n edits")
+        with self.busy.call(), telemetry.timed("eval_score"):
+            return await self.bench.score(rows_then_edits[:n], rows_then_edits[n:], cfg)
+
     def counters(self) -> dict[str, int]:
-        return self.scorer.counters()
+        bench = {} if self.bench is None else {f"eval_judge/{k}": v for k, v in self.bench.counters().items()}
+        return {**self.scorer.counters(), **bench}

@@ -74,6 +74,9 @@ def test_int_accepted_for_float():
         ("novel.key=1", "novel: unknown key"),
         ("nft.reference_forwards=sideways", "nft.reference_forwards: expected learner | rollout"),
         ("group_size", "expected key=value"),
+        ("eval.every=-1", "eval.every: expected an integer >= 0"),
+        ("eval.every=2", None),  # the held-out evaluation during training
+        ("data.eval_fraction=0", None),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -98,6 +101,8 @@ def test_cross_section_checks():
         load_config(None, ["model.tiny=true", "reward.judge.tiny=true"])
     with pytest.raises(ConfigError, match="reward.judge.url"):
         load_config(None, ["model.tiny=true", "data.synthetic=8"])
+    with pytest.raises(ConfigError, match="eval.every: expected 0 when data.eval_fraction is 0"):
+        load_config(None, MINIMAL + ["eval.every=2", "data.eval_fraction=0"])
     with pytest.raises(ConfigError, match="reward.flow_weight"):
         load_config(None, MINIMAL + ["reward.flow_weight=0", "reward.judge_weight=0"])
 

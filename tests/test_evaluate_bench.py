@@ -1,18 +1,24 @@
-"""`python -m learner.evaluate --baseline ...` end to end (issue 14): tiny FLUX Kontext, DIS flow, the tiny vLLM
-judge of the session. A crash mid-run then a rerun scores every row once and gives the rows an uninterrupted
-run would; a checkpoint against itself wins exactly half; a dead judge marks rows failed, never 0."""
+"""`python -m learner.evaluate --baseline ...` end to end (issue 14) on the Ray pools of the session's cluster
+(edits on rollout workers, MAS and rubric on a reward worker): tiny FLUX Kontext, DIS flow, the tiny vLLM judge
+of the session. A crash mid-run then a rerun (on another number of rollout workers) scores every row once and
+gives the rows an uninterrupted run would; the edit a worker makes from the checkpoint's export is the one
+diffusers' own LoRA loader makes in process; a checkpoint against itself wins exactly half; a dead judge marks
+rows failed, never 0; every actor a run started is gone after it."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 import yaml
 from PIL import Image
 
+from actors.eval_sampler import EvalSampler
 from common.config import load_config
 from learner import evaluate as ev
 from learner.checkpoint import MARKER, export_lora, step_name
@@ -35,6 +41,8 @@ def bench_config(tmp_path_factory, vllm_judge):
         "eval": {"num_steps": 2, "chunk_rows": 2, "bootstrap_samples": 200},
         "checkpoint": {"dir": str(root / "ckpt")},
         "logging": {"dir": str(root / "run")},
+        "cluster": {"rollout_workers": 2, "reward_workers": 1, "cpus_per_actor": 0.5, "rollout_gpus": 0,
+                    "reward_gpus": 0, "judge_gpus": 0},
     }  # fmt: skip
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(tree))
@@ -49,21 +57,29 @@ def bench_config(tmp_path_factory, vllm_judge):
     return path, ckpt
 
 
-def test_bench_crash_resume_self_comparison_and_a_dead_judge(bench_config, tmp_path, monkeypatch, capsys):
+def _alive_actors(expected: int | None = None) -> int:
+    """Actors of the session's cluster not dead (from the GCS: the test cluster runs no dashboard); with
+    `expected`, waits up to 10 s for that count (`ray.kill` returns before the actor is gone)."""
+    deadline = time.monotonic() + 10
+    while True:
+        alive = sum(a["State"] != "DEAD" for a in ray._private.state.actors().values())
+        if expected is None or alive == expected or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def test_bench_on_the_pools_crash_resume_self_comparison_and_a_dead_judge(bench_config, ray_cluster, tmp_path,
+                                                                          monkeypatch, capsys):  # fmt: skip
     path, ckpt = bench_config
-    sampled: list[tuple[str, str]] = []
-    real_sample, real_append = ev.EvalSampler.sample, ScoreStore.append
-    policy_of = {}
+    actors_before = _alive_actors()
+    calls: list[str] = []
+    scored: list[tuple[str, int]] = []
+    real_score, real_append = ev.score_bench_policy, ScoreStore.append
 
-    def counting_sample(self, prompt, image):
-        sampled.append((policy_of[id(self.policy)], prompt))
-        return real_sample(self, prompt, image)
-
-    real_score = ev.score_bench_policy
-
-    def tagging_score(name, policy, *args, **kwargs):
-        policy_of[id(policy)] = name
-        return real_score(name, policy, *args, **kwargs)
+    def counting_score(name, *args, **kwargs):  # the driver's view: which policy, how many rows sampled
+        calls.append(name)
+        scored.append((name, real_score(name, *args, **kwargs)))
+        return scored[-1][1]
 
     lost: list[dict] = []
 
@@ -73,17 +89,17 @@ def test_bench_crash_resume_self_comparison_and_a_dead_judge(bench_config, tmp_p
             raise RuntimeError("killed while writing")
         return real_append(self, rows)
 
-    monkeypatch.setattr(ev.EvalSampler, "sample", counting_sample)
-    monkeypatch.setattr(ev, "score_bench_policy", tagging_score)
+    monkeypatch.setattr(ev, "score_bench_policy", counting_score)
     monkeypatch.setattr(ScoreStore, "append", crashing_append)
     out = tmp_path / "vs_base"
     argv = ["--config", str(path), "--checkpoint", str(ckpt), "--baseline", "base", "--out", str(out),
             "--grid-scale", "2"]  # fmt: skip
     with pytest.raises(RuntimeError, match="killed"):
         ev.main(argv)
-    assert [p for p, _ in sampled] == ["baseline"] * 3 + ["candidate"] * 2
-    assert ev.main(argv) == 0  # the rerun: only the rows not written
-    assert [p for p, _ in sampled[5:]] == ["candidate"] * 3
+    assert calls == ["baseline", "candidate"] and scored == [("baseline", 3)] and len(lost) == 2
+    assert _alive_actors(actors_before) == actors_before  # the failed run stopped what it started
+    assert ev.main([*argv, "cluster.rollout_workers=1", "eval.chunk_rows=3"]) == 0  # the rows not written only,
+    assert scored[1:] == [("candidate", 3)]  # on one worker in one chunk: rows move to other workers and chunks
 
     rows = pq.read_table(out / "rows.parquet").to_pylist()
     assert len(rows) == 3 and not any(r["failed"] for r in rows)
@@ -93,21 +109,36 @@ def test_bench_crash_resume_self_comparison_and_a_dead_judge(bench_config, tmp_p
     for r in rows:
         assert 0.0 <= r["mas"] <= 100.0 and 0.0 <= r["overall"] <= 5.0 and r["win_mas"] in (0.0, 0.5, 1.0)
         assert len(r["p_fidelity"]) == 6 and r["seed"] == 42 and r["judge_attempts"] >= 3
+    assert any(r["mas"] != r["baseline_mas"] for r in rows)  # the adapter was loaded: the policies differ
     report = (out / "report.md").read_text()
     assert "**judge at http://" in report and "eval.mas_alpha = 0.7" in report and "steps 2" in report
+    assert "requests " in report  # the reward worker's rubric client counted its requests
     assert Image.open(out / "grid.png").size == (4 * 32 * 2, 3 * 32 * 2)  # input | target | baseline | candidate
     assert "report:" in capsys.readouterr().out
+
+    # The worker's edit from the export (read into the training adapter) = diffusers' loader in process.
+    cfg = load_config(path)
+    example = ev.bench_examples(cfg, "", 1)[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the rollout actor (Ray gives a fractional-CPU actor one thread)
+    try:
+        direct = EvalSampler(ev.load_evaluated_policy(cfg, ckpt / "lora"), cfg.eval).sample(example.prompt,
+                                                                                           example.input_image)
+    finally:
+        torch.set_num_threads(threads)
+    pooled = ev._read_png(ev._edit_png(out / "edits", "candidate", example.id))
+    assert torch.equal(pooled, direct), (pooled.int() - direct.int()).abs().max()
 
     monkeypatch.setattr(ScoreStore, "append", real_append)
     with pytest.raises(ValueError, match="other candidate"):  # another comparison in the same dir
         ev.main(["--config", str(path), "--checkpoint", "base", "--baseline", "base", "--out", str(out)])
 
-    before = len(sampled)
+    one_worker = ["cluster.rollout_workers=1"]
     same = tmp_path / "self"
     argv = ["--config", str(path), "--checkpoint", str(ckpt), "--baseline", str(ckpt), "--out", str(same),
-            "--limit", "2"]  # fmt: skip
+            "--limit", "2", *one_worker]  # fmt: skip
     assert ev.main(argv) == 0
-    assert len(sampled) - before == 2  # one policy, sampled once
+    assert scored[2:] == [("baseline", 2)]  # one policy, sampled once
     summary = json.loads((same / "summary.json").read_text())["all"]
     for key in ("win_mas", "win_overall"):
         assert (summary["metrics"][key]["mean"], summary["metrics"][key]["low"]) == (0.5, 0.5)
@@ -116,10 +147,11 @@ def test_bench_crash_resume_self_comparison_and_a_dead_judge(bench_config, tmp_p
     dead = tmp_path / "dead_judge"
     argv = ["--config", str(path), "--checkpoint", "base", "--baseline", "base", "--out", str(dead), "--limit", "1",
             "reward.judge.url=http://127.0.0.1:9/v1", "reward.judge.max_retries=1", "reward.judge.retry_budget_s=0",
-            "reward.judge.backoff_s=0.01"]  # fmt: skip
+            "reward.judge.backoff_s=0.01", *one_worker]  # fmt: skip
     assert ev.main(argv) == 0
     (row,) = pq.read_table(dead / "rows.parquet").to_pylist()
     assert row["failed"] and row["overall"] is None and row["win_overall"] is None and row["win_mas"] == 0.5
     assert "cannot reach" in row["judge_error"]
     text = (dead / "report.md").read_text()
     assert "1 of 1, left out of the rubric means" in text and "failures 1" in text
+    assert _alive_actors(actors_before) == actors_before

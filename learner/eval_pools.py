@@ -1,0 +1,131 @@
+"""Evaluation on the Ray pools (issue 14, DESIGN §8): rollout workers sample the edits, reward workers score them,
+the driver schedules and gathers a small dict per row.
+
+- Edits: one `RolloutWorker.edit` call per row, rows spread round-robin over the workers given. An edit is a
+  function of its row, the policy and `eval.*` only (actors/eval_sampler.py: the seed is the row's, never the
+  worker's or the chunk's), so which worker makes it does not matter. It stays in the object store.
+- Scores: the rows split into contiguous slices, one `RewardWorker.score_edits` call per reward worker with the
+  rows and their edits as references (resolved there): MAS from the training flow estimator and the rubric
+  from the judge client the reward worker holds (rewards/bench_scorer.py). The rubric runs there, not here,
+  because the judge needs the images: here it would pull every edit through the driver.
+- Images reach the driver only as PNG bytes of the few rows a report shows, encoded by a task next to the edit.
+
+During training (`eval.every`), `HeldOutEval` does the same with the step's published weights on the run's own
+pools, and returns `eval/*` keys for the step's metrics line.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from PIL import Image
+
+from common.config import Config, EvalConfig
+from learner.eval_stats import outcomes
+from learner.pools import Pools
+from models.weights import PublishedWeights
+
+
+def sample_edits(rollouts: Sequence[Any], rows: Sequence[Any], cfg: EvalConfig, *,
+                 weights: PublishedWeights | None = None, base: bool = False) -> list[Any]:  # fmt: skip
+    """One edit reference per row (rows: references of data rows), row i on rollout worker i mod n."""
+    return [rollouts[i % len(rollouts)].edit.remote(cfg, row, weights, base) for i, row in enumerate(rows)]
+
+
+def score_edits(rewards: Sequence[Any], rows: Sequence[Any], edits: Sequence[Any], cfg: EvalConfig) -> list[Any]:
+    """MAS and rubric of the edits: one call per reward worker on a contiguous slice of the rows; references of
+    lists of per-row dicts (`BenchScorer.score`), in row order (`gather` flattens them)."""
+    size = math.ceil(len(rows) / len(rewards)) if rows else 1
+    return [rewards[k].score_edits.remote(cfg, *rows[s : s + size], *edits[s : s + size])
+            for k, s in enumerate(range(0, len(rows), size))]  # fmt: skip
+
+
+def gather(refs: Sequence[Any]) -> list[dict]:
+    """The per-row dicts of `score_edits`' calls, in row order."""
+    return [row for part in ray.get(list(refs)) for row in part]
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """uint8 (3, H, W) as PNG bytes (lossless: the report's grid shows the edit exactly)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def edit_pngs(edits: Sequence[Any]) -> list[bytes]:
+    """PNG bytes of `edits` (references), each encoded by a task where the edit is."""
+    encode = ray.remote(num_cpus=0)(encode_png)
+    return ray.get([encode.remote(e) for e in edits])
+
+
+def lost_worker(error: BaseException) -> bool:
+    """A worker died (Ray restarts it) or an object went with its node: the error of an evaluation that can be
+    retried later, not a bug."""
+    lost = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
+    return isinstance(error, lost) or (isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, lost))
+
+
+class HeldOutEval:
+    """`eval.every` > 0: after every N-th step, the evaluation edits of the first `eval.during_rows` held-out rows
+    by the sampling policy just published, scored on the run's reward workers, as `eval/*` keys:
+    `eval/mas` (mean MAS), `eval/mas_win_rate` and `eval/base_mas` (against the base policy, LoRA runs: the
+    adapter off), `eval/overall` and `eval/judge_failed` (runs with a judge: the rubric's Overall over the rows
+    the judge scored, and how many it could not), `eval/rows`, `timing_s/eval`.
+
+    The base policy's MAS per row is sampled once per process (it never changes) and kept as floats. A worker
+    lost during an evaluation (Ray restarts it; the training step that uses it next counts the crash) drops
+    that evaluation, logged as `eval/lost` 1 with a printed line, not as scores."""
+
+    def __init__(self, cfg: Config, held_out: Sequence[Any]) -> None:
+        self.cfg, self.every = cfg.eval, cfg.eval.every
+        self.lora = not cfg.nft.full_finetune
+        n = min(cfg.eval.during_rows, len(held_out)) if self.every > 0 else 0
+        if self.every > 0 and n == 0:
+            raise ValueError("eval.every > 0 needs held-out rows: the held-out split is empty (data.eval_fraction)")
+        self.rows = [ray.put(held_out[i]) for i in range(n)]  # put once, passed by reference to every call
+        self.base_mas: list[float] | None = None
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and (step + 1) % self.every == 0
+
+    def __call__(self, pools: Pools, step: int, weights: PublishedWeights) -> dict[str, float]:
+        """The step's `eval/*` keys (none when not due)."""
+        if not self.due(step):
+            return {}
+        t0 = time.perf_counter()
+        rollouts = [pools.rollouts.actors[w] for w in pools.rollouts.up()]
+        rewards = [pools.rewards.actors[w] for w in pools.rewards.up()]
+        try:
+            scores = score_edits(rewards, self.rows, sample_edits(rollouts, self.rows, self.cfg, weights=weights),
+                                 self.cfg)  # fmt: skip
+            if self.base_mas is None and self.lora:  # overlaps the policy's own scoring
+                base = score_edits(rewards, self.rows, sample_edits(rollouts, self.rows, self.cfg, base=True),
+                                   self.cfg)  # fmt: skip
+                self.base_mas = [s["mas"]["mas"] for s in gather(base)]
+            rows = gather(scores)
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.RayTaskError) as e:
+            if not lost_worker(e):
+                raise
+            print(f"step {step}: the held-out evaluation lost a worker ({type(e).__name__}); none logged this step",
+                  flush=True)  # fmt: skip
+            return {"eval/lost": 1.0, "timing_s/eval": time.perf_counter() - t0}
+        mas = [s["mas"]["mas"] for s in rows]
+        out = {"eval/mas": float(np.mean(mas)), "eval/rows": float(len(rows))}
+        if self.base_mas is not None:
+            out["eval/base_mas"] = float(np.mean(self.base_mas))
+            out["eval/mas_win_rate"] = float(outcomes(mas, self.base_mas, margin=self.cfg.tie_margin).mean())
+        rubric = [s["rubric"] for s in rows if s["rubric"] is not None]
+        if rubric:
+            scored = [r["overall"] for r in rubric if not r["failed"]]
+            out["eval/judge_failed"] = float(len(rubric) - len(scored))
+            if scored:
+                out["eval/overall"] = float(np.mean(scored))
+        out["timing_s/eval"] = time.perf_counter() - t0
+        return out
