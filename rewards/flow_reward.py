@@ -131,6 +131,17 @@ def check_flow(name: str, flow: torch.Tensor) -> None:
         raise ValueError(f"{name}: flow has {bad} NaN/inf values")
 
 
+def normalized_pair(v_pred: torch.Tensor, v_gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both pixel flows checked (finite, (B, H, W, 2), the same shape), upcast to at least float32 and divided by
+    the image diagonal: the common start of the training reward and of MAS (rewards/mas.py)."""
+    check_flow("v_pred", v_pred)
+    check_flow("v_gt", v_gt)
+    if v_pred.shape != v_gt.shape:
+        raise ValueError(f"v_pred and v_gt shapes differ: {tuple(v_pred.shape)} vs {tuple(v_gt.shape)}")
+    dtype = torch.promote_types(torch.promote_types(v_pred.dtype, v_gt.dtype), torch.float32)
+    return normalize_by_diagonal(v_pred.to(dtype)), normalize_by_diagonal(v_gt.to(dtype))
+
+
 def motion_alignment_reward(
     v_pred: torch.Tensor,
     v_gt: torch.Tensor,
@@ -153,13 +164,7 @@ def motion_alignment_reward(
     (the quantized s when `quantize`, else s). Half-precision flows are upcast to float32 first.
     Raises ValueError (naming the argument) for NaN/inf, a wrong shape or dtype, or mismatched shapes.
     """
-    check_flow("v_pred", v_pred)
-    check_flow("v_gt", v_gt)
-    if v_pred.shape != v_gt.shape:
-        raise ValueError(f"v_pred and v_gt shapes differ: {tuple(v_pred.shape)} vs {tuple(v_gt.shape)}")
-    dtype = torch.promote_types(torch.promote_types(v_pred.dtype, v_gt.dtype), torch.float32)
-    v_pred = normalize_by_diagonal(v_pred.to(dtype))
-    v_gt = normalize_by_diagonal(v_gt.to(dtype))
+    v_pred, v_gt = normalized_pair(v_pred, v_gt)
 
     l_q = magnitude_error(v_pred, v_gt, q=q, eps=eps)
     direction = direction_error(v_pred, v_gt, m=m, eps=eps)

@@ -19,7 +19,7 @@ values live in `eval.*` (common/config.py, where each default's reason is given)
 import torch
 
 from common.config import EvalConfig
-from rewards.flow_reward import check_flow, cosine_error, magnitude_error, normalize_by_diagonal
+from rewards.flow_reward import cosine_error, magnitude_error, normalized_pair
 
 
 def mas_constants(cfg: EvalConfig) -> dict[str, float]:
@@ -86,13 +86,7 @@ def motion_alignment_score(
     Half-precision flows are upcast to float32. Raises ValueError naming the argument for NaN/inf, a wrong
     shape or dtype, or mismatched shapes.
     """
-    check_flow("v_pred", v_pred)
-    check_flow("v_gt", v_gt)
-    if v_pred.shape != v_gt.shape:
-        raise ValueError(f"v_pred and v_gt shapes differ: {tuple(v_pred.shape)} vs {tuple(v_gt.shape)}")
-    dtype = torch.promote_types(torch.promote_types(v_pred.dtype, v_gt.dtype), torch.float32)
-    v_pred = normalize_by_diagonal(v_pred.to(dtype))
-    v_gt = normalize_by_diagonal(v_gt.to(dtype))
+    v_pred, v_gt = normalized_pair(v_pred, v_gt)
 
     d_mag = magnitude_error(v_pred, v_gt, q=q, eps=eps)
     d_dir = weighted_direction_error(v_pred, v_gt, tau=tau, eps=eps)
@@ -105,6 +99,6 @@ def motion_alignment_score(
         "d_dir": d_dir,
         "distance": distance,
         "motion_ratio": mean_pred / mean_gt.clamp_min(eps),
-        "static": static.to(dtype),
+        "static": static.to(distance.dtype),
         "mas": mas,
     }

@@ -62,28 +62,27 @@ def demo_runs(tmp_path_factory):
         log = (tmp / f"{name}.log").open("w")
         procs[name] = subprocess.Popen([sys.executable, "-m", "learner.main", "--config", str(CONFIG), *args],
                                        cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    for name, proc in procs.items():
-        try:
-            rc = proc.wait(timeout=900)
-        except subprocess.TimeoutExpired:
-            for p in procs.values():
-                p.kill()
-            raise
-        assert rc == 0, f"{name} run failed:\n" + (tmp / f"{name}.log").read_text()[-4000:]
+    _wait_all(procs, tmp, "", timeout=900)
     evals = {}  # both at once, as the trainings: much of each is start-up (imports, model loads), not compute
     for name in runs:
         cmd = [sys.executable, "-m", "learner.evaluate", "--run", str(tmp / name), "--checkpoint", "all"]
         log = (tmp / f"{name}-eval.log").open("w")
         evals[name] = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-    for name, proc in evals.items():
+    _wait_all(evals, tmp, "-eval", timeout=300)
+    return {name: tmp / name for name in runs}
+
+
+def _wait_all(procs: dict[str, subprocess.Popen], tmp: Path, suffix: str, *, timeout: float) -> None:
+    """Wait for every process (all killed if one overruns); each must succeed, else its log `<name><suffix>.log`
+    is shown."""
+    for name, proc in procs.items():
         try:
-            rc = proc.wait(timeout=300)
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            for p in evals.values():
+            for p in procs.values():
                 p.kill()
             raise
-        assert rc == 0, f"{name} evaluation failed:\n" + (tmp / f"{name}-eval.log").read_text()[-4000:]
-    return {name: tmp / name for name in runs}
+        assert rc == 0, f"{name}{suffix} failed:\n" + (tmp / f"{name}{suffix}.log").read_text()[-4000:]
 
 
 def _held_out(run_dir: Path) -> list[tuple[int, float]]:
