@@ -5,8 +5,8 @@ The demo's warm start is built once into a temporary cache (in this process, thr
 `learner.main` does). Then two real `python -m learner.main --config configs/learn_demo.yaml` runs with the
 same seed go concurrently: the run as shipped (30 steps) and the inverted one (`nft.invert_reward=true`, its
 first 15 steps: it has clearly lost by then, and the suite has a time budget). Each is judged by
-`python -m learner.evaluate --run DIR --checkpoint all` (the two at once): the warm-started base policy and every
-checkpoint's exported EMA adapter on the 49 held-out examples, with the same noise per example (paired).
+`python -m learner.evaluate --run DIR --checkpoint all`: the warm-started base policy and every checkpoint's
+exported EMA adapter on the 49 held-out examples, with the same noise per example (paired).
 
 Margins, from repeated runs of exactly this loop (seeds 0/1/2 of rollout + learner, 2026-11-23, 2-core CPU;
 held-out mean flow score, base 0.846):
@@ -62,27 +62,22 @@ def demo_runs(tmp_path_factory):
         log = (tmp / f"{name}.log").open("w")
         procs[name] = subprocess.Popen([sys.executable, "-m", "learner.main", "--config", str(CONFIG), *args],
                                        cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    _wait_all(procs, tmp, "", timeout=900)
-    evals = {}  # both at once, as the trainings: much of each is start-up (imports, model loads), not compute
-    for name in runs:
-        cmd = [sys.executable, "-m", "learner.evaluate", "--run", str(tmp / name), "--checkpoint", "all"]
-        log = (tmp / f"{name}-eval.log").open("w")
-        evals[name] = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-    _wait_all(evals, tmp, "-eval", timeout=300)
-    return {name: tmp / name for name in runs}
-
-
-def _wait_all(procs: dict[str, subprocess.Popen], tmp: Path, suffix: str, *, timeout: float) -> None:
-    """Wait for every process (all killed if one overruns); each must succeed, else its log `<name><suffix>.log`
-    is shown."""
     for name, proc in procs.items():
         try:
-            rc = proc.wait(timeout=timeout)
+            rc = proc.wait(timeout=900)
         except subprocess.TimeoutExpired:
             for p in procs.values():
                 p.kill()
             raise
-        assert rc == 0, f"{name}{suffix} failed:\n" + (tmp / f"{name}{suffix}.log").read_text()[-4000:]
+        assert rc == 0, f"{name} run failed:\n" + (tmp / f"{name}.log").read_text()[-4000:]
+    out = {}
+    for name in runs:
+        run_dir = tmp / name
+        cmd = [sys.executable, "-m", "learner.evaluate", "--run", str(run_dir), "--checkpoint", "all"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out[name] = run_dir
+    return out
 
 
 def _held_out(run_dir: Path) -> list[tuple[int, float]]:
