@@ -47,7 +47,8 @@ def _run(tmp: Path, name: str, *args: str, kill_after_step: int | None = None
     env.update(HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "learner.main", "--config", str(ROOT / "configs/tiny_cpu.yaml"),
            f"reward.judge.served_model_name={name}", "nft.group_min_std=-1", "nft.group_max_mean=2",
-           "checkpoint.every=0", f"checkpoint.dir={tmp / 'ckpt'}", f"logging.dir={tmp / 'run'}", *args]  # fmt: skip
+           "checkpoint.every=0", f"checkpoint.dir={tmp / 'ckpt'}", f"logging.dir={tmp / 'run'}",
+           "cluster.learner_ranks=1", "cluster.rollout_workers=1", *args]  # fmt: skip  (the judge is the point)
     killed_at: list[float] = []
 
     def kill() -> None:
