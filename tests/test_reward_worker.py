@@ -120,7 +120,9 @@ def test_reward_pool_scores_groups_with_flow_and_live_judge(ray_cluster, vllm_ju
     assert metrics["judge/requests"] == 9 and metrics["judge/failures"] == 0
     # Every group of these 3 prompts needed its input -> target flow once: 3 misses, then estimated.
     assert metrics["flow/cache_misses"] == 3 and metrics["flow/pairs_estimated"] == 3 + 9
-    live = _scrape_worker(ray, "reward-live", until=lambda x: x.get(("judge_latency", "")) == 9)
+    # Until every series is in: a worker reports its metrics in batches, and the score phase can come a report later.
+    live = _scrape_worker(ray, "reward-live", until=lambda x: x.get(("judge_latency", "")) == 9
+                          and x.get(("phase", "judge")) == 3 and x.get(("phase", "score")) == 3)  # fmt: skip
     ray.kill(worker)
     # The same, live, as this worker's Ray metrics (common/telemetry.py) on the node's Prometheus endpoint.
     assert live[("judge_events", "requests")] == 9 and ("judge_events", "failures") not in live
