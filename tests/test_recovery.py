@@ -6,14 +6,7 @@ import pytest
 
 from common.config import ClusterConfig, ConfigError
 from learner.recovery import Crashes, WorkerCrashLoop
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fake_clock import Clock
 
 
 def test_crashes_past_the_window_never_add_up():

@@ -8,18 +8,11 @@ import pytest
 
 from common import telemetry
 from rewards.judge import EVENT_KEYS, METRIC_KEYS
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fake_clock import Clock
 
 
 def test_busy_fraction_is_the_share_of_wall_time_in_calls_since_the_last_report():
-    clock = Clock()
+    clock = Clock(100.0)
     busy = telemetry.Busy(clock)
     with busy.call():  # the first window starts with the first call: loading a model is not idling
         clock.now += 2.0
@@ -31,7 +24,7 @@ def test_busy_fraction_is_the_share_of_wall_time_in_calls_since_the_last_report(
 
 
 def test_overlapping_calls_of_an_async_actor_count_once():
-    clock = Clock()
+    clock = Clock(100.0)
     busy = telemetry.Busy(clock)
     with busy.call():
         clock.now += 1.0
