@@ -25,9 +25,17 @@ from common import telemetry
 from common.config import EvalConfig, RolloutConfig
 from common.faults import fault_point
 from common.net import whereabouts
+from common.s3 import S3Retry
 from models.parity import ParityError, ParityProbe, check_parity
 from models.policy import EditPolicy
-from models.weights import PolicyWeights, PublishedWeights, WeightManifest, check_lora_export, read_lora_export
+from models.weights import (
+    PolicyWeights,
+    PublishedWeights,
+    WeightManifest,
+    check_lora_export,
+    lora_export_here,
+    read_lora_export,
+)
 
 
 class RolloutWorker:
@@ -106,10 +114,12 @@ class RolloutWorker:
         return [x for g, images in pairs for x in (g, images, {"version": g.version, "seeds": g.seeds,
                                                                "digests": image_digests(images), **meta, **g.timing})]
 
-    def load_export(self, lora_dir: str, rank: int, alpha: int) -> None:
-        """Evaluation of a checkpoint (learner.evaluate --baseline): its diffusers LoRA export, read on this
-        worker's node, into the adapter in place. Version -1 afterwards: the next published weights load."""
-        with self.busy.call():
+    def load_export(self, location: str, rank: int, alpha: int, *, cache_dir: str,
+                    retry: S3Retry | None = None) -> None:  # fmt: skip
+        """Evaluation of a checkpoint (learner.evaluate --baseline): its diffusers LoRA export (a dir, or an s3://
+        prefix downloaded under `cache_dir` here), read on this worker's node, into the adapter in place.
+        Version -1 afterwards: the next published weights load."""
+        with self.busy.call(), lora_export_here(location, cache_dir=cache_dir, retry=retry) as lora_dir:
             check_lora_export(lora_dir, rank=rank, alpha=alpha)
             self.weights.policy.load_lora_state_dict(read_lora_export(self.weights.policy, lora_dir))
             self.weights.version, self.parity_error = -1, None

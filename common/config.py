@@ -574,9 +574,14 @@ class EvalConfig:
     mas_min_motion_ratio: float = _f(
         0.01, "MAS = 0 when mean|V_pred| / mean|V_gt| is below this (published: an edit that does not move)"
     )
+    pairwise: bool = _f(
+        False, "also ask the judge which of the two edits of a row is better, the baseline's or the candidate's, "
+        "in both orders (position bias cancels; rewards/pairwise.py): 2 more judge calls per row, with three "
+        "images each (raise reward.judge.max_model_len to fit them: Qwen2.5-VL at 1024² needs about 4,300 tokens)"
+    )  # fmt: skip
     tie_margin: float = _f(
-        0.0, "candidate and baseline scores this close (|Δ| <= margin) tie, on Overall and on MAS; 0 = only equal "
-        "scores tie, the paper's rule as stated"
+        0.0, "candidate and baseline scores this close (|Δ| <= margin) tie, on Overall and on MAS (and a side-by-side "
+        "preference this close to 0.5); 0 = only equal scores tie, the paper's rule as stated"
     )  # fmt: skip
     bootstrap_samples: int = _f(
         10000, "resamples of the rows for the bootstrap intervals (percentile method): 10x the 1,000 usually "
@@ -586,8 +591,8 @@ class EvalConfig:
     confidence: float = _f(0.95, "coverage of the bootstrap intervals (percentile method)")
     every: int = _f(
         0, "during training, every N steps: MAS, its win rate against the base policy (LoRA runs) and the rubric "
-        "Overall (runs with a judge) of the sampling policy's evaluation edits of eval.during_rows held-out rows, "
-        "logged as eval/* with the step; 0 = off"
+        "Overall (runs with a judge) of the evaluation edits of eval.during_rows held-out rows by the step's eval "
+        "EMA (what its checkpoint exports), logged as eval/* with the step; 0 = off"
     )  # fmt: skip
     during_rows: int = _f(
         8, "held-out rows (the first of the run's held-out split) evaluated every eval.every steps: each costs "

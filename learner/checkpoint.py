@@ -110,7 +110,8 @@ def check_reachable(cfg: CheckpointConfig, rank_nodes: list[str], driver_node: s
 
 class CheckpointManager:
     """Driver-side bookkeeping: where step N goes, the commit, which checkpoint is the latest complete one,
-    retention. `cache_dir` holds local copies of S3 checkpoints for evaluation."""
+    retention. `cache_dir` holds `local_copy` downloads of whole S3 checkpoints (to inspect one on this machine;
+    evaluation fetches only the LoRA export, on the node that loads it: models/weights.lora_export_here)."""
 
     def __init__(self, root: str, *, keep: int, cache_dir: str | Path, retry: s3.S3Retry | None = None) -> None:
         if keep < 1:

@@ -39,11 +39,14 @@ def sample_edits(rollouts: Sequence[Any], rows: Sequence[Any], cfg: EvalConfig, 
     return [rollouts[i % len(rollouts)].edit.remote(cfg, row, weights, base) for i, row in enumerate(rows)]
 
 
-def score_edits(rewards: Sequence[Any], rows: Sequence[Any], edits: Sequence[Any], cfg: EvalConfig) -> list[Any]:
-    """MAS and rubric of the edits: one call per reward worker on a contiguous slice of the rows; references of
-    lists of per-row dicts (`BenchScorer.score`), in row order (`gather` flattens them)."""
+def score_edits(rewards: Sequence[Any], rows: Sequence[Any], edits: Sequence[Any], cfg: EvalConfig,
+                baseline_edits: Sequence[Any] | None = None) -> list[Any]:  # fmt: skip
+    """MAS and rubric of the edits (and with `baseline_edits`, the side-by-side comparison with them): one call
+    per reward worker on a contiguous slice of the rows; references of lists of per-row dicts
+    (`BenchScorer.score`), in row order (`gather` flattens them)."""
     size = math.ceil(len(rows) / len(rewards)) if rows else 1
-    return [rewards[k].score_edits.remote(cfg, *rows[s : s + size], *edits[s : s + size])
+    parts = [rows, edits] if baseline_edits is None else [rows, edits, baseline_edits]
+    return [rewards[k].score_edits.remote(cfg, len(parts), *(ref for part in parts for ref in part[s : s + size]))
             for k, s in enumerate(range(0, len(rows), size))]  # fmt: skip
 
 
@@ -74,7 +77,8 @@ def lost_worker(error: BaseException) -> bool:
 
 class HeldOutEval:
     """`eval.every` > 0: after every N-th step, the evaluation edits of the first `eval.during_rows` held-out rows
-    by the sampling policy just published, scored on the run's reward workers, as `eval/*` keys:
+    by the weights given (the driver publishes the step's eval EMA: what that step's checkpoint exports and
+    `learner.evaluate` measures), scored on the run's reward workers, as `eval/*` keys:
     `eval/mas` (mean MAS), `eval/mas_win_rate` and `eval/base_mas` (against the base policy, LoRA runs: the
     adapter off), `eval/overall` and `eval/judge_failed` (runs with a judge: the rubric's Overall over the rows
     the judge scored, and how many it could not), `eval/rows`, `timing_s/eval`.

@@ -46,10 +46,18 @@ def _interval(e: Estimate, scale: float = 1.0, digits: int = 2) -> str:
     return f"{e.mean * scale:.{digits}f} [{e.low * scale:.{digits}f}, {e.high * scale:.{digits}f}]"
 
 
+def _has_pairwise(groups: Mapping[str, GroupSummary]) -> bool:
+    return any("win_pairwise" in g.metrics for g in groups.values())
+
+
 def summary_table(groups: Mapping[str, GroupSummary]) -> str:
-    """Markdown table: one line per group (all rows first), candidate and baseline means, win rates in %."""
+    """Markdown table: one line per group (all rows first), candidate and baseline means, win rates in %; with a
+    side-by-side comparison, its win rate in % and the mean preference (0.5 = none)."""
+    pairwise = _has_pairwise(groups)
     head = ("| group | rows | failed | MAS | MAS baseline | MAS win rate % | Overall | Overall baseline | "
             "Overall win rate % | Fidelity | Preservation | Coherence |")  # fmt: skip
+    if pairwise:
+        head += " side-by-side win rate % | preference | side-by-side failed |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, g in groups.items():
         m = g.metrics
@@ -59,6 +67,10 @@ def summary_table(groups: Mapping[str, GroupSummary]) -> str:
             _interval(m["overall"]), _interval(m["baseline_overall"]), _interval(m["win_overall"], 100),
             _interval(m["fidelity"]), _interval(m["preservation"]), _interval(m["coherence"]),
         ]  # fmt: skip
+        if pairwise:
+            none = Estimate(math.nan, math.nan, math.nan, 0)
+            cells += [_interval(m.get("win_pairwise", none), 100), _interval(m.get("pairwise", none), 1, 3),
+                      str(g.pairwise_failed)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -108,6 +120,10 @@ def format_report(groups: Mapping[str, GroupSummary], info: ReportInfo, cfg: Eva
         f"{everything.failed} of {everything.rows}, left out of the rubric means and the Overall win rate "
         "(MAS uses every row)",
         f"- MAS parameters (not published; config defaults say why): {mas}",
+        *([f"- side by side: the judge saw [input, baseline's edit, candidate's edit] and the reverse order and "
+           f"chose the better edit (rewards/pairwise.py); the preference averages both orders, so a position bias "
+           f"cancels; {everything.pairwise_failed} of {everything.rows} rows failed and are left out of it"]
+          if _has_pairwise(groups) else []),
         f"- intervals: {cfg.confidence:.0%} percentile bootstrap over rows, {cfg.bootstrap_samples} resamples, "
         f"seed {cfg.bootstrap_seed}; a tie is |Δ| <= {cfg.tie_margin:g} (win 1, tie 0.5, loss 0)",
         "",
@@ -132,7 +148,8 @@ def write_report(path: str | Path, groups: Mapping[str, GroupSummary], info: Rep
 
 
 def plot_win_rates(groups: Mapping[str, GroupSummary], path: str | Path) -> Path:
-    """Bar chart of the MAS and Overall win rates (%) per group with their intervals; 50 % marked (a tie)."""
+    """Bar chart of the MAS, Overall (and side-by-side) win rates (%) per group with their intervals; 50 % marked
+    (a tie)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,12 +157,16 @@ def plot_win_rates(groups: Mapping[str, GroupSummary], path: str | Path) -> Path
 
     names = list(groups)
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(names)), 3.5), dpi=100)
-    for offset, key, label in ((-0.2, "win_mas", "MAS"), (0.2, "win_overall", "Overall")):
-        est = [groups[n].metrics[key] for n in names]
+    bars = [("win_mas", "MAS"), ("win_overall", "Overall")] + ([("win_pairwise", "side by side")]
+                                                               if _has_pairwise(groups) else [])  # fmt: skip
+    width = 0.8 / len(bars)
+    for b, (key, label) in enumerate(bars):
+        offset = (b - (len(bars) - 1) / 2) * width
+        est = [groups[n].metrics.get(key, Estimate(math.nan, math.nan, math.nan, 0)) for n in names]
         means = [100 * e.mean if e.n else 0.0 for e in est]
         errors = [[100 * (e.mean - e.low) if e.n else 0.0 for e in est],
                   [100 * (e.high - e.mean) if e.n else 0.0 for e in est]]  # fmt: skip
-        ax.bar([i + offset for i in range(len(names))], means, width=0.4, yerr=errors, capsize=3, label=label)
+        ax.bar([i + offset for i in range(len(names))], means, width=width, yerr=errors, capsize=3, label=label)
     ax.axhline(50, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(names)), [n.replace("/", "/\n") for n in names], fontsize=7)
     ax.set_ylabel("win rate vs baseline (%)")

@@ -3,7 +3,9 @@ means and win rates with percentile-bootstrap intervals, per category and overal
 
 Win rate: per row, candidate vs baseline on one score: win 1, tie 0.5 (|Δ| <= eval.tie_margin), loss 0; the
 win rate is the mean over rows, so a policy compared with itself gets exactly 0.5. It is reported on Overall
-(the rubric's mean) and on MAS.
+(the rubric's mean) and on MAS, and with `eval.pairwise` on the judge's side-by-side preference (a win when it
+is above 0.5: rewards/pairwise.py), with the mean preference; rows whose comparison failed are left out of
+those two and counted (`pairwise_failed`).
 
 Failed rows (the judge could not score the candidate's or the baseline's edit within its retry budget) carry no
 rubric score: they are left out of every rubric mean and of the Overall win rate, and counted (`n_failed`);
@@ -49,6 +51,7 @@ class GroupSummary:
     rows: int
     failed: int
     metrics: dict[str, Estimate]
+    pairwise_failed: int = 0  # rows whose side-by-side comparison failed (of those that had one)
 
 
 def outcomes(candidate: Sequence[float], baseline: Sequence[float], *, margin: float) -> np.ndarray:
@@ -97,7 +100,8 @@ def summarize_group(rows: Sequence[Mapping[str, Any]], cfg: EvalConfig) -> Group
 
     Each row needs `mas`, `baseline_mas`, `failed` (either side's judge failed) and, unless failed, the four
     RUBRIC_SCORES and their `baseline_` twins. Metrics: `mas`, `baseline_mas`, `win_mas`, each rubric score
-    and its `baseline_` twin, and `win_overall`.
+    and its `baseline_` twin, and `win_overall`; and `pairwise` (mean preference) and `win_pairwise` when rows
+    carry a side-by-side comparison (`pairwise`, `pairwise_failed`, `win_pairwise`).
     """
     scored = [r for r in rows if not r["failed"]]
     mas, base_mas = [r["mas"] for r in rows], [r["baseline_mas"] for r in rows]
@@ -108,7 +112,14 @@ def summarize_group(rows: Sequence[Mapping[str, Any]], cfg: EvalConfig) -> Group
         metrics[f"baseline_{name}"] = estimate([r[f"baseline_{name}"] for r in scored], cfg)
     overall = [r["overall"] for r in scored], [r["baseline_overall"] for r in scored]
     metrics["win_overall"] = estimate(outcomes(*overall, margin=cfg.tie_margin) if scored else [], cfg)
-    return GroupSummary(rows=len(rows), failed=len(rows) - len(scored), metrics=metrics)
+    compared = [r for r in rows if r.get("pairwise_failed") is not None]  # rows that had a comparison
+    pairwise_failed = sum(bool(r["pairwise_failed"]) for r in compared)
+    if compared:
+        judged = [r for r in compared if not r["pairwise_failed"]]
+        metrics["pairwise"] = estimate([r["pairwise"] for r in judged], cfg)
+        metrics["win_pairwise"] = estimate([r["win_pairwise"] for r in judged], cfg)
+    return GroupSummary(rows=len(rows), failed=len(rows) - len(scored), metrics=metrics,
+                        pairwise_failed=pairwise_failed)  # fmt: skip
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], cfg: EvalConfig) -> dict[str, GroupSummary]:

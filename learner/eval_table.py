@@ -5,10 +5,14 @@ written to a temporary name and renamed (atomic on a POSIX filesystem), so after
 whole or absent. A rerun reads the chunks back and scores only the (policy, id) pairs not in them; a pair
 found twice (two runs racing into one dir) keeps its first chunk's row. One row per scored edit (long form):
 `policy` ("candidate" or "baseline"), `id`, `category`, `seed`, MAS and its terms, the rubric on 0-5 with the
-judge's digit probabilities, and the judge's attempts, `judge_failed` and `judge_error`.
+judge's digit probabilities, and the judge's attempts, `judge_failed` and `judge_error`; a candidate's row also
+holds the side-by-side comparison with the baseline's edit when there was one (`eval.pairwise`: `pairwise`, the
+candidate's preference in [0, 1], with both orders' digit probabilities, attempts, failure and error), so the
+row and its comparison are written, and resumed, together.
 
 `pair_rows` joins a candidate's and the baseline's rows of each example (in the order of the ids given, so
-the result does not depend on the chunking) and adds the win/tie/loss columns; `write_rows` writes that as
+the result does not depend on the chunking) and adds the win/tie/loss columns (`win_pairwise` from the
+preference: above 0.5 a win); `write_rows` writes that as
 `<out>/rows.parquet`. Everything scored is a function of the seeds, so the table is too.
 """
 
@@ -37,14 +41,24 @@ SCORE_SCHEMA = pa.schema(
     + [(f"p_{name}", _probs) for name in CRITERIA]
     + [("judge_attempts", pa.int64()), ("judge_failed", pa.bool_()), ("judge_error", pa.string())]
 )
+# The side-by-side comparison (rewards/pairwise.py), on the candidate's rows only: None without one.
+PAIRWISE_FIELDS = [
+    pa.field("pairwise", pa.float64()), pa.field("p_pair_baseline_first", _probs),
+    pa.field("p_pair_candidate_first", _probs), pa.field("pairwise_attempts", pa.int64()),
+    pa.field("pairwise_failed", pa.bool_()), pa.field("pairwise_error", pa.string()),
+]  # fmt: skip
+SCORE_SCHEMA = pa.schema(list(SCORE_SCHEMA) + PAIRWISE_FIELDS)
+_PAIRWISE_NAMES = {f.name for f in PAIRWISE_FIELDS}
 # One row per example: its keys, the candidate's scores, the baseline's under `baseline_`, then the comparison.
-_PER_POLICY = [f for f in SCORE_SCHEMA if f.name not in ("policy", "id", "category", "seed")]
+_PER_POLICY = [f for f in SCORE_SCHEMA if f.name not in ("policy", "id", "category", "seed", *_PAIRWISE_NAMES)]
 ROW_SCHEMA = pa.schema(
     [("id", pa.string()), ("category", pa.string()), ("seed", pa.int64())]
     + _PER_POLICY
     + [pa.field(f"baseline_{f.name}", f.type) for f in _PER_POLICY]
-    + [("failed", pa.bool_()), ("win_mas", pa.float64()), ("win_overall", pa.float64())]
-)
+    + PAIRWISE_FIELDS
+    + [("failed", pa.bool_()), ("win_mas", pa.float64()), ("win_overall", pa.float64()),
+       ("win_pairwise", pa.float64())]
+)  # fmt: skip
 _CHUNK = re.compile(r"chunk-(\d{6})\.parquet")
 
 
@@ -98,10 +112,12 @@ class ScoreStore:
 
 
 def score_row(
-    policy: str, example_id: str, category: str | None, seed: int, mas: Mapping[str, Any], rubric: Mapping[str, Any]
-) -> dict[str, Any]:
-    """One SCORE_SCHEMA row from MAS's terms (`rewards.mas.motion_alignment_score` of this edit, as floats) and
-    its rubric (the fields of `rewards.rubric.RubricRow`, e.g. `dataclasses.asdict` of one)."""
+    policy: str, example_id: str, category: str | None, seed: int, mas: Mapping[str, Any], rubric: Mapping[str, Any],
+    pairwise: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One SCORE_SCHEMA row from MAS's terms (`rewards.mas.motion_alignment_score` of this edit, as floats), its
+    rubric (the fields of `rewards.rubric.RubricRow`, e.g. `dataclasses.asdict` of one) and, for a candidate
+    compared side by side, the fields of its `rewards.pairwise.PairwiseRow`."""
     probs = rubric.get("digit_probs") or {}
     row = {"policy": policy, "id": example_id, "category": category, "seed": seed}
     row.update({name: float(mas[name]) for name in MAS_TERMS})
@@ -109,6 +125,10 @@ def score_row(
     row.update({name: rubric[name] for name in RUBRIC_SCORES})
     row.update({f"p_{name}": probs.get(name) for name in CRITERIA})
     row.update(judge_attempts=rubric["attempts"], judge_failed=rubric["failed"], judge_error=rubric["error"])
+    p = pairwise or {}
+    row.update(pairwise=p.get("preference"), p_pair_baseline_first=p.get("p_baseline_first"),
+               p_pair_candidate_first=p.get("p_candidate_first"), pairwise_attempts=p.get("attempts"),
+               pairwise_failed=p.get("failed"), pairwise_error=p.get("error"))  # fmt: skip
     return row
 
 
@@ -117,7 +137,8 @@ def pair_rows(scores: pa.Table, ids: Sequence[str], *, margin: float) -> list[di
 
     `failed`: either side's judge failed (`judge_failed` / `baseline_judge_failed` say which, `judge_error`
     why). `win_mas` compares MAS (1 / 0.5 / 0, ties within `margin`); `win_overall` compares Overall, None for
-    a failed row.
+    a failed row; `win_pairwise` compares the side-by-side preference with 0.5, None without one or when it
+    failed (`pairwise_failed`).
     Raises KeyError naming an id that lacks a candidate or a baseline row.
     """
     by_key = {(r["policy"], r["id"]): r for r in scores.to_pylist()}
@@ -130,6 +151,9 @@ def pair_rows(scores: pa.Table, ids: Sequence[str], *, margin: float) -> list[di
         row = {"id": example_id, "category": cand["category"], "seed": cand["seed"]}
         row.update({f.name: cand[f.name] for f in _PER_POLICY})
         row.update({f"baseline_{f.name}": base[f.name] for f in _PER_POLICY})
+        row.update({name: cand[name] for name in _PAIRWISE_NAMES})
+        preference = None if cand["pairwise_failed"] else cand["pairwise"]
+        row["win_pairwise"] = None if preference is None else float(outcomes([preference], [0.5], margin=margin)[0])
         row["failed"] = bool(cand["judge_failed"] or base["judge_failed"])
         row["win_mas"] = float(outcomes([cand["mas"]], [base["mas"]], margin=margin)[0])
         row["win_overall"] = (

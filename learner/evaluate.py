@@ -44,6 +44,9 @@ and the driver (this process) only schedules and writes; edits and images stay i
    next chunk sampled while one is scored: a rerun after a crash scores only the rows missing. The baseline
    goes first; the same policy on both sides is sampled once (so a checkpoint against itself ties every row:
    win rate exactly 0.5). Every actor started here is stopped at the end, also after an error.
+   With `eval.pairwise`, the judge also compares each row's two edits side by side in both orders
+   (rewards/pairwise.py): the baseline's edits stay in the object store until the candidate's are judged beside
+   them (a resumed run samples the ones it lacks again); the same policy on both sides ties without asking.
 4. `<out>/rows.parquet` (a row per example: MAS and its terms, the rubric with digit probabilities, both sides,
    win/tie/loss), `summary.json` and `report.md` (per-category and overall means and win rates with bootstrap
    intervals, the MAS parameters, the judge's model and prompt digest; learner/eval_report.py), `grid.png`
@@ -88,7 +91,7 @@ from learner.pools import start_judges, start_reward_worker, start_rollout_worke
 from models.policy import EditPolicy, load_policy
 from models.tiny import pipeline_source
 from models.warmstart import check_text_length, resolve_demo
-from models.weights import LORA_FILE, check_lora_export
+from models.weights import LORA_FILE, check_lora_export, lora_export_here
 from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer
 from rewards.judge_prompts import prompt_digest
 from rewards.rubric import judge_model_name
@@ -137,41 +140,51 @@ def evaluate_policy(
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def load_evaluated_policy(cfg: Config, lora_dir: Path | None) -> EditPolicy:
-    """Base pipeline as the rollout workers load it; the adapter in `lora_dir` (diffusers layout) on top."""
+def load_evaluated_policy(cfg: Config, lora: str | Path | None) -> EditPolicy:
+    """Base pipeline as the rollout workers load it; the adapter exported at `lora` (a diffusers layout dir, or
+    an s3:// prefix fetched here) on top."""
     path = pipeline_source(cfg.model)
     policy = load_policy(cfg.model, path, use_gpu=torch.cuda.is_available())
     check_text_length(policy, path)  # a warm-started demo pipeline must see text padded as in its warm start
-    if lora_dir is not None:
-        check_lora_export(lora_dir, rank=cfg.nft.lora_rank, alpha=cfg.nft.lora_alpha)
-        policy.pipe.load_lora_weights(str(lora_dir), adapter_name="default")
+    if lora is not None:
+        with lora_export_here(lora, cache_dir=cfg.model.cache_dir, retry=s3.S3Retry.from_config(cfg.checkpoint)) as d:
+            check_lora_export(d, rank=cfg.nft.lora_rank, alpha=cfg.nft.lora_alpha)
+            policy.pipe.load_lora_weights(str(d), adapter_name="default")
     return policy
 
 
-def checkpoints_to_evaluate(cfg, which: str) -> list[tuple[int | None, Path | None]]:
-    """[(step, lora dir)] for `which` = none | latest | all | a directory; step None = the base policy."""
+def checkpoints_to_evaluate(cfg, which: str) -> list[tuple[int | None, str | None]]:
+    """[(step, where its LoRA export is)] for `which` = none | latest | all | a directory or s3:// prefix (a
+    checkpoint, or its `lora/` itself); step None = the base policy. The export's location is a dir or an
+    s3:// prefix: nothing is downloaded here, whoever loads it fetches it on its own node
+    (`models.weights.lora_export_here`), and only the export, never the checkpoint's learner shards."""
     if which == "none":
         return [(None, None)]
+    retry = s3.S3Retry.from_config(cfg.checkpoint)
     if which in ("latest", "all"):
         manager = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, cache_dir=cfg.model.cache_dir,
-                                    retry=s3.S3Retry.from_config(cfg.checkpoint))
+                                    retry=retry)  # fmt: skip
         steps = manager.complete_steps()
         if which == "latest":
             if not steps:
                 raise FileNotFoundError(f"--checkpoint latest: no complete checkpoint under {cfg.checkpoint.dir}")
             steps = steps[-1:]
-        found = [(s, manager.local_copy(s) / "lora") for s in steps]
+        found: list[tuple[int | None, str | None]] = [(s, f"{manager.location(s)}/lora") for s in steps]
         return found if which == "latest" else [(None, None), *found]
-    path = Path(which)
-    if (path / LORA_FILE).is_file():
-        return [(_step_of(path.parent), path)]
-    if (path / "lora" / LORA_FILE).is_file():
-        return [(_step_of(path), path / "lora")]
-    raise FileNotFoundError(f"--checkpoint {which}: neither {path / 'lora' / LORA_FILE} nor {path / LORA_FILE} exists")
+    root = which.rstrip("/")
+    if s3.is_s3_uri(root):
+        objects = set(s3.list_prefix(root, retry=retry))
+        has = {lora for lora in (root, f"{root}/lora") if f"{lora}/{LORA_FILE}" in objects}
+    else:
+        has = {lora for lora in (root, f"{root}/lora") if (Path(lora) / LORA_FILE).is_file()}
+    if root in has:
+        return [(_step_of(root.rsplit("/", 2)[-2] if "/" in root else ""), root)]
+    if f"{root}/lora" in has:
+        return [(_step_of(root.rsplit("/", 1)[-1]), f"{root}/lora")]
+    raise FileNotFoundError(f"--checkpoint {which}: neither {root}/lora/{LORA_FILE} nor {root}/{LORA_FILE} exists")
 
 
-def _step_of(path: Path) -> int | None:
-    name = path.name
+def _step_of(name: str) -> int | None:
     return int(name.removeprefix("step_")) if name.startswith("step_") and name[5:].isdigit() else None
 
 
@@ -269,8 +282,9 @@ def bench_examples(cfg: Config, split: str, limit: int) -> list[MotionExample]:
     return [dataset[i] for i in range(len(dataset) if limit <= 0 else min(limit, len(dataset)))]
 
 
-def bench_policy_dir(cfg: Config, which: str, flag: str) -> Path | None:
-    """`base`/`none` -> None (the base pipeline); `latest` or a checkpoint / LoRA dir -> its LoRA dir."""
+def bench_policy_dir(cfg: Config, which: str, flag: str) -> str | None:
+    """`base`/`none` -> None (the base pipeline); `latest` or a checkpoint / LoRA dir or s3:// prefix -> where its
+    LoRA export is."""
     if which in ("base", "none"):
         return None
     if which == "all":
@@ -345,21 +359,33 @@ def _read_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
 
 
+def use_policy(rollouts: list[Any], lora: str | None, cfg: Config) -> bool:
+    """Make the rollout workers hold the policy exported at `lora` (each reads the export on its own node, from
+    S3 when it is there); returns the `base` flag of their edit calls (None: the base policy, the adapter off; a
+    full fine-tuning policy is its own base)."""
+    if lora is not None:
+        retry = s3.S3Retry.from_config(cfg.checkpoint)
+        ray.get([w.load_export.remote(lora, cfg.nft.lora_rank, cfg.nft.lora_alpha, cache_dir=cfg.model.cache_dir,
+                                      retry=retry) for w in rollouts])  # fmt: skip
+    return lora is None and not cfg.nft.full_finetune
+
+
 def score_bench_policy(
-    name: str, lora_dir: Path | None, rollouts: list[Any], rewards: list[Any], examples: list[MotionExample],
+    name: str, lora_dir: str | None, rollouts: list[Any], rewards: list[Any], examples: list[MotionExample],
     rows: list[Any], store: ScoreStore, cfg: Config, *, edits_dir: Path, grid_ids: set[str],
+    keep: dict[str, Any] | None = None, against: dict[str, Any] | None = None,
 ) -> int:  # fmt: skip
     """Sample (rollout workers), MAS-score and judge (reward workers) the rows of `examples` (`rows`: their
     references) that `name` has no row for in `store`, a chunk of `eval.chunk_rows` at a time, each chunk
     written before the next is scored while the next one's edits are being sampled; the edits of `grid_ids`
-    kept as PNG. `lora_dir` None: the base policy. Returns the number of rows scored now."""
+    kept as PNG. `lora_dir` None: the base policy. `keep`: filled with each row's edit reference by id;
+    `against`: the baseline's edit reference by id, judged side by side with each edit. Returns the number
+    of rows scored now."""
     pending = set(store.pending(name, [e.id for e in examples]))
     todo = [i for i, e in enumerate(examples) if e.id in pending]
     if not todo:
         return 0
-    if lora_dir is not None:  # each worker reads the export on its own node
-        ray.get([w.load_export.remote(str(lora_dir), cfg.nft.lora_rank, cfg.nft.lora_alpha) for w in rollouts])
-    base = lora_dir is None and not cfg.nft.full_finetune  # the adapter off; a full fine-tuning policy is the base
+    base = use_policy(rollouts, lora_dir, cfg)
 
     def sample(chunk: list[int]) -> list[Any]:
         return sample_edits(rollouts, [rows[i] for i in chunk], cfg.eval, base=base)
@@ -367,7 +393,10 @@ def score_bench_policy(
     chunks = [todo[s : s + cfg.eval.chunk_rows] for s in range(0, len(todo), cfg.eval.chunk_rows)]
     edits = sample(chunks[0])
     for c, chunk in enumerate(chunks):
-        scores = score_edits(rewards, [rows[i] for i in chunk], edits, cfg.eval)
+        if keep is not None:
+            keep.update((examples[i].id, edit) for i, edit in zip(chunk, edits, strict=True))
+        baseline = None if against is None else [against[examples[i].id] for i in chunk]
+        scores = score_edits(rewards, [rows[i] for i in chunk], edits, cfg.eval, baseline)
         shown = [(i, edit) for i, edit in zip(chunk, edits, strict=True) if examples[i].id in grid_ids]
         if c + 1 < len(chunks):
             edits = sample(chunks[c + 1])  # one chunk ahead: the rollout workers sample while this one is scored
@@ -376,7 +405,7 @@ def score_bench_policy(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(png)
         store.append([
-            score_row(name, examples[i].id, examples[i].category, cfg.eval.seed, s["mas"], s["rubric"])
+            score_row(name, examples[i].id, examples[i].category, cfg.eval.seed, s["mas"], s["rubric"], s["pairwise"])
             for i, s in zip(chunk, gather(scores), strict=True)
         ])  # fmt: skip
         done = len(examples) - len(todo) + sum(len(x) for x in chunks[: c + 1])
@@ -399,14 +428,20 @@ def run_bench(
     store, edits_dir = ScoreStore(out_dir / "scores"), out_dir / "edits"
     grid_ids = set(ids[:grid_rows])
     same = dirs["candidate"] == dirs["baseline"]
+    side_by_side = cfg.eval.pairwise and not same
     todo = [name for name in (("baseline",) if same else BENCH_POLICIES) if store.pending(name, ids)]
     judge_metrics: dict[str, int] = {}
     if todo:
         with bench_workers(cfg) as (rollouts, rewards):
             rows = [ray.put(e) for e in examples]  # put once: rollout and reward workers fetch them by reference
+            kept: dict[str, Any] = {}  # the baseline's edits, by id, while the candidate's are judged beside them
             for name in todo:
+                if side_by_side and name == "candidate":
+                    resample_baseline(kept, dirs["baseline"], rollouts, examples, rows, store, cfg)
                 score_bench_policy(name, dirs[name], rollouts, rewards, examples, rows, store, cfg,
-                                   edits_dir=edits_dir, grid_ids=grid_ids)  # fmt: skip
+                                   edits_dir=edits_dir, grid_ids=grid_ids,
+                                   keep=kept if side_by_side and name == "baseline" else None,
+                                   against=kept if side_by_side and name == "candidate" else None)  # fmt: skip
             for counters in ray.get([w.counters.remote() for w in rewards]):
                 for key, value in counters.items():
                     if key.startswith("eval_judge/"):
@@ -414,14 +449,33 @@ def run_bench(
                         judge_metrics[name] = judge_metrics.get(name, 0) + value
     if same:  # the same policy and seeds make the same edits: the candidate's rows are the baseline's
         pending = set(store.pending("candidate", ids))
-        store.append([{**r, "policy": "candidate"} for r in store.table().to_pylist()
+        tie = {"pairwise": 0.5, "pairwise_attempts": 0, "pairwise_failed": False, "pairwise_error": ""}
+        store.append([{**r, "policy": "candidate", **(tie if cfg.eval.pairwise else {})}
+                      for r in store.table().to_pylist()
                       if r["policy"] == "baseline" and r["id"] in pending])  # fmt: skip
     return write_bench_outputs(cfg, examples, store, dirs, out_dir, split=split, judge_metrics=judge_metrics,
                                grid_rows=grid_rows, grid_scale=grid_scale)  # fmt: skip
 
 
+def resample_baseline(
+    kept: dict[str, Any], lora_dir: str | None, rollouts: list[Any], examples: list[MotionExample], rows: list[Any],
+    store: ScoreStore, cfg: Config,
+) -> None:  # fmt: skip
+    """Side-by-side judging of a resumed run: the baseline's edits of the rows the candidate still has to score
+    that this process did not sample (the baseline was scored before a crash) are sampled again into `kept`.
+    An edit is a function of its row, the policy and `eval.*`, so they are the edits the baseline was scored on."""
+    missing = [i for i, e in enumerate(examples) if e.id in set(store.pending("candidate", [e.id for e in examples]))
+               and e.id not in kept]  # fmt: skip
+    if not missing:
+        return
+    print(f"side by side: sampling the baseline's {len(missing)} edits again (scored by an earlier run)", flush=True)
+    base = use_policy(rollouts, lora_dir, cfg)
+    edits = sample_edits(rollouts, [rows[i] for i in missing], cfg.eval, base=base)
+    kept.update((examples[i].id, edit) for i, edit in zip(missing, edits, strict=True))
+
+
 def write_bench_outputs(
-    cfg: Config, examples: list[MotionExample], store: ScoreStore, dirs: dict[str, Path | None], out_dir: Path, *,
+    cfg: Config, examples: list[MotionExample], store: ScoreStore, dirs: dict[str, str | None], out_dir: Path, *,
     split: str, judge_metrics: dict[str, int], grid_rows: int, grid_scale: int,
 ) -> dict[str, GroupSummary]:  # fmt: skip
     """From the scores in `store`: rows.parquet, summary.json, grid.png, win_rates.png and report.md."""
@@ -460,10 +514,11 @@ def write_bench_outputs(
 
 MANIFEST = "bench.json"
 MANIFEST_EVAL_KEYS = ("num_steps", "seed", "kontext_guidance", "qwen_true_cfg", "negative_prompt", "mas_alpha",
-                      "mas_tau", "mas_d_min", "mas_d_max", "mas_eps", "mas_q", "mas_min_motion_ratio")  # fmt: skip
+                      "mas_tau", "mas_d_min", "mas_d_max", "mas_eps", "mas_q", "mas_min_motion_ratio",
+                      "pairwise")  # fmt: skip
 
 
-def bench_manifest(cfg: Config, dirs: dict[str, Path | None], split: str) -> dict:
+def bench_manifest(cfg: Config, dirs: dict[str, str | None], split: str) -> dict:
     """What the scores in an out dir depend on: the two policies, the data, the model, the sampling and MAS
     settings, the flow estimator and the judge (its model and prompt). Not the statistics' settings."""
     flow = {k: v for k, v in asdict(cfg.reward.flow).items() if k not in ("max_batch", "cache_size")}
@@ -496,8 +551,8 @@ def check_bench_manifest(out_dir: Path, manifest: dict) -> None:
     path.write_text(json.dumps(manifest, indent=1))
 
 
-def _policy_label(lora_dir: Path | None) -> str:
-    return "base policy (no adapter)" if lora_dir is None else str(lora_dir)
+def _policy_label(lora: str | None) -> str:
+    return "base policy (no adapter)" if lora is None else lora
 
 
 # ------------------------------------------------------------------------------------------------ entry

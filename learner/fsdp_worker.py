@@ -107,15 +107,23 @@ class LearnerWorker:
     def gather(self, which: str = OLD) -> dict[str, torch.Tensor] | None:
         return self.trainer.gather(which)
 
-    def publishable(self, version: int) -> tuple[bytes | None, dict[str, torch.Tensor] | None, torch.Tensor | None]:
-        """The sampling policy ("old") as rank 0 publishes it: (msgpack manifest, weights, its output on the
-        parity probe or None), (None, None, None) elsewhere; collective, call with num_returns=3."""
+    def publishable(
+        self, version: int, which: str = OLD
+    ) -> tuple[bytes | None, dict[str, torch.Tensor] | None, torch.Tensor | None]:
+        """The sampling policy ("old"; or with `which` EMA the eval EMA, what a checkpoint exports, for the
+        held-out evaluation during training) as rank 0 publishes it: (msgpack manifest, weights, its output on
+        the parity probe or None), (None, None, None) elsewhere; collective, call with num_returns=3. The eval
+        EMA (kept in float32) is cast to the policy's dtype, as loading an export into a rollout worker casts it;
+        it has no probe output (the probe checks the sampling policy)."""
         with self.busy.call(), telemetry.timed("publish"):
             fault_point(f"learner.rank{self.rank}.publish", version)
-            weights = self.trainer.gather(OLD)
-            probe = None if self.probe is None else self.trainer.probe_output(self.probe)
+            weights = self.trainer.gather(which)
+            probe = None if self.probe is None or which != OLD else self.trainer.probe_output(self.probe)
         if weights is None:
             return None, None, None
+        if which == EMA:
+            dtypes = self.trainer.gather_dtypes()
+            weights = {name: t.to(dtypes[name]) for name, t in weights.items()}
         telemetry.count(telemetry.WEIGHT_BYTES, sum(t.nbytes for t in weights.values()))
         return WeightManifest.of(weights, version=version, kind=weight_kind(self.nft)).pack(), weights, probe
 
@@ -208,10 +216,10 @@ class LearnerGroup:
         _all_ranks(refs)  # surfaces a failed rank (and brings rank 0's weights here: for tests and tools)
         return refs[0]
 
-    def publishable(self, version: int):
-        """(manifest ref, weights ref, parity probe output ref) of rank 0's gathered old policy; the weights stay
-        in the object store."""
-        refs = [w.publishable.options(num_returns=3).remote(version) for w in self.workers]
+    def publishable(self, version: int, which: str = OLD):
+        """(manifest ref, weights ref, parity probe output ref) of rank 0's gathered old policy (or eval EMA:
+        `LearnerWorker.publishable`); the weights stay in the object store."""
+        refs = [w.publishable.options(num_returns=3).remote(version, which) for w in self.workers]
         _all_ranks([manifest for manifest, _, _ in refs])  # surfaces a failed rank; fetches only the manifests
         return refs[0]
 

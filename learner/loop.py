@@ -45,6 +45,7 @@ from learner.nft_loss import group_filter, optimality, saturated_groups
 from learner.placement import alive_nodes, check_placement
 from learner.pools import Pools, build_pools
 from learner.recovery import WorkerCrashLoop, WorkerPool
+from learner.trainer import EMA, OLD
 from models.weights import PublishedWeights
 from rewards.judge import JudgeError
 from rewards.scorer import GroupReward
@@ -267,12 +268,18 @@ class RunStopped(RuntimeError):
     what happened, what was saved and how to go on."""
 
 
-def publish(pools: Pools, version: int) -> PublishedWeights:
-    """The learner's old adapter as version `version`: rank 0's gathered weights stay in the object store; the
-    driver keeps their reference and the few-hundred-byte manifest."""
-    manifest, tensors, probe = pools.learner.publishable(version)
+def publish(pools: Pools, version: int, which: str = OLD) -> PublishedWeights:
+    """The learner's old adapter (or eval EMA) as version `version`: rank 0's gathered weights stay in the
+    object store; the driver keeps their reference and the few-hundred-byte manifest."""
+    manifest, tensors, probe = pools.learner.publishable(version, which)
     manifest, probe = ray.get([manifest, probe])  # a few hundred bytes and the probe output (KBs)
     return PublishedWeights(version, manifest, tensors, probe)
+
+
+def eval_version(step: int) -> int:
+    """The version the eval EMA of `step` is published under: negative, never a sampling policy's, so a rollout
+    worker that held it loads the sampling policy again at its next rollout (-1 is a loaded export's)."""
+    return -2 - step
 
 
 def reward_counters(pools: Pools) -> dict[str, float]:
@@ -464,7 +471,8 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
         metrics["groups/dropped_judge"] = float(len(failed))
         metrics["groups/dropped_judge_total"] = float(state.dropped_judge)  # carried by checkpoints, like bans
         metrics["policy/version"] = float(state.version)
-        metrics.update(held_out(pools, step, weights))  # eval.every: the held-out slice, weights just published
+        if held_out.due(step):  # eval.every: the held-out slice, by the eval EMA the step's checkpoint exports
+            metrics.update(held_out(pools, step, publish(pools, eval_version(step), which=EMA)))
         metrics["workers/rollout_crashes_total"] = float(pools.rollouts.crashes.total)  # since this process started
         metrics["workers/reward_crashes_total"] = float(pools.rewards.crashes.total)
         metrics.update(reward_counters(pools))

@@ -315,6 +315,10 @@ class NFTTrainer:
             out[theta_name.replace(f".{THETA}.", ".")] = full.detach().to("cpu").clone()
         return out if self.rank == 0 else None
 
+    def gather_dtypes(self) -> dict[str, torch.dtype]:
+        """The policy's dtype of each tensor `gather` returns, by the same names (no communication)."""
+        return {name.replace(f".{THETA}.", "."): p.dtype for name, p in self.theta.items()}
+
     # ------------------------------------------------------------------ checkpoint state (DCP)
 
     def state_dict(self) -> dict[str, Any]:

@@ -11,6 +11,10 @@ holds that version never fetches the tensors. Plain Python: nothing here needs R
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ from typing import Any
 import msgpack
 import torch
 
+from common import s3
 from common.config import NFTConfig
 from models.policy import EditPolicy
 
@@ -133,6 +138,24 @@ class PolicyWeights:
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what checkpoint exports write and diffusers' loader reads
+
+
+@contextmanager
+def lora_export_here(location: str | Path, *, cache_dir: str | Path, retry: s3.S3Retry | None = None) -> Iterator[Path]:
+    """A local directory holding the LoRA export at `location`: a local directory as it is, or an s3:// prefix
+    (a checkpoint's `lora/` on S3) downloaded on this node into a fresh temporary directory under `cache_dir`,
+    removed on exit. So a worker on any node of a cluster reads the export itself: the driver's disk is not
+    its own. A fresh directory each time, never a cached copy: a rewritten export may have the same size."""
+    if not s3.is_s3_uri(str(location)):
+        yield Path(location)
+        return
+    root = Path(cache_dir).expanduser() / "lora_exports"
+    root.mkdir(parents=True, exist_ok=True)
+    local = Path(tempfile.mkdtemp(prefix="export-", dir=root))  # unique: workers on one node may fetch at once
+    try:
+        yield s3.download_prefix(str(location).rstrip("/"), local, retry=retry)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def check_lora_export(lora_dir: str | Path, *, rank: int, alpha: int) -> Path:

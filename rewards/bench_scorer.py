@@ -7,7 +7,9 @@ to the images, and only small per-row dicts go back to the driver. For the rows 
    own target-flow cache: the training scorer's cache and batcher are not shared), in a thread,
 2. meanwhile the rubric of every row through a rubric-mode judge client (rewards/rubric.py: a row the judge
    cannot score within its retry budget comes back marked failed, never 0),
-3. MAS and its terms from the flows (rewards/mas.py, `eval.mas_*`).
+3. MAS and its terms from the flows (rewards/mas.py, `eval.mas_*`),
+4. with the baseline's edits of the same rows (`eval.pairwise`), the judge's side-by-side comparison of each
+   row in both orders (rewards/pairwise.py), beside the rubric.
 Plain asyncio, no Ray: the reward worker (rewards/worker.py) is its shell.
 """
 
@@ -26,6 +28,7 @@ from rewards.flow_model import build_flow_estimator
 from rewards.flow_scorer import FlowItem, FlowRewardScorer
 from rewards.judge import JudgeClient
 from rewards.mas import mas_constants, motion_alignment_score
+from rewards.pairwise import judge_pairwise_many
 from rewards.rubric import judge_rubric_many, rubric_client
 
 
@@ -44,23 +47,35 @@ class BenchScorer:
     def __init__(self, flows: FlowRewardScorer, judge: JudgeClient | None) -> None:
         self.flows, self.judge = flows, judge
 
-    async def score(self, rows: Sequence[Row], edits: Sequence[torch.Tensor], cfg: EvalConfig) -> list[dict]:
+    async def score(
+        self, rows: Sequence[Row], edits: Sequence[torch.Tensor], cfg: EvalConfig,
+        baseline_edits: Sequence[torch.Tensor] | None = None,
+    ) -> list[dict]:  # fmt: skip
         """Per row: `{"mas": {mas, d_mag, d_dir, distance, motion_ratio, static}, "rubric": RubricRow fields or
-        None}` (floats and lists only). rows: with id, prompt, input_image, target_image; edits: uint8 (3, H, W)."""
-        if len(rows) != len(edits):
-            raise ValueError(f"BenchScorer.score: {len(rows)} rows, {len(edits)} edits")
+        None, "pairwise": PairwiseRow fields or None}` (floats and lists only). rows: with id, prompt,
+        input_image, target_image; edits (and `baseline_edits`, for the side-by-side judging): uint8 (3, H, W)."""
+        if len(rows) != len(edits) or (baseline_edits is not None and len(baseline_edits) != len(rows)):
+            counts = "" if baseline_edits is None else f", {len(baseline_edits)} baseline edits"
+            raise ValueError(f"BenchScorer.score: {len(rows)} rows, {len(edits)} edits{counts}")
+        if baseline_edits is not None and self.judge is None:
+            raise ValueError("BenchScorer.score: side-by-side judging (baseline_edits) needs a judge")
         items = [FlowItem(r.id, r.input_image, r.target_image, e[None]) for r, e in zip(rows, edits, strict=True)]
         mas_task = asyncio.ensure_future(asyncio.to_thread(self._mas, items, cfg))
-        rubric = None
+        rubric = pairwise = None
         try:
             if self.judge is not None:
                 inputs, prompts = [r.input_image for r in rows], [r.prompt for r in rows]
-                rubric = await judge_rubric_many(self.judge, inputs, list(edits), prompts)
+                asks = [judge_rubric_many(self.judge, inputs, list(edits), prompts)]
+                if baseline_edits is not None:
+                    asks.append(judge_pairwise_many(self.judge, inputs, list(baseline_edits), list(edits), prompts))
+                rubric, *rest = await asyncio.gather(*asks)
+                pairwise = rest[0] if rest else None
             mas = await mas_task
         finally:
             if not mas_task.done():
                 mas_task.cancel()
-        return [{"mas": m, "rubric": None if rubric is None else asdict(rubric[i])} for i, m in enumerate(mas)]
+        return [{"mas": m, "rubric": None if rubric is None else asdict(rubric[i]),
+                 "pairwise": None if pairwise is None else asdict(pairwise[i])} for i, m in enumerate(mas)]  # fmt: skip
 
     def _mas(self, items: list[FlowItem], cfg: EvalConfig) -> list[dict[str, float]]:
         out = []

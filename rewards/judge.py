@@ -5,6 +5,7 @@ Training score (reference method of MotionNFT): the judge sees [input image, can
 asking for one digit 0-5; the first generated token is constrained to the six digits with vLLM structured
 output, its log-probs over the digits are softmaxed and `r = sum(k * p_k) / 5`. Evaluation rubric: the same
 call once per criterion (instruction fidelity, preservation, coherence), each mapped to [0, 1], and their mean.
+Side by side (evaluation, `compare`): [input, edit A, edit B] and one digit, 0 = A clearly better, 5 = B.
 Every prompt's text is in rewards/judge_prompts.py.
 
 A timeout, HTTP error or unparseable reply is retried with exponential backoff and counted in
@@ -27,7 +28,7 @@ from PIL import Image
 from common import telemetry
 from common.config import JudgeConfig
 from common.secret import Secret
-from rewards.judge_prompts import RUBRIC, rubric_prompt, score_prompt
+from rewards.judge_prompts import RUBRIC, pairwise_prompt, rubric_prompt, score_prompt
 
 DIGITS = ("0", "1", "2", "3", "4", "5")
 MAX_DIGIT = 5
@@ -220,6 +221,18 @@ class JudgeClient:
             self._judge(source_url, _data_url(c, self.cfg.image_format), instruction) for c in candidates
         )
 
+    async def compare(
+        self, input_image: torch.Tensor, first: torch.Tensor, second: torch.Tensor, instruction: str
+    ) -> tuple[list[float], int]:
+        """Two edits of `input_image` side by side (all uint8 (3, H, W)), whatever the mode: the judge's digit
+        probabilities (0 = `first` clearly better, 5 = `second`) and the attempts used; JudgeError when the
+        retry budget is spent. Position bias is the caller's to cancel (ask both orders)."""
+        for name, image in (("input_image", input_image), ("first", first), ("second", second)):
+            _check_image(name, image)
+        self._check_instruction(instruction)
+        urls = [_data_url(image, self.cfg.image_format) for image in (input_image, first, second)]
+        return await self._ask(urls, pairwise_prompt(instruction))
+
     async def aclose(self) -> None:
         """Close the HTTP pool of the running event loop."""
         state = self._states.pop(asyncio.get_running_loop(), None)
@@ -239,12 +252,11 @@ class JudgeClient:
             raise ValueError(f"instruction must be a non-empty string, got {instruction!r}")
 
     async def _judge(self, source_url: str, candidate_url: str, instruction: str) -> JudgeScore:
+        images = [source_url, candidate_url]
         if self.cfg.mode == "score":
-            probs, attempts = await self._ask(source_url, candidate_url, score_prompt(instruction))
+            probs, attempts = await self._ask(images, score_prompt(instruction))
             return JudgeScore(score=expected_digit_score(probs), digit_probs=probs, attempts=attempts)
-        answers = await _gather_or_cancel(
-            self._ask(source_url, candidate_url, rubric_prompt(name, instruction)) for name in RUBRIC
-        )
+        answers = await _gather_or_cancel(self._ask(images, rubric_prompt(name, instruction)) for name in RUBRIC)
         probs = {name: p for name, (p, _) in zip(RUBRIC, answers, strict=True)}
         sub_scores = {name: expected_digit_score(p) for name, p in probs.items()}
         return JudgeScore(
@@ -254,12 +266,9 @@ class JudgeClient:
             sub_scores=sub_scores,
         )
 
-    def _request_body(self, source_url: str, candidate_url: str, prompt: str) -> dict:
-        content = [
-            {"type": "image_url", "image_url": {"url": source_url}},
-            {"type": "image_url", "image_url": {"url": candidate_url}},
-            {"type": "text", "text": prompt},
-        ]
+    def _request_body(self, image_urls: Sequence[str], prompt: str) -> dict:
+        content = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
+        content.append({"type": "text", "text": prompt})
         body = {
             "model": self.cfg.served_model_name,
             "messages": [{"role": "user", "content": content}],
@@ -302,10 +311,11 @@ class JudgeClient:
         self._next = k + 1
         return k, self._skip_until[k] - now
 
-    async def _ask(self, source_url: str, candidate_url: str, prompt: str) -> tuple[list[float], int]:
-        """One question with retries and failover: (digit probabilities, attempts used), or JudgeError."""
+    async def _ask(self, image_urls: Sequence[str], prompt: str) -> tuple[list[float], int]:
+        """One question about the images (data URLs, in order) with retries and failover: (digit probabilities,
+        attempts used), or JudgeError."""
         state = self._state()
-        body = self._request_body(source_url, candidate_url, prompt)
+        body = self._request_body(image_urls, prompt)
         cfg, began = self.cfg, time.monotonic()
         reason, last_reply, previous, unparseable = "no attempt made", None, None, 0
         attempt = 0

@@ -1,9 +1,9 @@
 """Every word the MLLM judge is asked (DESIGN §4, issue 14: "write ours, keep it in one file"): the training-score
-question and the evaluation rubric. The wording is our own; the paper used Gemini with a prompt adapted from
-EditScore's action category that it did not publish, so rubric figures are comparable among runs of this
-code, not to the paper's to the decimal. Changing any text here changes what the judge measures, so reports
-name the judge model and `prompt_digest()`, a hash of all of this text: two reports with different digests
-were not judged alike.
+question, the evaluation rubric and the evaluation's side-by-side comparison. The wording is our own; the paper
+used Gemini with a prompt adapted from EditScore's action category that it did not publish, so rubric figures are
+comparable among runs of this code, not to the paper's to the decimal. Changing any text here changes what the
+judge measures, so reports name the judge model and `prompt_digest()`, a hash of all of this text: two reports with
+different digests were not judged alike.
 
 The rubric criteria (instruction fidelity, preservation, coherence) are MotionEdit-Bench's; each is asked
 separately as one digit 0-5 (rewards/judge.py reads the digit's probabilities).
@@ -27,6 +27,16 @@ Judge only one aspect of the edited image: {aspect}
 {question}
 0: {worst}
 5: {best}
+Answer with a single digit from 0 to 5 and nothing else."""
+
+_PAIRWISE_PROMPT = """You are shown three images: first the original image, then two edited versions of it, edit A (the
+second image) and edit B (the third image). Both edits were supposed to follow this instruction:
+{instruction}
+Which edit is better overall: it carries out the requested motion, pose, position or interaction on the subject
+the instruction names, keeps everything else of the original unchanged, and looks natural and clean?
+0: edit A is clearly better.
+5: edit B is clearly better.
+2 or 3: both are about equally good (or equally bad).
 Answer with a single digit from 0 to 5 and nothing else."""
 
 # MotionEdit-Bench-style criteria, each scored 0-5 (wording our own).
@@ -67,7 +77,13 @@ def rubric_prompt(criterion: str, instruction: str) -> str:
     return _RUBRIC_PROMPT.format(instruction=instruction, **RUBRIC[criterion])
 
 
+def pairwise_prompt(instruction: str) -> str:
+    """Text of the side-by-side question (evaluation, `eval.pairwise`): 0 = the first edit shown is clearly better,
+    5 = the second one."""
+    return _PAIRWISE_PROMPT.format(instruction=instruction)
+
+
 def prompt_digest() -> str:
     """12 hex digits of sha256 over every prompt template and rubric criterion: which wording judged a report."""
-    text = json.dumps([_SCORE_PROMPT, _RUBRIC_PROMPT, RUBRIC], sort_keys=True)
+    text = json.dumps([_SCORE_PROMPT, _RUBRIC_PROMPT, RUBRIC, _PAIRWISE_PROMPT], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -47,18 +47,21 @@ class RewardWorker:
                 example.id, example.prompt, example.input_image, example.target_image, candidates
             )
 
-    async def score_edits(self, cfg: EvalConfig, *rows_then_edits: Any) -> list[dict]:
-        """MAS and rubric of evaluation edits: n data rows, then their n edits (uint8 (3, H, W)), all passed as
-        top-level arguments so Ray resolves them here; one small dict per row (`BenchScorer.score`)."""
+    async def score_edits(self, cfg: EvalConfig, parts: int, *rows_then_edits: Any) -> list[dict]:
+        """MAS and rubric of evaluation edits: n data rows, then their n edits (uint8 (3, H, W)), then with
+        `parts` 3 the baseline's n edits (side-by-side judging), all passed as top-level arguments so Ray resolves
+        them here; one small dict per row (`BenchScorer.score`)."""
         if self.bench is None:
             if self.build_bench is None:
                 raise RuntimeError("this reward worker was started without an evaluation scorer (build_bench)")
             self.bench = self.build_bench(flow=self.scorer.flow)
-        n, odd = divmod(len(rows_then_edits), 2)
-        if odd:
-            raise ValueError(f"score_edits: {len(rows_then_edits)} arguments, expected n rows then n edits")
+        n, rest = divmod(len(rows_then_edits), parts)
+        if parts not in (2, 3) or rest:
+            raise ValueError(f"score_edits: {len(rows_then_edits)} arguments in {parts} parts, expected n rows, "
+                             "n edits and (parts 3) n baseline edits")  # fmt: skip
+        rows, edits, baseline = rows_then_edits[:n], rows_then_edits[n : 2 * n], rows_then_edits[2 * n :]
         with self.busy.call(), telemetry.timed("eval_score"):
-            return await self.bench.score(rows_then_edits[:n], rows_then_edits[n:], cfg)
+            return await self.bench.score(rows, edits, cfg, baseline if parts == 3 else None)
 
     def counters(self) -> dict[str, int]:
         bench = {} if self.bench is None else {f"eval_judge/{k}": v for k, v in self.bench.counters().items()}

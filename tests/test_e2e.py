@@ -8,6 +8,7 @@ reward worker). The judge is off here to keep the suite short (tests/test_reward
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -19,13 +20,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from actors.eval_sampler import EvalSampler
 from actors.rollout import image_digests
 from actors.sampler import Sampler
 from common.config import load_config
 from common.net import free_port
 from common.noise import candidate_seed
 from data.motionedit import load_splits
+from learner.evaluate import load_evaluated_policy
 from models.policy import load_policy
+from rewards.bench_scorer import build_bench_scorer
 from tests.prometheus import Scraper, dashboard_queries, step_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +136,20 @@ def test_qwen_image_edit_trains(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert image_digests(images) == [r["image_digest"] for r in group]
+
+    # The held-out evaluation of the last step measured the eval EMA that step's checkpoint exports: its MAS is
+    # that of the export's edits, loaded by diffusers' own LoRA loader here.
+    cfg = load_config(str(ROOT / "configs/tiny_cpu.yaml"), _overrides(tmp_path, 2, family="qwen_image_edit") + extra)
+    rows = [load_splits(cfg)[1][i] for i in range(2)]
+    torch.set_num_threads(1)
+    try:
+        policy = load_evaluated_policy(cfg, str(tmp_path / "ckpt" / "step_00000002" / "lora"))
+        edits = [EvalSampler(policy, cfg.eval).sample(row.prompt, row.input_image) for row in rows]
+    finally:
+        torch.set_num_threads(threads)
+    scorer = build_bench_scorer(cfg.reward.flow, cfg.reward.judge, (), device="cpu", cache_dir=cfg.model.cache_dir)
+    mas = [s["mas"]["mas"] for s in asyncio.run(scorer.score(rows, edits, cfg.eval))]
+    assert metrics[1]["eval/mas"] == pytest.approx(sum(mas) / len(mas), abs=1e-9), mas
 
 
 def _check_ray_metrics(scraper: Scraper, metrics: list[dict]) -> None:

@@ -5,6 +5,7 @@ A "checkpoint" here is written the way the driver writes one (`checkpoint.export
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -143,9 +144,9 @@ def test_loaded_adapter_is_the_exported_one(run_config):
     _, cfg = run_config
     state = _adapter_state(cfg, seed=1)
     ckpt = _write_checkpoint(cfg, 3, state)
-    assert ev.checkpoints_to_evaluate(cfg, "latest") == [(3, ckpt / "lora")]
-    assert ev.checkpoints_to_evaluate(cfg, str(ckpt)) == [(3, ckpt / "lora")]
-    assert ev.checkpoints_to_evaluate(cfg, str(ckpt / "lora")) == [(3, ckpt / "lora")]
+    assert ev.checkpoints_to_evaluate(cfg, "latest") == [(3, str(ckpt / "lora"))]
+    assert ev.checkpoints_to_evaluate(cfg, str(ckpt)) == [(3, str(ckpt / "lora"))]
+    assert ev.checkpoints_to_evaluate(cfg, str(ckpt / "lora")) == [(3, str(ckpt / "lora"))]
 
     loaded = ev.load_evaluated_policy(cfg, ckpt / "lora")
     direct = ev.load_evaluated_policy(cfg, None)
@@ -160,6 +161,44 @@ def test_loaded_adapter_is_the_exported_one(run_config):
     v_loaded, v_direct, v_base = (p.velocity(x, t, cond) for p in (loaded, direct, base))
     assert (v_loaded - v_direct).abs().max().item() < 1e-6
     assert (v_loaded - v_base).abs().max().item() > 1e-3  # the adapter does something
+
+
+def test_a_checkpoint_on_s3_is_read_by_the_worker_that_loads_it(run_config, s3_bucket, tmp_path):
+    """checkpoint.dir on S3 (moto): `latest` and an s3:// dir resolve to the export's prefix without downloading
+    anything on the driver; a rollout worker (the plain class) fetches only the export, on its own node, into a
+    temporary dir it removes, and holds the same adapter as one loaded from the local export."""
+    from actors.rollout import RolloutWorker
+    from common import s3
+    from models.policy import load_policy
+
+    _, cfg = run_config
+    state = _adapter_state(cfg, seed=3)
+    local = _write_checkpoint(replace(cfg, checkpoint=replace(cfg.checkpoint, dir=str(tmp_path / "local"))), 5, state)
+    (local / "learner").mkdir()
+    (local / "learner" / "__0_0.distcp").write_bytes(b"learner shards, never needed to evaluate")
+    root = f"s3://{s3_bucket}/run"
+    s3.upload_dir(local, f"{root}/{step_name(5)}")
+    s3_cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, dir=root),
+                     model=replace(cfg.model, cache_dir=str(tmp_path / "cache")))  # fmt: skip
+    lora = f"{root}/{step_name(5)}/lora"
+    assert ev.checkpoints_to_evaluate(s3_cfg, "latest") == [(5, lora)]
+    assert ev.checkpoints_to_evaluate(s3_cfg, f"{root}/{step_name(5)}/") == [(5, lora)]
+    assert ev.checkpoints_to_evaluate(s3_cfg, lora) == [(5, lora)]
+    with pytest.raises(FileNotFoundError, match="neither"):
+        ev.checkpoints_to_evaluate(s3_cfg, f"{root}/step_00000009")
+    assert not (tmp_path / "cache").exists()  # resolving downloads nothing
+
+    worker_cache = tmp_path / "worker_node_cache"
+    build = lambda: load_policy(cfg.model, use_gpu=False, lora=cfg.nft)  # noqa: E731 - as bench_workers builds it
+    rollout = replace(cfg.rollout, parity_check=False)
+    worker = RolloutWorker("rollout-0", build, rollout, "lora")
+    worker.load_export(lora, RANK, ALPHA, cache_dir=str(worker_cache), retry=s3.S3Retry(1, 0.01))
+    held = worker.weights.policy.lora_state_dict()
+    reference = RolloutWorker("rollout-1", build, rollout, "lora")
+    reference.load_export(str(local / "lora"), RANK, ALPHA, cache_dir=str(worker_cache))
+    want = reference.weights.policy.lora_state_dict()
+    assert held.keys() == want.keys() and all(torch.equal(held[k], want[k]) for k in want)
+    assert list((worker_cache / "lora_exports").iterdir()) == []  # the download is gone after loading
 
 
 def test_rank_mismatch_names_the_config_keys(run_config, tmp_path):

@@ -93,7 +93,7 @@ def test_bench_on_the_pools_crash_resume_self_comparison_and_a_dead_judge(bench_
     monkeypatch.setattr(ScoreStore, "append", crashing_append)
     out = tmp_path / "vs_base"
     argv = ["--config", str(path), "--checkpoint", str(ckpt), "--baseline", "base", "--out", str(out),
-            "--grid-scale", "2"]  # fmt: skip
+            "--grid-scale", "2", "eval.pairwise=true"]  # fmt: skip
     with pytest.raises(RuntimeError, match="killed"):
         ev.main(argv)
     assert calls == ["baseline", "candidate"] and scored == [("baseline", 3)] and len(lost) == 2
@@ -104,17 +104,23 @@ def test_bench_on_the_pools_crash_resume_self_comparison_and_a_dead_judge(bench_
     rows = pq.read_table(out / "rows.parquet").to_pylist()
     assert len(rows) == 3 and not any(r["failed"] for r in rows)
     redone = {r["id"]: r for r in rows}
-    for row in lost:  # the lost chunk, scored again after the crash: the same edits and scores
-        assert redone[row["id"]]["mas"] == row["mas"] and redone[row["id"]]["overall"] == row["overall"]
+    for row in lost:  # the lost chunk, scored again after the crash: the same edits and scores, and the same
+        again = redone[row["id"]]  # side-by-side answer with the baseline's edits sampled again
+        assert again["mas"] == row["mas"] and again["overall"] == row["overall"]
+        assert again["pairwise"] == pytest.approx(row["pairwise"], abs=1e-6)
     for r in rows:
         assert 0.0 <= r["mas"] <= 100.0 and 0.0 <= r["overall"] <= 5.0 and r["win_mas"] in (0.0, 0.5, 1.0)
         assert len(r["p_fidelity"]) == 6 and r["seed"] == 42 and r["judge_attempts"] >= 3
+        assert 0.0 <= r["pairwise"] <= 1.0 and r["win_pairwise"] in (0.0, 0.5, 1.0) and not r["pairwise_failed"]
+        assert len(r["p_pair_baseline_first"]) == len(r["p_pair_candidate_first"]) == 6 and r["pairwise_attempts"] >= 2
     assert any(r["mas"] != r["baseline_mas"] for r in rows)  # the adapter was loaded: the policies differ
     report = (out / "report.md").read_text()
     assert "**judge at http://" in report and "eval.mas_alpha = 0.7" in report and "steps 2" in report
     assert "requests " in report  # the reward worker's rubric client counted its requests
+    assert "side-by-side win rate %" in report and "0 of 3 rows failed" in report
     assert Image.open(out / "grid.png").size == (4 * 32 * 2, 3 * 32 * 2)  # input | target | baseline | candidate
-    assert "report:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "report:" in printed and "sampling the baseline's 3 edits again" in printed
 
     # The worker's edit from the export (read into the training adapter) = diffusers' loader in process.
     cfg = load_config(path)
@@ -136,11 +142,11 @@ def test_bench_on_the_pools_crash_resume_self_comparison_and_a_dead_judge(bench_
     one_worker = ["cluster.rollout_workers=1"]
     same = tmp_path / "self"
     argv = ["--config", str(path), "--checkpoint", str(ckpt), "--baseline", str(ckpt), "--out", str(same),
-            "--limit", "2", *one_worker]  # fmt: skip
+            "--limit", "2", "eval.pairwise=true", *one_worker]  # fmt: skip
     assert ev.main(argv) == 0
     assert scored[2:] == [("baseline", 2)]  # one policy, sampled once
     summary = json.loads((same / "summary.json").read_text())["all"]
-    for key in ("win_mas", "win_overall"):
+    for key in ("win_mas", "win_overall", "win_pairwise"):  # identical edits side by side: a tie, not asked
         assert (summary["metrics"][key]["mean"], summary["metrics"][key]["low"]) == (0.5, 0.5)
     assert summary["metrics"]["mas"] == summary["metrics"]["baseline_mas"]
 

@@ -38,7 +38,7 @@ def _client(urls, up: dict[str, float], **cfg) -> tuple[JudgeClient, list[str]]:
 
 async def _ask(client: JudgeClient, n: int = 1) -> list:
     client._state().http._transport = client.transport  # only the transport is scripted, not the client
-    return [await client._ask("data:,", "data:,", "prompt") for _ in range(n)]
+    return [await client._ask(["data:,", "data:,"], "prompt") for _ in range(n)]
 
 
 def test_a_dead_replica_is_failed_over_and_then_skipped():

@@ -57,7 +57,7 @@ def test_the_client_sends_the_key_as_a_bearer_token():
         state = client._state()
         state.http._transport = httpx.MockTransport(handler)  # only the transport is replaced, not the client
         try:
-            await client._ask("data:,", "data:,", "prompt")
+            await client._ask(["data:,", "data:,"], "prompt")
         except Exception as e:  # noqa: BLE001 - the message is what is checked
             return str(e)
         return ""
