@@ -25,10 +25,10 @@ from common import telemetry
 from common.config import EvalConfig, RolloutConfig
 from common.faults import fault_point
 from common.net import whereabouts
-from common.s3 import S3Retry
 from models.parity import ParityError, ParityProbe, check_parity
 from models.policy import EditPolicy
 from models.weights import (
+    LoraExport,
     PolicyWeights,
     PublishedWeights,
     WeightManifest,
@@ -57,6 +57,7 @@ class RolloutWorker:
         self.sampler = Sampler(policy, cfg, reference)
         self.probe = ParityProbe.build(policy, cfg) if cfg.parity_check else None
         self.parity_error: float | None = None  # of the version loaded last
+        self.export: str | None = None  # the location of the checkpoint export loaded last, if that is what it holds
 
     def ready(self) -> str:
         return self.name
@@ -69,6 +70,7 @@ class RolloutWorker:
         learner sent its probe output): on a mismatch nothing samples until a later version passes."""
         with telemetry.timed("load_weights"):
             self.weights.load(weights.version, weights.manifest, tensors)
+            self.export = None
             self._check_parity(weights)
         telemetry.count(telemetry.WEIGHT_BYTES, sum(t.nbytes for t in tensors.values()))
 
@@ -114,26 +116,33 @@ class RolloutWorker:
         return [x for g, images in pairs for x in (g, images, {"version": g.version, "seeds": g.seeds,
                                                                "digests": image_digests(images), **meta, **g.timing})]
 
-    def load_export(self, location: str, rank: int, alpha: int, *, cache_dir: str,
-                    retry: S3Retry | None = None) -> None:  # fmt: skip
+    def load_export(self, export: LoraExport) -> None:
         """Evaluation of a checkpoint (learner.evaluate --baseline): its diffusers LoRA export (a dir, or an s3://
-        prefix downloaded under `cache_dir` here), read on this worker's node, into the adapter in place.
-        Version -1 afterwards: the next published weights load."""
-        with self.busy.call(), lora_export_here(location, cache_dir=cache_dir, retry=retry) as lora_dir:
-            check_lora_export(lora_dir, rank=rank, alpha=alpha)
+        prefix downloaded here), read on this worker's node, into the adapter in place. Version -1 afterwards:
+        the next published weights load."""
+        with self.busy.call():
+            self._load_export(export)
+
+    def _load_export(self, export: LoraExport) -> None:
+        with lora_export_here(export.location, cache_dir=export.cache_dir, retry=export.retry) as lora_dir:
+            check_lora_export(lora_dir, rank=export.rank, alpha=export.alpha)
             self.weights.policy.load_lora_state_dict(read_lora_export(self.weights.policy, lora_dir))
-            self.weights.version, self.parity_error = -1, None
+        self.weights.version, self.parity_error, self.export = -1, None, export.location
 
     def edit(self, cfg: EvalConfig, example: Prompt, weights: PublishedWeights | None = None,
-             base: bool = False) -> torch.Tensor:  # fmt: skip
+             base: bool = False, export: LoraExport | None = None) -> torch.Tensor:  # fmt: skip
         """One evaluation edit of `example` (actors/eval_sampler.py: the pipeline's sampler and seed, `eval.*`),
-        uint8 (3, H, W): with `weights` (loaded first when their version differs; None: what the policy holds),
-        or with `base`, the base policy (the LoRA adapter off). The same row gives the same edit on any worker."""
+        uint8 (3, H, W): with `weights` (loaded first when their version differs), or a checkpoint's `export`
+        (loaded first unless it is the one this worker holds: so a worker Ray restarted, which starts with an
+        empty adapter, loads it again before it edits), or neither (what the policy holds); with `base`, by the
+        base policy (the LoRA adapter off). The same row gives the same edit on any worker."""
         with self.busy.call():
             if weights is not None and weights.version != self.weights.version:
                 with telemetry.timed("fetch_weights"):
                     tensors = ray.get(weights.tensors)
                 self.load(weights, tensors)
+            if export is not None and export.location != self.export:
+                self._load_export(export)
             if base and self.weights.kind != "lora":
                 raise ValueError("base-policy edits need a LoRA policy (with nft.full_finetune the base is gone)")
             policy = self.weights.policy

@@ -574,6 +574,11 @@ class EvalConfig:
     mas_min_motion_ratio: float = _f(
         0.01, "MAS = 0 when mean|V_pred| / mean|V_gt| is below this (published: an edit that does not move)"
     )
+    chunk_retries: int = _f(
+        3, "times a chunk of the comparison is sampled and scored again after it lost a worker (Ray restarts it; "
+        "the restarted worker loads the checkpoint again before it edits)"
+    )  # fmt: skip
+    worker_wait_s: float = _f(600.0, "how long a comparison waits for a lost worker to be back before it gives up")
     pairwise: bool = _f(
         False, "also ask the judge which of the two edits of a row is better, the baseline's or the candidate's, "
         "in both orders (position bias cancels; rewards/pairwise.py): 2 more judge calls per row, with three "
@@ -618,6 +623,8 @@ class EvalConfig:
                self.mas_d_max)  # fmt: skip
         _check(self.mas_min_motion_ratio >= 0, "eval.mas_min_motion_ratio", "a value >= 0", self.mas_min_motion_ratio)
         _check(self.tie_margin >= 0, "eval.tie_margin", "a value >= 0", self.tie_margin)
+        _check(self.chunk_retries >= 0, "eval.chunk_retries", "an integer >= 0", self.chunk_retries)
+        _check(self.worker_wait_s > 0, "eval.worker_wait_s", "a value > 0", self.worker_wait_s)
         _check(self.bootstrap_samples >= 1, "eval.bootstrap_samples", "an integer >= 1", self.bootstrap_samples)
         _check(0.0 < self.confidence < 1.0, "eval.confidence", "a value in (0, 1)", self.confidence)
 

@@ -30,13 +30,15 @@ from PIL import Image
 from common.config import Config, EvalConfig
 from learner.eval_stats import outcomes
 from learner.pools import Pools
-from models.weights import PublishedWeights
+from models.weights import LoraExport, PublishedWeights
 
 
 def sample_edits(rollouts: Sequence[Any], rows: Sequence[Any], cfg: EvalConfig, *,
-                 weights: PublishedWeights | None = None, base: bool = False) -> list[Any]:  # fmt: skip
-    """One edit reference per row (rows: references of data rows), row i on rollout worker i mod n."""
-    return [rollouts[i % len(rollouts)].edit.remote(cfg, row, weights, base) for i, row in enumerate(rows)]
+                 weights: PublishedWeights | None = None, base: bool = False,
+                 export: LoraExport | None = None) -> list[Any]:  # fmt: skip
+    """One edit reference per row (rows: references of data rows), row i on rollout worker i mod n, by the
+    policy of `weights`, of a checkpoint's `export`, or held (`RolloutWorker.edit`)."""
+    return [rollouts[i % len(rollouts)].edit.remote(cfg, row, weights, base, export) for i, row in enumerate(rows)]
 
 
 def score_edits(rewards: Sequence[Any], rows: Sequence[Any], edits: Sequence[Any], cfg: EvalConfig,
@@ -73,6 +75,23 @@ def lost_worker(error: BaseException) -> bool:
     retried later, not a bug."""
     lost = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
     return isinstance(error, lost) or (isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, lost))
+
+
+def wait_until_up(actors: Sequence[Any], timeout_s: float) -> None:
+    """Until every actor answers `ready` (one Ray is restarting refuses calls meanwhile); TimeoutError after
+    `timeout_s`, naming how many did not come back."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get([a.ready.remote() for a in actors], timeout=max(1.0, deadline - time.monotonic()))
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+        except ray.exceptions.RayActorError:  # ActorUnavailableError while restarting: ask again shortly
+            time.sleep(1.0)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"workers did not come back within {timeout_s:.0f}s after a crash (eval.worker_wait_s): "
+                               "is there a node left for them?")  # fmt: skip
 
 
 class HeldOutEval:

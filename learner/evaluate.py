@@ -81,7 +81,7 @@ from common.config import Config, ConfigError, RolloutConfig, load_config_or_exi
 from common.secret import secret_from_env
 from data.motionedit import MotionEditDataset, MotionExample, load_splits
 from learner.checkpoint import CheckpointManager
-from learner.eval_pools import edit_pngs, gather, sample_edits, score_edits
+from learner.eval_pools import edit_pngs, gather, lost_worker, sample_edits, score_edits, wait_until_up
 from learner.eval_report import ReportInfo, comparison_grid, plot_win_rates, summary_table, write_grid, write_report
 from learner.eval_stats import GroupSummary, summarize
 from learner.eval_table import ScoreStore, pair_rows, score_row, write_rows
@@ -91,7 +91,7 @@ from learner.pools import start_judges, start_reward_worker, start_rollout_worke
 from models.policy import EditPolicy, load_policy
 from models.tiny import pipeline_source
 from models.warmstart import check_text_length, resolve_demo
-from models.weights import LORA_FILE, check_lora_export, lora_export_here
+from models.weights import LORA_FILE, LoraExport, check_lora_export, lora_export_here
 from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer
 from rewards.judge_prompts import prompt_digest
 from rewards.rubric import judge_model_name
@@ -359,57 +359,84 @@ def _read_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
 
 
-def use_policy(rollouts: list[Any], lora: str | None, cfg: Config) -> bool:
-    """Make the rollout workers hold the policy exported at `lora` (each reads the export on its own node, from
-    S3 when it is there); returns the `base` flag of their edit calls (None: the base policy, the adapter off; a
-    full fine-tuning policy is its own base)."""
-    if lora is not None:
-        retry = s3.S3Retry.from_config(cfg.checkpoint)
-        ray.get([w.load_export.remote(lora, cfg.nft.lora_rank, cfg.nft.lora_alpha, cache_dir=cfg.model.cache_dir,
-                                      retry=retry) for w in rollouts])  # fmt: skip
-    return lora is None and not cfg.nft.full_finetune
+@dataclass(frozen=True)
+class Side:
+    """One policy of a comparison as the rollout workers sample it: a checkpoint's LoRA export (each worker loads
+    it on its own node before its first edit, and again after Ray restarted it), or the base policy (`base`:
+    the adapter off; a full fine-tuning run's base is the pipeline as loaded)."""
+
+    export: LoraExport | None
+    base: bool
+
+    def sample(self, rollouts: list[Any], rows: list[Any], cfg: Config) -> list[Any]:
+        return sample_edits(rollouts, rows, cfg.eval, base=self.base, export=self.export)
+
+
+def bench_side(lora: str | None, cfg: Config) -> Side:
+    """The side of the export at `lora` (None: the base policy)."""
+    if lora is None:
+        return Side(None, base=not cfg.nft.full_finetune)
+    export = LoraExport(lora, cfg.nft.lora_rank, cfg.nft.lora_alpha, cfg.model.cache_dir,
+                        s3.S3Retry.from_config(cfg.checkpoint))  # fmt: skip
+    return Side(export, base=False)
 
 
 def score_bench_policy(
-    name: str, lora_dir: str | None, rollouts: list[Any], rewards: list[Any], examples: list[MotionExample],
+    name: str, side: Side, rollouts: list[Any], rewards: list[Any], examples: list[MotionExample],
     rows: list[Any], store: ScoreStore, cfg: Config, *, edits_dir: Path, grid_ids: set[str],
-    keep: dict[str, Any] | None = None, against: dict[str, Any] | None = None,
+    keep: dict[str, Any] | None = None, against: tuple[dict[str, Any], Side] | None = None,
 ) -> int:  # fmt: skip
     """Sample (rollout workers), MAS-score and judge (reward workers) the rows of `examples` (`rows`: their
     references) that `name` has no row for in `store`, a chunk of `eval.chunk_rows` at a time, each chunk
     written before the next is scored while the next one's edits are being sampled; the edits of `grid_ids`
-    kept as PNG. `lora_dir` None: the base policy. `keep`: filled with each row's edit reference by id;
-    `against`: the baseline's edit reference by id, judged side by side with each edit. Returns the number
-    of rows scored now."""
+    kept as PNG. `keep`: filled with each row's edit reference by id; `against`: the baseline's edit
+    references by id and its side, judged side by side with each edit.
+
+    A chunk that loses a worker (Ray restarts it) is sampled and scored again once every worker answers, at
+    most `eval.chunk_retries` times; so is the baseline's side of it (its edits may have gone with a node).
+    Returns the number of rows scored now."""
     pending = set(store.pending(name, [e.id for e in examples]))
     todo = [i for i, e in enumerate(examples) if e.id in pending]
     if not todo:
         return 0
-    base = use_policy(rollouts, lora_dir, cfg)
-
-    def sample(chunk: list[int]) -> list[Any]:
-        return sample_edits(rollouts, [rows[i] for i in chunk], cfg.eval, base=base)
-
     chunks = [todo[s : s + cfg.eval.chunk_rows] for s in range(0, len(todo), cfg.eval.chunk_rows)]
-    edits = sample(chunks[0])
+    edits = side.sample(rollouts, [rows[i] for i in chunks[0]], cfg)
     for c, chunk in enumerate(chunks):
+        ahead = None  # the next chunk's edits, sampled while this one is scored
+        for attempt in range(cfg.eval.chunk_retries + 1):
+            try:
+                baseline = None if against is None else [against[0][examples[i].id] for i in chunk]
+                scores = score_edits(rewards, [rows[i] for i in chunk], edits, cfg.eval, baseline)
+                if ahead is None and c + 1 < len(chunks):
+                    ahead = side.sample(rollouts, [rows[i] for i in chunks[c + 1]], cfg)
+                scored = gather(scores)
+                shown = [(i, edit) for i, edit in zip(chunk, edits, strict=True) if examples[i].id in grid_ids]
+                pngs = edit_pngs([edit for _, edit in shown])
+                break
+            except ray.exceptions.RayError as error:
+                if not lost_worker(error) or attempt == cfg.eval.chunk_retries:
+                    raise
+                print(f"{name}: chunk {c + 1}/{len(chunks)} lost a worker ({type(error).__name__}); sampling and "
+                      f"scoring it again ({attempt + 1} of eval.chunk_retries {cfg.eval.chunk_retries})",
+                      flush=True)  # fmt: skip
+                wait_until_up([*rollouts, *rewards], cfg.eval.worker_wait_s)
+                edits = side.sample(rollouts, [rows[i] for i in chunk], cfg)
+                if against is not None:
+                    redone = against[1].sample(rollouts, [rows[i] for i in chunk], cfg)
+                    against[0].update((examples[i].id, edit) for i, edit in zip(chunk, redone, strict=True))
         if keep is not None:
             keep.update((examples[i].id, edit) for i, edit in zip(chunk, edits, strict=True))
-        baseline = None if against is None else [against[examples[i].id] for i in chunk]
-        scores = score_edits(rewards, [rows[i] for i in chunk], edits, cfg.eval, baseline)
-        shown = [(i, edit) for i, edit in zip(chunk, edits, strict=True) if examples[i].id in grid_ids]
-        if c + 1 < len(chunks):
-            edits = sample(chunks[c + 1])  # one chunk ahead: the rollout workers sample while this one is scored
-        for (i, _), png in zip(shown, edit_pngs([edit for _, edit in shown]), strict=True):
+        for (i, _), png in zip(shown, pngs, strict=True):
             path = _edit_png(edits_dir, name, examples[i].id)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(png)
         store.append([
             score_row(name, examples[i].id, examples[i].category, cfg.eval.seed, s["mas"], s["rubric"], s["pairwise"])
-            for i, s in zip(chunk, gather(scores), strict=True)
+            for i, s in zip(chunk, scored, strict=True)
         ])  # fmt: skip
         done = len(examples) - len(todo) + sum(len(x) for x in chunks[: c + 1])
         print(f"{name}: {done}/{len(examples)} rows scored", flush=True)
+        edits = ahead
     return len(todo)
 
 
@@ -434,14 +461,16 @@ def run_bench(
     if todo:
         with bench_workers(cfg) as (rollouts, rewards):
             rows = [ray.put(e) for e in examples]  # put once: rollout and reward workers fetch them by reference
+            sides = {name: bench_side(dirs[name], cfg) for name in BENCH_POLICIES}
             kept: dict[str, Any] = {}  # the baseline's edits, by id, while the candidate's are judged beside them
             for name in todo:
                 if side_by_side and name == "candidate":
-                    resample_baseline(kept, dirs["baseline"], rollouts, examples, rows, store, cfg)
-                score_bench_policy(name, dirs[name], rollouts, rewards, examples, rows, store, cfg,
+                    resample_baseline(kept, sides["baseline"], rollouts, examples, rows, store, cfg)
+                score_bench_policy(name, sides[name], rollouts, rewards, examples, rows, store, cfg,
                                    edits_dir=edits_dir, grid_ids=grid_ids,
                                    keep=kept if side_by_side and name == "baseline" else None,
-                                   against=kept if side_by_side and name == "candidate" else None)  # fmt: skip
+                                   against=(kept, sides["baseline"]) if side_by_side and name == "candidate"
+                                   else None)  # fmt: skip
             for counters in ray.get([w.counters.remote() for w in rewards]):
                 for key, value in counters.items():
                     if key.startswith("eval_judge/"):
@@ -458,19 +487,18 @@ def run_bench(
 
 
 def resample_baseline(
-    kept: dict[str, Any], lora_dir: str | None, rollouts: list[Any], examples: list[MotionExample], rows: list[Any],
+    kept: dict[str, Any], side: Side, rollouts: list[Any], examples: list[MotionExample], rows: list[Any],
     store: ScoreStore, cfg: Config,
 ) -> None:  # fmt: skip
     """Side-by-side judging of a resumed run: the baseline's edits of the rows the candidate still has to score
     that this process did not sample (the baseline was scored before a crash) are sampled again into `kept`.
     An edit is a function of its row, the policy and `eval.*`, so they are the edits the baseline was scored on."""
-    missing = [i for i, e in enumerate(examples) if e.id in set(store.pending("candidate", [e.id for e in examples]))
-               and e.id not in kept]  # fmt: skip
+    pending = set(store.pending("candidate", [e.id for e in examples]))
+    missing = [i for i, e in enumerate(examples) if e.id in pending and e.id not in kept]
     if not missing:
         return
     print(f"side by side: sampling the baseline's {len(missing)} edits again (scored by an earlier run)", flush=True)
-    base = use_policy(rollouts, lora_dir, cfg)
-    edits = sample_edits(rollouts, [rows[i] for i in missing], cfg.eval, base=base)
+    edits = side.sample(rollouts, [rows[i] for i in missing], cfg)
     kept.update((examples[i].id, edit) for i, edit in zip(missing, edits, strict=True))
 
 

@@ -140,6 +140,18 @@ class PolicyWeights:
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what checkpoint exports write and diffusers' loader reads
 
 
+@dataclass(frozen=True)
+class LoraExport:
+    """A checkpoint's LoRA export as a worker loads it: where it is (a dir or an s3:// prefix), the rank and alpha
+    the run trained with, and where on the worker's node an S3 export is downloaded to."""
+
+    location: str
+    rank: int
+    alpha: int
+    cache_dir: str
+    retry: s3.S3Retry | None = None
+
+
 @contextmanager
 def lora_export_here(location: str | Path, *, cache_dir: str | Path, retry: s3.S3Retry | None = None) -> Iterator[Path]:
     """A local directory holding the LoRA export at `location`: a local directory as it is, or an s3:// prefix

@@ -170,6 +170,7 @@ def test_a_checkpoint_on_s3_is_read_by_the_worker_that_loads_it(run_config, s3_b
     from actors.rollout import RolloutWorker
     from common import s3
     from models.policy import load_policy
+    from models.weights import LoraExport
 
     _, cfg = run_config
     state = _adapter_state(cfg, seed=3)
@@ -188,17 +189,26 @@ def test_a_checkpoint_on_s3_is_read_by_the_worker_that_loads_it(run_config, s3_b
         ev.checkpoints_to_evaluate(s3_cfg, f"{root}/step_00000009")
     assert not (tmp_path / "cache").exists()  # resolving downloads nothing
 
-    worker_cache = tmp_path / "worker_node_cache"
+    worker_cache = str(tmp_path / "worker_node_cache")
     build = lambda: load_policy(cfg.model, use_gpu=False, lora=cfg.nft)  # noqa: E731 - as bench_workers builds it
     rollout = replace(cfg.rollout, parity_check=False)
     worker = RolloutWorker("rollout-0", build, rollout, "lora")
-    worker.load_export(lora, RANK, ALPHA, cache_dir=str(worker_cache), retry=s3.S3Retry(1, 0.01))
+    export = LoraExport(lora, RANK, ALPHA, worker_cache, s3.S3Retry(1, 0.01))
+    worker.load_export(export)
     held = worker.weights.policy.lora_state_dict()
     reference = RolloutWorker("rollout-1", build, rollout, "lora")
-    reference.load_export(str(local / "lora"), RANK, ALPHA, cache_dir=str(worker_cache))
+    reference.load_export(LoraExport(str(local / "lora"), RANK, ALPHA, worker_cache))
     want = reference.weights.policy.lora_state_dict()
     assert held.keys() == want.keys() and all(torch.equal(held[k], want[k]) for k in want)
-    assert list((worker_cache / "lora_exports").iterdir()) == []  # the download is gone after loading
+    assert list((Path(worker_cache) / "lora_exports").iterdir()) == []  # the download is gone after loading
+    # A worker that does not hold the export (a restarted one starts with an empty adapter) loads it before it
+    # edits: its edit is the one of a worker that held it already.
+    example = ev.bench_examples(cfg, "", 1)[0]
+    quick = replace(cfg.eval, num_steps=2)
+    restarted = RolloutWorker("rollout-2", build, rollout, "lora")
+    assert torch.equal(restarted.edit(quick, example, export=export), worker.edit(quick, example, export=export))
+    assert restarted.export == lora and not torch.equal(restarted.edit(quick, example, base=True),
+                                                        worker.edit(quick, example))  # fmt: skip
 
 
 def test_rank_mismatch_names_the_config_keys(run_config, tmp_path):

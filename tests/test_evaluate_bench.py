@@ -161,3 +161,26 @@ def test_bench_on_the_pools_crash_resume_self_comparison_and_a_dead_judge(bench_
     text = (dead / "report.md").read_text()
     assert "1 of 1, left out of the rubric means" in text and "failures 1" in text
     assert _alive_actors(actors_before) == actors_before
+
+    # A rollout worker killed while the candidate's chunk is being sampled (Ray restarts it, with an empty adapter):
+    # the chunk is sampled and scored again, the restarted worker loads the checkpoint again before it edits, and
+    # the rows are those of the uninterrupted comparison.
+    real_sample, killed = ev.Side.sample, []
+
+    def killing_sample(self, rollouts, rows, cfg):
+        refs = real_sample(self, rollouts, rows, cfg)
+        if self.export is not None and not killed:  # the candidate's first chunk: row 0 and row 2 on worker 0
+            killed.append(rollouts[0])
+            ray.kill(rollouts[0], no_restart=False)
+        return refs
+
+    monkeypatch.setattr(ev.Side, "sample", killing_sample)
+    capsys.readouterr()
+    lost_worker = tmp_path / "lost_worker"
+    argv = ["--config", str(path), "--checkpoint", str(ckpt), "--baseline", "base", "--out", str(lost_worker),
+            "eval.chunk_rows=3"]  # fmt: skip
+    assert ev.main(argv) == 0 and killed
+    assert "candidate: chunk 1/1 lost a worker" in capsys.readouterr().out
+    for row in pq.read_table(lost_worker / "rows.parquet").to_pylist():
+        assert (row["mas"], row["overall"]) == (redone[row["id"]]["mas"], redone[row["id"]]["overall"])
+    assert _alive_actors(actors_before) == actors_before
