@@ -98,6 +98,12 @@ from rewards.rubric import judge_model_name
 from rewards.scorer import build_reward_scorer
 
 COMPONENTS = ("reward", "score", "l_q", "direction", "move", "distance")
+
+
+class EvalInputError(ValueError):
+    """What the command was asked cannot be done (no rows, no judge, another comparison in --out): the command
+    prints the message, not a traceback, and exits 2."""
+
 BENCH_POLICIES = ("baseline", "candidate")  # sampled in this order: the baseline is usually shared by runs
 
 
@@ -278,7 +284,7 @@ def bench_examples(cfg: Config, split: str, limit: int) -> list[MotionExample]:
     else:
         _, dataset = load_splits(cfg)
     if len(dataset) == 0:
-        raise ValueError(f"no rows to evaluate in {split or 'the held-out split (data.eval_fraction)'}")
+        raise EvalInputError(f"no rows to evaluate in {split or 'the held-out split (data.eval_fraction)'}")
     return [dataset[i] for i in range(len(dataset) if limit <= 0 else min(limit, len(dataset)))]
 
 
@@ -288,7 +294,7 @@ def bench_policy_dir(cfg: Config, which: str, flag: str) -> str | None:
     if which in ("base", "none"):
         return None
     if which == "all":
-        raise ValueError(f"{flag} all: a comparison takes one candidate and one baseline")
+        raise EvalInputError(f"{flag} all: a comparison takes one candidate and one baseline")
     ((_, lora_dir),) = checkpoints_to_evaluate(cfg, which)
     return lora_dir
 
@@ -305,7 +311,7 @@ def bench_workers(cfg: Config) -> Iterator[tuple[list[Any], list[Any]]]:
     embedded cluster started here is shut down."""
     j, c = cfg.reward.judge, cfg.cluster
     if not (j.url or j.model_path or j.tiny):
-        raise ValueError("the rubric needs a judge: reward.judge.url, reward.judge.model_path or reward.judge.tiny")
+        raise EvalInputError("the rubric needs a judge: reward.judge.url, reward.judge.model_path or reward.judge.tiny")
     started = not ray.is_initialized()
     embedded = init_ray(cfg)
     judges: list[Any] = []
@@ -316,7 +322,7 @@ def bench_workers(cfg: Config) -> Iterator[tuple[list[Any], list[Any]]]:
         judges = start_judges(cfg, key, local=embedded, rubric=True)
         urls = (j.url,) if j.url else tuple(ray.get([judge.url.remote() for judge in judges]))
         if not urls:
-            raise ValueError("the rubric needs a judge: cluster.judge_replicas is 0 and reward.judge.url is empty")
+            raise EvalInputError("the rubric needs a judge: cluster.judge_replicas is 0 and reward.judge.url is empty")
         flow_only = functools.partial(
             build_reward_scorer, replace(cfg.reward, flow_weight=1.0, judge_weight=0.0), (),
             device="cuda" if c.reward_gpus > 0 else "cpu", cache_dir=cfg.model.cache_dir,
@@ -572,7 +578,7 @@ def check_bench_manifest(out_dir: Path, manifest: dict) -> None:
         saved = json.loads(path.read_text())
         differ = sorted(k for k in saved.keys() | manifest.keys() if saved.get(k) != manifest.get(k))
         if differ:
-            raise ValueError(f"{out_dir} holds a comparison with other {', '.join(differ)} ({path}); "
+            raise EvalInputError(f"{out_dir} holds a comparison with other {', '.join(differ)} ({path}); "
                              "use another --out, or delete it to start over")  # fmt: skip
         return
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -592,7 +598,7 @@ def run(
     """Evaluate the selected checkpoints on the held-out split; write eval.json, grid.png, reward_curve.png."""
     _, held_out = load_splits(cfg)
     if len(held_out) == 0:
-        raise ValueError("no held-out split: data.eval_fraction must be > 0 to evaluate")
+        raise EvalInputError("no held-out split: data.eval_fraction must be > 0 to evaluate")
     examples = [held_out[i] for i in range(len(held_out) if limit <= 0 else min(limit, len(held_out)))]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scorer = build_flow_scorer(cfg.reward.flow, device=device, cache_dir=cfg.model.cache_dir)
@@ -672,20 +678,35 @@ def _run_config_path(run_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    path = args.config or _run_config_path(Path(args.run))
+    try:
+        path = args.config or _run_config_path(Path(args.run))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     cfg = load_config_or_exit(path, args.overrides)  # dotted overrides on top of the file
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = resolve_demo(cfg)  # --config of a demo run: the same (cached) data and warm-started pipeline it trained
     scale = args.grid_scale or max(1, math.ceil(96 / min(cfg.rollout.height, cfg.rollout.width)))
     if args.baseline:
         out = Path(args.out) if args.out else Path(cfg.logging.dir) / "bench"
-        run_bench(cfg, args.checkpoint, args.baseline, out, split=args.split, limit=args.limit,
-                  grid_rows=args.grid_rows, grid_scale=scale)  # fmt: skip
+        try:
+            run_bench(cfg, args.checkpoint, args.baseline, out, split=args.split, limit=args.limit,
+                      grid_rows=args.grid_rows, grid_scale=scale)  # fmt: skip
+        except ConfigError as e:  # found once the cluster is known: pools no node can hold
+            print(f"config error: {e}", file=sys.stderr, flush=True)
+            return 2
+        except (EvalInputError, FileNotFoundError) as e:  # e.g. a missing checkpoint or split
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
         return 0
     if args.split:
         raise SystemExit("--split needs --baseline (the flow-score evaluation uses the run's held-out split)")
     out = Path(args.out) if args.out else Path(cfg.logging.dir) / "eval"
-    run(cfg, args.checkpoint, out, seed=args.seed, limit=args.limit, grid_rows=args.grid_rows, grid_scale=scale)
+    try:
+        run(cfg, args.checkpoint, out, seed=args.seed, limit=args.limit, grid_rows=args.grid_rows, grid_scale=scale)
+    except (EvalInputError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -292,5 +292,8 @@ def test_cli_run_dir_uses_the_saved_resolved_config(run_config, tmp_path, capsys
     assert json.loads((out / "eval.json").read_text())["n_examples"] == 2
     assert "reward_curve.png not written" in capsys.readouterr().out  # no metrics.jsonl, one evaluation
     assert not (out / "reward_curve.png").exists()
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        ev.main(["--run", str(tmp_path / "nothing")])
+    capsys.readouterr()
+    assert ev.main(["--run", str(tmp_path / "nothing")]) == 2  # a message, no traceback
+    assert "no config.json" in capsys.readouterr().err
+    assert ev.main(["--run", str(run_dir), "--checkpoint", "latest", f"checkpoint.dir={tmp_path / 'none'}"]) == 2
+    assert "--checkpoint latest: no complete checkpoint under" in capsys.readouterr().err

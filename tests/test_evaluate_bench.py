@@ -136,8 +136,9 @@ def test_bench_on_the_pools_crash_resume_self_comparison_and_a_dead_judge(bench_
     assert torch.equal(pooled, direct), (pooled.int() - direct.int()).abs().max()
 
     monkeypatch.setattr(ScoreStore, "append", real_append)
-    with pytest.raises(ValueError, match="other candidate"):  # another comparison in the same dir
-        ev.main(["--config", str(path), "--checkpoint", "base", "--baseline", "base", "--out", str(out)])
+    capsys.readouterr()  # another comparison in the same dir: refused with a message, no traceback
+    assert ev.main(["--config", str(path), "--checkpoint", "base", "--baseline", "base", "--out", str(out)]) == 2
+    assert "holds a comparison with other candidate" in capsys.readouterr().err
 
     one_worker = ["cluster.rollout_workers=1"]
     same = tmp_path / "self"
