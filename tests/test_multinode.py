@@ -122,22 +122,47 @@ def test_resume_on_the_cluster_matches_the_uninterrupted_run(cluster, bucket, tr
             assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), (got["step"], key)
 
 
-def test_an_unreachable_checkpoint_dir_is_refused_before_anything_starts(cluster, tmp_path):
-    rc, log = _train(cluster, tmp_path / "run", "s3://no-such-bucket-here/x", "learner.steps=1")
+@pytest.fixture(scope="module")
+def refused(cluster, bucket, tmp_path_factory) -> dict[str, tuple[int, str, Path]]:
+    """Three jobs that must be refused at start, submitted at once (each is mostly a job driver's start-up; one
+    after the other they took 13 + 20 + 20 s): {name: (exit code, log, run dir)}."""
+    root = tmp_path_factory.mktemp("refused")
+    jobs = {
+        "unreachable": ("s3://no-such-bucket-here/x",),
+        "local": (str(root / "local" / "ckpt"),),
+        "unplaceable": (f"s3://{bucket}/unplaceable", "cluster.judge_resources={gpu_node: 1}",
+                        "reward.judge_weight=0.5"),
+    }  # fmt: skip
+    results: dict[str, tuple[int, str, Path]] = {}
+
+    def submit(name: str) -> None:
+        ckpt, *extra = jobs[name]
+        rc, log = _train(cluster, root / name / "run", ckpt, "learner.steps=1", *extra)
+        results[name] = (rc, log, root / name)
+
+    threads = [threading.Thread(target=submit, args=(name,)) for name in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    return results
+
+
+def test_an_unreachable_checkpoint_dir_is_refused_before_anything_starts(refused):
+    rc, log, _ = refused["unreachable"]
     assert rc != 0
     assert "config error: checkpoint.dir: s3 bucket not found for s3://no-such-bucket-here/x" in log, log[-3000:]
 
 
-def test_a_local_checkpoint_dir_is_refused_when_ranks_are_on_other_nodes(cluster, tmp_path):
-    rc, log = _train(cluster, tmp_path / "run", str(tmp_path / "ckpt"), "learner.steps=1")
+def test_a_local_checkpoint_dir_is_refused_when_ranks_are_on_other_nodes(refused):
+    rc, log, root = refused["local"]
     assert rc != 0
     assert "config error: checkpoint.dir:" in log and "is a local path, but 2 of 2 learner ranks" in log, log[-3000:]
-    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+    assert not (root / "ckpt").exists() or not any((root / "ckpt").iterdir())
 
 
-def test_a_pool_no_node_can_hold_fails_at_start_naming_its_keys(cluster, bucket, tmp_path):
-    rc, log = _train(cluster, tmp_path / "run", f"s3://{bucket}/unplaceable", "learner.steps=1",
-                     "cluster.judge_resources={gpu_node: 1}", "reward.judge_weight=0.5")  # fmt: skip
+def test_a_pool_no_node_can_hold_fails_at_start_naming_its_keys(refused):
+    rc, log, _ = refused["unplaceable"]
     assert rc != 0
     assert "config error: pools that can never be placed" in log, log[-3000:]
     assert "the judge pool asks {CPU: 0.5, gpu_node: 1}" in log and "judge_resources" in log
