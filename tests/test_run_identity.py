@@ -39,6 +39,25 @@ def _main(tmp: Path, *args: str, kill_at: str = "") -> subprocess.CompletedProce
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
 
 
+def _main_at_once(tmp: Path, *runs: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """Several starts at the same time (each with its own args), e.g. starts that must all be refused."""
+    procs = []
+    for args in runs:
+        cmd, env = _command(tmp, *args)
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))  # fmt: skip
+    done = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=420)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
 def _steps(tmp: Path) -> list[int]:
     path = tmp / "run" / "metrics.jsonl"
     return [json.loads(x)["step"] for x in (path.read_text() if path.exists() else "").splitlines() if x.strip()]
@@ -102,9 +121,9 @@ def test_every_step_logged_once_across_kills_a_lost_rank_and_refused_starts(tmp_
     run_id = json.loads((tmp_path / "ckpt" / "step_00000002" / "driver.json").read_text())["driver"]["run_id"]
 
     # 2. A fresh start into that checkpoint dir, and a resume with other training math, are refused at once.
-    fresh = _main(tmp_path)
+    other_math = ("nft.beta=0.5", "data.seed=3", "cluster.rollout_workers=1", "--resume")
+    fresh, changed = _main_at_once(tmp_path, (), other_math)
     assert fresh.returncode == 2 and "checkpoint.dir:" in fresh.stderr and "already holds checkpoints" in fresh.stderr
-    changed = _main(tmp_path, "nft.beta=0.5", "data.seed=3", "cluster.rollout_workers=1", "--resume")
     assert changed.returncode == 2, changed.stderr[-2000:]
     assert ("2 training-relevant key(s): data.seed: 0 in the checkpoint, 3 now; nft.beta: 1.0 in the checkpoint, "
             "0.5 now") in changed.stderr
