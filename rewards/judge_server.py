@@ -73,8 +73,12 @@ class VLLMServer:
     process dies, even by SIGKILL (a killed Ray actor). `start()` blocks until GET /health answers 200
     and fails fast, with the tail of the log, if the process exits first. `stop()` SIGTERMs the server
     and SIGKILLs its whole group (API server, engine core, workers) if it is not gone after STOP_GRACE_S.
-    enforce_eager and cpu_kvcache_space_gib default by whether CUDA is available: on CPU, eager mode and a
-    1 GiB KV cache (vLLM's CPU default is 4 GiB). The log is kept after stop().
+    enforce_eager, cpu_kvcache_space_gib and single_process default by whether CUDA is available: on CPU, eager
+    mode, a 1 GiB KV cache (vLLM's CPU default is 4 GiB), and the engine core and its worker inside the API
+    server's process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the `uni` executor; tensor parallel size 1 only): the
+    CPU judge is the tiny test judge or a small one, and three processes importing vLLM took 25.3 s to start on
+    2 cores where one took 16.9 s. On GPU vLLM's default stays: a separate engine process overlaps serving and
+    scheduling. The log is kept after stop().
     api_key: the server answers /v1 requests only with `Authorization: Bearer <key>`. It reaches vLLM as
     VLLM_API_KEY in the server's environment, not as --api-key: vLLM logs its argv, and `ps` shows it.
     """
@@ -90,6 +94,7 @@ class VLLMServer:
         env: Mapping[str, str] | None = None,
         enforce_eager: bool | None = None,
         cpu_kvcache_space_gib: int | None = None,
+        single_process: bool | None = None,
         log_path: str | os.PathLike | None = None,
         api_key: Secret | None = None,
     ):
@@ -104,6 +109,8 @@ class VLLMServer:
         self.env = dict(env or {})
         self.enforce_eager = on_cpu if enforce_eager is None else enforce_eager
         self.cpu_kvcache_space_gib = (1 if on_cpu else None) if cpu_kvcache_space_gib is None else cpu_kvcache_space_gib
+        single = on_cpu if single_process is None else single_process
+        self.single_process = single and cfg.tensor_parallel_size == 1
         self.log_path = Path(log_path) if log_path else None
         self.api_key = api_key
         self.process: subprocess.Popen | None = None
@@ -126,6 +133,8 @@ class VLLMServer:
         ]  # fmt: skip
         if self.enforce_eager:
             cmd.append("--enforce-eager")
+        if self.single_process:
+            cmd += ["--distributed-executor-backend", "uni"]
         return cmd + list(self.extra_args)
 
     def _environment(self) -> dict[str, str]:
@@ -133,6 +142,8 @@ class VLLMServer:
         env.setdefault("HF_HUB_OFFLINE", "1")  # the model is local; never reach for a hub
         if self.cpu_kvcache_space_gib is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cpu_kvcache_space_gib)
+        if self.single_process:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         env.update(self.env)
         env.pop("VLLM_API_KEY", None)  # only the key given here, never one inherited by accident
         if self.api_key is not None:
