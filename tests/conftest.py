@@ -154,7 +154,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def vllm_judge(tmp_path_factory):
     """One real vLLM server (the tiny random Qwen2-VL judge, CPU, on 127.0.0.1) for the whole session: each
-    start costs ~35 s on 2 cores, so the tests that only need a live judge share this one."""
+    start costs ~17 s on 2 cores, so the tests that only need a live judge share this one."""
     from common.config import JudgeConfig
     from models.tiny_judge import build_tiny_judge
     from rewards.judge_server import VLLMServer
