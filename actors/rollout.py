@@ -117,13 +117,9 @@ class RolloutWorker:
                                                                "digests": image_digests(images), **meta, **g.timing})]
 
     def load_export(self, export: LoraExport) -> None:
-        """Evaluation of a checkpoint (learner.evaluate --baseline): its diffusers LoRA export (a dir, or an s3://
-        prefix downloaded here), read on this worker's node, into the adapter in place. Version -1 afterwards:
-        the next published weights load."""
-        with self.busy.call():
-            self._load_export(export)
-
-    def _load_export(self, export: LoraExport) -> None:
+        """Evaluation of a checkpoint (learner.evaluate --baseline, through `edit`): its diffusers LoRA export (a
+        dir, or an s3:// prefix downloaded here), read on this worker's node, into the adapter in place.
+        Version -1 afterwards: the next published weights load."""
         with lora_export_here(export.location, cache_dir=export.cache_dir, retry=export.retry) as lora_dir:
             check_lora_export(lora_dir, rank=export.rank, alpha=export.alpha)
             self.weights.policy.load_lora_state_dict(read_lora_export(self.weights.policy, lora_dir))
@@ -142,7 +138,7 @@ class RolloutWorker:
                     tensors = ray.get(weights.tensors)
                 self.load(weights, tensors)
             if export is not None and export.location != self.export:
-                self._load_export(export)
+                self.load_export(export)
             if base and self.weights.kind != "lora":
                 raise ValueError("base-policy edits need a LoRA policy (with nft.full_finetune the base is gone)")
             policy = self.weights.policy

@@ -119,9 +119,7 @@ class HeldOutEval:
         return self.every > 0 and (step + 1) % self.every == 0
 
     def __call__(self, pools: Pools, step: int, weights: PublishedWeights) -> dict[str, float]:
-        """The step's `eval/*` keys (none when not due)."""
-        if not self.due(step):
-            return {}
+        """The `eval/*` keys of a step that is `due` (the driver publishes the weights only then)."""
         t0 = time.perf_counter()
         rollouts = [pools.rollouts.actors[w] for w in pools.rollouts.up()]
         rewards = [pools.rewards.actors[w] for w in pools.rewards.up()]

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from common.config import EvalConfig
-from learner.eval_stats import ALL, Estimate, GroupSummary
+from learner.eval_stats import ALL, NO_ESTIMATE, Estimate, GroupSummary
 
 MAS_KEYS = ("mas_alpha", "mas_tau", "mas_d_min", "mas_d_max", "mas_eps", "mas_q", "mas_min_motion_ratio")
 JUDGE_COUNTERS = ("requests", "retries", "timeouts", "connection_errors", "server_errors", "unparseable", "failures")
@@ -68,9 +68,8 @@ def summary_table(groups: Mapping[str, GroupSummary]) -> str:
             _interval(m["fidelity"]), _interval(m["preservation"]), _interval(m["coherence"]),
         ]  # fmt: skip
         if pairwise:
-            none = Estimate(math.nan, math.nan, math.nan, 0)
-            cells += [_interval(m.get("win_pairwise", none), 100), _interval(m.get("pairwise", none), 1, 3),
-                      str(g.pairwise_failed)]  # fmt: skip
+            win, preference = m.get("win_pairwise", NO_ESTIMATE), m.get("pairwise", NO_ESTIMATE)
+            cells += [_interval(win, 100), _interval(preference, 1, 3), str(g.pairwise_failed)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -162,7 +161,7 @@ def plot_win_rates(groups: Mapping[str, GroupSummary], path: str | Path) -> Path
     width = 0.8 / len(bars)
     for b, (key, label) in enumerate(bars):
         offset = (b - (len(bars) - 1) / 2) * width
-        est = [groups[n].metrics.get(key, Estimate(math.nan, math.nan, math.nan, 0)) for n in names]
+        est = [groups[n].metrics.get(key, NO_ESTIMATE) for n in names]
         means = [100 * e.mean if e.n else 0.0 for e in est]
         errors = [[100 * (e.mean - e.low) if e.n else 0.0 for e in est],
                   [100 * (e.high - e.mean) if e.n else 0.0 for e in est]]  # fmt: skip

@@ -54,6 +54,9 @@ class GroupSummary:
     pairwise_failed: int = 0  # rows whose side-by-side comparison failed (of those that had one)
 
 
+NO_ESTIMATE = Estimate(math.nan, math.nan, math.nan, 0)  # of no values: NaN, never 0
+
+
 def outcomes(candidate: Sequence[float], baseline: Sequence[float], *, margin: float) -> np.ndarray:
     """Per row: 1.0 if candidate > baseline + margin, 0.0 if candidate < baseline − margin, else 0.5 (a tie)."""
     a, b = np.asarray(candidate, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
@@ -89,7 +92,7 @@ def estimate(values: Sequence[float], cfg: EvalConfig) -> Estimate:
     """Mean and bootstrap interval of `values` with the `eval.*` settings; NaN estimate for no values."""
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
-        return Estimate(math.nan, math.nan, math.nan, 0)
+        return NO_ESTIMATE
     low, high = bootstrap_interval(x, samples=cfg.bootstrap_samples, confidence=cfg.confidence,
                                    seed=cfg.bootstrap_seed)  # fmt: skip
     return Estimate(float(x.mean()), low, high, int(x.size))

@@ -67,7 +67,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -183,10 +183,10 @@ def checkpoints_to_evaluate(cfg, which: str) -> list[tuple[int | None, str | Non
         has = {lora for lora in (root, f"{root}/lora") if f"{lora}/{LORA_FILE}" in objects}
     else:
         has = {lora for lora in (root, f"{root}/lora") if (Path(lora) / LORA_FILE).is_file()}
-    if root in has:
-        return [(_step_of(root.rsplit("/", 2)[-2] if "/" in root else ""), root)]
+    if root in has:  # a LoRA dir itself: its parent is the checkpoint
+        return [(_step_of(PurePosixPath(root).parent.name), root)]
     if f"{root}/lora" in has:
-        return [(_step_of(root.rsplit("/", 1)[-1]), f"{root}/lora")]
+        return [(_step_of(PurePosixPath(root).name), f"{root}/lora")]
     raise FileNotFoundError(f"--checkpoint {which}: neither {root}/lora/{LORA_FILE} nor {root}/{LORA_FILE} exists")
 
 

@@ -122,9 +122,16 @@ def digit_probs_from_reply(reply: Mapping, *, mass_tol: float = DIGIT_MASS_TOL) 
     return [e / total for e in exps]
 
 
+def expected_digit(probs: Sequence[float]) -> float:
+    """E = sum(k * p_k) over the digits 0..5."""
+    if len(probs) != MAX_DIGIT + 1:
+        raise ValueError(f"expected {MAX_DIGIT + 1} digit probabilities, got {len(probs)}")
+    return sum(k * p for k, p in enumerate(probs))
+
+
 def expected_digit_score(probs: Sequence[float]) -> float:
     """r = sum(k * p_k) / 5: the expected digit mapped to [0, 1]."""
-    return sum(k * p for k, p in enumerate(probs)) / MAX_DIGIT
+    return expected_digit(probs) / MAX_DIGIT
 
 
 def _check_image(name: str, image: torch.Tensor, ndim: int = 3) -> None:

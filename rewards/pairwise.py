@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rewards.judge import MAX_DIGIT, JudgeClient, JudgeError
+from rewards.judge import JudgeClient, JudgeError, expected_digit_score
 
 
 @dataclass(frozen=True)
@@ -34,17 +34,11 @@ class PairwiseRow:
     error: str = ""
 
 
-def expected_digit(probs: Sequence[float]) -> float:
-    """E = Σ k·p_k over the digits 0..5."""
-    if len(probs) != MAX_DIGIT + 1:
-        raise ValueError(f"expected {MAX_DIGIT + 1} digit probabilities, got {len(probs)}")
-    return sum(k * p for k, p in enumerate(probs))
-
-
 def pairwise_preference(baseline_first: Sequence[float], candidate_first: Sequence[float]) -> float:
-    """The candidate's preference from both orders' digit probabilities (module docstring)."""
-    q1 = expected_digit(baseline_first) / MAX_DIGIT
-    q2 = 1.0 - expected_digit(candidate_first) / MAX_DIGIT
+    """The candidate's preference from both orders' digit probabilities (module docstring): E / 5 is the
+    judge's own expected-digit score."""
+    q1 = expected_digit_score(baseline_first)
+    q2 = 1.0 - expected_digit_score(candidate_first)
     return (q1 + q2) / 2.0
 
 

@@ -18,9 +18,9 @@ from common.config import EvalConfig, JudgeConfig
 from learner.eval_report import ReportInfo, format_report, summary_table
 from learner.eval_stats import ALL, summarize
 from learner.eval_table import SCORE_SCHEMA, pair_rows, score_row
-from rewards.judge import JudgeClient, _data_url
+from rewards.judge import JudgeClient, _data_url, expected_digit
 from rewards.judge_prompts import pairwise_prompt
-from rewards.pairwise import expected_digit, judge_pairwise_many, pairwise_preference
+from rewards.pairwise import judge_pairwise_many, pairwise_preference
 
 BASELINE = torch.zeros(3, 8, 8, dtype=torch.uint8)
 CANDIDATE = torch.full((3, 8, 8), 200, dtype=torch.uint8)
