@@ -125,12 +125,25 @@ class Clock:
                 delattr(policy, name)  # the class's methods again
 
 
+def attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """The two matrix products of attention, with grouped key/value heads counted at the query's heads (torch 2.11's
+    own formula rejects grouped heads, which Qwen2.5-VL's text encoder uses)."""
+    b, heads, s_q, d_q = query_shape
+    s_k, d_v = key_shape[-2], value_shape[-1]
+    return 2 * b * heads * s_q * s_k * (d_q + d_v)
+
+
+ATTENTION_OPS = (torch.ops.aten._scaled_dot_product_efficient_attention,
+                 torch.ops.aten._scaled_dot_product_flash_attention,
+                 torch.ops.aten._scaled_dot_product_cudnn_attention)  # fmt: skip
+
+
 @contextlib.contextmanager
 def counting(flops: dict[str, float], name: str, enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=dict.fromkeys(ATTENTION_OPS, attention_flops)) as counter:
         yield
     flops[name] = flops.get(name, 0.0) + float(counter.get_total_flops())
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.train_step import choose_micro_batch
+from bench.train_step import attention_flops, choose_micro_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -49,3 +49,11 @@ def test_train_step_bench_tiny_mode_reports_every_phase_and_the_ratio(tmp_path):
 )
 def test_learner_micro_batch_from_free_memory(peak_1, peak_2, budget, expected):
     assert choose_micro_batch(peak_1, peak_2, budget) == expected
+
+
+def test_attention_flops_count_grouped_heads_at_the_query_heads():
+    """2 products of b·h·s_q·s_k·d each, 2 FLOPs per multiply-add: 2·2·28·100·80·(128 + 128) = 229,376,000, the
+    same for 4 grouped key/value heads as for 28 (each query head still attends over all 80 keys)."""
+    q = (2, 28, 100, 128)
+    assert attention_flops(q, (2, 28, 80, 128), (2, 28, 80, 128)) == 229_376_000
+    assert attention_flops(q, (2, 4, 80, 128), (2, 4, 80, 128)) == 229_376_000
