@@ -38,16 +38,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 _LOOPBACK = "127.0.0.1"
 _REAP_TIMEOUT_S = 10.0  # the watchdog stops rescanning after this long
 _watchdogs: list[subprocess.Popen] = []  # referenced, so that no "still running" ResourceWarning is raised
 
 
-def start_local_ray(num_cpus: int | None, *, metrics_export_port: int = 0) -> None:
+def start_local_ray(num_cpus: int | None, *, metrics_export_port: int = 0, **init: Any) -> None:
     """Start the embedded cluster on loopback (`ray.init(address="local")`); its processes die with this one.
     Its Prometheus endpoint (Ray's metrics and ours, common/telemetry.py) listens on 127.0.0.1 at
-    `metrics_export_port` (0: a free port Ray picks), printed."""
+    `metrics_export_port` (0: a free port Ray picks), printed. `init` goes to `ray.init` as it is (custom
+    `resources`, a `runtime_env`: the scale simulation's)."""
     import ray
     import ray._private.ray_constants as ray_constants  # no public switch for a loopback node (module docstring)
 
@@ -56,7 +58,7 @@ def start_local_ray(num_cpus: int | None, *, metrics_export_port: int = 0) -> No
     enabled, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
     try:
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=_LOOPBACK,
-                           _metrics_export_port=metrics_export_port or None)  # fmt: skip
+                           _metrics_export_port=metrics_export_port or None, **init)  # fmt: skip
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = enabled
     try:
