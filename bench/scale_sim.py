@@ -178,8 +178,7 @@ def simulate(split: Split, costs: CallCosts, *, scale: float, prompts: int, grou
         loop.train(cfg)
     finally:
         loop.MetricsLog.write = write
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    timed = range(1, len(rows) - 1)  # step 0 starts the pools; the last step drains
+    timed = range(1, len(marks) - 1)  # step 0 starts the pools; the last step drains
     wall = [marks[i][0] - marks[i - 1][0] for i in timed]
     cpu = [marks[i][1] - marks[i - 1][1] for i in timed]
     samples = prompts * group
@@ -202,7 +201,7 @@ def simulated_cluster(gpus: int, holds: dict) -> Iterator[None]:
 
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {ENV: json.dumps(holds), "PYTHONPATH": path}
-    start_local_ray(2, resources={"sim_gpu": gpus},
+    start_local_ray(None, resources={"sim_gpu": gpus},
                     runtime_env={"worker_process_setup_hook": "bench.sim_holds.install", "env_vars": env})
     try:
         yield

@@ -1,7 +1,7 @@
 """The scale simulation's model calls (bench/scale_sim.py), installed in every Ray worker process it starts.
 
-Each model call still runs, on the tiny model, so outputs, gradients, FSDP collectives and object transfers stay
-real; then it waits until the GPU duration it stands for has passed since it began. A call whose real CPU time
+Each model call still runs, on the tiny model, so outputs, gradients and object transfers stay real; then it waits
+until the GPU duration it stands for has passed since it began. A call whose real CPU time
 already exceeds that duration (2 cores shared by every actor) overran its hold: each call is logged, and the
 simulation reports the share that overran, since those make it slower than the GPUs it stands for.
 
