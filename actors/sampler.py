@@ -17,6 +17,7 @@ import torch
 from actors.solver import FlowDPMSolver
 from common.config import RolloutConfig
 from common.noise import candidate_seed, noised, training_draws, training_seed
+from models.fp8 import fp8_forwards
 from models.policy import Conditioning, EditPolicy
 
 
@@ -62,6 +63,8 @@ class Sampler:
         self.policy, self.cfg, self.reference = policy, cfg, reference
         if cfg.compile:
             policy.compile_blocks()
+        if cfg.fp8 or cfg.fp8_reference:
+            policy.use_fp8()
 
     @torch.no_grad()
     def sample(
@@ -96,7 +99,7 @@ class Sampler:
             generators = [torch.Generator().manual_seed(flat_seeds[start + j]) for j in range(len(chunk))]
             x = self.policy.prepare_latents(len(chunk), c.height, c.width, generators)
             cond = Conditioning.cat([conds[g] for g, _ in chunk])
-            x0 = self._solve(x, cond, sigmas)
+            x0 = self.solve(x, cond, sigmas)
             x0_rows.append(x0)
             images_rows.append(self.policy.decode(x0, c.height, c.width))
             if self.reference is not None:
@@ -130,18 +133,22 @@ class Sampler:
             for prompt_id, k in ids
         ]  # fmt: skip
         v_old, v_ref = [], []
-        for j in range(draws[0][0].numel()):
-            t = torch.stack([times[j] for times, _ in draws]).to(x0.device, x0.dtype)
-            x_t = noised(x0, torch.stack([eps[j] for _, eps in draws]).to(x0.device, x0.dtype), t)
-            v_old.append(self.policy.velocity(x_t, t, cond).cpu())
-            with self.policy.adapters_disabled():
-                v_ref.append(self.policy.velocity(x_t, t, cond).cpu())
+        with fp8_forwards(self.policy.transformer, self.cfg.fp8_reference):
+            for j in range(draws[0][0].numel()):
+                t = torch.stack([times[j] for times, _ in draws]).to(x0.device, x0.dtype)
+                x_t = noised(x0, torch.stack([eps[j] for _, eps in draws]).to(x0.device, x0.dtype), t)
+                v_old.append(self.policy.velocity(x_t, t, cond).cpu())
+                with self.policy.adapters_disabled():
+                    v_ref.append(self.policy.velocity(x_t, t, cond).cpu())
         return {"v_old": torch.stack(v_old, dim=1), "v_ref": torch.stack(v_ref, dim=1)}
 
-    def _solve(self, x: torch.Tensor, cond: Conditioning, sigmas: torch.Tensor) -> torch.Tensor:
+    def solve(self, x: torch.Tensor, cond: Conditioning, sigmas: torch.Tensor) -> torch.Tensor:
+        """Noise x (B, L, D) to clean latents along `sigmas`, row b conditioned on `cond` row b: one velocity per
+        step, in FP8 with `rollout.fp8`."""
         solver = FlowDPMSolver()
         solver.set_timesteps(sigmas)
-        for sigma in solver.timesteps:
-            v = self.policy.velocity(x, sigma.expand(x.shape[0]).to(x.device), cond)
-            x = solver.step(v, x)
+        with fp8_forwards(self.policy.transformer, self.cfg.fp8):
+            for sigma in solver.timesteps:
+                v = self.policy.velocity(x, sigma.expand(x.shape[0]).to(x.device), cond)
+                x = solver.step(v, x)
         return x

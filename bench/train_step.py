@@ -9,7 +9,14 @@ them with RAFT-large (random weights, <= `reward.flow.max_batch` pairs per call)
   learner`), nothing compiled;
 - ours: v_old and v_ref computed by the rollout (`nft.reference_forwards: rollout`);
 - ours+compile (with `--compile`): ours with the transformer blocks regionally compiled (`rollout.compile`,
-  `learner.compile`).
+  `learner.compile`);
+- ...+fp8 (with `--fp8`, last): the rollout's sampling and reference forwards in FP8 (`rollout.fp8`,
+  `rollout.fp8_reference`, models/fp8.py), compiled too with `--compile`.
+
+A solver step is timed against a forward (`policy.velocity`) at the rollout's micro-batch, compiled with
+`--compile` (target: at most 1.1x). With `--fp8`, FP8's effect on what the loss sees: the same groups (same seeds)
+sampled in full precision and in FP8, their flow rewards compared with the spread inside a group, and the reference
+velocities' relative error at the same candidates (random weights: the size of the error, not of a trained model's).
 
 Each layout first runs untimed (warm-up; the true FLOPs of one group are counted then with
 `torch.utils.flop_counter`, eagerly; the compiled layout warms up on the timed shapes), then P groups timed.
@@ -167,17 +174,73 @@ def one_step(layout: Layout, trainer: NFTTrainer, scorer: FlowRewardScorer, prom
     with phase("rollout"), counting(flops, "rollout", count), trainer.old_policy() as policy:
         pairs = Sampler(policy, layout.rollout, layout.reference).sample(prompts, step, version=step)
     with phase("reward"), counting(flops, "reward", count):
-        # Images reach the reward worker through the object store, so on the CPU.
-        items = [FlowItem(p.id, p.input_image, p.target_image, images.cpu()) for p, (_, images) in
-                 zip(prompts, pairs, strict=True)]  # fmt: skip
-        scores = scorer.score(items)
-    rewards = torch.stack([s["reward"].double() for s in scores])  # (P, K)
+        rewards = score(scorer, prompts, pairs)
     r = optimality(rewards, clip=trainer.nft.adv_clip_max)
     samples = [train_sample(group, k, float(r[g, k])) for g, (group, _) in enumerate(pairs)
                for k in range(group.x0.shape[0])]  # fmt: skip
     with phase("learner"), counting(flops, "learner", count):
         metrics = trainer.train_step(rank_share(samples, 1, 0, trainer.learner.micro_batch), len(samples), step)
     return metrics
+
+
+def score(scorer: FlowRewardScorer, prompts: list, pairs: list) -> torch.Tensor:
+    """Flow rewards (P, K), float64. Images reach the reward worker through the object store, so on the CPU."""
+    items = [FlowItem(p.id, p.input_image, p.target_image, images.cpu()) for p, (_, images) in
+             zip(prompts, pairs, strict=True)]  # fmt: skip
+    return torch.stack([s["reward"].double() for s in scorer.score(items)])
+
+
+def solver_step_vs_forward(policy: EditPolicy, sampler: Sampler, prompt, rows: int, clock: Clock,
+                           repeats: int = 3) -> dict[str, float]:  # fmt: skip
+    """Seconds of one solver step (`Sampler.solve` over the grid, per step) and of one forward (`policy.velocity`)
+    at `rows` candidates; the best of `repeats` each (warm: the layouts before compiled both)."""
+    c = sampler.cfg
+    cond = policy.encode([prompt.prompt], prompt.input_image[None]).repeat_interleave(rows)
+    sigmas = policy.sigmas(c.num_steps, c.height, c.width)
+    x = policy.prepare_latents(rows, c.height, c.width, [torch.Generator().manual_seed(i) for i in range(rows)])
+    sigma = sigmas[:1].expand(rows).to(x.device)
+
+    def best(fn: Callable[[], object]) -> float:
+        times = []
+        for _ in range(repeats):
+            clock.sync()
+            t0 = time.perf_counter()
+            fn()
+            clock.sync()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.no_grad():
+        forward_s = best(lambda: policy.velocity(x, sigma, cond))
+        step_s = best(lambda: sampler.solve(x, cond, sigmas)) / c.num_steps
+    return {"rows": rows, "forward_s": forward_s, "solver_step_s": step_s, "step_over_forward": step_s / forward_s}
+
+
+def fp8_effect(trainer: NFTTrainer, scorer: FlowRewardScorer, prompts: list, rollout: RolloutConfig,
+               reference: ReferenceForwards, step: int) -> dict[str, float]:  # fmt: skip
+    """The same groups sampled three ways: full precision; FP8 reference forwards only (the same candidates, so
+    v_old / v_ref compare point by point); FP8 sampling (the candidates move; their rewards compare)."""
+    plain_cfg = dataclasses.replace(rollout, fp8=False, fp8_reference=False)
+    with trainer.old_policy() as policy:
+        plain, refs8, sampled8 = (
+            Sampler(policy, cfg, reference).sample(prompts, step, version=step)
+            for cfg in (plain_cfg, dataclasses.replace(plain_cfg, fp8_reference=True),
+                        dataclasses.replace(plain_cfg, fp8=True))
+        )  # fmt: skip
+    r_plain, r8 = score(scorer, prompts, plain), score(scorer, prompts, sampled8)
+
+    def rel(key: str, a: list, b: list) -> float:
+        x = torch.cat([g.reference[key] if key != "x0" else g.x0 for g, _ in a]).float()
+        y = torch.cat([g.reference[key] if key != "x0" else g.x0 for g, _ in b]).float()
+        return ((y - x).norm() / x.norm()).item()
+
+    return {
+        "reward_mean": r_plain.mean().item(), "reward_mean_fp8": r8.mean().item(),
+        "reward_abs_diff": (r8 - r_plain).abs().mean().item(),
+        "reward_group_std": r_plain.std(dim=1).mean().item(),  # the spread the advantages are made of
+        "x0_rel_err": rel("x0", plain, sampled8),
+        "v_old_rel_err": rel("v_old", plain, refs8), "v_ref_rel_err": rel("v_ref", plain, refs8),
+    }  # fmt: skip
 
 
 def choose_micro_batch(peak_1: int, peak_2: int, budget: int, candidates=MICRO_BATCH_CANDIDATES) -> int:
@@ -237,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--learner-micro-batch", type=int, default=0,
                    help="0: the largest of 1/2/4/8 that fits the GPU (probed), 2 on a CPU")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="ours: regional compilation of rollout and learner")
+    p.add_argument("--fp8", action="store_true", help="a last layout with FP8 rollout and reference forwards")
     p.add_argument("--full-text-encoders", action="store_true", help="real text encoders instead of 1-layer ones")
     p.add_argument("--results", default=str(DEFAULT_RESULTS), help="JSON-lines file to append the run to")
     args = p.parse_args(argv)
@@ -281,14 +345,18 @@ def main(argv: list[str] | None = None) -> dict:
     # 4. The layouts: each warmed up on the timed run's shapes (FLOPs counted then, eagerly), then timed.
     refs_on_rollout = ReferenceForwards(seed=learner.seed, fraction=nft.timestep_fraction)
     layouts = [Layout("reference", rollout, None), Layout("ours", rollout, refs_on_rollout)]
-    if args.compile:  # last: compiling is for good (the shared transformer's blocks, rollout and learner alike)
+    if args.compile:  # compiling is for good (the shared transformer's blocks, rollout and learner alike)
         layouts.append(Layout("ours+compile", dataclasses.replace(rollout, compile=True), refs_on_rollout))
+    if args.fp8:  # last: the FP8 copies stay (off outside the rollout's forwards)
+        last = layouts[-1]
+        layouts.append(Layout(f"{last.name}+fp8", dataclasses.replace(last.rollout, fp8=True, fp8_reference=True),
+                              refs_on_rollout))  # fmt: skip
     record = {
         "bench": "train_step", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device_name(device), "torch": torch.__version__, "family": args.family, "size": args.size,
         "resolution": size, "prompts": prompts_n, "group": k, "solver_steps": args.steps,
         "rollout_micro_batch": rollout.micro_batch, "learner_micro_batch": trainer.learner.micro_batch,
-        "compile": args.compile,
+        "compile": args.compile, "fp8": args.fp8,
         "text_encoders": "full" if args.full_text_encoders or not full else "1-layer stand-ins",
         "lora_rank": nft.lora_rank, "flow_estimator": flow.estimator, "layouts": {},
     }  # fmt: skip
@@ -300,8 +368,9 @@ def main(argv: list[str] | None = None) -> dict:
     for layout in layouts:
         flops: dict[str, float] = {}
         t_warm = time.perf_counter()
+        optional = layout.name not in ("reference", "ours")
         try:
-            if layout.rollout.compile:  # a new batch size would recompile inside the timed run: all groups
+            if optional:  # a new batch size would recompile inside the timed run: all groups
                 flops = dict(report["ours"]["flops_per_group"])  # the same arithmetic as ours, eager
                 one_step(layout, trainer, scorer, prompts, step, None, None)
             else:
@@ -312,14 +381,29 @@ def main(argv: list[str] | None = None) -> dict:
             with clock.watching(trainer.policy, scorer):
                 metrics = one_step(layout, trainer, scorer, prompts, step, clock, None)
             step += 1
-        except Exception as e:  # noqa: BLE001 - only the optional compiled layout may fail; it is reported
-            if not layout.rollout.compile:
+        except Exception as e:  # noqa: BLE001 - only the optional layouts may fail; it is reported
+            if not optional:
                 raise
             print(f"{layout.name}: failed ({e!r}); reported without it", flush=True)
             report[layout.name] = {"error": repr(e)[:2000]}
             continue
         report[layout.name] = summarize(clock, flops, prompts_n, k, metrics)
         print_layout(layout.name, report[layout.name])
+        partial.write_text(json.dumps(record, indent=1))
+
+    # 5. The compiled solver step against a compiled forward; FP8's effect on rewards and reference velocities.
+    timed = layouts[2] if "samples_per_s" in report.get("ours+compile", {}) else layouts[1]
+    extras = [("solver_step", lambda: step_vs_forward(trainer, timed, prompts[0], device))]
+    if args.fp8:
+        extras.append(("fp8_effect", lambda: fp8_effect(trainer, scorer, prompts, layouts[-1].rollout,
+                                                        refs_on_rollout, step)))  # fmt: skip
+    for key, measure in extras:
+        try:
+            record[key] = measure()
+        except Exception as e:  # noqa: BLE001 - reported, the layouts' figures stand
+            record[key] = {"error": repr(e)[:2000]}
+        print(f"{key}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in record[key].items()), flush=True)  # fmt: skip
         partial.write_text(json.dumps(record, indent=1))
 
     measured = {name: r for name, r in report.items() if "samples_per_s" in r}
@@ -336,6 +420,13 @@ def main(argv: list[str] | None = None) -> dict:
     partial.unlink(missing_ok=True)
     dist.destroy_process_group()
     return record
+
+
+def step_vs_forward(trainer: NFTTrainer, layout: Layout, prompt, device: torch.device) -> dict[str, float]:
+    with trainer.old_policy() as policy:
+        sampler = Sampler(policy, layout.rollout)
+        rows = min(layout.rollout.micro_batch, layout.rollout.prompts_per_step * layout.rollout.group_size)
+        return {"layout": layout.name, **solver_step_vs_forward(policy, sampler, prompt, rows, Clock(device))}
 
 
 def summarize(clock: Clock, flops_one_group: dict[str, float], groups: int, k: int, metrics: dict) -> dict:

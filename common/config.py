@@ -136,6 +136,14 @@ class RolloutConfig:
     compile: bool = _f(
         False, "regional compilation: torch.compile each repeated transformer block for sampling (DESIGN §6)"
     )
+    fp8: bool = _f(
+        False, "sample with FP8 matrix products in the transformer blocks (no-grad, row-wise scaled; models/fp8.py): "
+        "a lossy rollout is allowed, the loss uses no rollout log-probs; GPUs with compute capability >= 8.9"
+    )  # fmt: skip
+    fp8_reference: bool = _f(
+        False, "the reference forwards on the rollout (v_old, v_ref; nft.reference_forwards: rollout) in FP8 too: "
+        "their error enters the loss (bench/train_step.py measures it)"
+    )  # fmt: skip
     parity_check: bool = _f(
         True, "after loading each published version, compare the policy's output on a fixed probe with the "
         "learner's and count the adapter modules bound (models/parity.py); a mismatch stops that rollout"
@@ -690,6 +698,9 @@ def validate(cfg: Config) -> None:
         )
     if cfg.model.tiny and cfg.model.path:
         raise ConfigError("model.tiny: set either model.path or model.tiny=true, not both")
+    _check(not cfg.rollout.fp8_reference or cfg.nft.reference_forwards == "rollout", "rollout.fp8_reference",
+           "false unless nft.reference_forwards is rollout (the learner's reference forwards stay full precision)",
+           cfg.rollout.fp8_reference)  # fmt: skip
     _check(cfg.eval.every == 0 or cfg.data.eval_fraction > 0, "eval.every",
            "0 when data.eval_fraction is 0 (the evaluation during training needs held-out rows)", cfg.eval.every)
 

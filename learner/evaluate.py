@@ -132,7 +132,7 @@ def evaluate_policy(
     score it against its ground truth."""
     if not examples:
         raise ValueError("evaluate_policy: no examples to evaluate")
-    sampler = Sampler(policy, replace(rollout, seed=seed))
+    sampler = Sampler(policy, replace(rollout, seed=seed, fp8=False, fp8_reference=False))  # scores: full precision
     pairs = sampler.sample(list(examples), step=0, version=0, group_size=1)  # step 0: the same noise everywhere
     items = [
         FlowItem(e.id, e.input_image, e.target_image, images) for e, (_, images) in zip(examples, pairs, strict=True)

@@ -31,6 +31,7 @@ from transformers.utils import logging as transformers_logging
 
 from common import s3
 from common.config import ModelConfig, NFTConfig
+from models import fp8
 from models.tiny import pipeline_source
 
 LORA_INITS = {"gaussian": "gaussian", "kaiming": True}  # our name -> peft's `init_lora_weights`; B = 0 in both
@@ -285,14 +286,26 @@ class EditPolicy:
         transformer block's forward, the blocks diffusers lists in `_repeated_blocks`. Compiling the forward, not
         the module, keeps module hooks outside the compiled region, so FSDP2-sharded blocks (whose class FSDP
         renames) compile too; adapter switches (θ, old, off) each get their own graph. Idempotent."""
-        names = set(getattr(self.transformer, "_repeated_blocks", ()))
-        blocks = [m for m in self.transformer.modules() if any(k.__name__ in names for k in type(m).__mro__)]
-        if not blocks:
-            raise ValueError(f"{type(self.transformer).__name__} lists no repeated blocks to compile")
-        for block in blocks:
+        for block in self.repeated_blocks():
             if not getattr(block, "_motionnft_compiled", False):
                 block.forward = torch.compile(block.forward)
                 block._motionnft_compiled = True
+
+    def repeated_blocks(self) -> list[torch.nn.Module]:
+        """The transformer's repeated blocks (diffusers' `_repeated_blocks`): where nearly all its FLOPs are."""
+        names = set(getattr(self.transformer, "_repeated_blocks", ()))
+        blocks = [m for m in self.transformer.modules() if any(k.__name__ in names for k in type(m).__mro__)]
+        if not blocks:
+            raise ValueError(f"{type(self.transformer).__name__} lists no repeated blocks")
+        return blocks
+
+    def use_fp8(self) -> int:
+        """Give the repeated blocks' linear layers a float8 copy for no-grad forwards (`rollout.fp8`, models/fp8.py;
+        off until `fp8.fp8_forwards` turns it on); returns how many layers have one. Idempotent."""
+        fp8.check_fp8_device(self.device)
+        if self.device.type == "cuda" and self.dtype != torch.bfloat16:
+            raise ValueError(f"rollout.fp8 on CUDA needs model.dtype bfloat16 (row-wise FP8 products): {self.dtype}")
+        return fp8.convert(self.repeated_blocks())
 
     # ------------------------------------------------------------------ shapes and grids
     def check_size(self, height: int, width: int) -> None:

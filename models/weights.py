@@ -24,6 +24,7 @@ import torch
 
 from common import s3
 from common.config import NFTConfig
+from models import fp8
 from models.policy import EditPolicy
 
 WEIGHT_KINDS = ("lora", "full")
@@ -134,6 +135,7 @@ class PolicyWeights:
                 current = dict(self.policy.transformer.named_parameters())
                 for name, tensor in state.items():
                     current[name].copy_(tensor)
+            fp8.refresh(self.policy.transformer)  # float8 copies of the weights (rollout.fp8) follow them
         self.version = version
 
 

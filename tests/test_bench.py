@@ -19,13 +19,13 @@ GIB = 2**30
 
 def test_train_step_bench_tiny_mode_reports_every_phase_and_the_ratio(tmp_path):
     results = tmp_path / "train_step.jsonl"
-    cmd = [sys.executable, "bench/train_step.py", "--size", "tiny", "--results", str(results)]
+    cmd = [sys.executable, "bench/train_step.py", "--size", "tiny", "--fp8", "--results", str(results)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ratio" in proc.stdout
     (record,) = [json.loads(line) for line in results.read_text().splitlines()]
     assert record["size"] == "tiny" and record["device"].startswith("CPU") and record["group"] == 2
-    assert set(record["layouts"]) == {"reference", "ours"}
+    assert set(record["layouts"]) == {"reference", "ours", "ours+fp8"}
     for layout in record["layouts"].values():
         assert set(layout["phases"]) == {"rollout", "reward", "learner"}
         for phase in layout["phases"].values():
@@ -36,7 +36,14 @@ def test_train_step_bench_tiny_mode_reports_every_phase_and_the_ratio(tmp_path):
     ref, ours = record["layouts"]["reference"], record["layouts"]["ours"]
     assert ref["flops_per_group"]["learner"] > 2 * ours["flops_per_group"]["learner"]
     assert ours["flops_per_group"]["rollout"] > ref["flops_per_group"]["rollout"]
-    assert record["ratio"] == pytest.approx(ours["samples_per_s"] / ref["samples_per_s"])
+    fastest = max(r["samples_per_s"] for name, r in record["layouts"].items() if name != "reference")
+    assert record["ratio"] == pytest.approx(fastest / ref["samples_per_s"])
+    step = record["solver_step"]
+    assert step["layout"] == "ours" and step["rows"] == 4  # the rollout's call: micro-batch 8, 2 groups of 2
+    assert step["step_over_forward"] == pytest.approx(step["solver_step_s"] / step["forward_s"])
+    effect = record["fp8_effect"]  # FP8 moved the candidates and the reference velocities, a little
+    assert 0 < effect["x0_rel_err"] < 0.03 and 0 < effect["v_old_rel_err"] < 0.03 and 0 < effect["v_ref_rel_err"] < 0.03
+    assert effect["reward_abs_diff"] >= 0 and effect["reward_group_std"] >= 0
 
 
 @pytest.mark.parametrize(
