@@ -58,14 +58,13 @@ from actors.sampler import ReferenceForwards, Sampler  # noqa: E402
 from common.config import FlowRewardConfig, LearnerConfig, ModelConfig, NFTConfig, RolloutConfig  # noqa: E402
 from data.motionedit import MotionExample  # noqa: E402
 from data.synthetic import make_example  # noqa: E402
+from learner.memory import CudaMemory  # noqa: E402
 from learner.nft_loss import optimality  # noqa: E402
 from learner.trainer import NFTTrainer, rank_share, train_sample  # noqa: E402
 from models.policy import EditPolicy, load_policy  # noqa: E402
 from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer  # noqa: E402
 
 PHASES = ("rollout", "reward", "learner")
-MICRO_BATCH_CANDIDATES = (1, 2, 4, 8)
-MEMORY_BUDGET = 0.9  # share of the GPU's memory the learner's micro-batch may plan to use
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "train_step.jsonl"
 
 
@@ -243,15 +242,6 @@ def fp8_effect(trainer: NFTTrainer, scorer: FlowRewardScorer, prompts: list, rol
     }  # fmt: skip
 
 
-def choose_micro_batch(peak_1: int, peak_2: int, budget: int, candidates=MICRO_BATCH_CANDIDATES) -> int:
-    """The largest candidate micro-batch whose peak memory, extrapolated linearly from the peaks measured at
-    micro-batches 1 and 2, stays within `budget` bytes (at least the smallest candidate)."""
-    per_sample = max(peak_2 - peak_1, 0)
-    base = peak_1 - per_sample
-    fitting = [b for b in candidates if base + b * per_sample <= budget]
-    return max(fitting) if fitting else min(candidates)
-
-
 # ------------------------------------------------------------------------------------------------ set-up
 
 
@@ -298,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=6, help="solver steps")
     p.add_argument("--rollout-micro-batch", type=int, default=8)
     p.add_argument("--learner-micro-batch", type=int, default=0,
-                   help="0: the largest of 1/2/4/8 that fits the GPU (probed), 2 on a CPU")  # fmt: skip
+                   help="0: from the GPU's free memory (probed, learner/memory.py), 2 on a CPU")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="ours: regional compilation of rollout and learner")
     p.add_argument("--fp8", action="store_true", help="a last layout with FP8 rollout and reference forwards")
     p.add_argument("--full-text-encoders", action="store_true", help="real text encoders instead of 1-layer ones")
@@ -315,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     rollout = RolloutConfig(group_size=k, prompts_per_step=prompts_n, num_steps=args.steps, height=size, width=size,
                             micro_batch=args.rollout_micro_batch)  # fmt: skip
     nft = NFTConfig() if full else NFTConfig(lora_rank=4, lora_alpha=8)
-    learner = LearnerConfig(micro_batch=args.learner_micro_batch or 2)
+    learner = LearnerConfig(micro_batch=args.learner_micro_batch or (0 if device.type == "cuda" else 2))
     flow = FlowRewardConfig(estimator="raft_large" if full else "raft_small")
 
     # 2. Models: one transformer for rollout and learner, a world-1 process group for FSDP2.
@@ -328,19 +318,16 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = synthetic_prompts(prompts_n, size)
     print(f"built {args.size} {args.family} on {device_name(device)} in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    # 3. The learner's micro-batch from the GPU's memory (probed at 1 and 2 samples).
-    if device.type == "cuda" and args.learner_micro_batch == 0:
-        peaks = []
-        for b in (1, 2):
-            trainer.learner = dataclasses.replace(trainer.learner, micro_batch=b)
-            probe = Layout("probe", dataclasses.replace(rollout, group_size=2), None)  # 2 samples
-            clock = Clock(device)
-            one_step(probe, trainer, scorer, prompts[:1], 0, clock, None)
-            peaks.append(clock.peak_bytes["learner"])
-        budget = int(MEMORY_BUDGET * torch.cuda.get_device_properties(device).total_memory)
-        chosen = choose_micro_batch(peaks[0], peaks[1], budget)
-        trainer.learner = dataclasses.replace(trainer.learner, micro_batch=chosen)
-        print(f"learner micro-batch {chosen} (peaks {peaks[0] / 2**30:.1f} / {peaks[1] / 2**30:.1f} GiB at 1 / 2)")
+    # 3. The learner's micro-batch from the GPU's free memory, as `learner.micro_batch: 0` does (learner/memory.py):
+    #    probed on 2 candidates of one group, with the reference layout's learner (v_old / v_ref on it).
+    if learner.micro_batch == 0:
+        with trainer.old_policy() as policy:
+            (group, _), = Sampler(policy, dataclasses.replace(rollout, group_size=2)).sample(prompts[:1], 0, version=0)
+        samples = [train_sample(group, i, 0.5) for i in range(2)]
+        chosen = trainer.fit_micro_batch(samples, prompts_n * k, 0, CudaMemory(device))
+        probe = trainer.memory_probe
+        print(f"learner micro-batch {chosen} (peaks {probe['peak_1'] / 2**30:.1f} / {probe['peak_2'] / 2**30:.1f} GiB "
+              "at 1 / 2)", flush=True)  # fmt: skip
 
     # 4. The layouts: each warmed up on the timed run's shapes (FLOPs counted then, eagerly), then timed.
     refs_on_rollout = ReferenceForwards(seed=learner.seed, fraction=nft.timestep_fraction)

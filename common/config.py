@@ -354,7 +354,11 @@ class NFTConfig:
 @dataclass(frozen=True)
 class LearnerConfig:
     SECTION: ClassVar[str] = "learner"
-    micro_batch: int = _f(4, "samples per forward/backward on one rank (gradients accumulate over the step)")
+    micro_batch: int = _f(
+        4, "samples per forward/backward on one rank (gradients accumulate over the step); 0: from the GPU's free "
+        "memory, probed at 1 and 2 samples on the first step (learner/memory.py)"
+    )  # fmt: skip
+    memory_fraction: float = _f(0.9, "with learner.micro_batch 0: the share of free GPU memory the learner plans on")
     activation_checkpointing: bool = _f(False, "recompute transformer blocks in backward (less memory, ~1.4x time)")
     backend: str = _f("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU) | gloo | nccl")
     steps: int = _f(300, "training steps")
@@ -370,7 +374,9 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         _check_finite(self)
-        _check(self.micro_batch >= 1, "learner.micro_batch", "an integer >= 1", self.micro_batch)
+        _check(self.micro_batch >= 0, "learner.micro_batch", "an integer >= 1, or 0 (from free memory)",
+               self.micro_batch)  # fmt: skip
+        _check(0 < self.memory_fraction <= 1, "learner.memory_fraction", "a value in (0, 1]", self.memory_fraction)
         _check(self.max_recoveries >= 0, "learner.max_recoveries", "an integer >= 0", self.max_recoveries)
         _check(self.backend in ("auto", "gloo", "nccl"), "learner.backend", "auto | gloo | nccl", self.backend)
         _check(self.steps >= 1, "learner.steps", "an integer >= 1", self.steps)
@@ -698,6 +704,8 @@ def validate(cfg: Config) -> None:
         )
     if cfg.model.tiny and cfg.model.path:
         raise ConfigError("model.tiny: set either model.path or model.tiny=true, not both")
+    _check(cfg.learner.micro_batch >= 1 or cfg.cluster.learner_gpus > 0, "learner.micro_batch",
+           "an integer >= 1 when cluster.learner_gpus is 0 (0 measures GPU memory)", cfg.learner.micro_batch)
     _check(not cfg.rollout.fp8_reference or cfg.nft.reference_forwards == "rollout", "rollout.fp8_reference",
            "false unless nft.reference_forwards is rollout (the learner's reference forwards stay full precision)",
            cfg.rollout.fp8_reference)  # fmt: skip

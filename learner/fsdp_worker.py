@@ -24,6 +24,7 @@ from common.faults import fault_point
 from common.net import node_address, whereabouts
 from common.s3 import S3Retry
 from learner.checkpoint import export_lora, export_transformer, load_rank, save_rank
+from learner.memory import CudaMemory
 from learner.recovery import first_line
 from learner.trainer import (
     EMA,
@@ -90,19 +91,33 @@ class LearnerWorker:
     def train_step(self, groups: list, r: list[list[float]], n_global: int, step: int) -> dict[str, float]:
         with self.busy.call():
             fault_point(f"learner.rank{self.rank}.train_step", step)
+            if self.trainer.learner.micro_batch == 0:
+                self._fit_micro_batch(groups, r, step)
             out = self.trainer.train_step(self._my_samples(groups, r), n_global, step)
         for phase in ("forward", "backward", "train"):
             telemetry.seconds(phase, out[f"{phase}_s"])
         return out
 
-    def _my_samples(self, groups: list, r: list[list[float]]) -> list[TrainSample]:
+    def _fit_micro_batch(self, groups: list, r: list[list[float]], step: int) -> None:
+        """`learner.micro_batch: 0`, first step: probe this GPU's memory on 2 of this rank's samples and keep the
+        micro-batch that fits (the same on every rank) for the rest of the run."""
+        per_rank = -(-sum(len(rs) for rs in r) // self.world)
+        samples = self._my_samples(groups, r, micro_batch=2)
+        chosen = self.trainer.fit_micro_batch(samples, per_rank, step, CudaMemory(torch.device("cuda")))
+        if self.rank == 0:
+            probe = self.trainer.memory_probe
+            print(f"learner micro-batch {chosen} of {per_rank} samples per rank, from free memory (peaks "
+                  f"{probe['peak_1'] / 2**30:.1f} / {probe['peak_2'] / 2**30:.1f} GiB at 1 / 2 samples)", flush=True)
+
+    def _my_samples(self, groups: list, r: list[list[float]], micro_batch: int | None = None) -> list[TrainSample]:
         """Fetch only the groups this rank trains on (the first group too when this rank only pads)."""
+        micro_batch = micro_batch or self.trainer.learner.micro_batch
         flat = [(g, k) for g, rs in enumerate(r) for k in range(len(rs))]
-        idx = [i for mb in rank_micro_batches(len(flat), self.world, self.rank, self.learner.micro_batch) for i in mb]
+        idx = [i for mb in rank_micro_batches(len(flat), self.world, self.rank, micro_batch) for i in mb]
         wanted = sorted({flat[i][0] for i in idx if i >= 0} or {0})
         fetched = dict(zip(wanted, ray.get([groups[g] for g in wanted]), strict=True))
         samples = [train_sample(fetched[g], k, r[g][k]) if g in fetched else None for g, k in flat]
-        return rank_share(samples, self.world, self.rank, self.learner.micro_batch)
+        return rank_share(samples, self.world, self.rank, micro_batch)
 
     def gather(self, which: str = OLD) -> dict[str, torch.Tensor] | None:
         return self.trainer.gather(which)

@@ -27,6 +27,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from common.config import LearnerConfig, NFTConfig
 from common.noise import noised, training_draws, training_seed
+from learner.memory import MemoryGauge, fit_micro_batch
 from learner.nft_loss import ema_decay, nft_loss, old_policy_decay
 from models.parity import ParityProbe
 from models.policy import Conditioning, EditPolicy
@@ -153,6 +154,7 @@ class NFTTrainer:
         with torch.no_grad():
             self.ema = {n: p.detach().clone().float() for n, p in self.theta.items()}
         self.step = 0  # optimizer steps done
+        self.memory_probe: dict[str, int] | None = None  # what fit_micro_batch measured and chose
 
     # ------------------------------------------------------------------ adapters under FSDP2
 
@@ -209,6 +211,31 @@ class NFTTrainer:
         with torch.no_grad(), self._active(OLD), _expected_warnings():
             yield self.policy
 
+    # ------------------------------------------------------------------ the micro-batch from free memory
+
+    def fit_micro_batch(self, samples: list[TrainSample], per_rank: int, step: int, gauge: MemoryGauge) -> int:
+        """`learner.micro_batch: 0`: forward/backward over 1, then 2 of this rank's `samples` (all timesteps, as a
+        step does), the peak memory of each from `gauge`, the size from `learner.memory.fit_micro_batch`, the
+        smallest over ranks (every rank must run the same micro-batches). The probes' gradients are dropped and no
+        weight moves. Sets and returns `learner.micro_batch`; collective."""
+        if len(samples) < 2:
+            raise ValueError("fit_micro_batch needs 2 samples of this rank (pad with valid=False samples)")
+        peaks = []
+        for b in (1, 2):
+            self.optimizer.zero_grad(set_to_none=True)
+            gauge.reset()
+            self._train_micro_batch(samples[:b], len(samples), step, dict.fromkeys(LOSS_KEYS, 0.0),
+                                    {"forward_s": 0.0, "backward_s": 0.0})  # fmt: skip
+            peaks.append(gauge.peak())
+        self.optimizer.zero_grad(set_to_none=True)
+        mine = fit_micro_batch(peaks[0], peaks[1], gauge.budget(self.learner.memory_fraction), per_rank)
+        device = next(iter(self.theta.values())).device
+        chosen = torch.tensor([mine], device=device)
+        dist.all_reduce(chosen, op=dist.ReduceOp.MIN)
+        self.learner = dataclasses.replace(self.learner, micro_batch=int(chosen.item()))
+        self.memory_probe = {"peak_1": peaks[0], "peak_2": peaks[1], "mine": mine, "chosen": self.learner.micro_batch}
+        return self.learner.micro_batch
+
     # ------------------------------------------------------------------ one training step
 
     def train_step(self, samples: list[TrainSample], n_global: int, step: int) -> dict[str, float]:
@@ -227,6 +254,8 @@ class NFTTrainer:
         # Padding samples (valid=False) still run forward/backward with zero weight: every rank must issue the
         # same FSDP collectives (see rank_micro_batches).
         micro_batch = self.learner.micro_batch
+        if micro_batch < 1:
+            raise ValueError("learner.micro_batch is 0 (from free memory): fit_micro_batch sets it before a step")
         for start in range(0, len(samples), micro_batch):
             self._train_micro_batch(samples[start : start + micro_batch], n_global, step, sums, spent)
         n_local = sum(s.valid for s in samples)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.scale_sim import CallCosts, Split, balanced_split, predicted_step_s
-from bench.train_step import attention_flops, choose_micro_batch
+from bench.train_step import attention_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -44,20 +44,6 @@ def test_train_step_bench_tiny_mode_reports_every_phase_and_the_ratio(tmp_path):
     effect = record["fp8_effect"]  # FP8 moved the candidates and the reference velocities, a little
     assert 0 < effect["x0_rel_err"] < 0.03 and 0 < effect["v_old_rel_err"] < 0.03 and 0 < effect["v_ref_rel_err"] < 0.03
     assert effect["reward_abs_diff"] >= 0 and effect["reward_group_std"] >= 0
-
-
-@pytest.mark.parametrize(
-    ("peak_1", "peak_2", "budget", "expected"),
-    [
-        (30 * GIB, 40 * GIB, 72 * GIB, 4),  # base 20 + 10/sample: 4 -> 60 fits, 8 -> 100 does not
-        (30 * GIB, 40 * GIB, 130 * GIB, 8),
-        (30 * GIB, 40 * GIB, 45 * GIB, 2),
-        (30 * GIB, 40 * GIB, 20 * GIB, 1),  # nothing fits: the smallest, and the run shows the OOM
-        (30 * GIB, 30 * GIB, 31 * GIB, 8),  # no growth measured: the largest
-    ],
-)
-def test_learner_micro_batch_from_free_memory(peak_1, peak_2, budget, expected):
-    assert choose_micro_batch(peak_1, peak_2, budget) == expected
 
 
 def test_attention_flops_count_grouped_heads_at_the_query_heads():
