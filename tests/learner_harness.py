@@ -67,6 +67,22 @@ def make_samples(policy: EditPolicy, n: int, *, seed: int, r: list[float] | None
     return out
 
 
+@dataclasses.dataclass
+class EditPrompt:
+    """A data row as a rollout needs it (actors.sampler.Prompt)."""
+
+    id: str
+    prompt: str
+    input_image: torch.Tensor
+
+
+def edit_prompts(texts: tuple[str, ...] = PROMPTS, size: int = SIZE) -> list[EditPrompt]:
+    """One random uint8 input image per text, ids p0, p1, ... (seeded: the same rows every call)."""
+    g = torch.Generator().manual_seed(0)
+    return [EditPrompt(f"p{i}", t, torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8))
+            for i, t in enumerate(texts)]  # fmt: skip
+
+
 def rank_samples(samples: list[TrainSample], world: int, rank: int, micro_batch: int) -> list[TrainSample]:
     """This rank's share, padded exactly as a LearnerWorker pads (`learner.trainer.rank_share`)."""
     return rank_share(samples, world, rank, micro_batch)

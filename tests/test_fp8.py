@@ -18,6 +18,7 @@ from models.parity import ParityProbe
 from models.policy import EditPolicy
 from models.weights import PolicyWeights, WeightManifest
 from tests.conftest import FAMILIES
+from tests.learner_harness import EditPrompt, edit_prompts
 
 SIZE = 32
 ROLLOUT = RolloutConfig(group_size=2, num_steps=3, height=SIZE, width=SIZE, micro_batch=4, seed=5)
@@ -119,18 +120,8 @@ def test_fp8_reference_needs_the_reference_forwards_on_the_rollout(tmp_path):
     assert cfg.rollout.fp8_reference and not cfg.rollout.fp8
 
 
-@dataclasses.dataclass
-class _Prompt:
-    id: str
-    prompt: str
-    input_image: torch.Tensor
-
-
-def _prompts() -> list[_Prompt]:
-    g = torch.Generator().manual_seed(0)
-    texts = ("make the woman turn her head toward the dog", "move the red square to the right")
-    return [_Prompt(f"p{i}", t, torch.randint(0, 256, (3, SIZE, SIZE), generator=g, dtype=torch.uint8))
-            for i, t in enumerate(texts)]  # fmt: skip
+def _prompts() -> list[EditPrompt]:
+    return edit_prompts(("make the woman turn her head toward the dog", "move the red square to the right"), SIZE)
 
 
 def _policy(path, family: str) -> EditPolicy:

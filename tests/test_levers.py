@@ -14,7 +14,7 @@ from actors.sampler import Sampler
 from common.config import RolloutConfig
 from learner.trainer import NFTTrainer
 from models.weights import PolicyWeights, WeightManifest
-from tests.learner_harness import load_policy, make_samples, rank_samples, sections
+from tests.learner_harness import EditPrompt, edit_prompts, load_policy, make_samples, rank_samples, sections
 
 ROLLOUT = RolloutConfig(group_size=2, num_steps=3, height=32, width=32, micro_batch=4)
 COMPILE_TOL = 1e-5  # inductor fuses float32 ops differently; measured differences are ~1e-7
@@ -32,18 +32,8 @@ def world1(tmp_path_factory):
     torch.backends.cuda.enable_cudnn_sdp(True)  # the trainers below switch it, process-wide
 
 
-@dataclasses.dataclass
-class _Prompt:
-    id: str
-    prompt: str
-    input_image: torch.Tensor
-
-
-def _prompts() -> list[_Prompt]:
-    g = torch.Generator().manual_seed(0)
-    texts = ("move the red square 4 pixels to the right", "turn the car left")
-    return [_Prompt(f"p{i}", t, torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8))
-            for i, t in enumerate(texts)]  # fmt: skip
+def _prompts() -> list[EditPrompt]:
+    return edit_prompts(("move the red square 4 pixels to the right", "turn the car left"))
 
 
 def _trained(path, lr: float = 1e-2, **learner) -> tuple[NFTTrainer, list]:
