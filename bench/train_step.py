@@ -11,7 +11,8 @@ them with RAFT-large (random weights, <= `reward.flow.max_batch` pairs per call)
 - ours+compile (with `--compile`): ours with the transformer blocks regionally compiled (`rollout.compile`,
   `learner.compile`);
 - ...+fp8 (with `--fp8`, last): the rollout's sampling and reference forwards in FP8 (`rollout.fp8`,
-  `rollout.fp8_reference`, models/fp8.py), compiled too with `--compile`.
+  `rollout.fp8_reference`, models/fp8.py), compiled too with `--compile`. The float8 weight copies are made at the
+  start (unused before this layout), so every layout's peak memory and the micro-batch probe include them.
 
 A solver step is timed against a forward (`policy.velocity`) at the rollout's micro-batch, compiled with
 `--compile` (target: at most 1.1x). With `--fp8`, FP8's effect on what the loss sees: the same groups (same seeds)
@@ -61,6 +62,7 @@ from data.synthetic import make_example  # noqa: E402
 from learner.memory import CudaMemory  # noqa: E402
 from learner.nft_loss import optimality  # noqa: E402
 from learner.trainer import NFTTrainer, rank_share, train_sample  # noqa: E402
+from models import fp8  # noqa: E402
 from models.policy import EditPolicy, load_policy  # noqa: E402
 from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer  # noqa: E402
 
@@ -317,6 +319,12 @@ def main(argv: list[str] | None = None) -> dict:
     scorer = build_flow_scorer(flow, device=device.type, cache_dir=tempfile.mkdtemp(prefix="bench-flow-"))
     prompts = synthetic_prompts(prompts_n, size)
     print(f"built {args.size} {args.family} on {device_name(device)} in {time.perf_counter() - t0:.0f} s", flush=True)
+    fp8_copies = 0
+    if args.fp8:  # the float8 copies exist from here on (off until the FP8 layout), so the memory probe counts them
+        trainer.policy.use_fp8()
+        fp8_copies = sum(m.weight_fp8.nbytes for m in fp8.fp8_layers(trainer.policy.transformer))
+        print(f"FP8 copies of {len(fp8.fp8_layers(trainer.policy.transformer))} linear layers: "
+              f"{fp8_copies / 2**30:.1f} GiB", flush=True)  # fmt: skip
 
     # 3. The learner's micro-batch from the GPU's free memory, as `learner.micro_batch: 0` does (learner/memory.py):
     #    probed on 2 candidates of one group, with the reference layout's learner (v_old / v_ref on it).
@@ -343,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": device_name(device), "torch": torch.__version__, "family": args.family, "size": args.size,
         "resolution": size, "prompts": prompts_n, "group": k, "solver_steps": args.steps,
         "rollout_micro_batch": rollout.micro_batch, "learner_micro_batch": trainer.learner.micro_batch,
-        "compile": args.compile, "fp8": args.fp8,
+        "compile": args.compile, "fp8": args.fp8, "fp8_copies_gib": fp8_copies / 2**30,
         "text_encoders": "full" if args.full_text_encoders or not full else "1-layer stand-ins",
         "lora_rank": nft.lora_rank, "flow_estimator": flow.estimator, "layouts": {},
     }  # fmt: skip

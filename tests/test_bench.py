@@ -41,6 +41,7 @@ def test_train_step_bench_tiny_mode_reports_every_phase_and_the_ratio(tmp_path):
     step = record["solver_step"]
     assert step["layout"] == "ours" and step["rows"] == 4  # the rollout's call: micro-batch 8, 2 groups of 2
     assert step["step_over_forward"] == pytest.approx(step["solver_step_s"] / step["forward_s"])
+    assert record["fp8_copies_gib"] > 0  # made at the start, so every layout's memory counts them
     effect = record["fp8_effect"]  # FP8 moved the candidates and the reference velocities, a little
     assert 0 < effect["x0_rel_err"] < 0.03 and 0 < effect["v_old_rel_err"] < 0.03 and 0 < effect["v_ref_rel_err"] < 0.03
     assert effect["reward_abs_diff"] >= 0 and effect["reward_group_std"] >= 0
