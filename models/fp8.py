@@ -23,7 +23,9 @@ from torch.distributed.tensor import DTensor
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 ALIGN = 16  # torch._scaled_mm wants the inner and output dimensions in multiples of 16
-SKIPPED = ("lora_", "norm")  # the adapters change every step; the modulation linears are tiny and steer every token
+# The adapters change every step; the timestep modulations (FLUX `norm*.linear`, Qwen `img_mod` / `txt_mod`) run on
+# one row per sample, cost nothing, and scale every token.
+SKIPPED = ("lora_", "norm", "_mod")
 
 
 def rowwise_scale(x: torch.Tensor) -> torch.Tensor:

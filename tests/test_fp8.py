@@ -92,15 +92,15 @@ def test_refresh_follows_a_changed_weight():
         assert rel(got, nn.functional.linear(x, layer.weight, layer.bias)) < LAYER_TOL
 
 
-def test_only_aligned_plain_linears_outside_adapters_and_norms_convert():
+def test_only_aligned_plain_linears_outside_adapters_and_modulations_convert():
     block = nn.ModuleDict({
         "to_q": nn.Linear(32, 32), "odd": nn.Linear(32, 20), "norm": nn.ModuleDict({"linear": nn.Linear(32, 96)}),
-        "lora_A": nn.Linear(32, 16),
+        "lora_A": nn.Linear(32, 16), "img_mod": nn.Sequential(nn.SiLU(), nn.Linear(32, 192)),
     })  # fmt: skip
     assert fp8.convert([block]) == 1
     assert isinstance(block["to_q"], fp8.FP8Linear)
     assert not any(isinstance(block[k], fp8.FP8Linear) for k in ("odd", "lora_A"))
-    assert not isinstance(block["norm"]["linear"], fp8.FP8Linear)
+    assert not isinstance(block["norm"]["linear"], fp8.FP8Linear) and not isinstance(block["img_mod"][1], fp8.FP8Linear)
     assert fp8.convert([block]) == 1  # idempotent
 
 
