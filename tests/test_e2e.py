@@ -199,10 +199,13 @@ def test_bad_config_fails_fast_naming_the_key(tmp_path):
 
 
 def test_full_finetune_end_to_end(tmp_path):
-    """Full weights flow learner -> driver (by reference) -> rollouts; the checkpoint exports the EMA transformer."""
-    _main(_overrides(tmp_path, 2) + ["nft.full_finetune=true", "checkpoint.every=0"])
+    """Full weights flow learner -> driver (by reference) -> rollouts; the checkpoint exports the EMA transformer.
+    The rollouts sample in FP8 (`rollout.fp8`): each full push re-quantizes their float8 copies, and the parity
+    probe still sees the plain model (float32 rounding, not FP8's error)."""
+    _main(_overrides(tmp_path, 2) + ["nft.full_finetune=true", "checkpoint.every=0", "rollout.fp8=true"])
     metrics = _metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [0, 1] and all("learner/loss" in m for m in metrics)
+    assert all(m["parity/max_error"] < 1e-4 for m in metrics)
     assert metrics[1]["staleness/max"] <= 1
     step = tmp_path / "ckpt" / "step_00000002"
     assert (step / "COMMITTED").exists() and not (step / "lora").exists()

@@ -1,7 +1,8 @@
 """FP8 no-grad forwards (issue 16's lower-precision lever, models/fp8.py): the quantization by hand, the layer
 against its own float emulation and against the plain layer, and the tiny policies sampling and computing their
 reference forwards in FP8 within a stated tolerance of full precision, while everything with gradients, the parity
-probe and the evaluation stay exact. CPU `torch._scaled_mm` runs the same row-wise product the GPU does."""
+probe and the evaluation stay exact. CPU `torch._scaled_mm` runs the same row-wise product the GPU does. FP8 in
+regionally compiled blocks: tests/test_levers.py (it shares that test's compilation)."""
 
 from __future__ import annotations
 
@@ -188,21 +189,3 @@ def test_parity_probe_and_full_weight_loads_see_the_plain_model(tiny_pipelines):
     with torch.no_grad(), fp8.fp8_forwards(layer):
         assert rel(layer(x), nn.functional.linear(x, layer.weight, layer.bias)) < LAYER_TOL
 
-
-def test_compiled_blocks_follow_the_fp8_switch(tiny_pipelines):
-    """Regionally compiled blocks (rollout.compile) converted afterwards, as the benchmark does: the compiled FP8
-    rollout is the eager FP8 rollout, and with FP8 off again the compiled plain one (no stale graph either way)."""
-    path = tiny_pipelines["flux_kontext"]
-    reference = ReferenceForwards(seed=0, fraction=0.99)
-    fp8_cfg = dataclasses.replace(ROLLOUT, fp8=True, fp8_reference=True)
-    eager = Sampler(_policy(path, "flux_kontext"), fp8_cfg, reference).sample(_prompts(), step=1, version=0)
-    policy = _policy(path, "flux_kontext")
-    compiled = dataclasses.replace(ROLLOUT, compile=True)
-    plain = Sampler(policy, compiled, reference).sample(_prompts(), step=1, version=0)
-    got = Sampler(policy, dataclasses.replace(fp8_cfg, compile=True), reference).sample(_prompts(), step=1, version=0)
-    again = Sampler(policy, compiled, reference).sample(_prompts(), step=1, version=0)
-    for (gp, _), (ge, _), (gg, _), (ga, _) in zip(plain, eager, got, again, strict=True):
-        torch.testing.assert_close(gg.x0, ge.x0, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(gg.reference["v_old"], ge.reference["v_old"], rtol=1e-5, atol=1e-5)
-        assert rel(gg.x0, gp.x0) > 1e-4  # FP8 did run
-        torch.testing.assert_close(ga.x0, gp.x0, rtol=1e-6, atol=1e-6)

@@ -1,6 +1,7 @@
 """Speed levers of the GPU path (issue 16), each behind a config flag, each equivalent on CPU to the plain path:
-regional compilation in rollouts and learner, the cuDNN SDPA switch, and colocated sampling from the learner's own
-old adapter (what the single-GPU benchmark does). Tiny FLUX Kontext, world-1 gloo group, 32 px."""
+regional compilation in rollouts and learner (with FP8 rollouts too: tests/test_fp8.py has the rest of FP8), the
+cuDNN SDPA switch, and colocated sampling from the learner's own old adapter (what the single-GPU benchmark does).
+Tiny FLUX Kontext, world-1 gloo group, 32 px."""
 
 from __future__ import annotations
 
@@ -69,6 +70,16 @@ def test_rollout_compile_gives_the_eager_groups(tiny_pipelines):
     for (ga, ia), (gb, ib) in zip(eager, out, strict=True):
         torch.testing.assert_close(gb.x0, ga.x0, rtol=COMPILE_TOL, atol=COMPILE_TOL)
         assert (ia.int() - ib.int()).abs().max() <= 1  # uint8 rounding of nearly equal pixels
+    # rollout.fp8 on the compiled blocks (converted after compiling, as bench/train_step.py does): the eager FP8
+    # groups, and with FP8 off again the compiled plain ones (no stale graph either way).
+    fp8 = dataclasses.replace(ROLLOUT, fp8=True)
+    eager8 = Sampler(load_policy(path, "flux_kontext"), fp8).sample(_prompts(), step=0, version=0)
+    compiled8 = Sampler(compiled.policy, dataclasses.replace(fp8, compile=True)).sample(_prompts(), step=0, version=0)
+    again = compiled.sample(_prompts(), step=0, version=0)
+    for (gb, _), (ge, _), (g8, _), (ga, _) in zip(out, eager8, compiled8, again, strict=True):
+        torch.testing.assert_close(g8.x0, ge.x0, rtol=COMPILE_TOL, atol=COMPILE_TOL)
+        assert (g8.x0 - gb.x0).abs().max() > 100 * COMPILE_TOL  # FP8 did run
+        torch.testing.assert_close(ga.x0, gb.x0, rtol=COMPILE_TOL, atol=COMPILE_TOL)
 
 
 def test_cudnn_sdpa_is_off_for_training_unless_asked(world1, tiny_pipelines):
