@@ -4,10 +4,10 @@ run as float8 matrix products where no gradient is needed.
 DiffusionNFT's loss uses no rollout log-probabilities (DESIGN §5), so the rollout may sample with a lossy model:
 its error changes which edits are drawn, never a term of the loss. The reference forwards (v_old, v_ref) do enter
 the loss, so they have their own flag. Scaling is row-wise (one scale per activation row and per weight output
-channel, the amax mapped to float8_e4m3fn's largest value, 448), the recipe Hopper's `torch._scaled_mm` runs
-fastest that keeps outliers of one token from flattening the others. A layer keeps its full-precision weight: with
-gradients enabled, or while FP8 is off (the default), it computes exactly what `nn.Linear` does, so the parity
-probe, evaluation edits and a learner sharing the model (bench/) see the plain model.
+channel, the amax mapped to float8_e4m3fn's largest value, 448): an outlier then coarsens only its own token or
+channel, not the whole tensor, and `torch._scaled_mm` takes such scales directly. A layer keeps its full-precision
+weight: with gradients enabled, or while FP8 is off (the default), it computes exactly what `nn.Linear` does, so
+the parity probe, evaluation edits and a learner sharing the model (bench/) see the plain model.
 """
 
 from __future__ import annotations
