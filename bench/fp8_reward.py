@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,13 +27,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.sampler import Sampler  # noqa: E402
-from bench.stats import machine  # noqa: E402
+from bench.stats import append_record, machine  # noqa: E402
+from bench.train_step import score  # noqa: E402
 from common.config import load_config_or_exit  # noqa: E402
 from data.motionedit import load_splits  # noqa: E402
 from learner.evaluate import load_evaluated_policy  # noqa: E402
 from learner.nft_loss import optimality  # noqa: E402
 from models.warmstart import resolve_demo  # noqa: E402
-from rewards.flow_scorer import FlowItem, build_flow_scorer  # noqa: E402
+from rewards.flow_scorer import build_flow_scorer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "fp8_reward.jsonl"
@@ -42,14 +42,8 @@ RESULTS = ROOT / "bench" / "results" / "fp8_reward.jsonl"
 
 def rewards_of(sampler: Sampler, scorer, examples: list, per_call: int) -> torch.Tensor:
     """Flow rewards (N, K), float64, of `examples` sampled `per_call` groups at a time (step 0: fixed seeds)."""
-    out = []
-    for start in range(0, len(examples), per_call):
-        chunk = examples[start : start + per_call]
-        pairs = sampler.sample(chunk, step=0, version=0)
-        items = [FlowItem(e.id, e.input_image, e.target_image, images) for e, (_, images) in
-                 zip(chunk, pairs, strict=True)]  # fmt: skip
-        out += [s["reward"].double() for s in scorer.score(items)]
-    return torch.stack(out)
+    chunks = [examples[i : i + per_call] for i in range(0, len(examples), per_call)]
+    return torch.cat([score(scorer, chunk, sampler.sample(chunk, step=0, version=0)) for chunk in chunks])
 
 
 def compare(plain: torch.Tensor, fp8: torch.Tensor, per_step: int, clip: float) -> dict[str, float]:
@@ -101,10 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['reward_abs_change']:.4f} on average against a spread of {result['reward_group_std']:.4f} inside "
           f"its group; the best candidate stays the best in {100 * result['same_best_share']:.0f} % of groups; the "
           f"optimality r moves by {result['optimality_abs_change']:.4f} on average", flush=True)  # fmt: skip
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    with results.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_record(args.results, record)
     return record
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.sim_holds import ENV, read_calls  # noqa: E402
-from bench.stats import machine  # noqa: E402
+from bench.stats import append_record, machine  # noqa: E402
 from common.config import NFTConfig, load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,10 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{LABEL}, {n} simulated GPUs, P={p_n} (rollout {split.rollout}, reward {split.reward}, learner "
               f"{split.learner}), at GPU speed: {shown}; predicted overlapped {predicted:.2f} samples/s; "
               f"{100 * overran:.1f} % of {len(calls)} model calls overran their hold", flush=True)  # fmt: skip
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    with results.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_record(args.results, record)
     return record
 
 

@@ -1,12 +1,15 @@
-"""How the benchmarks report a ratio: the median over repeated rounds, with its range (issue 16: one round on a
-busy 2-core machine is noise, and the README quotes the median and range with the date and the machine)."""
+"""How the benchmarks report: a ratio as the median over repeated rounds, with its range (issue 16: one round on a
+busy 2-core machine is noise, and the README quotes the median and range with the date and the machine), and a
+run's record as one JSON line appended to a results file."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 from datetime import date
+from pathlib import Path
 
 
 def ratio_line(ratios: list[float]) -> str:
@@ -20,3 +23,11 @@ def ratio_line(ratios: list[float]) -> str:
 def machine() -> str:
     """Date and machine, for the line a README quotes."""
     return f"{date.today().isoformat()}, {platform.machine()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"
+
+
+def append_record(results: str | Path, record: dict) -> None:
+    """Append `record` as one JSON line to `results` (its folder made if missing)."""
+    path = Path(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -56,6 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.sampler import ReferenceForwards, Sampler  # noqa: E402
+from bench.stats import append_record  # noqa: E402
 from common.config import FlowRewardConfig, LearnerConfig, ModelConfig, NFTConfig, RolloutConfig  # noqa: E402
 from data.motionedit import MotionExample  # noqa: E402
 from data.synthetic import make_example  # noqa: E402
@@ -321,10 +322,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"built {args.size} {args.family} on {device_name(device)} in {time.perf_counter() - t0:.0f} s", flush=True)
     fp8_copies = 0
     if args.fp8:  # the float8 copies exist from here on (off until the FP8 layout), so the memory probe counts them
-        trainer.policy.use_fp8()
+        layers = trainer.policy.use_fp8()
         fp8_copies = sum(m.weight_fp8.nbytes for m in fp8.fp8_layers(trainer.policy.transformer))
-        print(f"FP8 copies of {len(fp8.fp8_layers(trainer.policy.transformer))} linear layers: "
-              f"{fp8_copies / 2**30:.1f} GiB", flush=True)  # fmt: skip
+        print(f"FP8 copies of {layers} linear layers: {fp8_copies / 2**30:.1f} GiB", flush=True)
 
     # 3. The learner's micro-batch from the GPU's free memory, as `learner.micro_batch: 0` does (learner/memory.py):
     #    probed on 2 candidates of one group, with the reference layout's learner (v_old / v_ref on it).
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
         "lora_rank": nft.lora_rank, "flow_estimator": flow.estimator, "layouts": {},
     }  # fmt: skip
     results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
+    results.parent.mkdir(parents=True, exist_ok=True)  # the partial record below goes there too
     partial = results.with_suffix(".partial.json")  # what a run killed at its time limit still leaves
     report: dict[str, dict] = record["layouts"]
     step = 1
@@ -410,8 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"reference layout {base:.3f} samples/s  ratio {rate / base:.2f}  ({device_name(device)})",
                   flush=True)  # fmt: skip
     record["ratio"] = max(measured[name]["samples_per_s"] for name in measured if name != "reference") / base
-    with results.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_record(results, record)
     partial.unlink(missing_ok=True)
     dist.destroy_process_group()
     return record
