@@ -609,13 +609,14 @@ class EvalConfig:
     bootstrap_seed: int = _f(0, "seed of the bootstrap resampling (the intervals are deterministic given it)")
     confidence: float = _f(0.95, "coverage of the bootstrap intervals (percentile method)")
     every: int = _f(
-        0, "during training, every N steps: MAS, its win rate against the base policy (LoRA runs) and the rubric "
+        0, "during training, every N steps: MAS, its win rate against the base policy and the rubric "
         "Overall (runs with a judge) of the evaluation edits of eval.during_rows held-out rows by the step's eval "
         "EMA (what its checkpoint exports), logged as eval/* with the step; 0 = off"
     )  # fmt: skip
     during_rows: int = _f(
         8, "held-out rows (the first of the run's held-out split) evaluated every eval.every steps: each costs "
-        "eval.num_steps forwards on a rollout worker, and the first evaluation samples the base policy's too"
+        "eval.num_steps forwards on a rollout worker; the base policy's are sampled once per run (a LoRA run's with "
+        "its first evaluation, a full fine-tune's before its first step) and carried by checkpoints"
     )  # fmt: skip
 
     def __post_init__(self) -> None:

@@ -70,6 +70,9 @@ def edit_pngs(edits: Sequence[Any]) -> list[bytes]:
     return ray.get([encode.remote(e) for e in edits])
 
 
+RAY_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.RayTaskError)
+
+
 def lost_worker(error: BaseException) -> bool:
     """A worker died (Ray restarts it) or an object went with its node: the error of an evaluation that can be
     retried later, not a bug."""
@@ -98,13 +101,15 @@ class HeldOutEval:
     """`eval.every` > 0: after every N-th step, the evaluation edits of the first `eval.during_rows` held-out rows
     by the weights given (the driver publishes the step's eval EMA: what that step's checkpoint exports and
     `learner.evaluate` measures), scored on the run's reward workers, as `eval/*` keys:
-    `eval/mas` (mean MAS), `eval/mas_win_rate` and `eval/base_mas` (against the base policy, LoRA runs: the
-    adapter off), `eval/overall` and `eval/judge_failed` (runs with a judge: the rubric's Overall over the rows
-    the judge scored, and how many it could not), `eval/rows`, `timing_s/eval`.
+    `eval/mas` (mean MAS), `eval/mas_win_rate` and `eval/base_mas` (against the base policy), `eval/overall` and
+    `eval/judge_failed` (runs with a judge: the rubric's Overall over the rows the judge scored, and how many it
+    could not), `eval/rows`, `timing_s/eval`.
 
-    The base policy's MAS per row is sampled once per process (it never changes) and kept as floats. A worker
-    lost during an evaluation (Ray restarts it; the training step that uses it next counts the crash) drops
-    that evaluation, logged as `eval/lost` 1 with a printed line, not as scores."""
+    The base policy's MAS per row is measured once per run and kept by the caller (`DriverState.base_mas`, carried
+    by checkpoints, so a resume does not sample it again): a LoRA run's with the adapter off, alongside its first
+    evaluation; a full fine-tune's by `measure_base` before its first update, while the rollouts hold the
+    pipeline as loaded. A worker lost during an evaluation (Ray restarts it; the training step that uses it next
+    counts the crash) drops that evaluation, logged as `eval/lost` 1 with a printed line, not as scores."""
 
     def __init__(self, cfg: Config, held_out: Sequence[Any]) -> None:
         self.cfg, self.every = cfg.eval, cfg.eval.every
@@ -113,25 +118,37 @@ class HeldOutEval:
         if self.every > 0 and n == 0:
             raise ValueError("eval.every > 0 needs held-out rows: the held-out split is empty (data.eval_fraction)")
         self.rows = [ray.put(held_out[i]) for i in range(n)]  # put once, passed by reference to every call
-        self.base_mas: list[float] | None = None
 
     def due(self, step: int) -> bool:
         return self.every > 0 and (step + 1) % self.every == 0
 
-    def __call__(self, pools: Pools, step: int, weights: PublishedWeights) -> dict[str, float]:
-        """The `eval/*` keys of a step that is `due` (the driver publishes the weights only then)."""
+    def measure_base(self, pools: Pools, weights: PublishedWeights, base_mas: list[float]) -> None:
+        """A full fine-tune's base MAS per row into the empty `base_mas`, by `weights`: call it only while they
+        are version 0, the pipeline as loaded (it is gone after the first push). A lost worker leaves it empty:
+        that run then logs no win rate."""
+        if self.every == 0 or self.lora or base_mas:
+            return
+        rollouts, rewards = self._workers(pools)
+        try:
+            base_mas.extend(self._mas(rewards, sample_edits(rollouts, self.rows, self.cfg, weights=weights)))
+        except RAY_ERRORS as e:
+            if not lost_worker(e):
+                raise
+            print(f"the base policy's held-out evaluation lost a worker ({type(e).__name__}); this run logs no "
+                  "eval/mas_win_rate", flush=True)  # fmt: skip
+
+    def __call__(self, pools: Pools, step: int, weights: PublishedWeights, base_mas: list[float]) -> dict[str, float]:
+        """The `eval/*` keys of a step that is `due` (the driver publishes the weights only then); a LoRA run's
+        empty `base_mas` is filled here."""
         t0 = time.perf_counter()
-        rollouts = [pools.rollouts.actors[w] for w in pools.rollouts.up()]
-        rewards = [pools.rewards.actors[w] for w in pools.rewards.up()]
+        rollouts, rewards = self._workers(pools)
         try:
             scores = score_edits(rewards, self.rows, sample_edits(rollouts, self.rows, self.cfg, weights=weights),
                                  self.cfg)  # fmt: skip
-            if self.base_mas is None and self.lora:  # overlaps the policy's own scoring
-                base = score_edits(rewards, self.rows, sample_edits(rollouts, self.rows, self.cfg, base=True),
-                                   self.cfg)  # fmt: skip
-                self.base_mas = [s["mas"]["mas"] for s in gather(base)]
+            if not base_mas and self.lora:  # overlaps the policy's own scoring
+                base_mas.extend(self._mas(rewards, sample_edits(rollouts, self.rows, self.cfg, base=True)))
             rows = gather(scores)
-        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.RayTaskError) as e:
+        except RAY_ERRORS as e:
             if not lost_worker(e):
                 raise
             print(f"step {step}: the held-out evaluation lost a worker ({type(e).__name__}); none logged this step",
@@ -139,9 +156,9 @@ class HeldOutEval:
             return {"eval/lost": 1.0, "timing_s/eval": time.perf_counter() - t0}
         mas = [s["mas"]["mas"] for s in rows]
         out = {"eval/mas": float(np.mean(mas)), "eval/rows": float(len(rows))}
-        if self.base_mas is not None:
-            out["eval/base_mas"] = float(np.mean(self.base_mas))
-            out["eval/mas_win_rate"] = float(outcomes(mas, self.base_mas, margin=self.cfg.tie_margin).mean())
+        if base_mas:
+            out["eval/base_mas"] = float(np.mean(base_mas))
+            out["eval/mas_win_rate"] = float(outcomes(mas, base_mas, margin=self.cfg.tie_margin).mean())
         rubric = [s["rubric"] for s in rows if s["rubric"] is not None]
         if rubric:
             scored = [r["overall"] for r in rubric if not r["failed"]]
@@ -150,3 +167,10 @@ class HeldOutEval:
                 out["eval/overall"] = float(np.mean(scored))
         out["timing_s/eval"] = time.perf_counter() - t0
         return out
+
+    def _workers(self, pools: Pools) -> tuple[list[Any], list[Any]]:
+        rollouts, rewards = pools.rollouts, pools.rewards
+        return [rollouts.actors[w] for w in rollouts.up()], [rewards.actors[w] for w in rewards.up()]
+
+    def _mas(self, rewards: Sequence[Any], edits: Sequence[Any]) -> list[float]:
+        return [s["mas"]["mas"] for s in gather(score_edits(rewards, self.rows, edits, self.cfg))]

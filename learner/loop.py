@@ -69,6 +69,7 @@ class DriverState:
     position: int = 0  # ... and index into that pass's permutation
     banned: list[str] = field(default_factory=list)  # prompts whose group saturated (DESIGN §5)
     dropped_judge: int = 0  # groups left out because the judge could not score them (reward.judge.on_outage)
+    base_mas: list[float] = field(default_factory=list)  # eval.every: the base policy's MAS per held-out row
 
 
 class PromptCursor:
@@ -404,6 +405,8 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
     if state.step > 0:
         pools.learner.load(f"{ckpt.location(state.step)}/{LEARNER}", retry=ckpt.retry)  # each rank, from its node
     weights = publish(pools, state.version)
+    if state.version == 0:  # a full fine-tune's base policy is measurable only now, by the weights as loaded
+        held_out.measure_base(pools, weights, state.base_mas)
     cursor = PromptCursor(train_ds.ids, cfg.data.seed)
     log = MetricsLog(Path(cfg.logging.dir), cfg.logging.every, steps=cfg.learner.steps, resume_at=state.step,
                      recovered=recovered)  # fmt: skip
@@ -472,7 +475,7 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
         metrics["groups/dropped_judge_total"] = float(state.dropped_judge)  # carried by checkpoints, like bans
         metrics["policy/version"] = float(state.version)
         if held_out.due(step):  # eval.every: the held-out slice, by the eval EMA the step's checkpoint exports
-            metrics.update(held_out(pools, step, publish(pools, eval_version(step), which=EMA)))
+            metrics.update(held_out(pools, step, publish(pools, eval_version(step), which=EMA), state.base_mas))
         metrics["workers/rollout_crashes_total"] = float(pools.rollouts.crashes.total)  # since this process started
         metrics["workers/reward_crashes_total"] = float(pools.rewards.crashes.total)
         metrics.update(reward_counters(pools))

@@ -201,23 +201,33 @@ def test_bad_config_fails_fast_naming_the_key(tmp_path):
 def test_full_finetune_end_to_end(tmp_path):
     """Full weights flow learner -> driver (by reference) -> rollouts; the checkpoint exports the EMA transformer.
     The rollouts sample in FP8 (`rollout.fp8`): each full push re-quantizes their float8 copies, and the parity
-    probe still sees the plain model (float32 rounding, not FP8's error)."""
-    _main(_overrides(tmp_path, 2) + ["nft.full_finetune=true", "checkpoint.every=0", "rollout.fp8=true"])
+    probe still sees the plain model (float32 rounding, not FP8's error). The held-out evaluation's base policy
+    (the weights as loaded, gone after the first push) is measured before step 0, used by every evaluation and
+    carried by the checkpoint (a resume reads it back: tests/test_driver.py)."""
+    _main(_overrides(tmp_path, 2) + ["nft.full_finetune=true", "checkpoint.every=0", "rollout.fp8=true",
+                                     "eval.every=1", "eval.during_rows=2", "eval.num_steps=2"])  # fmt: skip
     metrics = _metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [0, 1] and all("learner/loss" in m for m in metrics)
     assert all(m["parity/max_error"] < 1e-4 for m in metrics)
     assert metrics[1]["staleness/max"] <= 1
+    assert metrics[0]["eval/base_mas"] == metrics[1]["eval/base_mas"] and 0 <= metrics[1]["eval/base_mas"] <= 100
+    assert all(m["eval/mas_win_rate"] in (0.0, 0.25, 0.5, 0.75, 1.0) for m in metrics)
     step = tmp_path / "ckpt" / "step_00000002"
+    saved = json.loads((step / "driver.json").read_text())["driver"]["base_mas"]
+    assert len(saved) == 2 and sum(saved) / 2 == pytest.approx(metrics[1]["eval/base_mas"], rel=1e-12)
     assert (step / "COMMITTED").exists() and not (step / "lora").exists()
     assert (step / "transformer" / "diffusion_pytorch_model.safetensors").exists()
 
 
 def test_steps_without_a_valid_group_publish_nothing_and_go_on(tmp_path):
     """Every group filtered out (std can never exceed 10): no update, no new version, and the overlapped
-    rollouts of later steps still find the weights they may use."""
-    _main(_overrides(tmp_path, 3) + ["nft.group_min_std=10", "checkpoint.every=0"])
+    rollouts of later steps still find the weights they may use. A full fine-tune, evaluated every step: its
+    eval EMA never moves from the weights as loaded, so its edits score exactly as the base policy's."""
+    _main(_overrides(tmp_path, 3) + ["nft.group_min_std=10", "checkpoint.every=0", "nft.full_finetune=true",
+                                     "eval.every=1", "eval.during_rows=2", "eval.num_steps=2"])  # fmt: skip
     metrics = _metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [0, 1, 2]
     for m in metrics:
         assert m["groups/valid"] == 0 and "learner/loss" not in m
         assert m["staleness/max"] == 0  # nothing was ever published after version 0
+        assert m["eval/mas"] == m["eval/base_mas"] and m["eval/mas_win_rate"] == 0.5  # ties, row by row
