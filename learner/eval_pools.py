@@ -16,7 +16,6 @@ pools, and returns `eval/*` keys for the step's metrics line.
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections.abc import Sequence
@@ -24,10 +23,9 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
-from PIL import Image
 
 from common.config import Config, EvalConfig
+from learner.eval_report import encode_png
 from learner.eval_stats import outcomes
 from learner.pools import Pools
 from models.weights import LoraExport, PublishedWeights
@@ -55,13 +53,6 @@ def score_edits(rewards: Sequence[Any], rows: Sequence[Any], edits: Sequence[Any
 def gather(refs: Sequence[Any]) -> list[dict]:
     """The per-row dicts of `score_edits`' calls, in row order."""
     return [row for part in ray.get(list(refs)) for row in part]
-
-
-def encode_png(image: torch.Tensor) -> bytes:
-    """uint8 (3, H, W) as PNG bytes (lossless: the report's grid shows the edit exactly)."""
-    buffer = io.BytesIO()
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def edit_pngs(edits: Sequence[Any]) -> list[bytes]:

@@ -9,6 +9,7 @@ parameters, which the paper did not publish (`eval.mas_*`).
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,14 @@ class ReportInfo:
     judge_metrics: dict[str, int] = field(default_factory=dict)  # JudgeClient.metrics after the run
     grids: list[str] = field(default_factory=list)  # PNG paths relative to the report
     plots: list[str] = field(default_factory=list)
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """uint8 (3, H, W) as PNG bytes (lossless: the report's grid shows the edit exactly). Run as a Ray task next
+    to the edit; it lives here, not in learner.eval_pools, so that the task's worker imports little."""
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _interval(e: Estimate, scale: float = 1.0, digits: int = 2) -> str:

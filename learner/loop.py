@@ -33,7 +33,7 @@ from common.config import Config, ConfigError, LoggingConfig, config_to_dict
 from common.faults import fault_point
 from common.storage import check_writable
 from data.motionedit import ExampleServer, load_splits
-from learner.board import BoardLog, group_grid
+from learner.board import BoardLog, draw_group
 from learner.checkpoint import LEARNER, CheckpointManager, step_name
 from learner.elastic import RolloutScaler, rollout_load
 from learner.eval_pools import HeldOutEval
@@ -519,16 +519,12 @@ def scale_rollouts(pools: Pools, scaler: RolloutScaler, meta: list[dict], began:
 
 def image_grids(batch: StepRollouts, rewards: list[GroupReward], logging: LoggingConfig) -> list:
     """The first `logging.image_groups` groups as thumbnail strips, drawn by tasks next to their images."""
-    draw = ray.remote(num_cpus=0)(_draw_grid)
+    draw = ray.remote(num_cpus=0)(draw_group)
     shown = range(min(logging.image_groups, len(rewards)))
     drawn = ray.get([draw.remote(batch.examples[g], batch.images[g], rewards[g].reward, logging.image_size)
                      for g in shown])  # fmt: skip
     return [(batch.prompt_ids[g], prompt, rewards[g].reward, grid)
             for g, (prompt, grid) in zip(shown, drawn, strict=True)]  # fmt: skip
-
-
-def _draw_grid(example, candidates, rewards: list[float], size: int):
-    return example.prompt, group_grid(example, candidates, rewards, size)
 
 
 def stop_on_judge_outage(cfg: Config, ckpt: CheckpointManager, pools: Pools, state: DriverState, step: int,
