@@ -247,9 +247,13 @@ class LearnerGroup:
         return _all_ranks([w.load.remote(source, retry) for w in self.workers])[0]
 
     def shutdown(self) -> None:
+        """Kill the ranks and free their placement group; a second call does nothing."""
+        if self.pg is None:
+            return
         for w in self.workers:
             ray.kill(w)
         remove_placement_group(self.pg)
+        self.pg = None
 
 
 class LearnerLost(RuntimeError):

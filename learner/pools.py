@@ -57,8 +57,15 @@ class Pools:
 
 
 def start_learner(cfg: Config) -> LearnerGroup:
-    """The learner group, placed, checked and started. A local checkpoint dir the ranks' nodes cannot reach is
-    refused once they are placed, before anything loads."""
+    """The learner group, placed, checked and started (loaded, ranks met)."""
+    learner = place_learner(cfg)
+    learner.start()  # shuts the group down itself if a rank fails
+    return learner
+
+
+def place_learner(cfg: Config) -> LearnerGroup:
+    """The learner group, placed (its resources reserved) and checked, nothing loaded yet: a local checkpoint dir
+    the ranks' nodes cannot reach is refused here, before anything loads."""
     c = cfg.cluster
     learner = LearnerGroup(
         functools.partial(load_policy, cfg.model, use_gpu=c.learner_gpus > 0), cfg.nft, cfg.learner, c,
@@ -67,7 +74,6 @@ def start_learner(cfg: Config) -> LearnerGroup:
     )  # fmt: skip
     try:
         check_reachable(cfg.checkpoint, learner.node_ids, ray.get_runtime_context().get_node_id())
-        learner.start()
     except BaseException:
         learner.shutdown()
         raise
@@ -119,23 +125,20 @@ def start_reward_worker(cfg: Config, build_scorer: Callable[[], RewardScorer], j
 
 def build_pools(cfg: Config, *, local: bool = False) -> Pools:
     """Learner group, judge replicas, reward workers and rollout workers, each ready; if any fails to start,
-    the others are shut down before the error propagates."""
-    c, n = cfg.cluster, cfg.nft
+    the others are shut down before the error propagates.
 
-    # Learner first: it publishes version 0 (old = θ at init) before any rollout samples. Every actor loads
-    # its model on its own node (`load_policy` without a path resolves `model.*` there).
+    They load at the same time: at full size the learner's model, the rollouts' and the judge's vLLM server each
+    take minutes, and one after the other they added up. The learner is placed first (its placement group
+    reserves its resources, so the other actors cannot fragment the nodes it packs onto) and checked before
+    anything loads. Every actor loads its model on its own node (`load_policy` without a path resolves
+    `model.*` there). The rollouts sample only once the driver has published version 0 (old = θ at init)."""
+    c, n = cfg.cluster, cfg.nft
     crashes = (c.worker_crashes, c.crash_window_s)  # restarts are unlimited; a crash loop stops the run
-    pools = Pools(WorkerPool("rollout", [], *crashes), WorkerPool("reward", [], *crashes), start_learner(cfg), [])
+    pools = Pools(WorkerPool("rollout", [], *crashes), WorkerPool("reward", [], *crashes), place_learner(cfg), [])
     try:
         j = cfg.reward.judge
         key = secret_from_env(j.api_key_env, generate=not j.url)  # a started judge always gets one
         pools.judges = start_judges(cfg, key, local=local)
-        urls = (j.url,) if j.url else tuple(ray.get([judge.url.remote() for judge in pools.judges]))
-        build_scorer = functools.partial(
-            build_reward_scorer, cfg.reward, urls, device="cuda" if c.reward_gpus > 0 else "cpu",
-            cache_dir=cfg.model.cache_dir, judge_key=key,
-        )  # fmt: skip
-        pools.rewards.actors = [start_reward_worker(cfg, build_scorer, urls, key) for _ in range(c.reward_workers)]
         reference = None
         if n.reference_forwards == "rollout":
             reference = ReferenceForwards(seed=cfg.learner.seed, fraction=n.timestep_fraction)
@@ -144,6 +147,13 @@ def build_pools(cfg: Config, *, local: bool = False) -> Pools:
         )
         pools.new_rollout = functools.partial(start_rollout_worker, cfg, rollout_policy, reference)
         pools.rollouts.actors = [pools.new_rollout(i) for i in range(c.rollout_workers)]
+        pools.learner.start()  # while the rollouts and judges load
+        urls = (j.url,) if j.url else tuple(ray.get([judge.url.remote() for judge in pools.judges]))
+        build_scorer = functools.partial(
+            build_reward_scorer, cfg.reward, urls, device="cuda" if c.reward_gpus > 0 else "cpu",
+            cache_dir=cfg.model.cache_dir, judge_key=key,
+        )  # fmt: skip
+        pools.rewards.actors = [start_reward_worker(cfg, build_scorer, urls, key) for _ in range(c.reward_workers)]
         ray.get([a.ready.remote() for a in pools.rollouts.actors + pools.rewards.actors])
     except BaseException:
         pools.shutdown()
