@@ -1,8 +1,9 @@
 """The learning demo (issue 6): MotionNFT on the full stack raises the held-out motion reward, and the same run
 with the reward signal inverted (r -> 1 - r) lowers it, so the gain comes from the reward.
 
-The demo's warm start is built once into a temporary cache (in this process, through `resolve_demo`, as
-`learner.main` does). Then two real `python -m learner.main --config configs/learn_demo.yaml` runs with the
+The demo's warm start is built once into a temporary cache by `python -m models.warmstart` (the CLI that builds
+it ahead of a run), started at the session's start at the lowest CPU priority (`demo_cache`, tests/conftest.py).
+Then two real `python -m learner.main --config configs/learn_demo.yaml` runs with the
 same seed go concurrently: the run as shipped (30 steps) and the inverted one (`nft.invert_reward=true`, its
 first 15 steps: it has clearly lost by then, and the suite has a time budget; one learner rank, so that the two
 runs do not oversubscribe the 2 cores: 260 s for both instead of 298 s, and its held-out change at step 15 was
@@ -31,8 +32,6 @@ from pathlib import Path
 
 import pytest
 
-from common.config import load_config
-
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "learn_demo.yaml"
 pytestmark = pytest.mark.slow
@@ -50,13 +49,9 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def demo_runs(tmp_path_factory):
+def demo_runs(tmp_path_factory, demo_cache):
     """{"shipped": run dir, "inverted": run dir}, both trained and evaluated."""
-    from models.warmstart import resolve_demo
-
-    tmp = tmp_path_factory.mktemp("learn_demo")
-    cache = tmp / "cache"
-    resolve_demo(load_config(CONFIG, [f"model.cache_dir={cache}"]))  # the warm start, once for both runs
+    tmp, cache = tmp_path_factory.mktemp("learn_demo"), demo_cache
     runs = {"shipped": [], "inverted": ["nft.invert_reward=true", f"learner.steps={INVERTED_STEPS}",
                                         f"checkpoint.every={INVERTED_STEPS}", "cluster.learner_ranks=1"]}  # fmt: skip
     procs = {}
@@ -118,14 +113,13 @@ def test_inverted_reward_makes_it_worse(demo_runs):
     assert change <= MAX_INVERTED_CHANGE, f"inverted held-out score {inverted}: change {change:+.4f}"
 
 
-def test_fp8_sampling_barely_moves_the_rewards_of_a_policy_that_edits(demo_runs, tmp_path):
-    """bench/fp8_reward.py on the demo's warm start (its cache, built above): the held-out examples' K=8 candidates
+def test_fp8_sampling_barely_moves_the_rewards_of_a_policy_that_edits(demo_cache, tmp_path):
+    """bench/fp8_reward.py on the demo's warm start (`demo_cache`): the held-out examples' K=8 candidates
     sampled with `rollout.fp8` and without, same seeds. Measured 2026-11-28: a candidate's flow reward moved by
     0.0053 on average against a spread of 0.0353 inside its group, the best candidate stayed the best in 76 % of
     groups, the mean reward went 0.8421 -> 0.8402. The bounds leave room for that and fail a broken FP8 path."""
-    cache = demo_runs["shipped"].parent / "cache"
     results = tmp_path / "fp8_reward.jsonl"
-    cmd = [sys.executable, "bench/fp8_reward.py", "--cache", str(cache), "--results", str(results)]
+    cmd = [sys.executable, "bench/fp8_reward.py", "--cache", str(demo_cache), "--results", str(results)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (r,) = [json.loads(line) for line in results.read_text().splitlines()]
