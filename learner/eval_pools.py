@@ -61,9 +61,6 @@ def edit_pngs(edits: Sequence[Any]) -> list[bytes]:
     return ray.get([encode.remote(e) for e in edits])
 
 
-RAY_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.RayTaskError)
-
-
 def lost_worker(error: BaseException) -> bool:
     """A worker died (Ray restarts it) or an object went with its node: the error of an evaluation that can be
     retried later, not a bug."""
@@ -122,7 +119,7 @@ class HeldOutEval:
         rollouts, rewards = self._workers(pools)
         try:
             base_mas.extend(self._mas(rewards, sample_edits(rollouts, self.rows, self.cfg, weights=weights)))
-        except RAY_ERRORS as e:
+        except ray.exceptions.RayError as e:  # as learner.evaluate: lost_worker tells which
             if not lost_worker(e):
                 raise
             print(f"the base policy's held-out evaluation lost a worker ({type(e).__name__}); this run logs no "
@@ -139,7 +136,7 @@ class HeldOutEval:
             if not base_mas and self.lora:  # overlaps the policy's own scoring
                 base_mas.extend(self._mas(rewards, sample_edits(rollouts, self.rows, self.cfg, base=True)))
             rows = gather(scores)
-        except RAY_ERRORS as e:
+        except ray.exceptions.RayError as e:
             if not lost_worker(e):
                 raise
             print(f"step {step}: the held-out evaluation lost a worker ({type(e).__name__}); none logged this step",
