@@ -18,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from tests.test_judge_outage import _judge_group
@@ -28,11 +29,18 @@ STEPS, P, K = 8, 2, 4
 KILLS = ("rollout.sample:1", "rollout.sample:2", "rollout.sample:3", "reward.score:9", "learner.rank1.train_step:5",
          "learner.rank0.publish:7")  # fmt: skip
 JUDGE_KILLED_AFTER = 4
+JUDGE_ROUNDING = 3e-4  # reward units; see the comparison below
 
 
 def _rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(x) for x in (path.read_text() if path.exists() else "").splitlines() if x.strip()]
+
+
+def _candidates(tmp: Path, step: int) -> list[tuple]:
+    """(prompt, candidate, seed, policy version) of each candidate the run scored at `step` (its lineage)."""
+    rows = pq.read_table(tmp / "run" / "lineage" / f"step_{step:08d}.parquet").to_pylist()
+    return sorted((r["prompt_id"], r["k"], r["seed"], r["version"]) for r in rows)
 
 
 def _run(tmp: Path, *, faults: bool) -> tuple[int, str, list[dict]]:
@@ -97,9 +105,18 @@ def test_a_run_survives_every_worker_role_killed_in_turn(tmp_path):
     assert [r["prompts"] for r in faulted] == [r["prompts"] for r in clean]
     assert all(r["groups/total"] == P and r["groups/valid"] == P for r in faulted)
     assert [r["policy/version"] for r in faulted] == [r["policy/version"] for r in clean]
-    for a, b in zip(faulted, clean, strict=True):  # a re-queued group is sampled again with its seeds
-        for key in ("reward/mean", "reward/std", "learner/loss"):  # (seen bit-identical; batching may round)
-            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    for step in range(STEPS):  # a re-queued group is sampled again with its seeds, by the same policy version
+        assert _candidates(tmp_path / "a", step) == _candidates(tmp_path / "b", step), step
+    for a, b in zip(faulted, clean, strict=True):
+        # Not bit-identical: vLLM batches the judge's requests as they arrive, and a batch of another size rounds
+        # the digit probabilities otherwise (CPU matmuls are not batch-invariant). Measured between the two runs:
+        # judge score up to 6e-5 apart, reward mean/std up to 4e-5; through the advantages the policies drift
+        # apart by that much, so the flow score matches exactly until step 6, then to 2e-6 relative, the loss to
+        # 1.5e-8. A group sampled with other seeds moves its step's means by ~1e-2 (reward/std is ~0.03-0.05).
+        for key in ("reward/mean", "reward/std", "reward/judge/score"):
+            assert a[key] == pytest.approx(b[key], abs=JUDGE_ROUNDING), (a["step"], key)
+        for key in ("reward/flow/score", "learner/loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
 
     last = faulted[-1]
     assert last["workers/rollout_crashes_total"] == 3 and last["workers/reward_crashes_total"] == 1
