@@ -5,7 +5,9 @@ last rollout (`wait`; 0 when the rollouts were done before the step began, sampl
 rollout workers spent sampling (`busy`, summed over workers, per worker). `cluster.rollout_scale_patience` steps
 in a row of wait > `cluster.rollout_grow_wait` add a worker (up to `cluster.rollout_workers_max`), of busy <
 `cluster.rollout_shrink_busy` remove one (down to `cluster.rollout_workers_min`). One change at a time: while a
-worker joins or drains, its effect is not measured yet, so nothing else changes.
+worker joins or drains, its effect is not measured yet, so nothing else changes. A resumed run's pool starts at
+`cluster.rollout_workers`, the size that start-up checks can place, and the workers it had beyond that when its
+checkpoint was saved join at once, as added ones do.
 
 A new worker asks for the same resources as the others; on an autoscaling cluster its pending actor is what makes
 the autoscaler add a node, and a removed worker's idle node is what it removes. The new worker loads the current
@@ -43,6 +45,14 @@ class RolloutScaler:
     @property
     def elastic(self) -> bool:
         return self.most > self.fewest
+
+    def regrow(self, size: int, carried: int) -> int:
+        """How many workers a resumed elastic pool of `size` adds to get back to `carried`, its size when the
+        checkpoint was saved (`DriverState.rollout_workers`; 0 in checkpoints from before it was kept), within
+        today's bounds. One worker a `patience` steps would take many steps to find that size again."""
+        if not self.elastic or carried <= 0:
+            return 0
+        return max(0, min(carried, self.most) - size)
 
     def decide(self, size: int, wait: float, busy: float, *, settling: bool) -> int:
         """+1 (add a worker), -1 (remove one) or 0, after a step measured (wait, busy) with `size` workers;

@@ -70,6 +70,7 @@ class DriverState:
     banned: list[str] = field(default_factory=list)  # prompts whose group saturated (DESIGN §5)
     dropped_judge: int = 0  # groups left out because the judge could not score them (reward.judge.on_outage)
     base_mas: list[float] = field(default_factory=list)  # eval.every: the base policy's MAS per held-out row
+    rollout_workers: int = 0  # the rollout pool's size after the step (an elastic pool regrows to it on resume)
 
 
 class PromptCursor:
@@ -352,10 +353,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         examples = ray.remote(num_cpus=0)(ExampleServer).options(scheduling_strategy=here).remote(train_ds)
         held_out = HeldOutEval(cfg, eval_ds)  # eval.every: its rows go to the object store once
-        recoveries = 0
+        recoveries, regrow_to = 0, state.rollout_workers  # a resumed elastic pool: its size at the checkpoint
         while True:
             try:
-                return run_steps(cfg, pools, ckpt, state, recovered, train_ds, examples, board, held_out)
+                return run_steps(cfg, pools, ckpt, state, recovered, train_ds, examples, board, held_out, regrow_to)
             except WorkerCrashLoop as e:
                 raise RunStopped(f"{e}; the run is stopped (its latest checkpoint stays), fix the cause and run "
                                  "again with --resume") from e  # fmt: skip
@@ -368,6 +369,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict
                 print(f"{e}: rebuilding the learner group (recovery {recoveries} of {cfg.learner.max_recoveries}), "
                       f"then going on from {step_name(latest) if latest else 'the start'}", flush=True)  # fmt: skip
                 pools.rebuild_learner(cfg)
+                regrow_to = 0  # the rollout pool is the one that ran: as it is
                 if latest is None:
                     state, recovered = DriverState(run_id=state.run_id), None
                 else:
@@ -398,9 +400,10 @@ def startup_summary(cfg: Config, state: DriverState, n_train: int, n_eval: int, 
 
 
 def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverState, recovered: dict | None,
-              train_ds, examples, board: BoardLog, held_out: HeldOutEval) -> dict[str, Any]:  # fmt: skip
+              train_ds, examples, board: BoardLog, held_out: HeldOutEval, regrow_to: int = 0
+              ) -> dict[str, Any]:  # fmt: skip
     """The steps from `state.step` on, as DESIGN §1 lists them (the learner restored from its checkpoint first);
-    returns the last step's metrics."""
+    returns the last step's metrics. An elastic rollout pool first adds the workers it lacks to be `regrow_to`."""
     last: dict[str, Any] = {}
     if state.step > 0:
         pools.learner.load(f"{ckpt.location(state.step)}/{LEARNER}", retry=ckpt.retry)  # each rank, from its node
@@ -416,6 +419,8 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
     pending: dict[int, StepRollouts] = {}
     drawn_from: dict[int, tuple[int, int]] = {}
     scaler = RolloutScaler(cfg.cluster)
+    for _ in range(scaler.regrow(pools.rollouts.size(), regrow_to)):
+        add_rollout(pools, weights, scaler.join_timeout_s, f"the pool had {regrow_to} workers at the checkpoint")
 
     for step in range(state.step, steps):
         metrics, timing = {}, {}
@@ -480,6 +485,7 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
         metrics["workers/reward_crashes_total"] = float(pools.rewards.crashes.total)
         metrics.update(reward_counters(pools))
         metrics.update(scale_rollouts(pools, scaler, meta, began, timing["step"], workers, weights))
+        state.rollout_workers = pools.rollouts.size()
         if rewards:  # every scored candidate: seed, version, worker, image digest, reward terms, optimality
             lineage.write(step, batch.prompt_ids, meta, rewards, r, valid)
         if save_now:  # the step's metrics line travels in the checkpoint: a resume logs it exactly once
@@ -498,18 +504,23 @@ def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverS
     return last
 
 
+def add_rollout(pools: Pools, weights: PublishedWeights, timeout_s: float, why: str) -> None:
+    """One rollout worker more; it takes work once it has loaded `weights` and passed their parity probe."""
+    pool = pools.rollouts
+    w = pool.add(pools.new_rollout(len(pool.actors)), lambda actor: actor.prepare.remote(weights), timeout_s)
+    print(f"rollout pool: adding rollout-{w} ({why})", flush=True)
+
+
 def scale_rollouts(pools: Pools, scaler: RolloutScaler, meta: list[dict], began: float, step_s: float, workers: int,
                    weights: PublishedWeights) -> dict[str, float]:  # fmt: skip
     """The rollout pool's load in the step, and, when it is elastic, one worker added or drained
-    (learner/elastic.py); a new worker takes work once it has loaded `weights` and passed their parity probe."""
+    (learner/elastic.py)."""
     pool = pools.rollouts
     wait, busy = rollout_load(meta, began, step_s, workers)
     change = scaler.decide(pool.size(), wait, busy, settling=bool(pool.joining or pool.draining))
     if change > 0 and pools.new_rollout is not None:
-        w = pool.add(pools.new_rollout(len(pool.actors)), lambda actor: actor.prepare.remote(weights),
-                     timeout_s=scaler.join_timeout_s)  # fmt: skip
-        print(f"rollout pool: adding rollout-{w} (the learner waited on rollouts {wait:.0%} of the step, "
-              f"{scaler.patience} step(s) in a row)", flush=True)  # fmt: skip
+        add_rollout(pools, weights, scaler.join_timeout_s, f"the learner waited on rollouts {wait:.0%} of the "
+                    f"step, {scaler.patience} step(s) in a row")  # fmt: skip
     elif change < 0 and (w := pool.drain()) is not None:
         print(f"rollout pool: removing rollout-{w} once its groups are trained on (rollout workers sampled "
               f"{busy:.0%} of the step, {scaler.patience} step(s) in a row)", flush=True)  # fmt: skip

@@ -110,7 +110,7 @@ def test_step_lines_show_an_eta_from_the_recent_steps(tmp_path, capsys):
 
 def test_a_checkpoint_dir_holds_one_run(tmp_path):
     """start_state (no Ray): a fresh start over checkpoints is refused, --overwrite deletes them and starts a new
-    run id, --resume takes the run's id and state (with the base policy's held-out MAS)."""
+    run id, --resume takes the run's id and state (with the base policy's held-out MAS and the rollout pool's size)."""
     from common.config import ConfigError, config_to_dict, load_config
     from learner.checkpoint import CheckpointManager
     from learner.loop import DriverState, start_state
@@ -123,7 +123,8 @@ def test_a_checkpoint_dir_holds_one_run(tmp_path):
         target = ckpt.begin(step)
         (Path(target) / "learner").mkdir()
         (Path(target) / "learner" / ".metadata").write_text("m")
-        state = DriverState(run_id=fresh.run_id, step=step, version=step, base_mas=[12.5, 40.0][: step // 2])
+        state = DriverState(run_id=fresh.run_id, step=step, version=step, base_mas=[12.5, 40.0][: step // 2],
+                            rollout_workers=step + 1)  # fmt: skip
         ckpt.commit(step, target, {"driver": dataclasses.asdict(state), "config": config_to_dict(cfg),
                                    "metrics": {"step": step - 1}}, written=["learner/.metadata"])  # fmt: skip
     with pytest.raises(ConfigError, match="already holds checkpoints .latest step_00000004.; pass --resume"):
@@ -131,6 +132,7 @@ def test_a_checkpoint_dir_holds_one_run(tmp_path):
     resumed, recovered = start_state(cfg, ckpt, resume=True, overwrite=False)
     assert (resumed.run_id, resumed.step, recovered) == (fresh.run_id, 4, {"step": 3})
     assert resumed.base_mas == [12.5, 40.0]  # the held-out base, measured once per run
+    assert resumed.rollout_workers == 5  # the rollout pool's size, to which an elastic one regrows
     other, _ = start_state(cfg, ckpt, resume=False, overwrite=True)
     assert other.step == 0 and other.run_id != fresh.run_id and ckpt.complete_steps() == []
     assert list((tmp_path / "ckpt").iterdir()) == []

@@ -64,6 +64,15 @@ def test_a_fixed_pool_never_changes():
     s = RolloutScaler(ClusterConfig(rollout_workers=2))
     assert not s.elastic
     assert [s.decide(2, wait=1.0, busy=0.0, settling=False) for _ in range(5)] == [0] * 5
+    assert s.regrow(2, carried=4) == 0  # a resumed fixed pool is the size the config says
+
+
+def test_a_resumed_elastic_pool_regrows_to_its_checkpointed_size_within_todays_bounds():
+    s = _scaler(rollout_workers=2, rollout_workers_min=1, rollout_workers_max=5)
+    assert s.regrow(2, carried=4) == 2  # it had 4 workers when the checkpoint was saved: 2 join at once
+    assert s.regrow(2, carried=9) == 3  # rollout_workers_max is 5 now
+    assert s.regrow(2, carried=1) == 0  # it had shrunk below today's start: the scaler drains if rollouts idle
+    assert s.regrow(2, carried=0) == 0  # a checkpoint from before the size was kept
 
 
 @pytest.mark.parametrize(("kw", "key"), [

@@ -129,14 +129,18 @@ def test_every_step_logged_once_across_kills_a_lost_rank_and_refused_starts(tmp_
             "0.5 now") in changed.stderr
     assert _steps(tmp_path) == [0]  # untouched by the refused starts
 
-    # 3. Resumed (step 1's line comes from its checkpoint; an operational key may change), and a learner rank is
-    #    SIGKILLed once step 2 is logged: the group is rebuilt in-process and the run goes on from the latest
-    #    checkpoint, redoing (and relogging in place) the steps after it.
-    resumed, killed = _main_losing_a_rank(tmp_path, "cluster.rollout_workers=1", "--resume", after_step=2)
+    # 3. Resumed (step 1's line comes from its checkpoint; operational keys may change: here the rollout pool
+    #    becomes elastic from 1 worker, and regrows at once to the 2 it had at the checkpoint), and a learner rank
+    #    is SIGKILLed once step 2 is logged: the group is rebuilt in-process and the run goes on from the latest
+    #    checkpoint, redoing (and relogging in place) the steps after it; the rollout pool stays as it is.
+    elastic = ("cluster.rollout_workers=1", "cluster.rollout_workers_max=2", "cluster.rollout_scale_patience=1000")
+    resumed, killed = _main_losing_a_rank(tmp_path, *elastic, "--resume", after_step=2)
     out = resumed.stdout + resumed.stderr
     assert killed, "no learner rank was found to kill"
     assert resumed.returncode == 0, out[-4000:]
     assert f"resumed from step_00000002: step 2, policy version 2, run {run_id}" in out
+    assert out.count("rollout pool: adding rollout-1 (the pool had 2 workers at the checkpoint)") == 1
+    assert "rollout worker 1 could not join" not in out and "rollout worker 1 did not join" not in out
     found = re.search(r"a learner rank is gone \((\w+).*rebuilding the learner group \(recovery 1 of 3\), then going "
                       r"on from step_(\d+)", out)  # fmt: skip
     assert found, out[-3000:]
@@ -145,4 +149,5 @@ def test_every_step_logged_once_across_kills_a_lost_rank_and_refused_starts(tmp_
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert sum(r["groups/total"] for r in rows) * K == 5 * P * K  # every sample counted once
     assert [r["policy/version"] for r in rows] == [1, 2, 3, 4, 5]
-    assert json.loads((tmp_path / "ckpt" / "step_00000005" / "driver.json").read_text())["driver"]["run_id"] == run_id
+    driver = json.loads((tmp_path / "ckpt" / "step_00000005" / "driver.json").read_text())["driver"]
+    assert driver["run_id"] == run_id and driver["rollout_workers"] == 2
