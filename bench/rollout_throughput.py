@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.sampler import Sampler  # noqa: E402
+from bench.scratch import scratch_dir  # noqa: E402
 from bench.stats import machine, ratio_line  # noqa: E402
 from common.config import RolloutConfig  # noqa: E402
 from data.motionedit import MotionEditDataset  # noqa: E402
@@ -174,10 +174,10 @@ def main() -> None:
     if not args.model:
         from models.tiny import build_tiny
 
-        args.model = str(build_tiny(args.family, Path(tempfile.mkdtemp()) / args.family))
+        args.model = str(build_tiny(args.family, scratch_dir("bench-tiny-") / args.family))
     policy = EditPolicy.from_pretrained(args.model, family=args.family, dtype=getattr(torch, args.dtype),
                                         device=args.device)  # fmt: skip
-    src = generate_synthetic(tempfile.mkdtemp(), max(args.prompts, 4), size=max(args.size, 32))
+    src = generate_synthetic(scratch_dir("bench-data-"), max(args.prompts, 4), size=max(args.size, 32))
     ds = MotionEditDataset.from_source(str(src), resolution=(args.size, args.size))
     print(f"rollout throughput, {machine()}", flush=True)
     bench_sampling(args, policy, [ds[i] for i in range(args.prompts)])

@@ -39,13 +39,13 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.scratch import scratch_dir  # noqa: E402
 from bench.sim_holds import ENV, read_calls  # noqa: E402
 from bench.stats import append_record, machine  # noqa: E402
 from common.config import NFTConfig, load_config  # noqa: E402
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{s.learner} -> overlapped {over:.2f} samples/s ({over / n:.3f} per GPU), sequential {seq:.2f}  "
               f"ratio {over / seq:.2f}", flush=True)  # fmt: skip
 
-    workdir = Path(tempfile.mkdtemp(prefix="scale-sim-"))
+    workdir = scratch_dir("scale-sim-")
     (workdir / "calls").mkdir()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for n in args.gpus:

@@ -14,11 +14,11 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.scratch import scratch_dir  # noqa: E402
 from bench.stats import machine, ratio_line  # noqa: E402
 from common.config import load_config  # noqa: E402
 
@@ -26,7 +26,7 @@ from common.config import load_config  # noqa: E402
 def run(config: str, overrides: list[str], staleness: int, steps: int) -> tuple[float, float, float]:
     from learner.loop import train
 
-    tmp = tempfile.mkdtemp(prefix=f"bench-staleness{staleness}-")
+    tmp = scratch_dir(f"bench-staleness{staleness}-")
     fixed = [f"rollout.max_staleness={staleness}", f"learner.steps={steps}", "checkpoint.every=0",
              f"checkpoint.dir={tmp}/ckpt", f"logging.dir={tmp}/run"]  # fmt: skip
     cfg = load_config(config, [*overrides, *fixed])

@@ -43,7 +43,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -56,6 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.sampler import ReferenceForwards, Sampler  # noqa: E402
+from bench.scratch import scratch_dir  # noqa: E402
 from bench.stats import append_record  # noqa: E402
 from common.config import FlowRewardConfig, LearnerConfig, ModelConfig, NFTConfig, RolloutConfig  # noqa: E402
 from data.motionedit import MotionExample  # noqa: E402
@@ -252,7 +252,7 @@ def build_policy(args, model: ModelConfig, device: torch.device) -> EditPolicy:
     if args.size == "tiny":
         from models.tiny import build_tiny
 
-        path = build_tiny(args.family, Path(tempfile.mkdtemp(prefix="bench-tiny-")) / args.family)
+        path = build_tiny(args.family, scratch_dir("bench-tiny-") / args.family)
         return load_policy(model, str(path), use_gpu=device.type == "cuda")
     from models.full_size import build_full_size
 
@@ -314,10 +314,10 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. Models: one transformer for rollout and learner, a world-1 process group for FSDP2.
     t0 = time.perf_counter()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
-                            init_method=f"file://{tempfile.mkdtemp(prefix='bench-dist-')}/store")  # fmt: skip
+                            init_method=f"file://{scratch_dir('bench-dist-')}/store")  # fmt: skip
     policy = build_policy(args, model, device)
     trainer = NFTTrainer(policy, nft, learner, mixed_precision=device.type == "cuda" and model.dtype != "float32")
-    scorer = build_flow_scorer(flow, device=device.type, cache_dir=tempfile.mkdtemp(prefix="bench-flow-"))
+    scorer = build_flow_scorer(flow, device=device.type, cache_dir=scratch_dir("bench-flow-"))
     prompts = synthetic_prompts(prompts_n, size)
     print(f"built {args.size} {args.family} on {device_name(device)} in {time.perf_counter() - t0:.0f} s", flush=True)
     fp8_copies = 0

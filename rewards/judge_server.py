@@ -6,6 +6,7 @@ Reward workers reach it through `rewards.judge.JudgeClient`, exactly as they rea
 
 import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,7 +79,8 @@ class VLLMServer:
     server's process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the `uni` executor; tensor parallel size 1 only): the
     CPU judge is the tiny test judge or a small one, and three processes importing vLLM took 25.3 s to start on
     2 cores where one took 16.9 s. On GPU vLLM's default stays: a separate engine process overlaps serving and
-    scheduling. The log is kept after stop().
+    scheduling. The log is kept after stop(); the server's sockets and rendezvous files (vLLM puts them in the
+    temp dir and leaves them there) go in a folder of its own, removed by stop().
     api_key: the server answers /v1 requests only with `Authorization: Bearer <key>`. It reaches vLLM as
     VLLM_API_KEY in the server's environment, not as --api-key: vLLM logs its argv, and `ps` shows it.
     """
@@ -114,6 +116,7 @@ class VLLMServer:
         self.log_path = Path(log_path) if log_path else None
         self.api_key = api_key
         self.process: subprocess.Popen | None = None
+        self.scratch: Path | None = None  # while started: TMPDIR and VLLM_RPC_BASE_PATH of the server's processes
         self.startup_s: float | None = None
 
     @property
@@ -144,6 +147,7 @@ class VLLMServer:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cpu_kvcache_space_gib)
         if self.single_process:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        env["TMPDIR"] = env["VLLM_RPC_BASE_PATH"] = str(self.scratch)  # ZMQ sockets, the dist file store
         env.update(self.env)
         env.pop("VLLM_API_KEY", None)  # only the key given here, never one inherited by accident
         if self.api_key is not None:
@@ -157,6 +161,7 @@ class VLLMServer:
             fd, name = tempfile.mkstemp(prefix=f"vllm-{self.cfg.served_model_name}-{self.port}-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"vllm-{self.port}-"))
         began = time.monotonic()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
@@ -216,6 +221,7 @@ class VLLMServer:
         """
         atexit.unregister(self.stop)
         if self.process is None:
+            self._remove_scratch()
             return
         pgid = self.process.pid  # start_new_session: the group id is the leader's pid
         if self.process.poll() is None:
@@ -228,6 +234,12 @@ class VLLMServer:
             _signal_group(pgid, signal.SIGKILL)
         self.process.wait()
         self.process = None
+        self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
 
     def __enter__(self) -> "VLLMServer":
         return self.start()

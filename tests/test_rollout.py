@@ -20,17 +20,12 @@ SIZE, K, STEPS = 32, 3, 3
 LORA = {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
 
 
-_DATA: list = []
-
-
-def _examples(n: int):
-    """Examples through the real data path (synthetic parquet -> MotionEditDataset), built once per module."""
-    if not _DATA:
-        import tempfile
-
-        src = generate_synthetic(tempfile.mkdtemp(prefix="rollout-data-"), 4, size=SIZE, seed=0)
-        _DATA.append(MotionEditDataset.from_source(str(src), resolution=(SIZE, SIZE)))
-    return [_DATA[0][i] for i in range(n)]
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory) -> list:
+    """Two examples through the real data path (synthetic parquet -> MotionEditDataset), built once per module."""
+    src = generate_synthetic(tmp_path_factory.mktemp("rollout-data"), 4, size=SIZE, seed=0)
+    data = MotionEditDataset.from_source(str(src), resolution=(SIZE, SIZE))
+    return [data[i] for i in range(2)]
 
 
 def _policy(path, family: str) -> EditPolicy:
@@ -58,11 +53,11 @@ def family_policy(request, tiny_pipelines):
     return request.param, _policy(tiny_pipelines[request.param], request.param)
 
 
-def test_group_shapes_and_distinct_candidates(family_policy):
+def test_group_shapes_and_distinct_candidates(family_policy, examples):
     family, policy = family_policy
-    out = _sampler(policy).sample(_examples(2), step=0, version=7)
+    out = _sampler(policy).sample(examples, step=0, version=7)
     assert len(out) == 2
-    for (group, images), ex in zip(out, _examples(2), strict=True):
+    for (group, images), ex in zip(out, examples, strict=True):
         assert group.prompt_id == ex.id and group.version == 7 and len(group.seeds) == K
         assert group.x0.shape[0] == K and group.x0.ndim == 3
         assert group.cond.batch == 1
@@ -74,34 +69,34 @@ def test_group_shapes_and_distinct_candidates(family_policy):
                 assert not torch.allclose(flat[i], flat[j]), f"{family}: candidates {i} and {j} are identical"
 
 
-def test_same_seed_same_candidates_and_batching_invariance(family_policy):
+def test_same_seed_same_candidates_and_batching_invariance(family_policy, examples):
     _, policy = family_policy
-    a = _sampler(policy, micro_batch=8).sample(_examples(2), step=3, version=0)
-    b = _sampler(policy, micro_batch=1).sample(_examples(2), step=3, version=0)  # one candidate per call
+    a = _sampler(policy, micro_batch=8).sample(examples, step=3, version=0)
+    b = _sampler(policy, micro_batch=1).sample(examples, step=3, version=0)  # one candidate per call
     for (ga, ia), (gb, ib) in zip(a, b, strict=True):
         torch.testing.assert_close(ga.x0, gb.x0, rtol=1e-4, atol=1e-5)
         assert (ia.int() - ib.int()).abs().max() <= 1
-    c = _sampler(policy, micro_batch=8).sample(_examples(2), step=4, version=0)
+    c = _sampler(policy, micro_batch=8).sample(examples, step=4, version=0)
     assert not torch.allclose(a[0][0].x0, c[0][0].x0)  # another step draws other noise
     # One candidate per prompt (the evaluation's K = 1) is candidate 0 of the full group: same seed, same edit.
-    one = _sampler(policy, micro_batch=8).sample(_examples(2), step=3, version=0, group_size=1)
+    one = _sampler(policy, micro_batch=8).sample(examples, step=3, version=0, group_size=1)
     for (g1, _), (ga, _) in zip(one, a, strict=True):
         assert g1.x0.shape[0] == 1 and g1.seeds == ga.seeds[:1]
         torch.testing.assert_close(g1.x0, ga.x0[:1], rtol=1e-4, atol=1e-5)
 
 
-def test_published_weights_change_output_and_v0_restores(family_policy):
+def test_published_weights_change_output_and_v0_restores(family_policy, examples):
     _, policy = family_policy
     weights = PolicyWeights(policy, "lora")
     v0 = policy.lora_state_dict()
-    base = _sampler(policy).sample(_examples(1), step=0, version=0)[0][0].x0
+    base = _sampler(policy).sample(examples[:1], step=0, version=0)[0][0].x0
     v1 = _perturbed(policy)
     weights.load(1, WeightManifest.of(v1, version=1, kind="lora").pack(), v1)
-    changed = _sampler(policy).sample(_examples(1), step=0, version=1)[0][0].x0
+    changed = _sampler(policy).sample(examples[:1], step=0, version=1)[0][0].x0
     assert weights.version == 1
     assert (changed - base).abs().max() > 1e-3
     weights.load(2, WeightManifest.of(v0, version=2, kind="lora").pack(), v0)
-    restored = _sampler(policy).sample(_examples(1), step=0, version=2)[0][0].x0
+    restored = _sampler(policy).sample(examples[:1], step=0, version=2)[0][0].x0
     assert torch.equal(restored, base)
 
 
@@ -136,7 +131,7 @@ def test_manifest_round_trip_is_compact():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_rollout_workers_on_ray(ray_cluster, tiny_pipelines, family):
+def test_rollout_workers_on_ray(ray_cluster, tiny_pipelines, family, examples):
     """Two rollout actors get versioned weights handed over by reference with each call and sample groups."""
     ray = ray_cluster
     model = ModelConfig(family=family, dtype="float32", cache_dir="/tmp/motionnft-test-cache")
@@ -148,32 +143,32 @@ def test_rollout_workers_on_ray(ray_cluster, tiny_pipelines, family):
     local = spec()
     v0 = local.lora_state_dict()
     w0 = _published(v0, 0, ray.put(v0))
-    examples = [ray.put(e) for e in _examples(2)]
+    refs_in = [ray.put(e) for e in examples]
 
-    refs = workers[0].sample.options(num_returns=6).remote(0, w0, *examples)
+    refs = workers[0].sample.options(num_returns=6).remote(0, w0, *refs_in)
     group0, images0, meta0 = ray.get(refs[0]), ray.get(refs[1]), ray.get(refs[2])
     assert meta0["version"] == 0 and group0.version == 0 and images0.shape == (K, 3, SIZE, SIZE)
     # The plain Sampler with the same weights gives the same candidates as the actor.
-    expected = _sampler(local).sample(_examples(2), step=0, version=0)[0][0].x0
+    expected = _sampler(local).sample(examples, step=0, version=0)[0][0].x0
     torch.testing.assert_close(group0.x0, expected)
 
     v1 = _perturbed(local)
     w1 = _published(v1, 1, ray.put(v1))
-    g1 = ray.get(workers[0].sample.options(num_returns=3).remote(0, w1, examples[0])[0])
+    g1 = ray.get(workers[0].sample.options(num_returns=3).remote(0, w1, refs_in[0])[0])
     assert g1.version == 1 and not torch.allclose(g1.x0, group0.x0)
     # The second worker never sampled at v0: it loads v1 straight away and samples exactly what the first does.
-    g1b = ray.get(workers[1].sample.options(num_returns=3).remote(0, w1, examples[0])[0])
+    g1b = ray.get(workers[1].sample.options(num_returns=3).remote(0, w1, refs_in[0])[0])
     torch.testing.assert_close(g1b.x0, g1.x0)
     # A worker that already holds a version does not load it again: a handle of version 1 whose reference holds
     # other tensors (same names and shapes) changes nothing.
     other = _published(v1, 1, ray.put({k: torch.randn_like(v) for k, v in v1.items()}))
-    again = ray.get(workers[0].sample.options(num_returns=3).remote(0, other, examples[0])[0])
+    again = ray.get(workers[0].sample.options(num_returns=3).remote(0, other, refs_in[0])[0])
     torch.testing.assert_close(again.x0, g1.x0)
     # Mismatched weights are refused by the worker (naming the tensor) and it keeps sampling with v1.
     bad = {k: v[:1] for k, v in v1.items()}
     with pytest.raises(ray.exceptions.RayTaskError, match="WeightMismatchError"):
-        ray.get(workers[0].sample.options(num_returns=3).remote(0, _published(bad, 2, ray.put(bad)), examples[0])[0])
-    still = ray.get(workers[0].sample.options(num_returns=3).remote(0, w1, examples[0])[0])
+        ray.get(workers[0].sample.options(num_returns=3).remote(0, _published(bad, 2, ray.put(bad)), refs_in[0])[0])
+    still = ray.get(workers[0].sample.options(num_returns=3).remote(0, w1, refs_in[0])[0])
     assert still.version == 1
     torch.testing.assert_close(still.x0, g1.x0)
     for a in workers:
