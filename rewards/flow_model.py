@@ -20,14 +20,14 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.models.optical_flow import raft_large, raft_small
 
 from common import s3
 from common.config import FlowRewardConfig
 
 logger = logging.getLogger(__name__)
 
-RAFT_BUILDERS = {"large": raft_large, "small": raft_small}
+RAFT_VARIANTS = ("large", "small")  # torchvision's raft_large / raft_small, imported when built (a reward
+# worker on DIS flow then never imports torchvision: 1.5 s of its start-up on a CPU)
 RAFT_MIN_SIDE = 128  # RAFT's correlation pyramid needs H, W >= 128 (ENVIRONMENT gotcha 10)
 RAFT_PAD_MULTIPLE = 8  # RAFT works on a 1/8-resolution grid
 RAFT_RANDOM_INIT_SEED = 0  # random-init weights are seeded, so two random RAFTFlow objects agree
@@ -116,17 +116,19 @@ class RAFTFlow:
         device: str | torch.device = "cpu",
         cache_dir: str | Path | None = None,
     ):
-        if variant not in RAFT_BUILDERS:
-            raise ValueError(f"variant: expected one of {sorted(RAFT_BUILDERS)}, got {variant!r}")
+        if variant not in RAFT_VARIANTS:
+            raise ValueError(f"variant: expected one of {sorted(RAFT_VARIANTS)}, got {variant!r}")
         if num_updates < 1:
             raise ValueError(f"num_updates: expected >= 1, got {num_updates}")
         if max_batch < 1:
             raise ValueError(f"max_batch: expected >= 1, got {max_batch}")
         self.variant, self.num_updates, self.max_batch = variant, num_updates, max_batch
         self.device = torch.device(device)
+        from torchvision.models import optical_flow
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RAFT_RANDOM_INIT_SEED)
-            model = RAFT_BUILDERS[variant](weights=None, progress=False)
+            model = getattr(optical_flow, f"raft_{variant}")(weights=None, progress=False)
         if weights is None:
             message = (
                 f"RAFTFlow({variant!r}): no weights given, using RANDOM weights: flows are meaningless (tests only)"

@@ -3,7 +3,8 @@ valid group, a bad config. (`ray job submit`, checkpoints and resume equivalence
 in tests/test_multinode.py.)
 
 Each run is a real `python -m learner.main` process (2 FSDP2 learner ranks over gloo, 2 rollout workers, a
-reward worker). The judge is off here to keep the suite short (tests/test_reward_worker.py runs it live).
+reward worker, unless a test says otherwise). The judge is off here to keep the suite short
+(tests/test_reward_worker.py runs it live).
 """
 
 from __future__ import annotations
@@ -222,9 +223,11 @@ def test_full_finetune_end_to_end(tmp_path):
 def test_steps_without_a_valid_group_publish_nothing_and_go_on(tmp_path):
     """Every group filtered out (std can never exceed 10): no update, no new version, and the overlapped
     rollouts of later steps still find the weights they may use. A full fine-tune, evaluated every step: its
-    eval EMA never moves from the weights as loaded, so its edits score exactly as the base policy's."""
+    eval EMA never moves from the weights as loaded, so its edits score exactly as the base policy's. One learner
+    rank and one rollout worker: nothing trains here (a full fine-tune over two ranks: the test above)."""
     _main(_overrides(tmp_path, 3) + ["nft.group_min_std=10", "checkpoint.every=0", "nft.full_finetune=true",
-                                     "eval.every=1", "eval.during_rows=2", "eval.num_steps=2"])  # fmt: skip
+                                     "eval.every=1", "eval.during_rows=2", "eval.num_steps=2",
+                                     "cluster.learner_ranks=1", "cluster.rollout_workers=1"])  # fmt: skip
     metrics = _metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [0, 1, 2]
     for m in metrics:
