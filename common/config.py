@@ -415,7 +415,8 @@ class ClusterConfig:
     SECTION: ClassVar[str] = "cluster"
     address: str = _f("", "Ray address; empty = RAY_ADDRESS when set (ray job submit), else a local cluster")
     num_cpus: int = _f(0, "CPUs of a local cluster (0 = all)")
-    rollout_workers: int = _f(1, "rollout actors at the start (the pool's size unless it is elastic)")
+    rollout_workers: int = _f(1, "rollout actors at the start (the pool's size unless it is elastic; a resumed "
+                              "elastic pool then regrows at once to its size at the checkpoint)")  # fmt: skip
     rollout_workers_min: int = _f(0, "elastic rollout pool: fewest rollout actors (0 = cluster.rollout_workers)")
     rollout_workers_max: int = _f(
         0, "elastic rollout pool: most rollout actors (0 = cluster.rollout_workers); above the minimum the driver "
