@@ -232,6 +232,9 @@ class JudgeConfig:
         True, "constrain the answer to one digit with vLLM structured output; false for servers without it"
     )
     startup_timeout_s: float = _f(300.0, "longest wait for a judge replica the service starts to answer /health")
+    log_dir: str = _f("", "absolute folder, on each judge node, for the vLLM log of each replica the service "
+                      "starts (made if missing; a restart appends to its replica's log; a mounted volume keeps them "
+                      "past the node); empty = the node's temp dir")  # fmt: skip
     api_key_env: str = _f(
         "MOTIONNFT_JUDGE_API_KEY",
         "environment variable holding the judge's API key (set it from a secret; the key itself never goes in a "
@@ -249,6 +252,8 @@ class JudgeConfig:
         _check(self.retry_budget_s >= 0, "reward.judge.retry_budget_s", "a value >= 0", self.retry_budget_s)
         _check(self.on_outage in ("stop", "drop"), "reward.judge.on_outage", "stop | drop", self.on_outage)
         _check(self.restart_backoff_s >= 0, "reward.judge.restart_backoff_s", "a value >= 0", self.restart_backoff_s)
+        _check(not self.log_dir or Path(self.log_dir).is_absolute(), "reward.judge.log_dir",
+               "an absolute path (it is used on the judge's node), or empty", self.log_dir)  # fmt: skip
         _check(self.max_concurrency >= 1, "reward.judge.max_concurrency", "an integer >= 1", self.max_concurrency)
         _check(self.max_model_len >= 1, "reward.judge.max_model_len", "an integer >= 1", self.max_model_len)
         _check(self.image_format in ("png", "jpeg"), "reward.judge.image_format", "png | jpeg", self.image_format)

@@ -157,8 +157,12 @@ class VLLMServer:
     def start(self) -> "VLLMServer":
         if self.process is not None:
             raise RuntimeError(f"server on port {self.port} already started (pid {self.process.pid})")
-        if self.log_path is None:
-            fd, name = tempfile.mkstemp(prefix=f"vllm-{self.cfg.served_model_name}-{self.port}-", suffix=".log")
+        if self.log_path is None:  # a restart appends to the same log
+            log_dir = Path(self.cfg.log_dir) if self.cfg.log_dir else None
+            if log_dir is not None:
+                log_dir.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f"vllm-{self.cfg.served_model_name}-{self.port}-", suffix=".log",
+                                        dir=log_dir)  # fmt: skip
             os.close(fd)
             self.log_path = Path(name)
         self.scratch = Path(tempfile.mkdtemp(prefix=f"vllm-{self.port}-"))

@@ -150,6 +150,7 @@ def test_cli_reports_config_errors(capsys):
         ("reward.judge.max_model_len=-1", "reward.judge.max_model_len"),
         ("reward.judge.image_format=gif", "reward.judge.image_format"),
         ("reward.judge.startup_timeout_s=0", "reward.judge.startup_timeout_s"),
+        ("reward.judge.log_dir=logs", "reward.judge.log_dir"),  # used on the judge's node: relative to what?
         ("reward.flow.cache_size=-1", "reward.flow.cache_size"),
         ("demo.warmup=-1", "demo.warmup"),
         ("demo.grad_clip=0", "demo.grad_clip"),

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -48,6 +49,7 @@ def _run(tmp: Path, name: str, *args: str, kill_after_step: int | None = None
     cmd = [sys.executable, "-m", "learner.main", "--config", str(ROOT / "configs/tiny_cpu.yaml"),
            f"reward.judge.served_model_name={name}", "nft.group_min_std=-1", "nft.group_max_mean=2",
            "checkpoint.every=0", f"checkpoint.dir={tmp / 'ckpt'}", f"logging.dir={tmp / 'run'}",
+           f"reward.judge.log_dir={tmp / 'judge-logs'}",
            "cluster.learner_ranks=1", "cluster.rollout_workers=1", *args]  # fmt: skip  (the judge is the point)
     killed_at: list[float] = []
 
@@ -89,3 +91,7 @@ def test_past_the_budget_the_run_checkpoints_and_stops_then_resumes(tmp_path):
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert f"resumed from step_{stopped:08d}: step {stopped}, policy version {stopped}" in again.stdout
     assert _steps_logged(tmp_path / "run") == [0, 1, 2, 3]
+    # reward.judge.log_dir: one vLLM log per run's replica, there and not in the temp dir.
+    logs = sorted((tmp_path / "judge-logs").glob(f"vllm-{name}-*.log"))
+    assert len(logs) == 2 and all("Application startup complete" in p.read_text() for p in logs)
+    assert not list(Path(tempfile.gettempdir()).glob(f"vllm-{name}-*.log"))

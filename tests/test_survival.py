@@ -53,7 +53,7 @@ def _run(tmp: Path, *, faults: bool) -> tuple[int, str, list[dict]]:
     cmd = [sys.executable, "-m", "learner.main", "--config", str(ROOT / "configs/tiny_cpu.yaml"),
            f"reward.judge.served_model_name={name}", "reward.judge.restart_backoff_s=1", "nft.group_min_std=-1",
            "nft.group_max_mean=2", f"learner.steps={STEPS}", "checkpoint.every=2", f"checkpoint.dir={tmp / 'ckpt'}",
-           f"logging.dir={tmp / 'run'}"]  # fmt: skip
+           f"logging.dir={tmp / 'run'}", f"reward.judge.log_dir={tmp / 'judge-logs'}"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def kill_the_judge() -> None:
@@ -123,6 +123,8 @@ def test_a_run_survives_every_worker_role_killed_in_turn(tmp_path):
     assert last["judges/restarts"] == 1 and last["reward_workers/judge/failures"] == 0  # the steps waited for it
     assert last["reward_workers/judge/connection_errors"] + last["reward_workers/judge/timeouts"] > 0
     assert "judge server on port" in out and "restarting in 1s" in out
+    logs = list((tmp_path / "a" / "judge-logs").glob("vllm-*.log"))  # the restarted server appends to its log
+    assert len(logs) == 1 and logs[0].read_text().count("Application startup complete") == 2
     assert "rebuilding the learner group (recovery 1 of 3), then going on from step_00000004" in out
     assert "rebuilding the learner group (recovery 2 of 3), then going on from step_00000006" in out
     assert out.count("its groups are re-queued") == 4  # 3 rollout crashes, 1 reward worker crash
