@@ -75,12 +75,13 @@ class VLLMServer:
     and fails fast, with the tail of the log, if the process exits first. `stop()` SIGTERMs the server
     and SIGKILLs its whole group (API server, engine core, workers) if it is not gone after STOP_GRACE_S.
     enforce_eager, cpu_kvcache_space_gib and single_process default by whether CUDA is available: on CPU, eager
-    mode, a 1 GiB KV cache (vLLM's CPU default is 4 GiB), and the engine core and its worker inside the API
-    server's process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the `uni` executor; tensor parallel size 1 only): the
-    CPU judge is the tiny test judge or a small one, and three processes importing vLLM took 25.3 s to start on
-    2 cores where one took 16.9 s. On GPU vLLM's default stays: a separate engine process overlaps serving and
-    scheduling. The log is kept after stop(); the server's sockets and rendezvous files (vLLM puts them in the
-    temp dir and leaves them there) go in a folder of its own, removed by stop().
+    mode, a 1 GiB KV cache (vLLM's CPU default is 4 GiB), and the worker inside the engine core's process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0, the `uni` executor; tensor parallel size 1 only): the CPU judge is the
+    tiny test judge or a small one, and with vLLM 0.32 on 2 cores it started in 23.4 / 25.6 s against 31.3 s
+    (vLLM's CPU platform forces the `spawn` start method, so the engine core still re-imports vLLM in a second
+    process). On GPU vLLM's default stays: a separate worker process overlaps serving and scheduling. The log
+    is kept after stop(); the server's sockets and rendezvous files (vLLM puts them in the temp dir and leaves
+    them there) go in a folder of its own, removed by stop().
     api_key: the server answers /v1 requests only with `Authorization: Bearer <key>`. It reaches vLLM as
     VLLM_API_KEY in the server's environment, not as --api-key: vLLM logs its argv, and `ps` shows it.
     """
