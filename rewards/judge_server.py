@@ -159,26 +159,25 @@ class VLLMServer:
         if self.process is not None:
             raise RuntimeError(f"server on port {self.port} already started (pid {self.process.pid})")
         if self.log_path is None:  # a restart appends to the same log
-            log_dir = Path(self.cfg.log_dir) if self.cfg.log_dir else None
-            if log_dir is not None:
-                log_dir.mkdir(parents=True, exist_ok=True)
+            if self.cfg.log_dir:
+                Path(self.cfg.log_dir).mkdir(parents=True, exist_ok=True)
             fd, name = tempfile.mkstemp(prefix=f"vllm-{self.cfg.served_model_name}-{self.port}-", suffix=".log",
-                                        dir=log_dir)  # fmt: skip
+                                        dir=self.cfg.log_dir or None)  # fmt: skip
             os.close(fd)
             self.log_path = Path(name)
         self.scratch = Path(tempfile.mkdtemp(prefix=f"vllm-{self.port}-"))
         began = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", _SUPERVISOR, str(os.getpid()), *self.command()],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self._environment(),
-                start_new_session=True,  # own process group: stop() reaches engine core and workers too
-            )
-        atexit.register(self.stop)
-        try:
+        try:  # whatever fails from here, stop() reaps what started and removes the scratch folder
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-c", _SUPERVISOR, str(os.getpid()), *self.command()],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=self._environment(),
+                    start_new_session=True,  # own process group: stop() reaches engine core and workers too
+                )
+            atexit.register(self.stop)
             self._wait_ready(began)
         except BaseException:
             self.stop()
