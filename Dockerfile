@@ -8,16 +8,22 @@ RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2
 USER ray
 WORKDIR /home/ray/motionnft
 
-# Dependencies first (cached layer), then the code.
-COPY --chown=ray pyproject.toml README.md ./
-COPY --chown=ray common common
-COPY --chown=ray data data
-COPY --chown=ray models models
+# 1. The dependencies alone, read from pyproject.toml: this layer is rebuilt only when they change, never for
+#    a code edit.
+COPY --chown=ray pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu']))" > /tmp/requirements.txt \
+ && pip install --no-cache-dir -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+
+# 2. The code, then the project itself without touching the dependencies installed above.
+COPY --chown=ray README.md ./
+COPY --chown=ray motionnft_core motionnft_core
 COPY --chown=ray actors actors
 COPY --chown=ray rewards rewards
 COPY --chown=ray learner learner
-RUN pip install --no-cache-dir "torch>=2.11,<2.16" "torchvision>=0.26,<0.30" \
- && pip install --no-cache-dir -e ".[gpu]"
+COPY --chown=ray evaluation evaluation
+RUN pip install --no-cache-dir --no-deps -e .
 COPY --chown=ray configs configs
 COPY --chown=ray bench bench
 

@@ -20,8 +20,8 @@ from contextlib import contextmanager
 
 import torch
 
-from common.config import EvalConfig
-from models.policy import EditPolicy
+from motionnft_core.config import EvalConfig
+from motionnft_core.models.policy import EditPolicy
 
 
 def true_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:

@@ -2,10 +2,11 @@
 
 Each call carries the weights it must sample with (`PublishedWeights`, handed over by the driver); the worker
 loads them in place when its version differs, checks that its policy then computes what the learner's does
-(models/parity.py), and returns each group's training sample, its decoded images and small metadata as separate
+(motionnft_core/models/parity.py), and returns each group's training sample, its decoded images and small metadata as
+separate
 objects, so reward workers never fetch latents and learners never fetch images. Evaluation edits (issue 14:
 the pipeline's own sampler, actors/eval_sampler.py) are made here too, with the published weights during
-training or a checkpoint's export for learner.evaluate, so they run where and as the rollouts do.
+training or a checkpoint's export for evaluation.evaluate, so they run where and as the rollouts do.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ import torch
 
 from actors.eval_sampler import EvalSampler
 from actors.sampler import Prompt, ReferenceForwards, Sampler
-from common import telemetry
-from common.config import EvalConfig, RolloutConfig
-from common.faults import fault_point
-from common.net import whereabouts
-from models.parity import ParityError, ParityProbe, check_parity
-from models.policy import EditPolicy
-from models.weights import (
+from motionnft_core import telemetry
+from motionnft_core.config import EvalConfig, RolloutConfig
+from motionnft_core.faults import fault_point
+from motionnft_core.models.parity import ParityError, ParityProbe, check_parity
+from motionnft_core.models.policy import EditPolicy
+from motionnft_core.models.weights import (
     LoraExport,
     PolicyWeights,
     PublishedWeights,
@@ -36,6 +36,7 @@ from models.weights import (
     lora_export_here,
     read_lora_export,
 )
+from motionnft_core.net import whereabouts
 
 
 class RolloutWorker:
@@ -101,7 +102,7 @@ class RolloutWorker:
         Three objects so each consumer fetches only its part: the learner the GroupSample, the reward worker
         the images, the driver the small metadata (version, timings, parity error).
         """
-        began = time.time()  # wall clock: the driver compares it with its own (learner/elastic.py)
+        began = time.time()  # wall clock: the driver compares it with its own (learner/driver/elastic.py)
         with self.busy.call():
             fault_point("rollout.sample", step)
             if weights.version != self.weights.version:
@@ -117,7 +118,7 @@ class RolloutWorker:
                                                                "digests": image_digests(images), **meta, **g.timing})]
 
     def load_export(self, export: LoraExport) -> None:
-        """Evaluation of a checkpoint (learner.evaluate --baseline, through `edit`): its diffusers LoRA export (a
+        """Evaluation of a checkpoint (evaluation.evaluate --baseline, through `edit`): its diffusers LoRA export (a
         dir, or an s3:// prefix downloaded here), read on this worker's node, into the adapter in place.
         Version -1 afterwards: the next published weights load."""
         with lora_export_here(export.location, cache_dir=export.cache_dir, retry=export.retry) as lora_dir:

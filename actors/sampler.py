@@ -3,7 +3,7 @@
 `Sampler` is the plain class that the rollout worker, the evaluation and bench/ drive directly. It encodes each
 prompt once, then runs the candidates of all its groups through the ODE solver in micro-batches of up to
 `rollout.micro_batch` rows, so one transformer call serves several groups. Candidate noise and, with reference
-forwards, the training draws come from the seed contract of common/noise.py.
+forwards, the training draws come from the seed contract of motionnft_core/noise.py.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from typing import Protocol
 import torch
 
 from actors.solver import FlowDPMSolver
-from common.config import RolloutConfig
-from common.noise import candidate_seed, noised, training_draws, training_seed
-from models.fp8 import fp8_forwards
-from models.policy import Conditioning, EditPolicy
+from motionnft_core.config import RolloutConfig
+from motionnft_core.models.fp8 import fp8_forwards
+from motionnft_core.models.policy import Conditioning, EditPolicy
+from motionnft_core.noise import candidate_seed, noised, training_draws, training_seed
 
 
 class Prompt(Protocol):
-    """What a rollout needs of a data row (data.motionedit.MotionExample satisfies it)."""
+    """What a rollout needs of a data row (motionnft_core.data.motionedit.MotionExample satisfies it)."""
 
     id: str
     prompt: str
@@ -48,7 +48,7 @@ class ReferenceForwards:
     """Compute v_old and v_ref on the rollout (`nft.reference_forwards: rollout`, DESIGN §6).
 
     The rollout holds exactly the policy that generated the candidates plus the base model, so it can evaluate
-    both at the learner's training draws (same seed, same order: `common.noise.training_draws`); the learner
+    both at the learner's training draws (same seed, same order: `motionnft_core.noise.training_draws`); the learner
     then runs only θ's forward and backward, and under staleness v_old is the true behaviour policy.
     """
 

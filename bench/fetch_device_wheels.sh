@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Downloads, on this machine (which reaches the package registries), the wheels the GPU device machine lacks into
 # .whl/ (git-ignored), for bench/device_train_step.sh. The device machine has Python 3.12, torch 2.11, transformers,
-# accelerate, opencv, pyarrow, msgpack, httpx, but no diffusers, boto3 (imported by common/s3.py) or
+# accelerate, opencv, pyarrow, msgpack, httpx, but no diffusers, boto3 (imported by motionnft_core/s3.py) or
 # importlib_metadata (needed by diffusers); peft is carried at the version this project pins.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.stats import machine, ratio_line
-from common.config import FlowRewardConfig
+from motionnft_core.config import FlowRewardConfig
 from rewards.flow_model import ClassicalFlow, FlowEstimator, RAFTFlow
 from rewards.flow_reward import motion_alignment_reward
 from rewards.flow_scorer import FlowItem, FlowRewardScorer

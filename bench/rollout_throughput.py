@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from actors.sampler import Sampler  # noqa: E402
 from bench.scratch import scratch_dir  # noqa: E402
 from bench.stats import machine, ratio_line  # noqa: E402
-from common.config import RolloutConfig  # noqa: E402
-from data.motionedit import MotionEditDataset  # noqa: E402
-from data.synthetic import generate_synthetic  # noqa: E402
-from models.policy import EditPolicy  # noqa: E402
+from motionnft_core.config import RolloutConfig  # noqa: E402
+from motionnft_core.data.motionedit import MotionEditDataset  # noqa: E402
+from motionnft_core.data.synthetic import generate_synthetic  # noqa: E402
+from motionnft_core.models.policy import EditPolicy  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -43,7 +43,7 @@ def transformer_flops(policy: EditPolicy, sampler: Sampler, example) -> float:
     """FLOPs of one transformer forward on a micro-batch of `rollout.micro_batch` candidates."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from models.policy import Conditioning
+    from motionnft_core.models.policy import Conditioning
 
     cond = policy.encode([example.prompt], example.input_image[None].to(policy.device))
     b = sampler.cfg.micro_batch
@@ -104,7 +104,7 @@ def bench_sampling(args, policy: EditPolicy, examples) -> None:
 def bench_weight_sync(args, policy: EditPolicy) -> None:
     import ray
 
-    from models.weights import PolicyWeights, WeightManifest
+    from motionnft_core.models.weights import PolicyWeights, WeightManifest
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=args.workers + 1, include_dashboard=False, log_to_driver=False)
@@ -172,7 +172,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not args.model:
-        from models.tiny import build_tiny
+        from motionnft_core.models.tiny import build_tiny
 
         args.model = str(build_tiny(args.family, scratch_dir("bench-tiny-") / args.family))
     policy = EditPolicy.from_pretrained(args.model, family=args.family, dtype=getattr(torch, args.dtype),

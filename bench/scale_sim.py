@@ -1,7 +1,7 @@
 """SCALE SIMULATION (a simulation, and labelled as one in every line it prints): the training loop at N GPUs on
 this CPU machine, where no multi-GPU machine is lent.
 
-What is real: the driver (`learner.loop.train`), the pools and their actors, Ray's scheduling, the object store,
+What is real: the driver (`learner.driver.loop.train`), the pools and their actors, Ray's scheduling, the object store,
 the learner group, the tiny models' outputs and gradients. What is simulated: each GPU is a custom Ray resource
 `sim_gpu` (N of them; every rollout and reward actor asks for one; the learner group is one rank standing for
 all its GPUs, see `simulate`), and each model call lasts the GPU duration it stands for (bench/sim_holds.py:
@@ -24,7 +24,7 @@ It prints:
     python bench/scale_sim.py                 # 8 simulated GPUs at the measured costs (~10 min here)
     python bench/scale_sim.py --gpus 16 --scale 1   # on 2 cores, 16 needs full-length holds (the tiny models'
                                                     # CPU time grows with P = 3 x GPUs)
-    python bench/scale_sim.py --ci            # 4 simulated GPUs, short holds: keeps it working (tests/test_bench.py)
+    python bench/scale_sim.py --ci            # 4 simulated GPUs, short holds: keeps it working (tests/system/test_bench.py)
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.scratch import scratch_dir  # noqa: E402
 from bench.sim_holds import ENV, read_calls  # noqa: E402
 from bench.stats import append_record, machine  # noqa: E402
-from common.config import NFTConfig, load_config  # noqa: E402
+from motionnft_core.config import NFTConfig, load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURED = ROOT / "bench" / "results" / "train_step.jsonl"
@@ -147,7 +147,7 @@ def simulate(split: Split, costs: CallCosts, *, scale: float, prompts: int, grou
     learner group is one rank standing for `split.learner` GPUs (data parallel: its forward/backward holds are
     divided by them), since on 2 cores the tiny model's FSDP collectives between several rank processes, not the
     holds, would set the learner's pace; the gradient all-reduce of real GPUs is not simulated."""
-    import learner.loop as loop
+    import learner.driver.loop as loop
 
     run = workdir / f"run-{split.gpus}gpu-staleness{staleness}"
     sim_gpu, learner_gpus = "{sim_gpu: 1}", f"{{sim_gpu: {split.learner}}}"
@@ -197,7 +197,7 @@ def simulated_cluster(gpus: int, holds: dict) -> Iterator[None]:
     model calls for `holds` (bench/sim_holds.py, installed by Ray's worker_process_setup_hook)."""
     import ray
 
-    from learner.local_cluster import start_local_ray
+    from learner.driver.local_cluster import start_local_ray
 
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {ENV: json.dumps(holds), "PYTHONPATH": path}

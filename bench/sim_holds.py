@@ -37,7 +37,7 @@ def install() -> None:
     # torch's default 2 threads on 2 cores left every call waiting on the others (load 9, calls 10x slower).
     torch.set_num_threads(1)
 
-    from models.policy import FluxKontextPolicy, QwenImageEditPolicy
+    from motionnft_core.models.policy import FluxKontextPolicy, QwenImageEditPolicy
     from rewards.flow_model import ClassicalFlow, RAFTFlow
 
     training = Training(log)

@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.scratch import scratch_dir  # noqa: E402
 from bench.stats import machine, ratio_line  # noqa: E402
-from common.config import load_config  # noqa: E402
+from motionnft_core.config import load_config  # noqa: E402
 
 
 def run(config: str, overrides: list[str], staleness: int, steps: int) -> tuple[float, float, float]:
-    from learner.loop import train
+    from learner.driver.loop import train
 
     tmp = scratch_dir(f"bench-staleness{staleness}-")
     fixed = [f"rollout.max_staleness={staleness}", f"learner.steps={steps}", "checkpoint.every=0",

@@ -11,7 +11,8 @@ them with RAFT-large (random weights, <= `reward.flow.max_batch` pairs per call)
 - ours+compile (with `--compile`): ours with the transformer blocks regionally compiled (`rollout.compile`,
   `learner.compile`);
 - ...+fp8 (with `--fp8`, last): the rollout's sampling and reference forwards in FP8 (`rollout.fp8`,
-  `rollout.fp8_reference`, models/fp8.py), compiled too with `--compile`. The float8 weight copies are made at the
+  `rollout.fp8_reference`, motionnft_core/models/fp8.py), compiled too with `--compile`. The float8 weight copies are
+  made at the
   start (unused before this layout), so every layout's peak memory and the micro-batch probe include them.
 
 A solver step is timed against a forward (`policy.velocity`) at the rollout's micro-batch, compiled with
@@ -27,9 +28,10 @@ encoders, RAFT, backward: timed with synchronisation), peak GPU memory; then sam
 `--results`, with the device named.
 
     python bench/train_step.py --size full --device cuda --compile     # the GPU run (bench/device_train_step.sh)
-    python bench/train_step.py --size tiny                              # the CPU smoke run (tests/test_bench.py)
+    python bench/train_step.py --size tiny                              # the CPU smoke run (tests/system/test_bench.py)
 
-Full size builds random weights from the real configs (models/full_size.py); the text encoders are 1-layer
+Full size builds random weights from the real configs (motionnft_core/models/full_size.py); the text encoders are
+1-layer
 stand-ins at their real widths unless `--full-text-encoders` (the conditioning is encoded once per group).
 """
 
@@ -57,14 +59,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from actors.sampler import ReferenceForwards, Sampler  # noqa: E402
 from bench.scratch import scratch_dir  # noqa: E402
 from bench.stats import append_record  # noqa: E402
-from common.config import FlowRewardConfig, LearnerConfig, ModelConfig, NFTConfig, RolloutConfig  # noqa: E402
-from data.motionedit import MotionExample  # noqa: E402
-from data.synthetic import make_example  # noqa: E402
-from learner.memory import CudaMemory  # noqa: E402
-from learner.nft_loss import optimality  # noqa: E402
-from learner.trainer import NFTTrainer, rank_share, train_sample  # noqa: E402
-from models import fp8  # noqa: E402
-from models.policy import EditPolicy, load_policy  # noqa: E402
+from learner.trainer.memory import CudaMemory  # noqa: E402
+from learner.trainer.nft_loss import optimality  # noqa: E402
+from learner.trainer.nft_trainer import NFTTrainer, rank_share, train_sample  # noqa: E402
+from motionnft_core.config import FlowRewardConfig, LearnerConfig, ModelConfig, NFTConfig, RolloutConfig  # noqa: E402
+from motionnft_core.data.motionedit import MotionExample  # noqa: E402
+from motionnft_core.data.synthetic import make_example  # noqa: E402
+from motionnft_core.models import fp8  # noqa: E402
+from motionnft_core.models.policy import EditPolicy, load_policy  # noqa: E402
 from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer  # noqa: E402
 
 PHASES = ("rollout", "reward", "learner")
@@ -250,11 +252,11 @@ def fp8_effect(trainer: NFTTrainer, scorer: FlowRewardScorer, prompts: list, rol
 
 def build_policy(args, model: ModelConfig, device: torch.device) -> EditPolicy:
     if args.size == "tiny":
-        from models.tiny import build_tiny
+        from motionnft_core.models.tiny import build_tiny
 
         path = build_tiny(args.family, scratch_dir("bench-tiny-") / args.family)
         return load_policy(model, str(path), use_gpu=device.type == "cuda")
-    from models.full_size import build_full_size
+    from motionnft_core.models.full_size import build_full_size
 
     pipe = build_full_size(args.family, device=device, dtype=getattr(torch, model.dtype),
                            text_layers=None if args.full_text_encoders else 1)  # fmt: skip
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=6, help="solver steps")
     p.add_argument("--rollout-micro-batch", type=int, default=8)
     p.add_argument("--learner-micro-batch", type=int, default=0,
-                   help="0: from the GPU's free memory (probed, learner/memory.py), 2 on a CPU")  # fmt: skip
+                   help="0: from the GPU's free memory (probed, learner/trainer/memory.py), 2 on a CPU")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="ours: regional compilation of rollout and learner")
     p.add_argument("--fp8", action="store_true", help="a last layout with FP8 rollout and reference forwards")
     p.add_argument("--full-text-encoders", action="store_true", help="real text encoders instead of 1-layer ones")
@@ -326,7 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
         fp8_copies = sum(m.weight_fp8.nbytes for m in fp8.fp8_layers(trainer.policy.transformer))
         print(f"FP8 copies of {layers} linear layers: {fp8_copies / 2**30:.1f} GiB", flush=True)
 
-    # 3. The learner's micro-batch from the GPU's free memory, as `learner.micro_batch: 0` does (learner/memory.py):
+    # 3. The learner's micro-batch from the GPU's free memory, as `learner.micro_batch: 0` does
+    # (learner/trainer/memory.py):
     #    probed on 2 candidates of one group, with the reference layout's learner (v_old / v_ref on it).
     if learner.micro_batch == 0:
         with trainer.old_policy() as policy:

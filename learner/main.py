@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from common.config import ConfigError, config_to_dict, describe, load_config_or_exit
+from motionnft_core.config import ConfigError, config_to_dict, describe, load_config_or_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local paths or S3, never a hub
 
     # Heavy imports (torch, ray) only once the config is known to be good.
-    from learner.loop import RunStopped, train
-    from models.warmstart import resolve_demo
+    from learner.driver.loop import RunStopped, train
+    from motionnft_core.models.warmstart import resolve_demo
 
     cfg = resolve_demo(cfg)  # demo.enabled: build the demo data and warm-started pipeline (once), train those
     print(f"config: {cfg.logging.dir}/config.json (--print-config shows it)", flush=True)

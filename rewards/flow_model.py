@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import s3
-from common.config import FlowRewardConfig
+from motionnft_core import s3
+from motionnft_core.config import FlowRewardConfig
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def check_flow_output(flow: torch.Tensor, estimator: str) -> torch.Tensor:
 
 
 def download_s3(uri: str, cache_dir: str | Path) -> Path:
-    """Download s3://bucket/key into cache_dir/bucket/key (common.s3: cached by size, renamed into place)."""
+    """Download s3://bucket/key into cache_dir/bucket/key (motionnft_core.s3: cached by size, renamed into place)."""
     bucket, key = s3.split_s3_uri(uri)
     if not key or key.endswith("/"):
         raise ValueError(f"weights: expected s3://bucket/key, got {uri!r}")

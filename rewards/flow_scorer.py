@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common.config import FlowRewardConfig
+from motionnft_core.config import FlowRewardConfig
 from rewards.flow_model import FlowEstimator, build_flow_estimator
 from rewards.flow_reward import motion_alignment_reward
 

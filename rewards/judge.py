@@ -25,9 +25,9 @@ import httpx
 import torch
 from PIL import Image
 
-from common import telemetry
-from common.config import JudgeConfig
-from common.secret import Secret
+from motionnft_core import telemetry
+from motionnft_core.config import JudgeConfig
+from motionnft_core.secret import Secret
 from rewards.judge_prompts import RUBRIC, pairwise_prompt, rubric_prompt, score_prompt
 
 DIGITS = ("0", "1", "2", "3", "4", "5")
@@ -52,7 +52,8 @@ METRIC_KEYS = (
     "latency_ms_sum",  # wall time of the answered (HTTP) attempts, for the mean latency ...
     "latency_ms_max",  # ... and the slowest one (a gauge)
 )
-# The events among them: also counted live as the Ray counter motionnft_judge_events{event} (common/telemetry.py).
+# The events among them: also counted live as the Ray counter motionnft_judge_events{event}
+# (motionnft_core/telemetry.py).
 EVENT_KEYS = tuple(k for k in METRIC_KEYS if k not in ("peak_in_flight", "latency_ms_sum", "latency_ms_max"))
 
 

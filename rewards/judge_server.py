@@ -20,9 +20,9 @@ import httpx
 import ray
 import torch
 
-from common.config import JudgeConfig
-from common.net import free_port, node_address
-from common.secret import Secret
+from motionnft_core.config import JudgeConfig
+from motionnft_core.net import free_port, node_address
+from motionnft_core.secret import Secret
 
 STOP_GRACE_S = 30.0  # how long stop() lets the server shut down its engine and workers before SIGKILL
 READY_POLL_S = 0.5  # /health polling interval while starting

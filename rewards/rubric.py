@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from common.config import JudgeConfig
-from common.secret import Secret
+from motionnft_core.config import JudgeConfig
+from motionnft_core.secret import Secret
 from rewards.judge import MAX_DIGIT, JudgeClient, JudgeError, JudgeScore
 from rewards.judge_prompts import RUBRIC
 

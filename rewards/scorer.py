@@ -17,9 +17,9 @@ from typing import TypeVar
 
 import torch
 
-from common import telemetry
-from common.config import RewardConfig
-from common.secret import Secret
+from motionnft_core import telemetry
+from motionnft_core.config import RewardConfig
+from motionnft_core.secret import Secret
 from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer
 from rewards.judge import JudgeClient
 

@@ -1,5 +1,5 @@
 """The reward worker: the async Ray shell around `RewardScorer` (rewards/scorer.py), one per reward GPU, and
-around `BenchScorer` (rewards/bench_scorer.py) for evaluation edits (MAS, rubric)."""
+around `BenchScorer` (rewards/eval_scorer.py) for evaluation edits (MAS, rubric)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from common import telemetry
-from common.config import EvalConfig
-from common.faults import fault_point
-from common.net import whereabouts
-from rewards.bench_scorer import BenchScorer
+from motionnft_core import telemetry
+from motionnft_core.config import EvalConfig
+from motionnft_core.faults import fault_point
+from motionnft_core.net import whereabouts
+from rewards.eval_scorer import BenchScorer
 from rewards.scorer import GroupReward, RewardScorer
 
 

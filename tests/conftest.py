@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from common.net import free_port
+from motionnft_core.net import free_port
 
 # ------------------------------------------------------------------------------------------------ S3 (moto)
 
@@ -128,7 +128,7 @@ FAMILIES = ("flux_kontext", "qwen_image_edit")
 @pytest.fixture(scope="session")
 def tiny_pipelines(tmp_path_factory) -> dict:
     """Both tiny random pipelines, built offline once per session (saved with save_pretrained)."""
-    from models.tiny import build_tiny
+    from motionnft_core.models.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("tiny_pipelines")
     return {family: build_tiny(family, root / family, seed=0) for family in FAMILIES}
@@ -165,7 +165,8 @@ def _lowest_priority() -> None:
 @pytest.fixture(scope="session", autouse=True)
 def _demo_built_early(request, tmp_path_factory):
     """When the learning demo's tests are selected, its warm start (about 3 min of CPU) is built from the session's
-    start by `python -m models.warmstart`, at the lowest CPU priority: the tests before it leave a third of the
+    start by `python -m motionnft_core.models.warmstart`, at the lowest CPU priority: the tests before it leave a
+    third of the
     CPU idle while they wait on Ray, servers and restarts, so the demo finds it built. Yields (process, cache dir,
     log) or None; the process is stopped at the end if it still runs."""
     if not any(item.path.name == "test_learning_demo.py" for item in request.session.items):
@@ -175,7 +176,7 @@ def _demo_built_early(request, tmp_path_factory):
     log = cache.parent / "learn_demo_cache.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "models.warmstart", "--config", str(LEARN_DEMO),
+        proc = subprocess.Popen([sys.executable, "-m", "motionnft_core.models.warmstart", "--config", str(LEARN_DEMO),
                                  f"model.cache_dir={cache}"], cwd=LEARN_DEMO.parents[1], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, preexec_fn=_lowest_priority)  # fmt: skip
     try:
@@ -204,8 +205,8 @@ def demo_cache(_demo_built_early) -> Path:
 def vllm_judge(tmp_path_factory):
     """One real vLLM server (the tiny random Qwen2-VL judge, CPU, on 127.0.0.1) for the whole session: each
     start costs ~17 s on 2 cores, so the tests that only need a live judge share this one."""
-    from common.config import JudgeConfig
-    from models.tiny_judge import build_tiny_judge
+    from motionnft_core.config import JudgeConfig
+    from motionnft_core.models.tiny_judge import build_tiny_judge
     from rewards.judge_server import VLLMServer
 
     path = build_tiny_judge(tmp_path_factory.mktemp("judge") / "tiny_judge")

@@ -1,5 +1,5 @@
-"""A clock the test moves by hand, for plain classes that take a `clock` callable (learner/recovery.py Crashes,
-common/telemetry.py Busy)."""
+"""A clock the test moves by hand, for plain classes that take a `clock` callable (learner/driver/recovery.py Crashes,
+motionnft_core/telemetry.py Busy)."""
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""Run as a Ray job on the namespaced multi-node cluster (tests/test_multinode.py), never by pytest itself.
+"""Run as a Ray job on the namespaced multi-node cluster (tests/system/test_multinode.py), never by pytest itself.
 
 A judge replica the way the service starts it, placed on node B (`rollout_slot`), with the API key from the
 job's runtime env; a reward worker placed on node A (`learner_slot`) scores one group through it; requests
@@ -16,11 +16,11 @@ import httpx
 import ray
 import torch
 
-from common.config import JudgeConfig, RewardConfig
-from common.net import node_address
-from common.secret import Secret, secret_from_env
-from data.motionedit import MotionExample
-from models.tiny_judge import judge_source
+from motionnft_core.config import JudgeConfig, RewardConfig
+from motionnft_core.data.motionedit import MotionExample
+from motionnft_core.models.tiny_judge import judge_source
+from motionnft_core.net import node_address
+from motionnft_core.secret import Secret, secret_from_env
 from rewards.judge_server import JudgeServerActor
 from rewards.scorer import build_reward_scorer
 from rewards.worker import RewardWorker

@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from common.config import LearnerConfig, NFTConfig
-from learner.trainer import TrainSample, rank_share
-from models.policy import EditPolicy
+from learner.trainer.nft_trainer import TrainSample, rank_share
+from motionnft_core.config import LearnerConfig, NFTConfig
+from motionnft_core.models.policy import EditPolicy
 
 SIZE = 32  # edit pixel size: 2x2 = 4 packed latent tokens
 NUM_STEPS = 3  # rollout grid -> int(3 * 0.99) = 2 training timesteps per sample
@@ -84,7 +84,7 @@ def edit_prompts(texts: tuple[str, ...] = PROMPTS, size: int = SIZE) -> list[Edi
 
 
 def rank_samples(samples: list[TrainSample], world: int, rank: int, micro_batch: int) -> list[TrainSample]:
-    """This rank's share, padded exactly as a LearnerWorker pads (`learner.trainer.rank_share`)."""
+    """This rank's share, padded exactly as a LearnerWorker pads (`learner.trainer.nft_trainer.rank_share`)."""
     return rank_share(samples, world, rank, micro_batch)
 
 

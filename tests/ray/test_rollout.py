@@ -1,0 +1,175 @@
+"""Grouped rollouts and versioned weight hand-off: plain classes, then the Ray actors, for both model families."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from actors.rollout import RolloutWorker
+from actors.sampler import Sampler
+from motionnft_core.config import ModelConfig, NFTConfig, RolloutConfig
+from motionnft_core.data.motionedit import MotionEditDataset
+from motionnft_core.data.synthetic import generate_synthetic
+from motionnft_core.models.policy import EditPolicy, load_policy
+from motionnft_core.models.weights import PolicyWeights, PublishedWeights, WeightManifest, WeightMismatchError
+from tests.conftest import FAMILIES
+
+SIZE, K, STEPS = 32, 3, 3
+LORA = {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory) -> list:
+    """Two examples through the real data path (synthetic parquet -> MotionEditDataset), built once per module."""
+    src = generate_synthetic(tmp_path_factory.mktemp("rollout-data"), 4, size=SIZE, seed=0)
+    data = MotionEditDataset.from_source(str(src), resolution=(SIZE, SIZE))
+    return [data[i] for i in range(2)]
+
+
+def _policy(path, family: str) -> EditPolicy:
+    policy = EditPolicy.from_pretrained(str(path), family=family)
+    policy.add_lora(**LORA)
+    return policy
+
+
+def _sampler(policy, micro_batch: int = 8, seed: int = 0) -> Sampler:
+    cfg = RolloutConfig(group_size=K, num_steps=STEPS, height=SIZE, width=SIZE, micro_batch=micro_batch, seed=seed)
+    return Sampler(policy, cfg)
+
+
+def _published(state: dict[str, torch.Tensor], version: int, tensors) -> PublishedWeights:
+    return PublishedWeights(version, WeightManifest.of(state, version=version, kind="lora").pack(), tensors)
+
+
+def _perturbed(policy: EditPolicy, scale: float = 0.5) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {k: torch.randn(v.shape, generator=g) * scale for k, v in policy.lora_state_dict().items()}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_policy(request, tiny_pipelines):
+    return request.param, _policy(tiny_pipelines[request.param], request.param)
+
+
+def test_group_shapes_and_distinct_candidates(family_policy, examples):
+    family, policy = family_policy
+    out = _sampler(policy).sample(examples, step=0, version=7)
+    assert len(out) == 2
+    for (group, images), ex in zip(out, examples, strict=True):
+        assert group.prompt_id == ex.id and group.version == 7 and len(group.seeds) == K
+        assert group.x0.shape[0] == K and group.x0.ndim == 3
+        assert group.cond.batch == 1
+        assert group.sigmas.shape == (STEPS,)
+        assert images.shape == (K, 3, SIZE, SIZE) and images.dtype == torch.uint8
+        flat = group.x0.flatten(1)
+        for i in range(K):
+            for j in range(i + 1, K):
+                assert not torch.allclose(flat[i], flat[j]), f"{family}: candidates {i} and {j} are identical"
+
+
+def test_same_seed_same_candidates_and_batching_invariance(family_policy, examples):
+    _, policy = family_policy
+    a = _sampler(policy, micro_batch=8).sample(examples, step=3, version=0)
+    b = _sampler(policy, micro_batch=1).sample(examples, step=3, version=0)  # one candidate per call
+    for (ga, ia), (gb, ib) in zip(a, b, strict=True):
+        torch.testing.assert_close(ga.x0, gb.x0, rtol=1e-4, atol=1e-5)
+        assert (ia.int() - ib.int()).abs().max() <= 1
+    c = _sampler(policy, micro_batch=8).sample(examples, step=4, version=0)
+    assert not torch.allclose(a[0][0].x0, c[0][0].x0)  # another step draws other noise
+    # One candidate per prompt (the evaluation's K = 1) is candidate 0 of the full group: same seed, same edit.
+    one = _sampler(policy, micro_batch=8).sample(examples, step=3, version=0, group_size=1)
+    for (g1, _), (ga, _) in zip(one, a, strict=True):
+        assert g1.x0.shape[0] == 1 and g1.seeds == ga.seeds[:1]
+        torch.testing.assert_close(g1.x0, ga.x0[:1], rtol=1e-4, atol=1e-5)
+
+
+def test_published_weights_change_output_and_v0_restores(family_policy, examples):
+    _, policy = family_policy
+    weights = PolicyWeights(policy, "lora")
+    v0 = policy.lora_state_dict()
+    base = _sampler(policy).sample(examples[:1], step=0, version=0)[0][0].x0
+    v1 = _perturbed(policy)
+    weights.load(1, WeightManifest.of(v1, version=1, kind="lora").pack(), v1)
+    changed = _sampler(policy).sample(examples[:1], step=0, version=1)[0][0].x0
+    assert weights.version == 1
+    assert (changed - base).abs().max() > 1e-3
+    weights.load(2, WeightManifest.of(v0, version=2, kind="lora").pack(), v0)
+    restored = _sampler(policy).sample(examples[:1], step=0, version=2)[0][0].x0
+    assert torch.equal(restored, base)
+
+
+def test_mismatched_weights_are_rejected_and_old_kept(family_policy):
+    _, policy = family_policy
+    weights = PolicyWeights(policy, "lora")
+    before = policy.lora_state_dict()
+    bad = _perturbed(policy)
+    name = sorted(bad)[0]
+    bad[name] = torch.zeros(bad[name].shape[0] + 1, *bad[name].shape[1:])
+    with pytest.raises(WeightMismatchError, match=name):
+        weights.load(5, WeightManifest.of(bad, version=5, kind="lora").pack(), bad)
+    missing = dict(_perturbed(policy))
+    missing.pop(name)
+    with pytest.raises(WeightMismatchError, match="lack tensor"):
+        weights.load(5, WeightManifest.of(missing, version=5, kind="lora").pack(), missing)
+    lying = _perturbed(policy)  # manifest says one thing, the tensors another
+    manifest = WeightManifest.of(lying, version=5, kind="lora").pack()
+    lying[name] = lying[name][:1]
+    with pytest.raises(WeightMismatchError):
+        weights.load(5, manifest, lying)
+    after = policy.lora_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert weights.version == -1
+
+
+def test_manifest_round_trip_is_compact():
+    state = {"a.lora_A.weight": torch.zeros(4, 16), "a.lora_B.weight": torch.zeros(16, 4, dtype=torch.bfloat16)}
+    m = WeightManifest.of(state, version=3, kind="lora")
+    packed = m.pack()
+    assert WeightManifest.unpack(packed) == m and len(packed) < 100 and m.numel == 128
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rollout_workers_on_ray(ray_cluster, tiny_pipelines, family, examples):
+    """Two rollout actors get versioned weights handed over by reference with each call and sample groups."""
+    ray = ray_cluster
+    model = ModelConfig(family=family, dtype="float32", cache_dir="/tmp/motionnft-test-cache")
+    lora = NFTConfig(lora_rank=LORA["rank"], lora_alpha=LORA["alpha"], lora_targets=tuple(LORA["target_modules"]))
+    spec = functools.partial(load_policy, model, str(tiny_pipelines[family]), use_gpu=False, lora=lora)
+    cfg = RolloutConfig(group_size=K, num_steps=STEPS, height=SIZE, width=SIZE, micro_batch=8, seed=0)
+    workers = [ray.remote(num_cpus=0.5)(RolloutWorker).remote(f"r{i}", spec, cfg, "lora") for i in range(2)]
+    ray.get([w.ready.remote() for w in workers])
+    local = spec()
+    v0 = local.lora_state_dict()
+    w0 = _published(v0, 0, ray.put(v0))
+    refs_in = [ray.put(e) for e in examples]
+
+    refs = workers[0].sample.options(num_returns=6).remote(0, w0, *refs_in)
+    group0, images0, meta0 = ray.get(refs[0]), ray.get(refs[1]), ray.get(refs[2])
+    assert meta0["version"] == 0 and group0.version == 0 and images0.shape == (K, 3, SIZE, SIZE)
+    # The plain Sampler with the same weights gives the same candidates as the actor.
+    expected = _sampler(local).sample(examples, step=0, version=0)[0][0].x0
+    torch.testing.assert_close(group0.x0, expected)
+
+    v1 = _perturbed(local)
+    w1 = _published(v1, 1, ray.put(v1))
+    g1 = ray.get(workers[0].sample.options(num_returns=3).remote(0, w1, refs_in[0])[0])
+    assert g1.version == 1 and not torch.allclose(g1.x0, group0.x0)
+    # The second worker never sampled at v0: it loads v1 straight away and samples exactly what the first does.
+    g1b = ray.get(workers[1].sample.options(num_returns=3).remote(0, w1, refs_in[0])[0])
+    torch.testing.assert_close(g1b.x0, g1.x0)
+    # A worker that already holds a version does not load it again: a handle of version 1 whose reference holds
+    # other tensors (same names and shapes) changes nothing.
+    other = _published(v1, 1, ray.put({k: torch.randn_like(v) for k, v in v1.items()}))
+    again = ray.get(workers[0].sample.options(num_returns=3).remote(0, other, refs_in[0])[0])
+    torch.testing.assert_close(again.x0, g1.x0)
+    # Mismatched weights are refused by the worker (naming the tensor) and it keeps sampling with v1.
+    bad = {k: v[:1] for k, v in v1.items()}
+    with pytest.raises(ray.exceptions.RayTaskError, match="WeightMismatchError"):
+        ray.get(workers[0].sample.options(num_returns=3).remote(0, _published(bad, 2, ray.put(bad)), refs_in[0])[0])
+    still = ray.get(workers[0].sample.options(num_returns=3).remote(0, w1, refs_in[0])[0])
+    assert still.version == 1
+    torch.testing.assert_close(still.x0, g1.x0)
+    for a in workers:
+        ray.kill(a)

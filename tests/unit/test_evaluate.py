@@ -1,0 +1,299 @@
+"""evaluation/evaluate.py without a training run: grid and plot files, checkpoint resolution, LoRA loading, the CLI.
+
+A "checkpoint" here is written the way the driver writes one (`checkpoint.export_lora` of an adapter state into
+`step_N/lora/`, then the COMMITTED marker), with known random adapter weights instead of trained ones.
+"""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from evaluation import evaluate as ev
+from learner.trainer.checkpoint import MARKER, export_lora, step_name
+from motionnft_core.config import load_config
+
+RANK, ALPHA = 4, 8
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def test_write_grid_size_and_layout(tmp_path):
+    n, h, w, scale = 2, 8, 12, 3
+    colours = {"in": (10, 20, 30), "gt": (40, 50, 60), "edit": (70, 80, 90)}
+    batches = {
+        k: torch.tensor(c, dtype=torch.uint8).view(1, 3, 1, 1).expand(n, 3, h, w).clone() for k, c in colours.items()
+    }
+    batches["edit"][1] = 255  # second row's edit is white
+    path = ev.write_grid(batches["in"], batches["gt"], batches["edit"], tmp_path / "g" / "grid.png", scale=scale)
+    image = Image.open(path)
+    assert image.format == "PNG"
+    assert image.size == (3 * w * scale, n * h * scale)  # (width, height): 3 columns, one row per example
+    px = np.asarray(image.convert("RGB"))
+    # Centre of each cell: row r, column c at (r*h + h/2, c*w + w/2) before scaling.
+    for col, key in enumerate(("in", "gt", "edit")):
+        y, x = (h // 2) * scale, (col * w + w // 2) * scale
+        assert tuple(px[y, x]) == colours[key]
+    assert tuple(px[(h + h // 2) * scale, (2 * w + w // 2) * scale]) == (255, 255, 255)
+
+
+def test_write_grid_one_column_per_edit_batch(tmp_path):
+    n, h, w = 3, 4, 4
+    batches = [torch.full((n, 3, h, w), v, dtype=torch.uint8) for v in (0, 50, 100, 150)]
+    path = ev.write_grid(batches[0], batches[1], batches[2:], tmp_path / "grid.png")
+    px = np.asarray(Image.open(path).convert("L"))
+    assert px.shape == (n * h, 4 * w)
+    assert [int(px[0, c * w]) for c in range(4)] == [0, 50, 100, 150]  # input | truth | edit A | edit B
+
+
+def test_write_grid_rejects_bad_input(tmp_path):
+    a = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="one shape"):
+        ev.write_grid(a, a, torch.zeros(2, 3, 8, 4, dtype=torch.uint8), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="uint8"):
+        ev.write_grid(a.float(), a.float(), a.float(), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="one shape"):
+        ev.write_grid(a, a, [], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="scale"):
+        ev.write_grid(a, a, a, tmp_path / "x.png", scale=0)
+
+
+def test_reward_curve_png_from_metrics(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [{"step": s, "reward/mean": 0.8 + 0.01 * s, "reward/flow/score": 0.8 + 0.01 * s} for s in range(12)]
+    lines[5]["eval/score"] = 0.85
+    metrics.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")  # a blank line is ignored
+    rows = ev.read_metrics(metrics)
+    assert [r["step"] for r in rows] == list(range(12))
+    path = ev.plot_reward_curve(rows, [(0, {"score": 0.8, "reward": 0.8}), (12, {"score": 0.9, "reward": 1.0})],
+                                tmp_path / "out" / "reward_curve.png")  # fmt: skip
+    image = Image.open(path)
+    assert image.format == "PNG" and image.size == (700, 400)  # figsize (7, 4) at 100 dpi
+    assert np.asarray(image.convert("L")).std() > 10  # something was drawn
+
+
+def test_read_metrics_names_the_bad_line(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 0, "reward/mean": 1}\nnot json\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
+        ev.read_metrics(metrics)
+    metrics.write_text('{"reward/mean": 1}\n')
+    with pytest.raises(ValueError, match="no 'step'"):
+        ev.read_metrics(metrics)
+
+
+# ------------------------------------------------------------------------------------------------ a tiny run
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory):
+    """A tiny flux run: 8 synthetic 32 px examples (half held out), DIS flow reward, no judge."""
+    root = tmp_path_factory.mktemp("eval_run")
+    tree = {
+        "model": {"tiny": True, "family": "flux_kontext", "dtype": "float32", "cache_dir": str(root / "cache")},
+        "data": {"synthetic": 8, "synthetic_size": 32, "eval_fraction": 0.5, "seed": 0},
+        "rollout": {"group_size": 2, "prompts_per_step": 1, "num_steps": 2, "height": 32, "width": 32},
+        "reward": {"flow_weight": 1.0, "judge_weight": 0.0, "flow": {"estimator": "dis", "quantize": False}},
+        "nft": {"lora_rank": RANK, "lora_alpha": ALPHA, "lora_targets": TARGETS},
+        "checkpoint": {"dir": str(root / "ckpt")},
+        "logging": {"dir": str(root / "run")},
+    }
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path, load_config(path)
+
+
+def _adapter_state(cfg, seed: int) -> dict[str, torch.Tensor]:
+    """Random (non-zero B) adapter weights with the names `EditPolicy.lora_state_dict` uses."""
+    policy = ev.load_evaluated_policy(cfg, None)
+    policy.add_lora(rank=RANK, alpha=ALPHA, target_modules=TARGETS)
+    g = torch.Generator().manual_seed(seed)
+    return {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in policy.lora_state_dict().items()}
+
+
+def _write_checkpoint(cfg, step: int, state: dict[str, torch.Tensor], *, rank: int = RANK) -> Path:
+    ckpt = Path(cfg.checkpoint.dir) / step_name(step)
+    export_lora(state, ckpt / "lora", family="flux_kontext", rank=rank, alpha=ALPHA, targets=TARGETS)
+    (ckpt / MARKER).write_text(str(step))
+    return ckpt
+
+
+def test_checkpoint_resolution(run_config, tmp_path):
+    path, _ = run_config
+    cfg = load_config(path, [f"checkpoint.dir={tmp_path / 'empty'}"])
+    assert ev.checkpoints_to_evaluate(cfg, "none") == [(None, None)]
+    assert ev.checkpoints_to_evaluate(cfg, "all") == [(None, None)]  # only the base policy
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        ev.checkpoints_to_evaluate(cfg, "latest")
+    (tmp_path / "empty" / step_name(7) / "lora").mkdir(parents=True)  # not committed: never picked up
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        ev.checkpoints_to_evaluate(cfg, "latest")
+    with pytest.raises(FileNotFoundError, match="pytorch_lora_weights"):
+        ev.checkpoints_to_evaluate(cfg, str(tmp_path))
+
+
+def test_loaded_adapter_is_the_exported_one(run_config):
+    """load_policy (diffusers load_lora_weights) gives the same velocity as copying the weights in directly."""
+    _, cfg = run_config
+    state = _adapter_state(cfg, seed=1)
+    ckpt = _write_checkpoint(cfg, 3, state)
+    assert ev.checkpoints_to_evaluate(cfg, "latest") == [(3, str(ckpt / "lora"))]
+    assert ev.checkpoints_to_evaluate(cfg, str(ckpt)) == [(3, str(ckpt / "lora"))]
+    assert ev.checkpoints_to_evaluate(cfg, str(ckpt / "lora")) == [(3, str(ckpt / "lora"))]
+
+    loaded = ev.load_evaluated_policy(cfg, ckpt / "lora")
+    direct = ev.load_evaluated_policy(cfg, None)
+    direct.add_lora(rank=RANK, alpha=ALPHA, target_modules=TARGETS)
+    direct.load_lora_state_dict(state)
+    base = ev.load_evaluated_policy(cfg, None)
+    g = torch.Generator().manual_seed(0)
+    cond = base.encode(["move the red square 4 pixels up"], torch.randint(0, 256, (1, 3, 32, 32), generator=g,
+                                                                          dtype=torch.uint8))  # fmt: skip
+    x = torch.randn(1, base.seq_len(32, 32), base.transformer.config.in_channels, generator=g)
+    t = torch.tensor([0.6])
+    v_loaded, v_direct, v_base = (p.velocity(x, t, cond) for p in (loaded, direct, base))
+    assert (v_loaded - v_direct).abs().max().item() < 1e-6
+    assert (v_loaded - v_base).abs().max().item() > 1e-3  # the adapter does something
+
+
+def test_a_checkpoint_on_s3_is_read_by_the_worker_that_loads_it(run_config, s3_bucket, tmp_path):
+    """checkpoint.dir on S3 (moto): `latest` and an s3:// dir resolve to the export's prefix without downloading
+    anything on the driver; a rollout worker (the plain class) fetches only the export, on its own node, into a
+    temporary dir it removes, and holds the same adapter as one loaded from the local export."""
+    from actors.rollout import RolloutWorker
+    from motionnft_core import s3
+    from motionnft_core.models.policy import load_policy
+    from motionnft_core.models.weights import LoraExport
+
+    _, cfg = run_config
+    state = _adapter_state(cfg, seed=3)
+    local = _write_checkpoint(replace(cfg, checkpoint=replace(cfg.checkpoint, dir=str(tmp_path / "local"))), 5, state)
+    (local / "learner").mkdir()
+    (local / "learner" / "__0_0.distcp").write_bytes(b"learner shards, never needed to evaluate")
+    root = f"s3://{s3_bucket}/run"
+    s3.upload_dir(local, f"{root}/{step_name(5)}")
+    s3_cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, dir=root),
+                     model=replace(cfg.model, cache_dir=str(tmp_path / "cache")))  # fmt: skip
+    lora = f"{root}/{step_name(5)}/lora"
+    assert ev.checkpoints_to_evaluate(s3_cfg, "latest") == [(5, lora)]
+    assert ev.checkpoints_to_evaluate(s3_cfg, f"{root}/{step_name(5)}/") == [(5, lora)]
+    assert ev.checkpoints_to_evaluate(s3_cfg, lora) == [(5, lora)]
+    with pytest.raises(FileNotFoundError, match="neither"):
+        ev.checkpoints_to_evaluate(s3_cfg, f"{root}/step_00000009")
+    assert not (tmp_path / "cache").exists()  # resolving downloads nothing
+
+    worker_cache = str(tmp_path / "worker_node_cache")
+    build = lambda: load_policy(cfg.model, use_gpu=False, lora=cfg.nft)  # noqa: E731 - as bench_workers builds it
+    rollout = replace(cfg.rollout, parity_check=False)
+    worker = RolloutWorker("rollout-0", build, rollout, "lora")
+    export = LoraExport(lora, RANK, ALPHA, worker_cache, s3.S3Retry(1, 0.01))
+    worker.load_export(export)
+    held = worker.weights.policy.lora_state_dict()
+    reference = RolloutWorker("rollout-1", build, rollout, "lora")
+    reference.load_export(LoraExport(str(local / "lora"), RANK, ALPHA, worker_cache))
+    want = reference.weights.policy.lora_state_dict()
+    assert held.keys() == want.keys() and all(torch.equal(held[k], want[k]) for k in want)
+    assert list((Path(worker_cache) / "lora_exports").iterdir()) == []  # the download is gone after loading
+    # A worker that does not hold the export (a restarted one starts with an empty adapter) loads it before it
+    # edits: its edit is the one of a worker that held it already.
+    example = ev.bench_examples(cfg, "", 1)[0]
+    quick = replace(cfg.eval, num_steps=2)
+    restarted = RolloutWorker("rollout-2", build, rollout, "lora")
+    assert torch.equal(restarted.edit(quick, example, export=export), worker.edit(quick, example, export=export))
+    assert restarted.export == lora and not torch.equal(restarted.edit(quick, example, base=True),
+                                                        worker.edit(quick, example))  # fmt: skip
+
+
+def test_rank_mismatch_names_the_config_keys(run_config, tmp_path):
+    _, cfg = run_config
+    state = _adapter_state(cfg, seed=2)
+    export_lora(state, tmp_path / "lora", family="flux_kontext", rank=RANK + 1, alpha=ALPHA, targets=TARGETS)
+    with pytest.raises(ValueError, match="nft.lora_rank"):
+        ev.load_evaluated_policy(cfg, tmp_path / "lora")
+
+
+def test_evaluate_policy_is_seeded_and_matches_the_scorer(run_config):
+    _, cfg = run_config
+    from motionnft_core.data.motionedit import load_splits
+    from rewards.flow_scorer import FlowItem, build_flow_scorer
+
+    _, held = load_splits(cfg)
+    examples = [held[i] for i in range(min(2, len(held)))]
+    policy = ev.load_evaluated_policy(cfg, None)
+    scorer = build_flow_scorer(cfg.reward.flow, device="cpu", cache_dir=cfg.model.cache_dir)
+    a = ev.evaluate_policy(policy, examples, scorer, cfg.rollout, seed=0)
+    b = ev.evaluate_policy(policy, examples, scorer, cfg.rollout, seed=0)
+    c = ev.evaluate_policy(policy, examples, scorer, cfg.rollout, seed=1)
+    assert a.edits.shape == (len(examples), 3, 32, 32) and a.edits.dtype == torch.uint8
+    assert torch.equal(a.edits, b.edits) and a.components == b.components  # same seed, same edits and scores
+    assert not torch.equal(a.edits, c.edits)  # the seed is what picks the noise
+    assert set(a.components) == set(ev.COMPONENTS) and all(len(v) == len(examples) for v in a.components.values())
+    # The components are exactly the scorer's on those edits; unquantized config, so reward == score.
+    direct = scorer.score([FlowItem(e.id, e.input_image, e.target_image, a.edits[i : i + 1])
+                           for i, e in enumerate(examples)])  # fmt: skip
+    assert a.components["score"] == [float(r["score"][0]) for r in direct]
+    assert a.components["reward"] == a.components["score"]
+    assert all(0.0 <= s <= 1.0 for s in a.components["score"])
+    with pytest.raises(ValueError, match="no examples"):
+        ev.evaluate_policy(policy, [], scorer, cfg.rollout, seed=0)
+
+
+def test_cli_all_checkpoints_writes_table_json_grid_and_curve(run_config, capsys):
+    path, cfg = run_config
+    _write_checkpoint(cfg, 5, _adapter_state(cfg, seed=3))
+    run_dir = Path(cfg.logging.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "reward/mean": 0.5}) + "\n" for s in range(6))
+    )
+    out = run_dir / "eval_out"
+    argv = ["--config", str(path), "--checkpoint", "all", "--out", str(out), "--grid-scale", "2", "--limit", "3"]
+    assert ev.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "base policy (no adapter)" in printed and "MEAN (n=" in printed
+    summary = json.loads((out / "eval.json").read_text())
+    steps = [r["step"] for r in summary["results"]]
+    assert steps[0] is None and steps[1:] == sorted(steps[1:]) and 5 in steps  # base first, then checkpoints
+    n = summary["n_examples"]
+    for res in summary["results"]:
+        assert res["mean"]["score"] == pytest.approx(sum(res["components"]["score"]) / n, abs=1e-12)
+    grid = Image.open(out / "grid.png")
+    columns = 2 + len(steps)  # input | ground truth | one edit per evaluated policy
+    assert summary["grid_columns"][:3] == ["input", "ground truth", "edit: base policy"]
+    assert len(summary["grid_columns"]) == columns
+    assert grid.size == (columns * 32 * 2, min(16, n) * 32 * 2)
+    assert Image.open(out / "reward_curve.png").format == "PNG"
+
+
+def test_cli_reports_config_errors(run_config, capsys):
+    path, _ = run_config
+    with pytest.raises(SystemExit) as exit_:
+        ev.main(["--config", str(path), "rollout.heigth=64"])
+    assert exit_.value.code == 2 and "rollout.heigth" in capsys.readouterr().err
+
+
+def test_cli_run_dir_uses_the_saved_resolved_config(run_config, tmp_path, capsys):
+    from motionnft_core.config import config_to_dict
+
+    _, cfg = run_config
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))  # as the driver writes it
+    out = tmp_path / "out"
+    argv = ["--run", str(run_dir), "--checkpoint", "none", "--out", str(out), "--limit", "2"]
+    assert ev.main([*argv, f"logging.dir={tmp_path / 'logs'}"]) == 0  # overrides apply on top
+    assert json.loads((out / "eval.json").read_text())["n_examples"] == 2
+    assert "reward_curve.png not written" in capsys.readouterr().out  # no metrics.jsonl, one evaluation
+    assert not (out / "reward_curve.png").exists()
+    capsys.readouterr()
+    assert ev.main(["--run", str(tmp_path / "nothing")]) == 2  # a message, no traceback
+    assert "no config.json" in capsys.readouterr().err
+    assert ev.main(["--run", str(run_dir), "--checkpoint", "latest", f"checkpoint.dir={tmp_path / 'none'}"]) == 2
+    assert "--checkpoint latest: no complete checkpoint under" in capsys.readouterr().err
