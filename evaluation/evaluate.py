@@ -171,8 +171,7 @@ def checkpoints_to_evaluate(cfg, which: str) -> list[tuple[int | None, str | Non
         return [(None, None)]
     retry = s3.S3Retry.from_config(cfg.checkpoint)
     if which in ("latest", "all"):
-        manager = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, cache_dir=cfg.model.cache_dir,
-                                    retry=retry)  # fmt: skip
+        manager = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, retry=retry)
         steps = manager.complete_steps()
         if which == "latest":
             if not steps:

@@ -31,7 +31,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
@@ -362,25 +362,6 @@ def upload_file(src: str | os.PathLike, uri: str, *, retry: S3Retry | None = Non
     if not key or key.endswith("/"):
         raise ValueError(f"s3 URI names a prefix, not an object: {uri!r}")
     _call("upload", uri, functools.partial(_upload, _client("upload", uri), src, bucket, key, uri), retry)
-
-
-def upload_dir(
-    src_dir: str | os.PathLike, uri: str, *, skip: Collection[str] = (), retry: S3Retry | None = None
-) -> None:
-    """Upload every file under ``src_dir`` to ``uri`` taken as a directory, keeping relative paths, in sorted
-    order; files whose relative path is in ``skip`` are left out (a commit marker the caller uploads last)."""
-    src_dir = Path(src_dir)
-    if not src_dir.is_dir():
-        raise FileNotFoundError(f"upload source is not a directory: {src_dir}")
-    bucket, key = split_s3_uri(uri)
-    prefix = _dir_prefix(key)
-    client = _client("upload", uri)
-    for path in sorted(p for p in src_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(src_dir).as_posix()
-        if rel in skip:
-            continue
-        obj_uri = f"{S3_SCHEME}{bucket}/{prefix + rel}"
-        _call("upload", obj_uri, functools.partial(_upload, client, path, bucket, prefix + rel, obj_uri), retry)
 
 
 def _delete_batch(client, bucket: str, keys: list[str], uri: str) -> None:

@@ -19,7 +19,6 @@ written again first loses its marker, then its old objects.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
 import shutil
@@ -110,16 +109,14 @@ def check_reachable(cfg: CheckpointConfig, rank_nodes: list[str], driver_node: s
 
 class CheckpointManager:
     """Driver-side bookkeeping: where step N goes, the commit, which checkpoint is the latest complete one,
-    retention. `cache_dir` holds `local_copy` downloads of whole S3 checkpoints (to inspect one on this machine;
-    evaluation fetches only the LoRA export, on the node that loads it: models/weights.lora_export_here)."""
+    retention. It never holds weights: ranks write their shards from their nodes, and evaluation fetches only
+    the LoRA export, on the node that loads it (models/weights.lora_export_here)."""
 
-    def __init__(self, root: str, *, keep: int, cache_dir: str | Path, retry: s3.S3Retry | None = None) -> None:
+    def __init__(self, root: str, *, keep: int, retry: s3.S3Retry | None = None) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint keep must be >= 1 (the newest checkpoint is never deleted), got {keep}")
         self.root, self.keep = str(root).rstrip("/"), keep
         self.remote, self.retry = s3.is_s3_uri(self.root), retry
-        root_key = hashlib.blake2b(self.root.encode(), digest_size=6).hexdigest()
-        self.cache = Path(cache_dir).expanduser() / "checkpoints" / root_key  # one cache per root
         if self.remote:
             s3.split_s3_uri(self.root)  # a malformed URI fails here, not at the first save
         else:
@@ -223,16 +220,6 @@ class CheckpointManager:
         if not complete:
             raise FileNotFoundError(f"checkpoint {where} is not complete (no {MARKER} marker)")
         return where
-
-    def local_copy(self, step: int) -> Path:
-        """A local directory holding checkpoint `step` (from S3: downloaded afresh into a cache keyed by the
-        root, never a stale copy: DCP shards of one model have identical sizes, so a size check cannot tell)."""
-        where = self.location(step)
-        if not self.remote:
-            return Path(where)
-        dest = self.cache / "restore" / step_name(step)
-        shutil.rmtree(dest, ignore_errors=True)
-        return s3.download_prefix(where, dest, retry=self.retry)
 
     def driver_state(self, step: int) -> dict[str, Any]:
         where = self.location(step)

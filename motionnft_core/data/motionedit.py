@@ -597,10 +597,6 @@ class MotionEditDataset(Sequence[MotionExample]):
         """Prompts without decoding any image (for samplers that ban prompts)."""
         return [r.prompt for r in self._records]
 
-    @property
-    def categories(self) -> list[str | None]:
-        return [r.category for r in self._records]
-
     def split(self, eval_fraction: float, seed: int) -> tuple[MotionEditDataset, MotionEditDataset]:
         """(train, eval) by hashing ``(seed, id)``: an id lands on the same side for a seed, whatever else is in
         the set, so the eval fraction is met only approximately. Either side empty raises DataError."""

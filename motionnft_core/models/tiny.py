@@ -234,11 +234,6 @@ def build_tiny_flux_kontext(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return _build("flux_kontext", out_dir, seed)
 
 
-def build_tiny_qwen_image_edit(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Tiny random QwenImageEditPipeline saved with `save_pretrained` into `out_dir`; returns the path."""
-    return _build("qwen_image_edit", out_dir, seed)
-
-
 def build_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Build the tiny pipeline of `family` ("flux_kontext" | "qwen_image_edit") into `out_dir`."""
     if family not in _BUILDERS:

@@ -45,6 +45,7 @@ from tests.learner_harness import (
     run_jobs,
     sections,
 )
+from tests.storage_helpers import local_copy
 
 FAMILY = "flux_kontext"
 N_SAMPLES = 4
@@ -251,7 +252,7 @@ def _write_rank(mgr: CheckpointManager, step: int, payload: bytes, ranks: int = 
 
 def test_manager_local_commit_latest_and_retention(tmp_path):
     root = tmp_path / "ckpts"
-    mgr = CheckpointManager(str(root), keep=2, cache_dir=tmp_path / "cache")
+    mgr = CheckpointManager(str(root), keep=2)
     assert mgr.latest() is None
     for step in (10, 20):
         target, written = _write_rank(mgr, step, f"shards of {step}".encode())
@@ -263,9 +264,9 @@ def test_manager_local_commit_latest_and_retention(tmp_path):
     assert mgr.complete_steps() == [10, 20] and mgr.latest() == 20
     assert mgr.driver_state(20) == {"step": 20}
     assert mgr.location(20) == str(root / step_name(20))
-    assert (mgr.local_copy(20) / "learner" / "__0_0.distcp").read_bytes() == b"shards of 20"
+    assert (local_copy(mgr, 20, tmp_path / "cache") / "learner" / "__0_0.distcp").read_bytes() == b"shards of 20"
     with pytest.raises(FileNotFoundError, match="COMMITTED"):
-        mgr.local_copy(40)
+        local_copy(mgr, 40, tmp_path / "cache")
     # Retention: committing a third keeps the newest two; the crashed attempt's leftovers are cleared first.
     target = mgr.begin(30)
     assert list(Path(target).iterdir()) == []
@@ -280,7 +281,7 @@ def test_manager_refuses_a_commit_with_a_rank_file_missing(tmp_path, s3_bucket):
     """A rank that reports a shard the driver cannot find (written to another node's disk) stops the commit:
     shards are never lost silently."""
     for root in (str(tmp_path / "ckpts"), f"s3://{s3_bucket}/runs/missing"):
-        mgr = CheckpointManager(root, keep=2, cache_dir=tmp_path / "cache")
+        mgr = CheckpointManager(root, keep=2)
         target, written = _write_rank(mgr, 5, b"x")
         with pytest.raises(RuntimeError, match=r"1 file\(s\) the learner ranks wrote are not under"):
             mgr.commit(5, target, {"step": 5}, written=[*written, "learner/__1_0.distcp"])
@@ -300,12 +301,12 @@ def test_check_reachable_refuses_a_local_dir_across_nodes():
 
 def test_manager_rejects_keep_below_one(tmp_path):
     with pytest.raises(ValueError, match="keep"):
-        CheckpointManager(str(tmp_path), keep=0, cache_dir=tmp_path / "cache")
+        CheckpointManager(str(tmp_path), keep=0)
 
 
 def test_manager_s3_commit_restore_retention(s3_bucket, tmp_path):
     root = f"s3://{s3_bucket}/runs/a"
-    mgr = CheckpointManager(root, keep=2, cache_dir=tmp_path / "cache")
+    mgr = CheckpointManager(root, keep=2)
     assert mgr.latest() is None
     for step in (1, 2):
         target, written = _write_rank(mgr, step, f"shards of {step}".encode())
@@ -317,9 +318,9 @@ def test_manager_s3_commit_restore_retention(s3_bucket, tmp_path):
     s3.upload_file(partial, f"{root}/{step_name(3)}/learner/{MARKER}")  # a marker below the top level is no marker
     assert mgr.complete_steps() == [1, 2] and mgr.latest() == 2
     with pytest.raises(FileNotFoundError, match="COMMITTED"):
-        mgr.local_copy(3)
+        local_copy(mgr, 3, tmp_path / "cache")
     assert mgr.driver_state(2) == {"step": 2}
-    restored = mgr.local_copy(2)
+    restored = local_copy(mgr, 2, tmp_path / "cache")
     assert (restored / "learner" / "__0_0.distcp").read_bytes() == b"shards of 2"
     # Step 2 written again (a re-run after a crash, now on one rank where it had two): same-size shards. The
     # old rank-1 shard must be gone from S3, the step must not look complete while it is rewritten, and the
@@ -330,16 +331,16 @@ def test_manager_s3_commit_restore_retention(s3_bucket, tmp_path):
     assert mgr.complete_steps() == [1]
     mgr.commit(2, target, {"step": 2, "again": True}, written=written)
     assert f"{root}/{step_name(2)}/learner/__1_0.distcp" not in s3.list_prefix(root)
-    restored = mgr.local_copy(2)
+    restored = local_copy(mgr, 2, tmp_path / "cache")
     assert sorted(p.name for p in (restored / "learner").iterdir()) == [".metadata", "__0_0.distcp"]
     assert (restored / "learner" / "__0_0.distcp").read_bytes() == b"shards of X"
     assert mgr.driver_state(2) == {"step": 2, "again": True}
     # Another run sharing the cache dir, same step, same-size shards: each restore gets its own run's bytes.
-    other = CheckpointManager(f"s3://{s3_bucket}/runs/b", keep=2, cache_dir=tmp_path / "cache")
+    other = CheckpointManager(f"s3://{s3_bucket}/runs/b", keep=2)
     target, written = _write_rank(other, 2, b"shards of Y")
     other.commit(2, target, {"step": 2}, written=written)
-    assert (other.local_copy(2) / "learner" / "__0_0.distcp").read_bytes() == b"shards of Y"
-    assert (mgr.local_copy(2) / "learner" / "__0_0.distcp").read_bytes() == b"shards of X"
+    assert (local_copy(other, 2, tmp_path / "cache") / "learner" / "__0_0.distcp").read_bytes() == b"shards of Y"
+    assert (local_copy(mgr, 2, tmp_path / "cache") / "learner" / "__0_0.distcp").read_bytes() == b"shards of X"
     # Retention on S3: a third complete checkpoint deletes the oldest one's objects.
     target, written = _write_rank(mgr, 4, b"shards of 4")
     mgr.commit(4, target, {"step": 4}, written=written)

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from motionnft_core import s3
 from motionnft_core.data.motionedit import CATEGORIES, DataError, MotionEditDataset, load_splits, to_rgb_uint8
 from motionnft_core.data.synthetic import generate_synthetic, main, make_example
+from tests.storage_helpers import upload_dir
 
 N, SIZE, SEED = 12, 64, 0  # seed 0 gives both rotations (rows 3, 7) and translations in the first 12
 SATURATION = 80  # object pixels have max(rgb) - min(rgb) >= ~120, the background <= ~40
@@ -189,8 +189,8 @@ def test_jsonl_without_ids_gets_stable_content_ids(synth, tmp_path):
 
 @pytest.mark.parametrize("layout", ["folder", "parquet", "jsonl"])
 def test_load_from_s3_equals_local(synth, s3_bucket, tmp_path, layout):
-    s3.upload_dir(synth["parquet"].parent, f"s3://{s3_bucket}/sets/pq")
-    s3.upload_dir(synth["jsonl"].parent, f"s3://{s3_bucket}/sets/js")
+    upload_dir(synth["parquet"].parent, f"s3://{s3_bucket}/sets/pq")
+    upload_dir(synth["jsonl"].parent, f"s3://{s3_bucket}/sets/js")
     uri, local = {
         "folder": (f"s3://{s3_bucket}/sets/js", synth["jsonl"]),
         "parquet": (f"s3://{s3_bucket}/sets/pq/{synth['parquet'].name}", synth["parquet"]),
@@ -205,7 +205,7 @@ def test_load_from_s3_equals_local(synth, s3_bucket, tmp_path, layout):
 def test_s3_errors_name_the_uri_and_file(synth, s3_bucket, tmp_path):
     manifest = _copy_jsonl_set(synth, tmp_path / "set")
     (manifest.parent / "images" / f"synth-{SEED}-000002_target.png").unlink()
-    s3.upload_dir(manifest.parent, f"s3://{s3_bucket}/bad")
+    upload_dir(manifest.parent, f"s3://{s3_bucket}/bad")
     with pytest.raises(DataError) as err:
         MotionEditDataset.from_source(f"s3://{s3_bucket}/bad", cache_dir=tmp_path / "cache")
     assert f"s3://{s3_bucket}/bad/metadata.jsonl line 3" in str(err.value)

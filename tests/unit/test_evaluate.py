@@ -17,6 +17,7 @@ from PIL import Image
 from evaluation import evaluate as ev
 from learner.trainer.checkpoint import MARKER, export_lora, step_name
 from motionnft_core.config import load_config
+from tests.storage_helpers import upload_dir
 
 RANK, ALPHA = 4, 8
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -178,7 +179,7 @@ def test_a_checkpoint_on_s3_is_read_by_the_worker_that_loads_it(run_config, s3_b
     (local / "learner").mkdir()
     (local / "learner" / "__0_0.distcp").write_bytes(b"learner shards, never needed to evaluate")
     root = f"s3://{s3_bucket}/run"
-    s3.upload_dir(local, f"{root}/{step_name(5)}")
+    upload_dir(local, f"{root}/{step_name(5)}")
     s3_cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, dir=root),
                      model=replace(cfg.model, cache_dir=str(tmp_path / "cache")))  # fmt: skip
     lora = f"{root}/{step_name(5)}/lora"

@@ -16,6 +16,7 @@ from botocore.exceptions import (
 )
 
 from motionnft_core import s3, storage
+from tests.storage_helpers import upload_dir
 
 
 @pytest.mark.parametrize(
@@ -43,7 +44,7 @@ def _tree(root):
 
 def test_upload_list_download_round_trip(s3_bucket, tmp_path):
     files = _tree(tmp_path / "src")
-    s3.upload_dir(tmp_path / "src", f"s3://{s3_bucket}/run/ckpt")
+    upload_dir(tmp_path / "src", f"s3://{s3_bucket}/run/ckpt")
     s3.upload_file(tmp_path / "src" / "a.txt", f"s3://{s3_bucket}/run/ckpt2/a.txt")  # sibling, not inside
     assert s3.list_prefix(f"s3://{s3_bucket}/run/ckpt") == [f"s3://{s3_bucket}/run/ckpt/{rel}" for rel in sorted(files)]
     assert s3.list_prefix(f"s3://{s3_bucket}/run/none") == []
@@ -60,7 +61,7 @@ def test_upload_list_download_round_trip(s3_bucket, tmp_path):
 def test_download_prefix_skips_complete_files_and_refetches_wrong_sizes(s3_bucket, tmp_path):
     _tree(tmp_path / "src")
     uri = f"s3://{s3_bucket}/data"
-    s3.upload_dir(tmp_path / "src", uri)
+    upload_dir(tmp_path / "src", uri)
     dest = s3.download_prefix(uri, tmp_path / "dest")
     a, b = dest / "a.txt", dest / "sub" / "b.bin"
     old = 1_000_000_000  # a recognisable mtime (ns) that a re-download would replace
@@ -92,11 +93,10 @@ def test_policy_loads_from_s3(s3_bucket, tiny_pipelines, tmp_path):
     """A pipeline uploaded to S3 loads through the same from_pretrained path as a local one."""
     import torch
 
-    from motionnft_core import s3
     from motionnft_core.models.policy import EditPolicy
 
     uri = f"s3://{s3_bucket}/models/tiny-kontext"
-    s3.upload_dir(tiny_pipelines["flux_kontext"], uri)
+    upload_dir(tiny_pipelines["flux_kontext"], uri)
     remote = EditPolicy.from_pretrained(uri, family="flux_kontext", cache_dir=tmp_path)
     local = EditPolicy.from_pretrained(str(tiny_pipelines["flux_kontext"]), family="flux_kontext")
     assert (tmp_path / s3_bucket / "models" / "tiny-kontext" / "model_index.json").is_file()
@@ -137,7 +137,6 @@ def _calls(tmp_path):
     (tmp_path / "d" / "g.txt").write_text("y")
     return [
         ("upload", lambda u: s3.upload_file(tmp_path / "f.txt", u)),
-        ("upload", lambda u: s3.upload_dir(tmp_path / "d", u)),
         ("download", lambda u: s3.download_file(u, tmp_path / "out")),
         ("list", lambda u: s3.download_prefix(u, tmp_path / "out-dir")),
         ("list", s3.list_prefix),
@@ -283,7 +282,7 @@ def test_missing_bucket_is_not_retried(s3_server, monkeypatch, tmp_path):
 def test_transient_download_and_delete_errors_are_retried(s3_bucket, monkeypatch, tmp_path):
     _tree(tmp_path / "src")
     uri = f"s3://{s3_bucket}/ckpt"
-    s3.upload_dir(tmp_path / "src", uri)
+    upload_dir(tmp_path / "src", uri)
     retry = s3.S3Retry(2, 0.0)
 
     calls = _flaky(monkeypatch, "download_file", [ReadTimeoutError(endpoint_url="http://x")])
