@@ -28,6 +28,7 @@ from motionnft_core.faults import fault_point
 from motionnft_core.models.parity import ParityError, ParityProbe, check_parity
 from motionnft_core.models.policy import EditPolicy
 from motionnft_core.models.weights import (
+    SAMPLE,
     LoraExport,
     PolicyWeights,
     PublishedWeights,
@@ -70,7 +71,7 @@ class RolloutWorker:
         """Load a published version, then check that the policy computes what the learner's does (when the
         learner sent its probe output): on a mismatch nothing samples until a later version passes."""
         with telemetry.timed("load_weights"):
-            self.weights.load(weights.version, weights.manifest, tensors)
+            self.weights.load(weights.version, weights.manifest, tensors, weights.purpose)
             self.export = None
             self._check_parity(weights)
         telemetry.count(telemetry.WEIGHT_BYTES, sum(t.nbytes for t in tensors.values()))
@@ -84,13 +85,13 @@ class RolloutWorker:
             self.parity_error = check_parity(policy, self.probe, weights.probe, WeightManifest.unpack(weights.manifest),
                                              tolerance, worker=self.name)  # fmt: skip
         except ParityError:
-            self.weights.version = -1  # the next call loads (and checks) again
+            self.weights.forget()  # the next call loads (and checks) again
             raise
 
     def prepare(self, weights: PublishedWeights) -> float | None:
         """Before a worker joining an elastic pool takes work: load `weights` and pass the parity check (also when
         its version is the one the worker started with); returns the error measured."""
-        if weights.version != self.weights.version:
+        if not self.weights.holds(weights):
             self.load(weights, ray.get(weights.tensors))
         elif self.parity_error is None:
             self._check_parity(weights)
@@ -103,13 +104,15 @@ class RolloutWorker:
         the images, the driver the small metadata (version, timings, parity error).
         """
         began = time.time()  # wall clock: the driver compares it with its own (learner/driver/elastic.py)
+        if weights.purpose != SAMPLE:
+            raise ValueError(f"rollouts sample with the sampling policy, not {weights.purpose} weights")
         with self.busy.call():
             fault_point("rollout.sample", step)
-            if weights.version != self.weights.version:
+            if not self.weights.holds(weights):
                 with telemetry.timed("fetch_weights"):
                     tensors = ray.get(weights.tensors)
                 self.load(weights, tensors)
-            pairs = self.sampler.sample(list(prompts), step, self.weights.version)
+            pairs = self.sampler.sample(list(prompts), step, weights.version)
         telemetry.seconds("sample", pairs[0][0].timing["total_s"])  # the whole call: every group of it
         telemetry.count(telemetry.SAMPLES, sum(len(images) for _, images in pairs))
         done = time.time()
@@ -120,11 +123,12 @@ class RolloutWorker:
     def load_export(self, export: LoraExport) -> None:
         """Evaluation of a checkpoint (evaluation.evaluate --baseline, through `edit`): its diffusers LoRA export (a
         dir, or an s3:// prefix downloaded here), read on this worker's node, into the adapter in place.
-        Version -1 afterwards: the next published weights load."""
+        It holds no published version afterwards: the next published weights load."""
         with lora_export_here(export.location, cache_dir=export.cache_dir, retry=export.retry) as lora_dir:
             check_lora_export(lora_dir, rank=export.rank, alpha=export.alpha)
             self.weights.policy.load_lora_state_dict(read_lora_export(self.weights.policy, lora_dir))
-        self.weights.version, self.parity_error, self.export = -1, None, export.location
+        self.weights.forget()
+        self.parity_error, self.export = None, export.location
 
     def edit(self, cfg: EvalConfig, example: Prompt, weights: PublishedWeights | None = None,
              base: bool = False, export: LoraExport | None = None) -> torch.Tensor:  # fmt: skip
@@ -134,7 +138,7 @@ class RolloutWorker:
         empty adapter, loads it again before it edits), or neither (what the policy holds); with `base`, by the
         base policy (the LoRA adapter off). The same row gives the same edit on any worker."""
         with self.busy.call():
-            if weights is not None and weights.version != self.weights.version:
+            if weights is not None and not self.weights.holds(weights):
                 with telemetry.timed("fetch_weights"):
                     tensors = ray.get(weights.tensors)
                 self.load(weights, tensors)

@@ -24,7 +24,7 @@ It prints:
     python bench/scale_sim.py                 # 8 simulated GPUs at the measured costs (~10 min here)
     python bench/scale_sim.py --gpus 16 --scale 1   # on 2 cores, 16 needs full-length holds (the tiny models'
                                                     # CPU time grows with P = 3 x GPUs)
-    python bench/scale_sim.py --ci            # 4 simulated GPUs, short holds: keeps it working (tests/system/test_bench.py)
+    python bench/scale_sim.py --ci            # 4 simulated GPUs, short holds (a test runs it)
 """
 
 from __future__ import annotations

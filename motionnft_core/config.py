@@ -374,9 +374,10 @@ class LearnerConfig:
         False, "allow the cuDNN SDPA attention backend in training (it crashes in the backward on torch 2.11 + CUDA 13)"
     )
     max_recoveries: int = _f(
-        3, "times a run rebuilds its learner group after a rank dies and goes on from the latest checkpoint, in the "
-        "same process (0 = the run ends at the first lost rank)"
+        3, "times within learner.recovery_window_s a run rebuilds its learner group after a rank dies and goes on "
+        "from the latest checkpoint, in the same process (0 = the run ends at the first lost rank)"
     )  # fmt: skip
+    recovery_window_s: float = _f(3600.0, "the sliding window (seconds) of learner.max_recoveries")
 
     def __post_init__(self) -> None:
         _check_finite(self)
@@ -384,6 +385,7 @@ class LearnerConfig:
                self.micro_batch)  # fmt: skip
         _check(0 < self.memory_fraction <= 1, "learner.memory_fraction", "a value in (0, 1]", self.memory_fraction)
         _check(self.max_recoveries >= 0, "learner.max_recoveries", "an integer >= 0", self.max_recoveries)
+        _check(self.recovery_window_s > 0, "learner.recovery_window_s", "seconds > 0", self.recovery_window_s)
         _check(self.backend in ("auto", "gloo", "nccl"), "learner.backend", "auto | gloo | nccl", self.backend)
         _check(self.steps >= 1, "learner.steps", "an integer >= 1", self.steps)
 

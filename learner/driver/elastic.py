@@ -40,7 +40,7 @@ class RolloutScaler:
         self.fewest, self.most = cluster.rollout_bounds
         self.grow_wait, self.shrink_busy = cluster.rollout_grow_wait, cluster.rollout_shrink_busy
         self.patience, self.join_timeout_s = cluster.rollout_scale_patience, cluster.rollout_join_timeout_s
-        self.slow = self.idle = 0  # steps in a row with the grow / shrink condition
+        self.slow = self.idle = 0  # steps in a row with the grow / shrink condition (checkpointed by the driver)
 
     @property
     def elastic(self) -> bool:
@@ -48,8 +48,8 @@ class RolloutScaler:
 
     def regrow(self, size: int, carried: int) -> int:
         """How many workers a resumed elastic pool of `size` adds to get back to `carried`, its size when the
-        checkpoint was saved (`DriverState.rollout_workers`; 0 in checkpoints from before it was kept), within
-        today's bounds. One worker a `patience` steps would take many steps to find that size again."""
+        checkpoint was saved (`DriverState.rollout_workers`; 0: nothing to regrow), within today's bounds. One
+        worker a `patience` steps would take many steps to find that size again."""
         if not self.elastic or carried <= 0:
             return 0
         return max(0, min(carried, self.most) - size)

@@ -17,7 +17,7 @@ OPERATIONAL = (
     "rollout.micro_batch", "rollout.compile",
     "learner.micro_batch", "learner.memory_fraction", "learner.activation_checkpointing", "learner.backend",
     "learner.compile",
-    "learner.cudnn_sdpa", "learner.max_recoveries",
+    "learner.cudnn_sdpa", "learner.max_recoveries", "learner.recovery_window_s",
     "reward.batch_pairs", "reward.max_wait_ms", "reward.flow.max_batch", "reward.flow.cache_size",
     "reward.judge.url", "reward.judge.timeout_s", "reward.judge.max_retries", "reward.judge.backoff_s",
     "reward.judge.max_concurrency", "reward.judge.startup_timeout_s", "reward.judge.api_key_env",

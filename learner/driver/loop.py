@@ -20,6 +20,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from learner.driver.lineage import Lineage
 from learner.driver.local_cluster import start_local_ray
 from learner.driver.placement import alive_nodes, check_placement
 from learner.driver.pools import Pools, build_pools
-from learner.driver.recovery import WorkerCrashLoop, WorkerPool
+from learner.driver.recovery import RecoveryWindow, WorkerCrashLoop, WorkerPool
 from learner.trainer.checkpoint import LEARNER, CheckpointManager, step_name
 from learner.trainer.fsdp_worker import LearnerLost
 from learner.trainer.nft_loss import group_filter, optimality, saturated_groups
@@ -44,8 +45,9 @@ from learner.trainer.nft_trainer import EMA, OLD
 from motionnft_core import s3, telemetry
 from motionnft_core.config import Config, ConfigError, LoggingConfig, config_to_dict
 from motionnft_core.data.motionedit import ExampleServer, load_splits
+from motionnft_core.errors import lost_worker
 from motionnft_core.faults import fault_point
-from motionnft_core.models.weights import PublishedWeights
+from motionnft_core.models.weights import EVAL, SAMPLE, PublishedWeights
 from motionnft_core.storage import check_writable
 from rewards.judge import JudgeError
 from rewards.scorer import GroupReward
@@ -62,42 +64,45 @@ def timed(name: str, timing: dict[str, float]):
 class DriverState:
     """Everything the driver needs to resume: saved in each checkpoint's driver.json."""
 
-    run_id: str = ""  # fixed at the run's first start, carried by every checkpoint
+    run_id: str  # fixed at the run's first start, carried by every checkpoint
     step: int = 0  # next step to run
     version: int = 0  # newest published policy version (= optimizer steps taken)
     epoch: int = 0  # data cursor: pass over the training prompts ...
     position: int = 0  # ... and index into that pass's permutation
-    banned: list[str] = field(default_factory=list)  # prompts whose group saturated (DESIGN §5)
+    banned: list[str] = field(default_factory=list)  # prompts whose group saturated (docs/algorithm.md)
     dropped_judge: int = 0  # groups left out because the judge could not score them (reward.judge.on_outage)
     base_mas: list[float] = field(default_factory=list)  # eval.every: the base policy's MAS per held-out row
     rollout_workers: int = 0  # the rollout pool's size after the step (an elastic pool regrows to it on resume)
+    rollout_slow: int = 0  # the elastic pool's steps in a row that waited on rollouts ... (RolloutScaler)
+    rollout_idle: int = 0  # ... and that left them idle
 
 
 class PromptCursor:
-    """Draws P prompt indices per step: a seeded permutation per pass, skipping banned prompts."""
+    """Draws P prompt indices per step: a seeded permutation per pass, skipping banned prompts. It owns its
+    place (`epoch`, `position`); the driver saves that in its state at a checkpoint."""
 
-    def __init__(self, ids: list[str], seed: int) -> None:
-        self.ids, self.seed = ids, seed
+    def __init__(self, ids: list[str], seed: int, epoch: int = 0, position: int = 0) -> None:
+        self.ids, self.seed, self.epoch, self.position = ids, seed, epoch, position
 
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.ids)))
         random.Random(f"{self.seed}/{epoch}").shuffle(order)
         return order
 
-    def draw(self, n: int, state: DriverState) -> list[int]:
-        banned = set(state.banned)
+    def draw(self, n: int, banned: Collection[str]) -> list[int]:
+        banned = set(banned)
         if len(banned) >= len(self.ids):
             raise RuntimeError("every training prompt is banned (its group saturated); nothing left to train on")
         out: list[int] = []
         while len(out) < n:
-            order = self._order(state.epoch)
-            while state.position < len(order) and len(out) < n:
-                i = order[state.position]
-                state.position += 1
+            order = self._order(self.epoch)
+            while self.position < len(order) and len(out) < n:
+                i = order[self.position]
+                self.position += 1
                 if self.ids[i] not in banned:
                     out.append(i)
-            if state.position >= len(order):
-                state.epoch, state.position = state.epoch + 1, 0
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
         return out
 
 
@@ -108,6 +113,7 @@ class StepRollouts:
 
     step: int
     weights: PublishedWeights
+    drawn_from: tuple[int, int]  # the cursor's (epoch, position) before it drew this step's prompts
     prompt_ids: list[str]
     examples: list[Any]
     groups: list[Any]
@@ -118,7 +124,7 @@ class StepRollouts:
 
     def only(self, keep: list[int]) -> StepRollouts:
         per_group = (self.prompt_ids, self.examples, self.groups, self.images, self.meta, self.workers, self.sent_at)
-        return StepRollouts(self.step, self.weights, *([x[g] for g in keep] for x in per_group))
+        return StepRollouts(self.step, self.weights, self.drawn_from, *([x[g] for g in keep] for x in per_group))
 
     def resample(self, g: int, pool: WorkerPool) -> None:
         """Send group g again, to a rollout worker that is up (another one when there is): the same seeds and
@@ -162,7 +168,6 @@ class MetricsLog:
         if resume_at > 0 and self.path.exists():
             lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
             lines = [x for x in lines if x["step"] < resume_at]
-            lines = list({x["step"]: x for x in lines}.values())  # a step logged twice by an older version: once
         if recovered is not None and all(x["step"] != recovered["step"] for x in lines):
             lines.append(recovered)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -205,7 +210,7 @@ def init_ray(cfg: Config) -> bool:
 
 
 def submit_rollouts(pools: Pools, examples_server, indices: list[int], ids: list[str], step: int,
-                    weights: PublishedWeights) -> StepRollouts:  # fmt: skip
+                    weights: PublishedWeights, drawn_from: tuple[int, int]) -> StepRollouts:  # fmt: skip
     """Spread one step's prompts over the rollout workers that are up; several groups per call share transformer
     calls. Every call carries the weights to sample with (one reference, fetched only by a worker that lacks
     them)."""
@@ -221,7 +226,8 @@ def submit_rollouts(pools: Pools, examples_server, indices: list[int], ids: list
         for k, i in enumerate(mine):
             groups[i], images[i], meta[i] = refs[3 * k : 3 * k + 3]
             workers[i] = w
-    return StepRollouts(step, weights, [ids[i] for i in indices], examples, groups, images, meta, workers, [now] * n)
+    return StepRollouts(step, weights, drawn_from, [ids[i] for i in indices], examples, groups, images, meta, workers,
+                        [now] * n)
 
 
 def score_groups(pools: Pools, batch: StepRollouts) -> tuple[list[GroupReward | JudgeError], list[dict]]:
@@ -240,15 +246,14 @@ def score_groups(pools: Pools, batch: StepRollouts) -> tuple[list[GroupReward | 
             try:
                 results.append(ray.get(refs[g]))
                 break
-            except ray.exceptions.RayTaskError as e:  # raised in the reward worker, or by an argument's task
-                if isinstance(e.cause, JudgeError):
-                    results.append(e.cause)
+            except ray.exceptions.RayError as e:  # raised in the reward worker, by an argument's task, or its death
+                cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+                if isinstance(cause, JudgeError):
+                    results.append(cause)
                     break
-                if not isinstance(e.cause, (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)):
+                if not lost_worker(e):
                     raise
-                crash: Exception = e.cause
-            except ray.exceptions.RayActorError as e:  # the reward worker itself died
-                crash = e
+                crash: Exception = cause
             lost = isinstance(crash, ray.exceptions.ObjectLostError)  # its images went with their node
             try:
                 ray.get(batch.meta[g])  # did the group's rollout finish?
@@ -271,17 +276,12 @@ class RunStopped(RuntimeError):
 
 
 def publish(pools: Pools, version: int, which: str = OLD) -> PublishedWeights:
-    """The learner's old adapter (or eval EMA) as version `version`: rank 0's gathered weights stay in the
-    object store; the driver keeps their reference and the few-hundred-byte manifest."""
+    """The learner's old adapter as policy version `version`, or (`which=EMA`) its eval EMA after step `version`:
+    rank 0's gathered weights stay in the object store; the driver keeps their reference and the few-hundred-byte
+    manifest."""
     manifest, tensors, probe = pools.learner.publishable(version, which)
     manifest, probe = ray.get([manifest, probe])  # a few hundred bytes and the probe output (KBs)
-    return PublishedWeights(version, manifest, tensors, probe)
-
-
-def eval_version(step: int) -> int:
-    """The version the eval EMA of `step` is published under: negative, never a sampling policy's, so a rollout
-    worker that held it loads the sampling policy again at its next rollout (-1 is a loaded export's)."""
-    return -2 - step
+    return PublishedWeights(version, manifest, tensors, probe, purpose=EVAL if which == EMA else SAMPLE)
 
 
 def reward_counters(pools: Pools) -> dict[str, float]:
@@ -332,6 +332,7 @@ def step_metrics(rewards, meta, r, valid, version: int, timing: dict[str, float]
 
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Start (or resume) the run `cfg` describes and train to `learner.steps`; returns the last step's metrics."""
     run_dir = Path(cfg.logging.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:  # before anything starts: a checkpoint dir that cannot be written (credentials, endpoint, permissions)
@@ -339,7 +340,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict
     except (OSError, s3.S3Error) as e:  # FileNotFoundError (no bucket) is an OSError
         raise ConfigError(f"checkpoint.dir: {e}") from e
     retry = s3.S3Retry.from_config(cfg.checkpoint)
-    ckpt = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, cache_dir=cfg.model.cache_dir, retry=retry)
+    ckpt = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, retry=retry)
     state, recovered = start_state(cfg, ckpt, resume=resume, overwrite=overwrite)  # refusals before any start-up
     (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
     embedded = init_ray(cfg)
@@ -352,28 +353,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict
         # On the driver's node, where the data was loaded; decoded examples go to the object store.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         examples = ray.remote(num_cpus=0)(ExampleServer).options(scheduling_strategy=here).remote(train_ds)
-        held_out = HeldOutEval(cfg, eval_ds)  # eval.every: its rows go to the object store once
-        recoveries, regrow_to = 0, state.rollout_workers  # a resumed elastic pool: its size at the checkpoint
-        while True:
-            try:
-                return run_steps(cfg, pools, ckpt, state, recovered, train_ds, examples, board, held_out, regrow_to)
-            except WorkerCrashLoop as e:
-                raise RunStopped(f"{e}; the run is stopped (its latest checkpoint stays), fix the cause and run "
-                                 "again with --resume") from e  # fmt: skip
-            except LearnerLost as e:  # rebuild the group, go on from the latest checkpoint: bounded, in-process
-                recoveries += 1
-                if recoveries > cfg.learner.max_recoveries:
-                    raise RunStopped(f"{e}, and learner.max_recoveries={cfg.learner.max_recoveries} recoveries are "
-                                     "spent; run again with --resume to go on from the latest checkpoint") from e
-                latest = ckpt.latest()
-                print(f"{e}: rebuilding the learner group (recovery {recoveries} of {cfg.learner.max_recoveries}), "
-                      f"then going on from {step_name(latest) if latest else 'the start'}", flush=True)  # fmt: skip
-                pools.rebuild_learner(cfg)
-                regrow_to = 0  # the rollout pool is the one that ran: as it is
-                if latest is None:
-                    state, recovered = DriverState(run_id=state.run_id), None
-                else:
-                    state, recovered = resumed_state(ckpt, latest)
+        driver = Driver(cfg, pools, ckpt, board, examples, train_ds.ids, HeldOutEval(cfg, eval_ds))
+        return driver.run(state, recovered)
     finally:
         board.close()
         pools.shutdown()
@@ -399,133 +380,240 @@ def startup_summary(cfg: Config, state: DriverState, n_train: int, n_eval: int, 
     ])  # fmt: skip
 
 
-def run_steps(cfg: Config, pools: Pools, ckpt: CheckpointManager, state: DriverState, recovered: dict | None,
-              train_ds, examples, board: BoardLog, held_out: HeldOutEval, regrow_to: int = 0
-              ) -> dict[str, Any]:  # fmt: skip
-    """The steps from `state.step` on, as DESIGN §1 lists them (the learner restored from its checkpoint first);
-    returns the last step's metrics. An elastic rollout pool first adds the workers it lacks to be `regrow_to`."""
-    last: dict[str, Any] = {}
-    if state.step > 0:
-        pools.learner.load(f"{ckpt.location(state.step)}/{LEARNER}", retry=ckpt.retry)  # each rank, from its node
-    weights = publish(pools, state.version)
-    if state.version == 0:  # a full fine-tune's base policy is measurable only now, by the weights as loaded
-        held_out.measure_base(pools, weights, state.base_mas)
-    cursor = PromptCursor(train_ds.ids, cfg.data.seed)
-    log = MetricsLog(Path(cfg.logging.dir), cfg.logging.every, steps=cfg.learner.steps, resume_at=state.step,
-                     recovered=recovered)  # fmt: skip
-    board.start(resume_at=state.step)
-    lineage = Lineage(Path(cfg.logging.dir), resume_at=state.step)
-    steps, ahead = cfg.learner.steps, cfg.rollout.max_staleness
-    pending: dict[int, StepRollouts] = {}
-    drawn_from: dict[int, tuple[int, int]] = {}
-    scaler = RolloutScaler(cfg.cluster)
-    for _ in range(scaler.regrow(pools.rollouts.size(), regrow_to)):
-        add_rollout(pools, weights, scaler.join_timeout_s, f"the pool had {regrow_to} workers at the checkpoint")
+@dataclass
+class StepResult:
+    """What `run_step` made of one step, for `after_step` and `record`; or, in `outage`, why it could not end."""
 
-    for step in range(state.step, steps):
-        metrics, timing = {}, {}
-        began, workers = time.time(), len(pools.rollouts.up())  # wall clock: rollouts report when they finished
-        save_now = step == steps - 1 or (cfg.checkpoint.every > 0 and (step + 1) % cfg.checkpoint.every == 0)
-        with timed("step", timing):  # the step's work; a checkpoint's time is timing_s/checkpoint
-            # 1. Rollouts: this step's groups, plus later steps up to the staleness bound (never past a
+    step: int
+    save: bool  # a checkpoint step (a drain point: nothing of a later step is in flight after it)
+    began: float  # wall clock (rollouts report when they finished in wall-clock time)
+    workers: int  # rollout workers up when it began
+    batch: StepRollouts | None = None  # the groups scored (all of them while `outage` is set)
+    meta: list[dict] = field(default_factory=list)
+    rewards: list[GroupReward] = field(default_factory=list)
+    r: torch.Tensor | None = None  # optimality (P, K) of the scored groups
+    valid: torch.Tensor | None = None  # (P,) the groups trained on
+    failed: int = 0  # groups the judge could not score
+    sampled_by: int = 0  # the policy version the step trained (staleness is measured against it)
+    outage: tuple[JudgeError, int] | None = None  # reward.judge.on_outage=stop: the judge's error, groups it failed
+    metrics: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+class Driver:
+    """One run's state and its steps, as docs/architecture.md lists them.
+
+    It owns what lives across steps: the pools, the prompt cursor, the rollouts in flight for later steps
+    (`pending`), the weights the rollouts sample with, the elastic scaler, the logs and the last step's metrics;
+    `DriverState` is what a checkpoint keeps of it. `run_step` is the step (phases 1-5), `after_step` what the
+    pools do after it (the held-out evaluation, the elastic pool), `record` what it leaves behind. A step that
+    cannot end (a judge outage, a worker's crash loop, a lost learner rank) is handled in `run`, in one place.
+    """
+
+    def __init__(self, cfg: Config, pools: Pools, ckpt: CheckpointManager, board: BoardLog, examples: Any,
+                 ids: list[str], held_out: HeldOutEval) -> None:  # fmt: skip
+        self.cfg, self.pools, self.ckpt, self.board = cfg, pools, ckpt, board
+        self.examples, self.ids, self.held_out = examples, ids, held_out
+        self.scaler = RolloutScaler(cfg.cluster)
+        self.learner_losses = RecoveryWindow(cfg.learner.max_recoveries, cfg.learner.recovery_window_s)
+
+    def run(self, state: DriverState, recovered: dict | None) -> dict[str, Any]:
+        """The steps from `state.step` on; returns the last step's metrics."""
+        self.restore(state, recovered, regrow_to=state.rollout_workers)  # an elastic pool: its checkpointed size
+        while self.state.step < self.cfg.learner.steps:
+            step = self.state.step
+            try:
+                result = self.run_step(step)
+                if result.outage is None:
+                    self.after_step(result)
+                    self.record(result)
+                    continue
+                self.stop_on_judge_outage(result)
+            except WorkerCrashLoop as e:
+                raise RunStopped(f"{e}; the run is stopped (its latest checkpoint stays), fix the cause and run "
+                                 "again with --resume") from e  # fmt: skip
+            except LearnerLost as e:
+                self.recover_learner(e)
+        return self.last
+
+    def restore(self, state: DriverState, recovered: dict | None, regrow_to: int) -> None:
+        """Go on from `state`: the learner from its checkpoint, the weights published again, the logs trimmed to
+        the steps before it, and an elastic rollout pool grown back to `regrow_to` workers."""
+        cfg, pools = self.cfg, self.pools
+        self.state, self.last, self.pending = state, {}, {}
+        self.cursor = PromptCursor(self.ids, cfg.data.seed, state.epoch, state.position)
+        self.scaler.slow, self.scaler.idle = state.rollout_slow, state.rollout_idle
+        if state.step > 0:
+            pools.learner.load(f"{self.ckpt.location(state.step)}/{LEARNER}", retry=self.ckpt.retry)  # each rank
+        self.weights = publish(pools, state.version)
+        if state.version == 0:  # a full fine-tune's base policy is measurable only now, by the weights as loaded
+            self.held_out.measure_base(pools, self.weights, state.base_mas)
+        self.log = MetricsLog(Path(cfg.logging.dir), cfg.logging.every, steps=cfg.learner.steps,
+                              resume_at=state.step, recovered=recovered)  # fmt: skip
+        self.board.start(resume_at=state.step)
+        self.lineage = Lineage(Path(cfg.logging.dir), resume_at=state.step)
+        for _ in range(self.scaler.regrow(pools.rollouts.size(), regrow_to)):
+            self.add_rollout(f"the pool had {regrow_to} workers at the checkpoint")
+
+    def run_step(self, step: int) -> StepResult:
+        cfg, pools, state = self.cfg, self.pools, self.state
+        save = step == cfg.learner.steps - 1 or (cfg.checkpoint.every > 0 and (step + 1) % cfg.checkpoint.every == 0)
+        out = StepResult(step, save, began=time.time(), workers=len(pools.rollouts.up()))
+        with timed("step", out.timing):  # the step's work; a checkpoint's time is timing_s/checkpoint
+            # 1. Rollouts: this step's groups, plus later steps' up to the staleness bound (never past a
             #    checkpoint step, which is a drain point).
-            with timed("rollout_submit", timing):
-                horizon = step if save_now else min(step + ahead, steps - 1)
-                for s in range(step, horizon + 1):
-                    if s not in pending:
-                        # Sampled with the weights published now: at training time they are at most
-                        # s - step <= max_staleness versions old (steps without a valid group publish none).
-                        drawn_from[s] = (state.epoch, state.position)  # an outage checkpoint redraws s
-                        idx = cursor.draw(cfg.rollout.prompts_per_step, state)
-                        pending[s] = submit_rollouts(pools, examples, idx, train_ds.ids, s, weights)
-                batch = pending.pop(step)
+            with timed("rollout_submit", out.timing):
+                self.submit_ahead(step, last=step if save else min(step + cfg.rollout.max_staleness,
+                                                                   cfg.learner.steps - 1))  # fmt: skip
+                batch = self.pending.pop(step)
             # 2-3. Rewards: each group is scored as soon as its rollout finishes.
-            with timed("rollout_and_reward", timing):
+            with timed("rollout_and_reward", out.timing):
                 results, meta = score_groups(pools, batch)
             failed = [g for g, x in enumerate(results) if isinstance(x, JudgeError)]
             if failed and cfg.reward.judge.on_outage == "stop":
-                stop_on_judge_outage(cfg, ckpt, pools, state, step, drawn_from[step], last, results[failed[0]],
-                                     len(failed))  # fmt: skip
+                out.batch, out.outage = batch, (results[failed[0]], len(failed))
+                return out
             scored = [g for g in range(len(results)) if g not in failed]  # on_outage=drop: the rest trains
             state.dropped_judge += len(failed)
-            batch, meta = batch.only(scored), [meta[g] for g in scored]
-            rewards = [results[g] for g in scored]
+            out.batch, out.meta, out.failed = batch.only(scored), [meta[g] for g in scored], len(failed)
+            out.rewards = [results[g] for g in scored]
             # 4. Group statistics -> optimality and validity; saturated prompts are banned from now on.
-            with timed("stats", timing):
-                R = torch.tensor([g.reward for g in rewards], dtype=torch.float64)
-                R = R.reshape(len(rewards), cfg.rollout.group_size)  # also when no group was scored
-                r, valid, banned = group_stats(R, cfg)
-                state.banned += [batch.prompt_ids[g] for g in range(len(rewards)) if banned[g]]
+            with timed("stats", out.timing):
+                R = torch.tensor([g.reward for g in out.rewards], dtype=torch.float64)
+                out.r, out.valid, banned = group_stats(R.reshape(len(scored), cfg.rollout.group_size), cfg)
+                state.banned += [out.batch.prompt_ids[g] for g in range(len(scored)) if banned[g]]
             # 5. Learner: NFT step on the valid groups (by reference), then the old policy moves and is published.
-            with timed("train", timing):
-                keep = [g for g in range(len(rewards)) if valid[g]]
+            out.sampled_by = state.version
+            keep = [g for g in range(len(scored)) if out.valid[g]]
+            with timed("train", out.timing):
                 if keep:
-                    learner = pools.learner.train_step([batch.groups[g] for g in keep],
-                                                       [r[g].tolist() for g in keep], step)  # fmt: skip
-                    metrics.update({f"learner/{k}": v for k, v in learner.items()})
-            with timed("publish", timing):
+                    learner = pools.learner.train_step([out.batch.groups[g] for g in keep],
+                                                       [out.r[g].tolist() for g in keep], step)  # fmt: skip
+                    out.metrics.update({f"learner/{k}": v for k, v in learner.items()})
+            with timed("publish", out.timing):
                 if keep:
                     state.version += 1
-                    weights = publish(pools, state.version)
+                    self.weights = publish(pools, state.version)
             state.step = step + 1
-        if rewards:
-            metrics.update(step_metrics(rewards, meta, r, valid, state.version - (1 if keep else 0), timing,
-                                        cfg.samples_per_step))  # fmt: skip
+        return out
+
+    def submit_ahead(self, step: int, last: int) -> None:
+        """The groups of steps `step` to `last` not yet in flight, each sampled by the weights published now: at
+        training time at most `last - step <= rollout.max_staleness` versions old (steps without a valid group
+        publish none)."""
+        for s in range(step, last + 1):
+            if s not in self.pending:
+                at = (self.cursor.epoch, self.cursor.position)
+                idx = self.cursor.draw(self.cfg.rollout.prompts_per_step, self.state.banned)
+                self.pending[s] = submit_rollouts(self.pools, self.examples, idx, self.ids, s, self.weights, at)
+
+    def after_step(self, out: StepResult) -> None:
+        """After the step, before it is recorded: the held-out evaluation when due (by the step's eval EMA, what
+        its checkpoint exports) and the elastic pool's one change."""
+        pools, state = self.pools, self.state
+        if self.held_out.due(out.step):
+            ema = publish(pools, out.step, which=EMA)
+            out.metrics.update(self.held_out(pools, out.step, ema, state.base_mas))
+        out.metrics.update(self.scale_rollouts(out))
+        state.rollout_workers = pools.rollouts.size()
+        state.rollout_slow, state.rollout_idle = self.scaler.slow, self.scaler.idle
+        state.epoch, state.position = self.cursor.epoch, self.cursor.position  # saved only at a drain point
+
+    def record(self, out: StepResult) -> None:
+        """What a step leaves: its metrics line, lineage, checkpoint, TensorBoard and the live telemetry."""
+        step, pools, state = out.step, self.pools, self.state
+        metrics = out.metrics
+        if out.rewards:
+            metrics.update(step_metrics(out.rewards, out.meta, out.r, out.valid, out.sampled_by, out.timing,
+                                        self.cfg.samples_per_step))  # fmt: skip
         else:  # on_outage=drop and the judge scored none: nothing trained, nothing published
             metrics.update({"groups/valid": 0.0, "groups/total": 0.0})
-            metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
-        metrics["prompts"] = list(batch.prompt_ids)  # the groups scored this step, by prompt id
-        metrics["groups/banned_total"] = float(len(state.banned))
-        metrics["groups/dropped_judge"] = float(len(failed))
-        metrics["groups/dropped_judge_total"] = float(state.dropped_judge)  # carried by checkpoints, like bans
-        metrics["policy/version"] = float(state.version)
-        if held_out.due(step):  # eval.every: the held-out slice, by the eval EMA the step's checkpoint exports
-            metrics.update(held_out(pools, step, publish(pools, eval_version(step), which=EMA), state.base_mas))
-        metrics["workers/rollout_crashes_total"] = float(pools.rollouts.crashes.total)  # since this process started
-        metrics["workers/reward_crashes_total"] = float(pools.rewards.crashes.total)
+            metrics.update({f"timing_s/{k}": v for k, v in out.timing.items()})
+        metrics.update({
+            "prompts": list(out.batch.prompt_ids),  # the groups scored this step, by prompt id
+            "groups/banned_total": float(len(state.banned)), "groups/dropped_judge": float(out.failed),
+            "groups/dropped_judge_total": float(state.dropped_judge),  # carried by checkpoints, like bans
+            "policy/version": float(state.version),
+            "workers/rollout_crashes_total": float(pools.rollouts.crashes.total),  # since this process started
+            "workers/reward_crashes_total": float(pools.rewards.crashes.total),
+        })  # fmt: skip
         metrics.update(reward_counters(pools))
-        metrics.update(scale_rollouts(pools, scaler, meta, began, timing["step"], workers, weights))
-        state.rollout_workers = pools.rollouts.size()
-        if rewards:  # every scored candidate: seed, version, worker, image digest, reward terms, optimality
-            lineage.write(step, batch.prompt_ids, meta, rewards, r, valid)
-        if save_now:  # the step's metrics line travels in the checkpoint: a resume logs it exactly once
-            with timed("checkpoint", timing):
-                save_checkpoint(cfg, ckpt, pools, state, {"step": step, **metrics})
-            metrics["timing_s/checkpoint"] = timing["checkpoint"]
+        if out.rewards:  # every scored candidate: seed, version, worker, image digest, reward terms, optimality
+            self.lineage.write(step, out.batch.prompt_ids, out.meta, out.rewards, out.r, out.valid)
+        if out.save:  # the step's metrics line travels in the checkpoint: a resume logs it exactly once
+            began = time.perf_counter()
+            save_checkpoint(self.cfg, self.ckpt, pools, state, {"step": step, **metrics})
+            metrics["timing_s/checkpoint"] = time.perf_counter() - began
             fault_point("after_commit", step)
-        log.write(step, metrics)
-        board.scalars(step, metrics)
+        self.log.write(step, metrics)
+        self.board.scalars(step, metrics)
         telemetry.export_step(metrics)  # the same scalars, live, for Prometheus / Grafana (motionnft_step{key})
-        if board.wants_images(step) and rewards:
-            board.grids(step, image_grids(batch, rewards, cfg.logging))
+        if self.board.wants_images(step) and out.rewards:
+            self.board.grids(step, image_grids(out.batch, out.rewards, self.cfg.logging))
         fault_point("after_log", step)
-        pools.rollouts.release(in_use={w for b in pending.values() for w in b.workers})  # drained: removed
-        last = metrics
-    return last
+        pools.rollouts.release(in_use={w for b in self.pending.values() for w in b.workers})  # drained: removed
+        self.last = metrics
 
+    def stop_on_judge_outage(self, out: StepResult) -> None:
+        """reward.judge.on_outage=stop: checkpoint the last completed step (unless it already is), then end the
+        run naming the judge's error. The checkpoint's data cursor is where this step drew its prompts, so a
+        resume redoes exactly this step."""
+        step, (error, n_failed), j = out.step, out.outage, self.cfg.reward.judge
+        saved = "no step was completed, nothing to checkpoint"
+        if step > 0 and self.ckpt.latest() != step:
+            epoch, position = out.batch.drawn_from
+            at = dataclasses.replace(self.state, step=step, epoch=epoch, position=position,
+                                     banned=list(self.state.banned))  # fmt: skip
+            where = save_checkpoint(self.cfg, self.ckpt, self.pools, at, {"step": step - 1, **self.last})
+            saved = f"checkpointed the last completed step at {where}"
+        elif step > 0:
+            saved = f"the last completed step is checkpointed at {self.ckpt.location(step)}"
+        raise RunStopped(f"the judge could not score {n_failed} group(s) of step {step} within "
+                         f"reward.judge.retry_budget_s={j.retry_budget_s:g}s: {error}. {saved}; run again with "
+                         "--resume once the judge answers, or set reward.judge.on_outage=drop to train on without "
+                         "those groups")  # fmt: skip
 
-def add_rollout(pools: Pools, weights: PublishedWeights, timeout_s: float, why: str) -> None:
-    """One rollout worker more; it takes work once it has loaded `weights` and passed their parity probe."""
-    pool = pools.rollouts
-    w = pool.add(pools.new_rollout(len(pool.actors)), lambda actor: actor.prepare.remote(weights), timeout_s)
-    print(f"rollout pool: adding rollout-{w} ({why})", flush=True)
+    def recover_learner(self, error: LearnerLost) -> None:
+        """A lost rank: rebuild the learner group and go on from the latest checkpoint, in this process, at most
+        `learner.max_recoveries` times within `learner.recovery_window_s`."""
+        learner = self.cfg.learner
+        if not self.learner_losses.allow():
+            raise RunStopped(f"{error}, and learner.max_recoveries={learner.max_recoveries} recoveries within "
+                             f"learner.recovery_window_s={learner.recovery_window_s:g} are spent; run again with "
+                             "--resume to go on from the latest checkpoint") from error  # fmt: skip
+        latest = self.ckpt.latest()
+        print(f"{error}: rebuilding the learner group (recovery {len(self.learner_losses)} of "
+              f"{learner.max_recoveries} within {learner.recovery_window_s:g} s), then going on from "
+              f"{step_name(latest) if latest else 'the start'}", flush=True)  # fmt: skip
+        self.pools.rebuild_learner(self.cfg)
+        if latest is None:
+            state, recovered = DriverState(run_id=self.state.run_id), None
+        else:
+            state, recovered = resumed_state(self.ckpt, latest)
+        self.restore(state, recovered, regrow_to=0)  # the rollout pool is the one that ran: as it is
 
+    def add_rollout(self, why: str) -> None:
+        """One rollout worker more; it takes work once it has loaded the current weights and passed their parity
+        probe."""
+        pool, timeout_s = self.pools.rollouts, self.scaler.join_timeout_s
+        w = pool.add(self.pools.new_rollout(len(pool.actors)), lambda actor: actor.prepare.remote(self.weights),
+                     timeout_s)  # fmt: skip
+        print(f"rollout pool: adding rollout-{w} ({why})", flush=True)
 
-def scale_rollouts(pools: Pools, scaler: RolloutScaler, meta: list[dict], began: float, step_s: float, workers: int,
-                   weights: PublishedWeights) -> dict[str, float]:  # fmt: skip
-    """The rollout pool's load in the step, and, when it is elastic, one worker added or drained
-    (learner/driver/elastic.py)."""
-    pool = pools.rollouts
-    wait, busy = rollout_load(meta, began, step_s, workers)
-    change = scaler.decide(pool.size(), wait, busy, settling=bool(pool.joining or pool.draining))
-    if change > 0 and pools.new_rollout is not None:
-        add_rollout(pools, weights, scaler.join_timeout_s, f"the learner waited on rollouts {wait:.0%} of the "
-                    f"step, {scaler.patience} step(s) in a row")  # fmt: skip
-    elif change < 0 and (w := pool.drain()) is not None:
-        print(f"rollout pool: removing rollout-{w} once its groups are trained on (rollout workers sampled "
-              f"{busy:.0%} of the step, {scaler.patience} step(s) in a row)", flush=True)  # fmt: skip
-    return {"pool/rollout_wait": wait, "pool/rollout_busy": busy, "pool/rollout_workers": float(len(pool.up())),
-            "pool/rollout_joining": float(len(pool.joining)), "cluster/nodes": float(len(alive_nodes()))}
+    def scale_rollouts(self, out: StepResult) -> dict[str, float]:
+        """The rollout pool's load in the step, and, when it is elastic, one worker added or drained
+        (learner/driver/elastic.py)."""
+        pool, scaler = self.pools.rollouts, self.scaler
+        wait, busy = rollout_load(out.meta, out.began, out.timing["step"], out.workers)
+        change = scaler.decide(pool.size(), wait, busy, settling=bool(pool.joining or pool.draining))
+        if change > 0 and self.pools.new_rollout is not None:
+            self.add_rollout(f"the learner waited on rollouts {wait:.0%} of the step, {scaler.patience} step(s) "
+                             "in a row")  # fmt: skip
+        elif change < 0 and (w := pool.drain()) is not None:
+            print(f"rollout pool: removing rollout-{w} once its groups are trained on (rollout workers sampled "
+                  f"{busy:.0%} of the step, {scaler.patience} step(s) in a row)", flush=True)  # fmt: skip
+        return {"pool/rollout_wait": wait, "pool/rollout_busy": busy, "pool/rollout_workers": float(len(pool.up())),
+                "pool/rollout_joining": float(len(pool.joining)), "cluster/nodes": float(len(alive_nodes()))}
 
 
 def image_grids(batch: StepRollouts, rewards: list[GroupReward], logging: LoggingConfig) -> list:
@@ -536,26 +624,6 @@ def image_grids(batch: StepRollouts, rewards: list[GroupReward], logging: Loggin
                      for g in shown])  # fmt: skip
     return [(batch.prompt_ids[g], prompt, rewards[g].reward, grid)
             for g, (prompt, grid) in zip(shown, drawn, strict=True)]  # fmt: skip
-
-
-def stop_on_judge_outage(cfg: Config, ckpt: CheckpointManager, pools: Pools, state: DriverState, step: int,
-                         drawn_from: tuple[int, int], last: dict, error: JudgeError, n_failed: int
-                         ) -> None:  # fmt: skip
-    """reward.judge.on_outage=stop: checkpoint the last completed step (unless it already is), then end the run
-    naming the judge's error. The checkpoint's data cursor is where step `step` drew its prompts, so a resume
-    redoes exactly that step."""
-    j = cfg.reward.judge
-    saved = "no step was completed, nothing to checkpoint"
-    if step > 0 and ckpt.latest() != step:
-        at = dataclasses.replace(state, step=step, epoch=drawn_from[0], position=drawn_from[1],
-                                 banned=list(state.banned))  # fmt: skip
-        where = save_checkpoint(cfg, ckpt, pools, at, {"step": step - 1, **last})
-        saved = f"checkpointed the last completed step at {where}"
-    elif step > 0:
-        saved = f"the last completed step is checkpointed at {ckpt.location(step)}"
-    raise RunStopped(f"the judge could not score {n_failed} group(s) of step {step} within reward.judge.retry_budget_s="
-                     f"{j.retry_budget_s:g}s: {error}. {saved}; run again with --resume once the judge answers, or "
-                     "set reward.judge.on_outage=drop to train on without those groups")  # fmt: skip
 
 
 def start_state(cfg: Config, ckpt: CheckpointManager, *, resume: bool, overwrite: bool
@@ -589,7 +657,7 @@ def start_state(cfg: Config, ckpt: CheckpointManager, *, resume: bool, overwrite
 def resumed_state(ckpt: CheckpointManager, step: int, saved: dict | None = None) -> tuple[DriverState, dict | None]:
     """The driver state checkpoint `step` holds, and the metrics line of the step it ended with."""
     saved = saved or ckpt.driver_state(step)
-    state = DriverState(**{"run_id": new_run_id(), **saved["driver"]})  # checkpoints before run ids: a new one
+    state = DriverState(**saved["driver"])
     print(f"resumed from {step_name(step)}: step {state.step}, policy version {state.version}, "
           f"run {state.run_id}", flush=True)  # fmt: skip
     return state, saved.get("metrics")

@@ -59,6 +59,28 @@ class Crashes:
         return True
 
 
+class RecoveryWindow:
+    """At most `limit` recoveries within any `window_s` seconds (plain: no Ray): a long run on preemptible nodes
+    may lose a rank every few hours and go on, while one that loses them back to back stops."""
+
+    def __init__(self, limit: int, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit, self.window_s, self.clock = limit, window_s, clock
+        self.recent: deque[float] = deque()
+
+    def allow(self) -> bool:
+        """Count one recovery now, if the window has room for it."""
+        now = self.clock()
+        while self.recent and self.recent[0] <= now - self.window_s:
+            self.recent.popleft()
+        if len(self.recent) >= self.limit:
+            return False
+        self.recent.append(now)
+        return True
+
+    def __len__(self) -> int:
+        return len(self.recent)
+
+
 class WorkerPool:
     """The actors of one role and their crashes: which are up, and where (re-queued) work goes.
 

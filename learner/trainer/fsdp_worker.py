@@ -33,7 +33,7 @@ from learner.trainer.nft_trainer import (
 )
 from motionnft_core import telemetry
 from motionnft_core.config import ClusterConfig, LearnerConfig, NFTConfig, RolloutConfig
-from motionnft_core.errors import first_line
+from motionnft_core.errors import first_line, lost_worker
 from motionnft_core.faults import fault_point
 from motionnft_core.models.parity import ParityProbe
 from motionnft_core.models.policy import EditPolicy
@@ -272,12 +272,15 @@ def _all_ranks(refs: list, peer_grace_s: float = 15.0) -> list:
         while pending:
             done, pending = ray.wait(pending, num_returns=1, fetch_local=False)
             ray.get(done)
-    except ray.exceptions.RayActorError as e:
-        raise LearnerLost(_rank_gone(e)) from e
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, ray.exceptions.ObjectLostError):
-            raise LearnerLost(f"a learner rank lost its input ({type(e.cause).__name__}: a node holding groups of "
-                              f"this step is gone): {first_line(e.cause)}") from e  # fmt: skip
+    except ray.exceptions.RayError as e:
+        if lost_worker(e):
+            if isinstance(e, ray.exceptions.RayActorError):
+                raise LearnerLost(_rank_gone(e)) from e
+            cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+            raise LearnerLost(f"a learner rank lost its input ({type(cause).__name__}: a node holding groups of "
+                              f"this step is gone): {first_line(cause)}") from e  # fmt: skip
+        if not isinstance(e, ray.exceptions.RayTaskError):
+            raise
         ray.wait(pending, num_returns=len(pending), timeout=peer_grace_s, fetch_local=False)
         for ref in pending:
             try:

@@ -28,6 +28,8 @@ from motionnft_core.models import fp8
 from motionnft_core.models.policy import EditPolicy
 
 WEIGHT_KINDS = ("lora", "full")
+SAMPLE, EVAL = "sample", "eval"  # what a published version is for: sampling rollouts, or the eval EMA of a step
+PURPOSES = (SAMPLE, EVAL)
 
 
 def weight_kind(nft: NFTConfig) -> str:
@@ -99,10 +101,20 @@ class PublishedWeights:
     instead of resolving it, so a rollout fetches the tensors only when its version differs.
     """
 
-    version: int
+    version: int  # SAMPLE: the policy version (= optimizer steps taken); EVAL: the step whose EMA it is
     manifest: bytes  # WeightManifest.pack()
     tensors: Any
     probe: torch.Tensor | None = None  # the learner's output on the parity probe (motionnft_core/models/parity.py); KBs
+    purpose: str = SAMPLE
+
+    def __post_init__(self) -> None:
+        if self.purpose not in PURPOSES:
+            raise ValueError(f"published weights' purpose must be one of {PURPOSES}, got {self.purpose!r}")
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """What a holder compares: the eval EMA of step 3 and policy version 3 are different weights."""
+        return self.purpose, self.version
 
 
 class PolicyWeights:
@@ -113,7 +125,20 @@ class PolicyWeights:
             raise ValueError(f"weight kind must be one of {WEIGHT_KINDS}, got {kind!r}")
         self.policy = policy
         self.kind = kind
-        self.version = -1  # nothing loaded yet: the policy holds its initial weights
+        # The published (purpose, version) the policy holds; None while it holds anything else (the weights it was
+        # built with, a checkpoint's export, or a version that failed its parity probe): the next publish loads.
+        self.held: tuple[str, int] | None = None
+
+    @property
+    def version(self) -> int | None:
+        return self.held[1] if self.held is not None else None
+
+    def holds(self, weights: PublishedWeights) -> bool:
+        return self.held == weights.key
+
+    def forget(self) -> None:
+        """What the policy holds is no longer a published version."""
+        self.held = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.kind == "lora":
@@ -121,9 +146,9 @@ class PolicyWeights:
         return {k: v.detach() for k, v in self.policy.transformer.named_parameters()}
 
     def manifest(self) -> WeightManifest:
-        return WeightManifest.of(self.state_dict(), version=self.version, kind=self.kind)
+        return WeightManifest.of(self.state_dict(), version=-1 if self.held is None else self.held[1], kind=self.kind)
 
-    def load(self, version: int, manifest_bytes: bytes, state: dict[str, torch.Tensor]) -> None:
+    def load(self, version: int, manifest_bytes: bytes, state: dict[str, torch.Tensor], purpose: str = SAMPLE) -> None:
         published = WeightManifest.unpack(manifest_bytes)
         self.manifest().check_matches(published)
         if WeightManifest.of(state, version=version, kind=published.kind) != published:
@@ -136,7 +161,7 @@ class PolicyWeights:
                 for name, tensor in state.items():
                     current[name].copy_(tensor)
             fp8.refresh(self.policy.transformer)  # float8 copies of the weights (rollout.fp8) follow them
-        self.version = version
+        self.held = (purpose, version)
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what checkpoint exports write and diffusers' loader reads

@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from tests.sample_versions import sample_versions
 from tests.system.test_judge_outage import _judge_group
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,6 +108,10 @@ def test_a_run_survives_every_worker_role_killed_in_turn(tmp_path):
     assert [r["policy/version"] for r in faulted] == [r["policy/version"] for r in clean]
     for step in range(STEPS):  # a re-queued group is sampled again with its seeds, by the same policy version
         assert _candidates(tmp_path / "a", step) == _candidates(tmp_path / "b", step), step
+    # Every sample's policy version is the driver's rule's: the version published when its step was submitted.
+    versions = sample_versions([r["groups/valid"] > 0 for r in clean], ahead=1, every=2)
+    for step in range(STEPS):
+        assert {c[3] for c in _candidates(tmp_path / "b", step)} == {versions[step]}, step
     for a, b in zip(faulted, clean, strict=True):
         # Not bit-identical: vLLM batches the judge's requests as they arrive, and a batch of another size rounds
         # the digit probabilities otherwise (CPU matmuls are not batch-invariant). Measured between the two runs:
@@ -125,7 +130,7 @@ def test_a_run_survives_every_worker_role_killed_in_turn(tmp_path):
     assert "judge server on port" in out and "restarting in 1s" in out
     logs = list((tmp_path / "a" / "judge-logs").glob("vllm-*.log"))  # the restarted server appends to its log
     assert len(logs) == 1 and logs[0].read_text().count("Application startup complete") == 2
-    assert "rebuilding the learner group (recovery 1 of 3), then going on from step_00000004" in out
-    assert "rebuilding the learner group (recovery 2 of 3), then going on from step_00000006" in out
+    assert "rebuilding the learner group (recovery 1 of 3 within 3600 s), then going on from step_00000004" in out
+    assert "rebuilding the learner group (recovery 2 of 3 within 3600 s), then going on from step_00000006" in out
     assert out.count("its groups are re-queued") == 4  # 3 rollout crashes, 1 reward worker crash
     assert clean[-1]["workers/rollout_crashes_total"] == 0 and clean[-1]["judges/restarts"] == 0

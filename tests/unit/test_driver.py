@@ -14,49 +14,65 @@ from learner.driver.loop import DriverState, PromptCursor
 IDS = [f"p{i}" for i in range(7)]
 
 
-def _draws(cursor: PromptCursor, state: DriverState, sizes: list[int]) -> list[list[str]]:
-    return [[IDS[i] for i in cursor.draw(n, state)] for n in sizes]
+def _draws(cursor: PromptCursor, sizes: list[int], banned: list[str] = ()) -> list[list[str]]:
+    return [[IDS[i] for i in cursor.draw(n, banned)] for n in sizes]
 
 
 def test_each_pass_is_a_seeded_permutation_and_wraps_into_the_next():
-    state = DriverState()
     cursor = PromptCursor(IDS, seed=3)
-    drawn = [p for batch in _draws(cursor, state, [3, 3, 3, 3, 2]) for p in batch]  # 14 = two full passes
+    drawn = [p for batch in _draws(cursor, [3, 3, 3, 3, 2]) for p in batch]  # 14 = two full passes
     first, second = drawn[:7], drawn[7:]
     assert sorted(first) == sorted(second) == IDS  # every prompt once per pass, the 3rd draw spans both
     assert first != second  # each pass has its own order
-    assert (state.epoch, state.position) == (2, 0)
-    assert first == [IDS[i] for i in PromptCursor(IDS, seed=3).draw(7, DriverState())]  # the seed fixes it
-    assert first != [IDS[i] for i in PromptCursor(IDS, seed=4).draw(7, DriverState())]
+    assert (cursor.epoch, cursor.position) == (2, 0)
+    assert first == [IDS[i] for i in PromptCursor(IDS, seed=3).draw(7, [])]  # the seed fixes it
+    assert first != [IDS[i] for i in PromptCursor(IDS, seed=4).draw(7, [])]
 
 
 def test_banned_prompts_are_skipped_in_every_later_pass():
-    state = DriverState(banned=["p1", "p4"])
+    banned = ["p1", "p4"]
     cursor = PromptCursor(IDS, seed=0)
-    drawn = [p for batch in _draws(cursor, state, [5, 5, 5]) for p in batch]
+    drawn = [p for batch in _draws(cursor, [5, 5, 5], banned) for p in batch]
     assert "p1" not in drawn and "p4" not in drawn
     assert sorted(drawn[:5]) == sorted(drawn[5:10]) == sorted(set(IDS) - {"p1", "p4"})
-    state.banned.append("p0")  # a ban during a pass holds from the next draw on
-    assert "p0" not in [IDS[i] for i in cursor.draw(10, state)]
+    banned.append("p0")  # a ban during a pass holds from the next draw on
+    assert "p0" not in [IDS[i] for i in cursor.draw(10, banned)]
 
 
 def test_everything_banned_is_an_error_not_a_hang():
     with pytest.raises(RuntimeError, match="every training prompt is banned"):
-        PromptCursor(IDS, seed=0).draw(1, DriverState(banned=list(IDS)))
+        PromptCursor(IDS, seed=0).draw(1, list(IDS))
 
 
 def test_a_resumed_cursor_continues_the_same_permutation():
-    """The cursor lives in DriverState, which a checkpoint saves as JSON: restoring it mid-pass draws exactly
-    what the uninterrupted run draws."""
-    uninterrupted = DriverState(banned=["p2"])
-    expected = _draws(PromptCursor(IDS, seed=1), uninterrupted, [4, 4, 4, 4])
+    """The cursor's place is saved in DriverState, which a checkpoint saves as JSON: restoring it mid-pass draws
+    exactly what the uninterrupted run draws."""
+    expected = _draws(PromptCursor(IDS, seed=1), [4, 4, 4, 4], ["p2"])
 
-    state = DriverState(banned=["p2"])
-    before = _draws(PromptCursor(IDS, seed=1), state, [4])  # stop mid-pass (position 5 of 7: p2 was skipped)
-    assert 0 < state.position < len(IDS)
+    cursor = PromptCursor(IDS, seed=1)
+    before = _draws(cursor, [4], ["p2"])  # stop mid-pass (position 5 of 7: p2 was skipped)
+    assert 0 < cursor.position < len(IDS)
+    state = DriverState(run_id="r", epoch=cursor.epoch, position=cursor.position, banned=["p2"])
     saved = json.loads(json.dumps(asdict(state)))  # as driver.json holds it
-    after = _draws(PromptCursor(IDS, seed=1), DriverState(**saved), [4, 4, 4])
+    resumed = DriverState(**saved)
+    after = _draws(PromptCursor(IDS, seed=1, epoch=resumed.epoch, position=resumed.position), [4, 4, 4],
+                   resumed.banned)  # fmt: skip
     assert before + after == expected
+
+
+def test_learner_recoveries_are_capped_per_window_not_per_run():
+    """learner.max_recoveries within learner.recovery_window_s: a multi-day run may lose a rank every few hours."""
+    from learner.driver.recovery import RecoveryWindow
+    from tests.fake_clock import Clock
+
+    clock = Clock()
+    window = RecoveryWindow(limit=2, window_s=100.0, clock=clock)
+    assert window.allow() and window.allow() and len(window) == 2
+    assert not window.allow() and len(window) == 2  # a third within the window: refused, and not counted
+    clock.now += 100.0
+    assert window.allow() and len(window) == 1  # the first two left the window
+    clock.now += 1000.0
+    assert RecoveryWindow(limit=0, window_s=100.0, clock=clock).allow() is False  # 0: the first lost rank ends it
 
 
 # ------------------------------------------------------------------------------------------------ run identity
@@ -110,13 +126,14 @@ def test_step_lines_show_an_eta_from_the_recent_steps(tmp_path, capsys):
 
 def test_a_checkpoint_dir_holds_one_run(tmp_path):
     """start_state (no Ray): a fresh start over checkpoints is refused, --overwrite deletes them and starts a new
-    run id, --resume takes the run's id and state (with the base policy's held-out MAS and the rollout pool's size)."""
+    run id, --resume takes the run's id and state (with the base policy's held-out MAS, the rollout pool's size
+    and the elastic scaler's streaks)."""
     from learner.driver.loop import DriverState, start_state
     from learner.trainer.checkpoint import CheckpointManager
     from motionnft_core.config import ConfigError, config_to_dict, load_config
 
     cfg = load_config("configs/tiny_cpu.yaml", [f"checkpoint.dir={tmp_path / 'ckpt'}"])
-    ckpt = CheckpointManager(cfg.checkpoint.dir, keep=3, cache_dir=tmp_path / "cache")
+    ckpt = CheckpointManager(cfg.checkpoint.dir, keep=3)
     fresh, recovered = start_state(cfg, ckpt, resume=False, overwrite=False)
     assert fresh.step == 0 and len(fresh.run_id) == 12 and recovered is None
     for step in (2, 4):
@@ -124,7 +141,7 @@ def test_a_checkpoint_dir_holds_one_run(tmp_path):
         (Path(target) / "learner").mkdir()
         (Path(target) / "learner" / ".metadata").write_text("m")
         state = DriverState(run_id=fresh.run_id, step=step, version=step, base_mas=[12.5, 40.0][: step // 2],
-                            rollout_workers=step + 1)  # fmt: skip
+                            rollout_workers=step + 1, rollout_slow=step - 1, rollout_idle=step - 2)  # fmt: skip
         ckpt.commit(step, target, {"driver": dataclasses.asdict(state), "config": config_to_dict(cfg),
                                    "metrics": {"step": step - 1}}, written=["learner/.metadata"])  # fmt: skip
     with pytest.raises(ConfigError, match="already holds checkpoints .latest step_00000004.; pass --resume"):
@@ -133,6 +150,18 @@ def test_a_checkpoint_dir_holds_one_run(tmp_path):
     assert (resumed.run_id, resumed.step, recovered) == (fresh.run_id, 4, {"step": 3})
     assert resumed.base_mas == [12.5, 40.0]  # the held-out base, measured once per run
     assert resumed.rollout_workers == 5  # the rollout pool's size, to which an elastic one regrows
+    assert (resumed.rollout_slow, resumed.rollout_idle) == (3, 2)  # the elastic scaler's streaks go on
     other, _ = start_state(cfg, ckpt, resume=False, overwrite=True)
     assert other.step == 0 and other.run_id != fresh.run_id and ckpt.complete_steps() == []
     assert list((tmp_path / "ckpt").iterdir()) == []
+
+
+def test_the_sample_version_rule_by_hand():
+    """The rule the whole-run tests hold every sample's version to (tests/sample_versions.py)."""
+    from tests.sample_versions import sample_versions
+
+    # staleness 1, a checkpoint every 2 steps (steps 1, 3 drain), 5 steps all trained: step 0 and 1 at version 0
+    # (both submitted at step 0), 2 and 3 at 2 (submitted at step 2, after step 1's drain), 4 at 4.
+    assert sample_versions([True] * 5, ahead=1, every=2) == [0, 0, 2, 2, 4]
+    assert sample_versions([True] * 4, ahead=0, every=0) == [0, 1, 2, 3]  # on-policy
+    assert sample_versions([True, False, True, True], ahead=1, every=0) == [0, 0, 1, 1]  # step 1 published none

@@ -64,7 +64,7 @@ def test_a_correct_push_passes_and_records_its_error(pair):
     learner, worker = pair
     pub = _Published(learner, _trained(learner), version=4)
     worker.load(pub.weights, pub.state)
-    assert worker.weights.version == 4
+    assert worker.weights.held == ("sample", 4)
     assert worker.parity_error is not None and worker.parity_error <= ROLLOUT.parity_tolerance["float32"]
     manifest = WeightManifest.unpack(pub.weights.manifest)
     assert expected_adapter_modules(manifest) == bound_adapter_modules(worker.weights.policy.transformer) > 0
@@ -74,13 +74,13 @@ def test_an_adapter_under_a_wrong_key_prefix_is_refused_by_name(pair):
     """The classic silent failure: keys saved with the pipeline-level `transformer.` prefix bind to nothing in
     peft. Our loader compares names first and refuses the version, naming the key; the worker keeps no version."""
     learner, worker = pair
-    worker.weights.version = -1
+    worker.weights.forget()
     good = _Published(learner, _trained(learner, seed=2), version=5)
     prefixed = {f"transformer.{k}": v for k, v in good.state.items()}
     broken = PublishedWeights(5, WeightManifest.of(prefixed, version=5, kind="lora").pack(), None, good.weights.probe)
     with pytest.raises(WeightMismatchError, match="lack tensor"):
         worker.load(broken, prefixed)
-    assert worker.weights.version == -1
+    assert worker.weights.held is None
 
 
 def test_an_adapter_that_silently_binds_nothing_is_caught_by_the_probe(pair):
@@ -110,7 +110,7 @@ def test_an_adapter_left_disabled_is_counted_unbound_and_the_worker_refuses_to_s
         with pytest.raises(ParityError, match=r"0 of \d+ adapter modules bound") as e:
             worker.load(pub.weights, pub.state)
         assert "version 7" in str(e.value) and "rollout-7" in str(e.value)
-        assert worker.weights.version == -1
+        assert worker.weights.held is None
     finally:
         worker.weights.policy.transformer.enable_adapters()
     worker.load(pub.weights, pub.state)  # fixed: the same version passes
