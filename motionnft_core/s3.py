@@ -4,6 +4,11 @@ Why a module of its own: every component that reads or writes S3 needs the same 
 build a client from the standard AWS environment, mirror a prefix to a local directory (skipping what is
 already there), and turn "no such bucket/key" into a ``FileNotFoundError`` that names the URI.
 
+Why boto3 here rather than fsspec/s3fs: the per-request retries are botocore's own (standard mode), and what
+this module adds is what s3fs does not: errors that name the operation, the URI and the variable to set, and a
+whole-transfer retry for checkpoint saves. s3fs would also bring aiobotocore, which pins botocore to narrow
+ranges of its own, beside boto3's. Ray Data and pyarrow reach S3 through their own filesystems.
+
 The client is plain ``boto3.client("s3")``: credentials, region and endpoint come from the usual AWS
 sources (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL`` or
 ``AWS_ENDPOINT_URL_S3`` for MinIO/moto, profiles, instance roles), exactly as boto3 resolves them.
