@@ -456,6 +456,7 @@ class Driver:
             self.add_rollout(f"the pool had {regrow_to} workers at the checkpoint")
 
     def run_step(self, step: int) -> StepResult:
+        """Phases 1-5 of `step`; the state moves to the next step unless the judge's outage stops it."""
         cfg, pools, state = self.cfg, self.pools, self.state
         save = step == cfg.learner.steps - 1 or (cfg.checkpoint.every > 0 and (step + 1) % cfg.checkpoint.every == 0)
         out = StepResult(step, save, began=time.time(), workers=len(pools.rollouts.up()))
