@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from motionnft_core.cache import build_atomically
-from motionnft_core.config import DEMO_MOTIONS, Config, DemoConfig, ModelConfig, load_config_or_exit
+from motionnft_core.config import DEMO_MOTIONS, Config, DemoConfig, ModelConfig
+from motionnft_core.config_loader import load_config_or_exit
 from motionnft_core.data.motionedit import MotionEditDataset
 from motionnft_core.data.synthetic import DIRECTIONS, JSONL_NAME, make_example
 from motionnft_core.models.demo import DemoSizes, build_demo_flux_kontext

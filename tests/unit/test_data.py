@@ -496,7 +496,7 @@ def test_upscale_small_loads_at_the_resolution_and_counts(synth, tmp_path, caplo
 
 
 def test_load_splits_passes_upscale_small(synth, tmp_path):
-    from motionnft_core.config import load_config
+    from motionnft_core.config_loader import load_config
 
     manifest = _copy_jsonl_set(synth, tmp_path / "set")
     row_id = _shrink_row(manifest)

@@ -64,7 +64,7 @@ def test_a_resumed_cursor_continues_the_same_permutation():
 
 def test_training_relevant_keys_are_all_but_the_operational_ones():
     from learner.driver.identity import training_keys_that_differ
-    from motionnft_core.config import config_to_dict, load_config
+    from motionnft_core.config_loader import config_to_dict, load_config
 
     base = config_to_dict(load_config("configs/tiny_cpu.yaml"))
     operational = ["learner.steps=9", "cluster.rollout_workers=1", "checkpoint.every=1", "logging.dir=/elsewhere",
@@ -113,7 +113,8 @@ def test_a_checkpoint_dir_holds_one_run(tmp_path):
     run id, --resume takes the run's id and state (with the base policy's held-out MAS and the rollout pool's size)."""
     from learner.driver.loop import DriverState, start_state
     from learner.trainer.checkpoint import CheckpointManager
-    from motionnft_core.config import ConfigError, config_to_dict, load_config
+    from motionnft_core.config import ConfigError
+    from motionnft_core.config_loader import config_to_dict, load_config
 
     cfg = load_config("configs/tiny_cpu.yaml", [f"checkpoint.dir={tmp_path / 'ckpt'}"])
     ckpt = CheckpointManager(cfg.checkpoint.dir, keep=3, cache_dir=tmp_path / "cache")

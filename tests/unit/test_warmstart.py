@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from motionnft_core.config import Config, ConfigError, DemoConfig, ModelConfig, load_config
+from motionnft_core.config import Config, ConfigError, DemoConfig, ModelConfig
+from motionnft_core.config_loader import load_config
 from motionnft_core.data.motionedit import MotionEditDataset
 from motionnft_core.models.demo import DemoSizes, build_demo_flux_kontext
 from motionnft_core.models.policy import EditPolicy
@@ -138,7 +139,7 @@ def test_prepare_demo_caches_by_settings(tmp_path):
 
 
 def test_resolve_demo_fills_model_and_data_and_loads_as_the_pools_load_it(tmp_path):
-    from motionnft_core.config import config_from_dict, config_to_dict
+    from motionnft_core.config_loader import config_from_dict, config_to_dict
     from motionnft_core.data.motionedit import load_splits
     from motionnft_core.models.policy import load_policy
     from motionnft_core.models.warmstart import resolve_demo
