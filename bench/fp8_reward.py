@@ -31,7 +31,7 @@ from bench.stats import append_record, machine  # noqa: E402
 from bench.train_step import score  # noqa: E402
 from evaluation.evaluate import load_evaluated_policy  # noqa: E402
 from learner.trainer.nft_loss import optimality  # noqa: E402
-from motionnft_core.config import load_config_or_exit  # noqa: E402
+from motionnft_core.config_loader import load_config_or_exit  # noqa: E402
 from motionnft_core.data.motionedit import load_splits  # noqa: E402
 from motionnft_core.models.warmstart import resolve_demo  # noqa: E402
 from rewards.flow_scorer import build_flow_scorer  # noqa: E402

@@ -178,7 +178,7 @@ def main() -> None:
     policy = EditPolicy.from_pretrained(args.model, family=args.family, dtype=getattr(torch, args.dtype),
                                         device=args.device)  # fmt: skip
     src = generate_synthetic(scratch_dir("bench-data-"), max(args.prompts, 4), size=max(args.size, 32))
-    ds = MotionEditDataset.from_source(str(src), resolution=(args.size, args.size))
+    ds = MotionEditDataset.from_source(str(src), resolution=(args.size, args.size), on_error="raise")
     print(f"rollout throughput, {machine()}", flush=True)
     bench_sampling(args, policy, [ds[i] for i in range(args.prompts)])
     if args.workers > 0:

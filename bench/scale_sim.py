@@ -48,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.scratch import scratch_dir  # noqa: E402
 from bench.sim_holds import ENV, read_calls  # noqa: E402
 from bench.stats import append_record, machine  # noqa: E402
-from motionnft_core.config import NFTConfig, load_config  # noqa: E402
+from motionnft_core.config import NFTConfig  # noqa: E402
+from motionnft_core.config_loader import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURED = ROOT / "bench" / "results" / "train_step.jsonl"

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.scratch import scratch_dir  # noqa: E402
 from bench.stats import machine, ratio_line  # noqa: E402
-from motionnft_core.config import load_config  # noqa: E402
+from motionnft_core.config_loader import load_config  # noqa: E402
 
 
 def run(config: str, overrides: list[str], staleness: int, steps: int) -> tuple[float, float, float]:

@@ -86,7 +86,8 @@ from learner.driver.placement import alive_nodes, placement_problems, pool_asks
 from learner.driver.pools import start_judges, start_reward_worker, start_rollout_worker
 from learner.trainer.checkpoint import CheckpointManager
 from motionnft_core import s3
-from motionnft_core.config import Config, ConfigError, RolloutConfig, load_config_or_exit
+from motionnft_core.config import Config, ConfigError, RolloutConfig
+from motionnft_core.config_loader import load_config_or_exit
 from motionnft_core.data.motionedit import MotionEditDataset, MotionExample, load_splits
 from motionnft_core.errors import lost_worker
 from motionnft_core.eval_stats import GroupSummary, summarize

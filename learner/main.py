@@ -11,7 +11,8 @@ import json
 import os
 import sys
 
-from motionnft_core.config import ConfigError, config_to_dict, describe, load_config_or_exit
+from motionnft_core.config import ConfigError
+from motionnft_core.config_loader import config_to_dict, describe, load_config_or_exit
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,6 @@ from motionnft_core.secret import Secret
 STOP_GRACE_S = 30.0  # how long stop() lets the server shut down its engine and workers before SIGKILL
 READY_POLL_S = 0.5  # /health polling interval while starting
 SUPERVISE_POLL_S = 1.0  # how often a JudgeServerActor checks that its server is alive
-RESTART_BACKOFF_MAX_S = 300.0  # the longest wait before restarting a dead server
 
 # Runs as `python -c _SUPERVISOR <owner pid> <server argv...>`, the leader of the server's process group.
 # Ray SIGKILLs an actor's direct children when the actor dies, which would orphan vLLM's engine core and
@@ -277,7 +276,7 @@ class JudgeServerActor:
     The server starts (and is ready) by the end of the constructor, so `ray.get(actor.ready.remote())`
     waits for start-up and surfaces its error. With host="0.0.0.0" the URL names this node's IP.
     A server that dies is restarted on the same port (so its URL holds) after `cfg.restart_backoff_s`,
-    doubling per restart in a row up to RESTART_BACKOFF_MAX_S, until `stop()`.
+    doubling per restart in a row up to `cfg.restart_backoff_max_s`, until `stop()`.
     """
 
     def __init__(self, model: str | Callable[[], str], cfg: JudgeConfig, *, host: str | None = None,
@@ -296,7 +295,7 @@ class JudgeServerActor:
                 if process is None or process.poll() is None:
                     continue
                 code = process.returncode
-            delay = min(self._cfg.restart_backoff_s * 2**in_a_row, RESTART_BACKOFF_MAX_S)
+            delay = min(self._cfg.restart_backoff_s * 2**in_a_row, self._cfg.restart_backoff_max_s)
             print(f"judge server on port {self._server.port} exited with code {code}; restarting in {delay:.0f}s "
                   f"(restart {self._restarts + 1}); log {self._server.log_path}", flush=True)  # fmt: skip
             if self._stopping.wait(delay):

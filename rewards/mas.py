@@ -13,7 +13,8 @@ MAS    = 0 when mean|V_pred| / mean|V_gt| < min_ratio (0.01): an edit that barel
 Pure torch, per-sample over a batch: flows (B, H, W, 2) in pixels in, (B,) tensors out. The pieces shared with
 the training reward are imported from it (diagonal normalisation, L_q, the per-pixel cosine error with unit
 vectors `V / max(|V|, ε)`), not re-derived. Every constant is a keyword argument without a default: the
-values live in `eval.*` (motionnft_core/config.py, where each default's reason is given); `mas_constants` maps them.
+values live in `eval.*` (motionnft_core/config.py; why each default: docs/config-notes.md); `mas_constants`
+maps them.
 """
 
 import torch

@@ -22,7 +22,7 @@ OPERATIONAL = (
     "reward.judge.url", "reward.judge.timeout_s", "reward.judge.max_retries", "reward.judge.backoff_s",
     "reward.judge.max_concurrency", "reward.judge.startup_timeout_s", "reward.judge.api_key_env",
     "reward.judge.max_backoff_s", "reward.judge.retry_budget_s", "reward.judge.on_outage",
-    "reward.judge.restart_backoff_s", "reward.judge.log_dir",
+    "reward.judge.restart_backoff_s", "reward.judge.restart_backoff_max_s", "reward.judge.log_dir",
     "data.on_error",
     "eval",
 )  # fmt: skip

@@ -43,7 +43,8 @@ from learner.trainer.fsdp_worker import LearnerLost
 from learner.trainer.nft_loss import group_filter, optimality, saturated_groups
 from learner.trainer.nft_trainer import EMA, OLD
 from motionnft_core import s3, telemetry
-from motionnft_core.config import Config, ConfigError, LoggingConfig, config_to_dict
+from motionnft_core.config import Config, ConfigError, LoggingConfig
+from motionnft_core.config_loader import config_to_dict
 from motionnft_core.data.motionedit import ExampleServer, load_splits
 from motionnft_core.errors import lost_worker
 from motionnft_core.faults import fault_point

@@ -64,7 +64,7 @@ from PIL import Image
 
 from motionnft_core import s3
 from motionnft_core.cache import build_atomically, builder_key
-from motionnft_core.config import Config
+from motionnft_core.config import Config, DataConfig
 from motionnft_core.data import synthetic
 
 logger = logging.getLogger(__name__)
@@ -496,12 +496,14 @@ class MotionEditDataset(Sequence[MotionExample]):
         cls,
         source: str | os.PathLike,
         *,
+        on_error: str,
         resolution: tuple[int, int] | None = None,
-        on_error: str = "raise",
         cache_dir: str | os.PathLike | None = None,
-        upscale_small: bool = False,
+        upscale_small: bool = DataConfig.upscale_small,
     ) -> MotionEditDataset:
         """Load and validate a parquet file, JSONL manifest or folder, local or ``s3://`` (module docstring).
+
+        ``on_error`` has no default here: a run passes ``data.on_error`` (the config holds the default).
 
         With a ``resolution``, an image narrower or lower than it is a bad row (``on_error``), or with
         ``upscale_small`` is upscaled: the kept rows' upscaled images are counted in ``dataset.upscaled`` and

@@ -36,6 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from motionnft_core.config import DataConfig
+
 COLORS = {  # saturated, so max(rgb) - min(rgb) >= 120 even at the darkest texture value
     "red": (225, 35, 35),
     "green": (35, 200, 55),
@@ -123,7 +125,7 @@ def _compose(background: np.ndarray, sprite: Image.Image, cx: int, cy: int) -> n
     return np.asarray(img)
 
 
-def make_example(seed: int, index: int, size: int = 64) -> SyntheticExample:
+def make_example(seed: int, index: int, size: int = DataConfig.synthetic_size) -> SyntheticExample:
     """Render example ``index`` of the set with this ``seed`` (deterministic, independent of the set size)."""
     if size < 32:
         raise ValueError(f"size must be >= 32 pixels so a moving shape fits, got {size}")
@@ -250,7 +252,14 @@ def _write_jsonl(examples: list[SyntheticExample], out_dir: Path) -> Path:
     return manifest
 
 
-def generate_synthetic(out_dir: str | Path, n: int, *, size: int = 64, seed: int = 0, fmt: str = "parquet") -> Path:
+def generate_synthetic(
+    out_dir: str | Path,
+    n: int,
+    *,
+    size: int = DataConfig.synthetic_size,
+    seed: int = DataConfig.seed,
+    fmt: str = "parquet",
+) -> Path:
     """Write ``n`` synthetic motion edits to ``out_dir``; returns the parquet file or the JSONL manifest.
 
     ``fmt="parquet"``: ``out_dir/synthetic.parquet`` in the MotionEdit hub form (PNG bytes in
@@ -275,8 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--n", type=int, required=True, help="number of examples")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (>= 32)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=DataConfig.synthetic_size, help="image side in pixels (>= 32)")
+    parser.add_argument("--seed", type=int, default=DataConfig.seed)
     parser.add_argument("--fmt", choices=("parquet", "jsonl"), default="parquet")
     args = parser.parse_args(argv)
     path = generate_synthetic(args.out, args.n, size=args.size, seed=args.seed, fmt=args.fmt)

@@ -413,7 +413,13 @@ class FluxKontextPolicy(EditPolicy):
     family = "flux_kontext"
     pipeline_class = FluxKontextPipeline
 
-    def __init__(self, pipe: FluxKontextPipeline, *, guidance_scale: float = 2.5, max_sequence_length: int = 512):
+    def __init__(
+        self,
+        pipe: FluxKontextPipeline,
+        *,
+        guidance_scale: float = ModelConfig.guidance,
+        max_sequence_length: int = ModelConfig.max_sequence_length,
+    ):
         super().__init__(pipe)
         self.guidance_scale = guidance_scale  # Kontext [dev]'s distilled guidance, used in rollouts and training
         self.max_sequence_length = max_sequence_length  # T5 tokens, as the pipeline's default

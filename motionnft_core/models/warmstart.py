@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from motionnft_core.cache import build_atomically
-from motionnft_core.config import DEMO_MOTIONS, Config, DemoConfig, ModelConfig, load_config_or_exit
+from motionnft_core.config import DEMO_MOTIONS, Config, DemoConfig, ModelConfig
+from motionnft_core.config_loader import load_config_or_exit
 from motionnft_core.data.motionedit import MotionEditDataset
 from motionnft_core.data.synthetic import DIRECTIONS, JSONL_NAME, make_example
 from motionnft_core.models.demo import DemoSizes, build_demo_flux_kontext
@@ -321,8 +322,8 @@ def prepare_demo(cfg: Config) -> DemoPaths:
     base = build_demo_flux_kontext(root / f"base_seed{d.model_seed}_{sizes_digest}", seed=d.model_seed, sizes=sizes)
     out = root / f"warm_{digest}"
     if not _finished(out):
-        train, _ = MotionEditDataset.from_source(data, resolution=(size, size)).split(cfg.data.eval_fraction,
-                                                                                      cfg.data.seed)  # fmt: skip
+        dataset = MotionEditDataset.from_source(data, resolution=(size, size), on_error=cfg.data.on_error)
+        train, _ = dataset.split(cfg.data.eval_fraction, cfg.data.seed)
         warm_start(base, train, out, d, cfg.model)
     return DemoPaths(data=data, model=out)
 

@@ -22,7 +22,7 @@ from actors.eval_sampler import EvalSampler
 from evaluation import evaluate as ev
 from evaluation.table import ScoreStore
 from learner.trainer.checkpoint import MARKER, export_lora, step_name
-from motionnft_core.config import load_config
+from motionnft_core.config_loader import load_config
 
 RANK, ALPHA, TARGETS = 4, 8, ["to_q", "to_k", "to_v", "to_out.0"]
 

@@ -13,7 +13,7 @@ import pytest
 from learner.driver.heldout import HeldOutEval
 from learner.driver.pools import Pools
 from learner.driver.recovery import WorkerPool
-from motionnft_core.config import load_config
+from motionnft_core.config_loader import load_config
 
 ROWS = [10, 20, 30]  # held-out rows; a stand-in edit of row r by policy version v is the value r + v
 BASE = -1  # the stand-in's version of the base policy (LoRA adapter off)

@@ -13,7 +13,7 @@ import yaml
 
 from learner.driver.placement import placement_problems, pool_asks
 from motionnft_core import telemetry
-from motionnft_core.config import load_config
+from motionnft_core.config_loader import load_config
 from tests.prometheus import DASHBOARD, dashboard_queries, series_named
 
 ROOT = Path(__file__).resolve().parents[2]

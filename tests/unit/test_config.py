@@ -1,22 +1,17 @@
 """Config loading: defaults, YAML, dotted overrides, and errors that name the key."""
 
+import dataclasses
 import inspect
 import math
+import typing
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
 from learner.main import main
-from motionnft_core.config import (
-    Config,
-    ConfigError,
-    FlowRewardConfig,
-    NFTConfig,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-    parse_override,
-)
+from motionnft_core.config import Config, ConfigError, DataConfig, FlowRewardConfig, NFTConfig, Rule, _f, _Section
+from motionnft_core.config_loader import config_from_dict, config_to_dict, describe, load_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = ["model.tiny=true", "data.synthetic=8", "reward.judge.tiny=true"]
@@ -310,3 +305,112 @@ def test_s3_retry_settings_reach_the_s3_helpers():
 
     cfg = load_config(None, MINIMAL + ["checkpoint.dir=s3://bucket/ckpt", "checkpoint.s3_retries=2"])
     assert S3Retry.from_config(cfg.checkpoint) == S3Retry(2, cfg.checkpoint.s3_backoff_s)
+
+
+# ------------------------------------------------------------------------------------------------ declared bounds
+
+
+@dataclasses.dataclass(frozen=True)
+class _Planted(_Section):
+    SECTION: ClassVar[str] = "planted.sub"
+    count: int = _f(0, "a planted field", ge=0)
+    share: float = _f(0.5, "another", gt=0, lt=1)
+
+
+def test_a_planted_bound_rejects_naming_the_dotted_key():
+    assert _Planted(count=0, share=0.25).count == 0
+    with pytest.raises(ConfigError, match=r"^planted\.sub\.count: expected an integer >= 0, got -1$"):
+        _Planted(count=-1)
+    with pytest.raises(ConfigError, match=r"^planted\.sub\.share: expected a value in \(0, 1\), got 1\.0$"):
+        _Planted(share=1.0)
+
+
+def _sections(cls: type = Config) -> list[type]:
+    """Every section class under `cls`, nested ones included."""
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += [tp, *_sections(tp)]
+    return out
+
+
+def _outside(rule: Rule, integer: bool) -> Any:
+    """A value the rule refuses: just past a bound, off the multiple, or no choice."""
+    if rule.choices is not None:
+        return 1 if isinstance(rule.choices[0], bool) else "no-such-choice"
+    step = 1 if integer else 0.5
+    if rule.multiple_of is not None:
+        return (rule.ge or rule.multiple_of) + 1
+    if rule.ge is not None:
+        return rule.ge - step
+    if rule.gt is not None:
+        return rule.gt
+    return rule.le + step if rule.le is not None else rule.lt
+
+
+BOUNDED = [
+    (cls, f)
+    for cls in _sections()
+    for f in dataclasses.fields(cls)
+    if not isinstance(f.default, dict | tuple) and f.default is not dataclasses.MISSING
+    and any(v is not None for v in (f.metadata["rule"].ge, f.metadata["rule"].gt, f.metadata["rule"].le,
+                                    f.metadata["rule"].lt, f.metadata["rule"].choices))
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("cls", "f"), BOUNDED, ids=[f"{c.SECTION}.{f.name}" for c, f in BOUNDED])
+def test_every_declared_bound_is_reported_with_its_key(cls, f):
+    rule, integer = f.metadata["rule"], f.type == "int"
+    bad = _outside(rule, integer)
+    with pytest.raises(ConfigError) as err:
+        cls(**{f.name: bad})
+    assert str(err.value) == f"{cls.SECTION}.{f.name}: expected {rule.expectation(integer)}, got {bad!r}"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("cluster.metrics_export_port=65536", "cluster.metrics_export_port: expected a port from 1 to 65535, or 0, "
+                                              "got 65536"),
+        ("eval.confidence=1", "eval.confidence: expected a value in (0, 1), got 1.0"),
+        ("data.upscale_small=1", "data.upscale_small: expected true/false, got 1"),
+        ("cluster.crash_window_s=0", "cluster.crash_window_s: expected seconds > 0, got 0.0"),
+        ("rollout.parity_tolerance={float32: 0}", "rollout.parity_tolerance.float32: expected a number > 0, got 0.0"),
+        ("rollout.parity_tolerance={float8: 1}", "rollout.parity_tolerance: expected keys among"),
+        ("cluster.node_types={gpu: {GPU: -1}}", "cluster.node_types.gpu.GPU: expected a value >= 0, got -1.0"),
+        ("nft.lora_targets=[]", "nft.lora_targets: expected a non-empty list of module names, got ()"),
+        ("reward.judge.restart_backoff_max_s=-1", "reward.judge.restart_backoff_max_s: expected a value >= 0"),
+    ],
+)  # fmt: skip
+def test_declared_bounds_through_overrides(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, MINIMAL + [override])
+    assert str(err.value).startswith(message)
+
+
+def test_upscale_small_refuses_a_non_bool_built_in_code():
+    with pytest.raises(ConfigError, match=r"^data\.upscale_small: expected true \| false, got 1$"):
+        DataConfig(upscale_small=1)
+
+
+def _keys(section: Any, prefix: str = "") -> dict[str, tuple[str, Any]]:
+    """dotted key -> (type name, default) of every leaf key under `section`."""
+    out = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= _keys(value, f"{prefix}{f.name}.")
+        else:
+            out[f"{prefix}{f.name}"] = (f.type, list(value) if isinstance(value, tuple) else value)
+    return out
+
+
+def test_help_lists_every_key_with_its_type_and_default():
+    lines = describe()
+    keys = _keys(Config())
+    assert len(lines) == len(keys)
+    for key, (tname, default) in keys.items():
+        shown = [line for line in lines if line.startswith(f"  {key} (")]
+        assert len(shown) == 1 and f"default {default!r}" in shown[0], key
+        assert shown[0].startswith(f"  {key} ({tname.replace('typing.', '')}, "), key

@@ -88,7 +88,7 @@ def test_synthetic_is_deterministic_per_seed_and_index():
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_synthetic_round_trip_shows_the_true_motion(synth, fmt):
-    ds = MotionEditDataset.from_source(synth[fmt])
+    ds = MotionEditDataset.from_source(synth[fmt], on_error="raise")
     assert len(ds) == N and ds.skipped == []
     kinds = set()
     for ex in ds:
@@ -138,7 +138,7 @@ def test_synthetic_parquet_has_hub_schema(synth):
 def test_synthetic_cli(tmp_path, capsys):
     main(["--out", str(tmp_path), "--n", "3", "--size", "32", "--fmt", "jsonl"])
     assert "wrote 3 examples" in capsys.readouterr().out
-    ds = MotionEditDataset.from_source(tmp_path / "metadata.jsonl")
+    ds = MotionEditDataset.from_source(tmp_path / "metadata.jsonl", on_error="raise")
     assert len(ds) == 3 and ds[0].input_image.shape == (3, 32, 32)
 
 
@@ -146,10 +146,12 @@ def test_synthetic_cli(tmp_path, capsys):
 
 
 def test_parquet_jsonl_and_folders_load_the_same_examples(synth, tmp_path):
-    from_parquet = MotionEditDataset.from_source(synth["parquet"])
-    _assert_same(from_parquet, MotionEditDataset.from_source(str(synth["jsonl"])))
-    _assert_same(from_parquet, MotionEditDataset.from_source(synth["parquet"].parent))  # folder of parquet
-    _assert_same(from_parquet, MotionEditDataset.from_source(synth["jsonl"].parent))  # folder with a manifest
+    from_parquet = MotionEditDataset.from_source(synth["parquet"], on_error="raise")
+    _assert_same(from_parquet, MotionEditDataset.from_source(str(synth["jsonl"]), on_error="raise"))
+    folder_of_parquet = MotionEditDataset.from_source(synth["parquet"].parent, on_error="raise")
+    _assert_same(from_parquet, folder_of_parquet)
+    folder_with_a_manifest = MotionEditDataset.from_source(synth["jsonl"].parent, on_error="raise")
+    _assert_same(from_parquet, folder_with_a_manifest)
 
     # Folder-of-examples layout: <id>/input.png, <id>/target.png, <id>/meta.json.
     root = tmp_path / "examples"
@@ -160,7 +162,7 @@ def test_parquet_jsonl_and_folders_load_the_same_examples(synth, tmp_path):
         Image.fromarray(ex.target_image.permute(1, 2, 0).numpy()).save(folder / "target.png")
         meta = {"prompt": ex.prompt, "category": ex.category, "motion_dx": ex.extra["motion_dx"]}
         (folder / "meta.json").write_text(json.dumps(meta))
-    from_folders = MotionEditDataset.from_source(root)
+    from_folders = MotionEditDataset.from_source(root, on_error="raise")
     _assert_same(from_parquet, from_folders)
     assert from_folders[1].extra["motion_dx"] == from_parquet[1].extra["motion_dx"]
 
@@ -169,9 +171,9 @@ def test_folder_with_two_kinds_is_ambiguous(synth, tmp_path):
     shutil.copy(synth["parquet"], tmp_path / "a.parquet")
     shutil.copy(synth["jsonl"], tmp_path / "b.jsonl")
     with pytest.raises(DataError, match="ambiguous"):
-        MotionEditDataset.from_source(tmp_path)
+        MotionEditDataset.from_source(tmp_path, on_error="raise")
     with pytest.raises(FileNotFoundError, match="nope"):
-        MotionEditDataset.from_source(tmp_path / "nope")
+        MotionEditDataset.from_source(tmp_path / "nope", on_error="raise")
 
 
 def test_jsonl_without_ids_gets_stable_content_ids(synth, tmp_path):
@@ -180,7 +182,7 @@ def test_jsonl_without_ids_gets_stable_content_ids(synth, tmp_path):
     for row in rows:
         del row["id"]
     manifest.write_text("\n".join(json.dumps(r) for r in rows[::-1]))  # reversed order
-    ds = MotionEditDataset.from_source(manifest)
+    ds = MotionEditDataset.from_source(manifest, on_error="raise")
     first = rows[0]
     digest = hashlib.sha1(json.dumps([first["prompt"], *first["image"]]).encode()).hexdigest()[:8]
     assert ds.ids[-1] == f"{Path(first['image'][0]).stem}-{digest}"
@@ -197,8 +199,8 @@ def test_load_from_s3_equals_local(synth, s3_bucket, tmp_path, layout):
         "jsonl": (f"s3://{s3_bucket}/sets/js/{synth['jsonl'].name}", synth["jsonl"]),
     }[layout]
     cache = tmp_path / "cache"
-    remote = MotionEditDataset.from_source(uri, cache_dir=str(cache))
-    _assert_same(MotionEditDataset.from_source(local), remote)
+    remote = MotionEditDataset.from_source(uri, cache_dir=str(cache), on_error="raise")
+    _assert_same(MotionEditDataset.from_source(local, on_error="raise"), remote)
     assert (cache / s3_bucket / "sets").is_dir()
 
 
@@ -207,18 +209,18 @@ def test_s3_errors_name_the_uri_and_file(synth, s3_bucket, tmp_path):
     (manifest.parent / "images" / f"synth-{SEED}-000002_target.png").unlink()
     upload_dir(manifest.parent, f"s3://{s3_bucket}/bad")
     with pytest.raises(DataError) as err:
-        MotionEditDataset.from_source(f"s3://{s3_bucket}/bad", cache_dir=tmp_path / "cache")
+        MotionEditDataset.from_source(f"s3://{s3_bucket}/bad", cache_dir=tmp_path / "cache", on_error="raise")
     assert f"s3://{s3_bucket}/bad/metadata.jsonl line 3" in str(err.value)
     assert f"s3://{s3_bucket}/bad/images/synth-{SEED}-000002_target.png" in str(err.value)
     with pytest.raises(FileNotFoundError, match=f"s3://{s3_bucket}/missing"):
-        MotionEditDataset.from_source(f"s3://{s3_bucket}/missing", cache_dir=tmp_path / "cache")
+        MotionEditDataset.from_source(f"s3://{s3_bucket}/missing", cache_dir=tmp_path / "cache", on_error="raise")
 
 
 # ----------------------------------------------------------------------------------------------- split
 
 
 def test_split_is_deterministic_and_id_stable(synth):
-    ds = MotionEditDataset.from_source(synth["parquet"])
+    ds = MotionEditDataset.from_source(synth["parquet"], on_error="raise")
     train, evaluation = ds.split(0.4, seed=7)
     again = ds.split(0.4, seed=7)
     assert (train.ids, evaluation.ids) == (again[0].ids, again[1].ids)
@@ -271,7 +273,7 @@ def test_bad_jsonl_row_raises_with_file_row_and_id(synth, tmp_path, defect):
     manifest = _copy_jsonl_set(synth, tmp_path / "set")
     line_no, row_id, expected = _break_jsonl(manifest, defect)
     with pytest.raises(DataError) as err:
-        MotionEditDataset.from_source(manifest)
+        MotionEditDataset.from_source(manifest, on_error="raise")
     message = str(err.value)
     assert message.startswith(f"{manifest} line {line_no} (id='{row_id}'): ")
     assert expected in message
@@ -306,7 +308,7 @@ def _damaged_parquet(src: Path, dest: Path) -> Path:
 def test_bad_parquet_rows_raise_or_skip(synth, tmp_path, caplog):
     damaged = _damaged_parquet(synth["parquet"], tmp_path)
     with pytest.raises(DataError) as err:
-        MotionEditDataset.from_source(damaged)
+        MotionEditDataset.from_source(damaged, on_error="raise")
     assert str(err.value).startswith(f"{damaged} row 1 (id='synth-{SEED}-000001'): missing field 'prompt'")
     assert "and 1 more bad rows" in str(err.value)
     with caplog.at_level(logging.WARNING, logger="motionnft_core.data.motionedit"):
@@ -348,7 +350,7 @@ def _ramp_example(root: Path, height: int, width: int) -> None:
 )
 def test_resolution_crops_to_aspect_and_resizes_bilinear(tmp_path, resolution, crop_left):
     _ramp_example(tmp_path, 64, 64)
-    ex = MotionEditDataset.from_source(tmp_path, resolution=resolution)[0]
+    ex = MotionEditDataset.from_source(tmp_path, resolution=resolution, on_error="raise")[0]
     assert ex.input_image.shape == ex.target_image.shape == (3, *resolution)
     # Output column j covers input columns crop_left + [2j, 2j + 2); its centre is at continuous position
     # crop_left + 2j + 1, where the ramp (pixel x has centre x + 0.5) reads 4 * (crop_left + 2j + 0.5).
@@ -362,13 +364,13 @@ def test_resolution_crops_to_aspect_and_resizes_bilinear(tmp_path, resolution, c
 
 def test_native_size_keeps_images_and_checks_pairs(tmp_path):
     _ramp_example(tmp_path, 24, 40)
-    ex = MotionEditDataset.from_source(tmp_path)[0]
+    ex = MotionEditDataset.from_source(tmp_path, on_error="raise")[0]
     assert ex.input_image.shape == (3, 24, 40)
     assert torch.equal(ex.input_image[1, 7], 4 * torch.arange(40, dtype=torch.uint8))
     Image.new("RGB", (40, 20)).save(tmp_path / "ramp" / "target.png")
     with pytest.raises(DataError, match="input image is 40x24 but target image is 40x20"):
-        MotionEditDataset.from_source(tmp_path)
-    assert len(MotionEditDataset.from_source(tmp_path, resolution=(16, 16))) == 1
+        MotionEditDataset.from_source(tmp_path, on_error="raise")
+    assert len(MotionEditDataset.from_source(tmp_path, resolution=(16, 16), on_error="raise")) == 1
 
 
 # ------------------------------------------------------------------------------------------- image modes
@@ -465,7 +467,7 @@ def test_image_smaller_than_resolution_is_a_bad_row(synth, tmp_path, caplog):
     manifest = _copy_jsonl_set(synth, tmp_path / "set")
     row_id = _shrink_row(manifest)
     with pytest.raises(DataError) as err:
-        MotionEditDataset.from_source(manifest, resolution=(SIZE, SIZE))
+        MotionEditDataset.from_source(manifest, resolution=(SIZE, SIZE), on_error="raise")
     assert str(err.value).startswith(
         f"{manifest} line 3 (id='{row_id}'): input image is 3x2, smaller than the resolution 64x64 (WxH)"
     )
@@ -478,15 +480,16 @@ def test_image_smaller_than_resolution_is_a_bad_row(synth, tmp_path, caplog):
     assert "upscaled" not in caplog.text
     # Either side counts: the 64x64 images are narrower than 128 columns.
     with pytest.raises(DataError, match=r"line 1 .*input image is 64x64, smaller than the resolution 128x32"):
-        MotionEditDataset.from_source(synth["jsonl"], resolution=(32, 128))
-    assert len(MotionEditDataset.from_source(synth["jsonl"], resolution=(32, 64))) == N  # not smaller: kept
+        MotionEditDataset.from_source(synth["jsonl"], resolution=(32, 128), on_error="raise")
+    not_smaller = MotionEditDataset.from_source(synth["jsonl"], resolution=(32, 64), on_error="raise")
+    assert len(not_smaller) == N  # kept
 
 
 def test_upscale_small_loads_at_the_resolution_and_counts(synth, tmp_path, caplog):
     manifest = _copy_jsonl_set(synth, tmp_path / "set")
     row_id = _shrink_row(manifest)
     with caplog.at_level(logging.WARNING, logger="motionnft_core.data.motionedit"):
-        ds = MotionEditDataset.from_source(manifest, resolution=(SIZE, SIZE), upscale_small=True)
+        ds = MotionEditDataset.from_source(manifest, resolution=(SIZE, SIZE), upscale_small=True, on_error="raise")
     assert len(ds) == N and ds.skipped == [] and ds.upscaled == 1 and "upscaled=1" in repr(ds)
     ex = ds[ds.ids.index(row_id)]
     assert ex.input_image.shape == ex.target_image.shape == (3, SIZE, SIZE)
@@ -496,7 +499,7 @@ def test_upscale_small_loads_at_the_resolution_and_counts(synth, tmp_path, caplo
 
 
 def test_load_splits_passes_upscale_small(synth, tmp_path):
-    from motionnft_core.config import load_config
+    from motionnft_core.config_loader import load_config
 
     manifest = _copy_jsonl_set(synth, tmp_path / "set")
     row_id = _shrink_row(manifest)

@@ -80,7 +80,7 @@ def test_learner_recoveries_are_capped_per_window_not_per_run():
 
 def test_training_relevant_keys_are_all_but_the_operational_ones():
     from learner.driver.identity import training_keys_that_differ
-    from motionnft_core.config import config_to_dict, load_config
+    from motionnft_core.config_loader import config_to_dict, load_config
 
     base = config_to_dict(load_config("configs/tiny_cpu.yaml"))
     operational = ["learner.steps=9", "cluster.rollout_workers=1", "checkpoint.every=1", "logging.dir=/elsewhere",
@@ -130,7 +130,8 @@ def test_a_checkpoint_dir_holds_one_run(tmp_path):
     and the elastic scaler's streaks)."""
     from learner.driver.loop import DriverState, start_state
     from learner.trainer.checkpoint import CheckpointManager
-    from motionnft_core.config import ConfigError, config_to_dict, load_config
+    from motionnft_core.config import ConfigError
+    from motionnft_core.config_loader import config_to_dict, load_config
 
     cfg = load_config("configs/tiny_cpu.yaml", [f"checkpoint.dir={tmp_path / 'ckpt'}"])
     ckpt = CheckpointManager(cfg.checkpoint.dir, keep=3)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from evaluation import evaluate as ev
 from learner.trainer.checkpoint import MARKER, export_lora, step_name
-from motionnft_core.config import load_config
+from motionnft_core.config_loader import load_config
 from tests.storage_helpers import upload_dir
 
 RANK, ALPHA = 4, 8
@@ -281,7 +281,7 @@ def test_cli_reports_config_errors(run_config, capsys):
 
 
 def test_cli_run_dir_uses_the_saved_resolved_config(run_config, tmp_path, capsys):
-    from motionnft_core.config import config_to_dict
+    from motionnft_core.config_loader import config_to_dict
 
     _, cfg = run_config
     run_dir = tmp_path / "run"

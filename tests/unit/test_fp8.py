@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from actors.sampler import ReferenceForwards, Sampler
-from motionnft_core.config import ConfigError, RolloutConfig, load_config
+from motionnft_core.config import ConfigError, RolloutConfig
+from motionnft_core.config_loader import load_config
 from motionnft_core.models import fp8
 from motionnft_core.models.parity import ParityProbe
 from motionnft_core.models.policy import EditPolicy

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from motionnft_core.config import ConfigError, EvalConfig, load_config
+from motionnft_core.config import ConfigError, EvalConfig
+from motionnft_core.config_loader import load_config
 from rewards.mas import (
     mas_constants,
     mas_from_distance,
@@ -200,7 +201,7 @@ def test_eval_keys_leave_a_runs_identity_alone():
     """eval.* changes how a run is judged, not what it learns: a resume ignores it, also in a checkpoint from
     before the section existed."""
     from learner.driver.identity import training_keys_that_differ
-    from motionnft_core.config import config_to_dict
+    from motionnft_core.config_loader import config_to_dict
 
     minimal = ["model.tiny=true", "data.synthetic=8", "reward.judge_weight=0"]
     old = {k: v for k, v in config_to_dict(load_config(None, minimal)).items() if k != "eval"}

@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from learner.trainer.memory import fit_micro_batch
 from learner.trainer.nft_trainer import NFTTrainer
-from motionnft_core.config import ConfigError, load_config
+from motionnft_core.config import ConfigError
+from motionnft_core.config_loader import load_config
 from tests.learner_harness import load_policy, make_samples, rank_samples, run_jobs, sections
 
 GIB = 2**30

@@ -351,7 +351,7 @@ def test_ema_decay_cap():
 
 def test_group_stats_inverts_only_the_direction():
     from learner.driver.loop import group_stats
-    from motionnft_core.config import load_config
+    from motionnft_core.config_loader import load_config
 
     base = ["model.tiny=true", "data.synthetic=8", "reward.judge_weight=0", "nft.group_min_std=0.05"]
     rewards = torch.tensor([[0.1, 0.5, 0.9, 0.3], [0.7, 0.7, 0.7, 0.7], [0.95, 0.95, 0.96, 0.95]], dtype=torch.float64)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from learner.driver.placement import check_placement, placement_problems, pool_asks
-from motionnft_core.config import ConfigError, load_config
+from motionnft_core.config import ConfigError
+from motionnft_core.config_loader import load_config
 
 GPU_CONFIG = "configs/flux_kontext.yaml"  # 8 learner, 4 rollout, 1 reward GPU; a TP=2 judge on 2 GPUs; 4 CPUs each
 

@@ -7,7 +7,8 @@ import pickle
 
 import httpx
 
-from motionnft_core.config import JudgeConfig, config_to_dict, load_config
+from motionnft_core.config import JudgeConfig
+from motionnft_core.config_loader import config_to_dict, load_config
 from motionnft_core.secret import Secret, secret_from_env
 from rewards.judge import JudgeClient
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from motionnft_core.config import Config, ConfigError, DemoConfig, ModelConfig, load_config
+from motionnft_core.config import Config, ConfigError, DemoConfig, ModelConfig
+from motionnft_core.config_loader import load_config
 from motionnft_core.data.motionedit import MotionEditDataset
 from motionnft_core.models.demo import DemoSizes, build_demo_flux_kontext
 from motionnft_core.models.policy import EditPolicy
@@ -62,7 +63,7 @@ def test_demo_data_keeps_only_the_motion_and_is_reused(tmp_path):
     stamp = path.stat().st_mtime_ns
     assert demo_data(tmp_path / "right", 6, size=32, seed=0, motion="right") == path
     assert path.stat().st_mtime_ns == stamp
-    ds = MotionEditDataset.from_source(path, resolution=(32, 32))
+    ds = MotionEditDataset.from_source(path, resolution=(32, 32), on_error="raise")
     assert len(ds) == 6 and ds[0].input_image.shape == (3, 32, 32)
     up = [json.loads(x) for x in demo_data(tmp_path / "up", 3, size=32, seed=0, motion="up").read_text().splitlines()]
     assert all(r["motion_dy"] < 0 and r["motion_dx"] == 0 for r in up)
@@ -73,7 +74,7 @@ def test_demo_data_keeps_only_the_motion_and_is_reused(tmp_path):
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     path = demo_data(tmp_path_factory.mktemp("data") / "d", 4, size=32, seed=0, motion="right")
-    return MotionEditDataset.from_source(path, resolution=(32, 32))
+    return MotionEditDataset.from_source(path, resolution=(32, 32), on_error="raise")
 
 
 def test_warm_start_fits_normalises_and_is_deterministic(tiny_pipelines, pairs, tmp_path):
@@ -128,7 +129,7 @@ def _demo_config(tmp_path, **demo) -> Config:
 def test_prepare_demo_caches_by_settings(tmp_path):
     first = prepare_demo(_demo_config(tmp_path))
     record = json.loads((first.model / RECORD_NAME).read_text())
-    train, held = MotionEditDataset.from_source(first.data, resolution=(32, 32)).split(0.5, 0)
+    train, held = MotionEditDataset.from_source(first.data, resolution=(32, 32), on_error="raise").split(0.5, 0)
     assert record["n_train"] == len(train) and len(held) > 0  # the held-out side is never warm-started on
     stamp = (first.model / RECORD_NAME).stat().st_mtime_ns
     assert prepare_demo(_demo_config(tmp_path)) == first
@@ -138,7 +139,7 @@ def test_prepare_demo_caches_by_settings(tmp_path):
 
 
 def test_resolve_demo_fills_model_and_data_and_loads_as_the_pools_load_it(tmp_path):
-    from motionnft_core.config import config_from_dict, config_to_dict
+    from motionnft_core.config_loader import config_from_dict, config_to_dict
     from motionnft_core.data.motionedit import load_splits
     from motionnft_core.models.policy import load_policy
     from motionnft_core.models.warmstart import resolve_demo
