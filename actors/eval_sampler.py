@@ -1,4 +1,4 @@
-"""Evaluation edits as the pipelines make them (MotionEdit-Bench protocol, issue 14, DESIGN §8), not as rollouts do.
+"""Evaluation edits as the pipelines make them (MotionEdit-Bench protocol, docs/evaluation.md), not as rollouts do.
 
 The benchmark's edits come from each pipeline's own sampler: the flow-matching Euler scheduler
 (`FlowMatchEulerDiscreteScheduler.step`: `x ← x + (σ_next − σ)·v` in float32) on the model's own shifted sigma

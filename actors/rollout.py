@@ -1,12 +1,11 @@
 """The rollout worker: the Ray shell around `Sampler` (actors/sampler.py), one per rollout GPU.
 
-Each call carries the weights it must sample with (`PublishedWeights`, handed over by the driver); the worker
-loads them in place when its version differs, checks that its policy then computes what the learner's does
+Each call carries the weights it must sample with (`PublishedWeights`, handed over by the driver); the worker loads them
+in place when its version differs, checks that its policy then computes what the learner's does
 (motionnft_core/models/parity.py), and returns each group's training sample, its decoded images and small metadata as
-separate
-objects, so reward workers never fetch latents and learners never fetch images. Evaluation edits (issue 14:
-the pipeline's own sampler, actors/eval_sampler.py) are made here too, with the published weights during
-training or a checkpoint's export for evaluation.evaluate, so they run where and as the rollouts do.
+separate objects, so reward workers never fetch latents and learners never fetch images. Evaluation edits (the
+pipeline's own sampler, actors/eval_sampler.py) are made here too, with the published weights during training or a
+checkpoint's export for evaluation.evaluate, so they run where and as the rollouts do.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Grouped rollouts: K candidate edits per (image, instruction) from the old policy (DESIGN §1 step 2).
+"""Grouped rollouts: K candidate edits per (image, instruction) from the old policy (docs/architecture.md, phase 2).
 
 `Sampler` is the plain class that the rollout worker, the evaluation and bench/ drive directly. It encodes each
 prompt once, then runs the candidates of all its groups through the ODE solver in micro-batches of up to
@@ -40,12 +40,12 @@ class GroupSample:
     version: int  # policy version that generated the candidates
     seeds: list[int]  # noise seed of each candidate
     timing: dict[str, float] = field(default_factory=dict)
-    reference: dict[str, torch.Tensor] | None = None  # v_old, v_ref (K, T, L, D) at the training draws (DESIGN §6)
+    reference: dict[str, torch.Tensor] | None = None  # v_old, v_ref (K, T, L, D) at the training draws
 
 
 @dataclass(frozen=True)
 class ReferenceForwards:
-    """Compute v_old and v_ref on the rollout (`nft.reference_forwards: rollout`, DESIGN §6).
+    """Compute v_old and v_ref on the rollout (`nft.reference_forwards: rollout`, bench/README.md).
 
     The rollout holds exactly the policy that generated the candidates plus the base model, so it can evaluate
     both at the learner's training draws (same seed, same order: `motionnft_core.noise.training_draws`); the learner

@@ -1,4 +1,4 @@
-"""DPM-Solver++(2M) for flow-matching models (DESIGN §1 step 2: deterministic 6-step rollouts).
+"""DPM-Solver++(2M) for flow-matching models (docs/architecture.md, phase 2: deterministic 6-step rollouts).
 
 Flow matching writes a noisy sample as ``x_s = (1 - s) * x0 + s * eps`` and the model predicts the velocity
 ``v = eps - x0``, so the data prediction is ``x0_pred = x_s - s * v``. DPM-Solver++ (Lu et al. 2022,

@@ -1,12 +1,12 @@
-"""FP8 sampling's effect on the motion reward, on a policy that really edits (issue 16: "measure its effect on the
-reward"). Random full-size weights (bench/train_step.py --fp8) show the size of FP8's error, not what it does to a
-reward; this runs the CPU learning demo's warm-started policy (configs/learn_demo.yaml, built on first use into
-`model.cache_dir`, ~2 min), whose edits move objects and whose flow rewards spread inside a group.
+"""FP8 sampling's effect on the motion reward, measured on a policy that really edits. Random full-size weights
+(bench/train_step.py --fp8) show the size of FP8's error, not what it does to a reward; this runs the CPU learning
+demo's warm-started policy (configs/learn_demo.yaml, built on first use into `model.cache_dir`, ~2 min), whose edits
+move objects and whose flow rewards spread inside a group.
 
 Every held-out example gets K candidates with the same seeds twice, in full precision and with `rollout.fp8`, both
 scored by the run's flow reward. Printed: the mean reward each way; the mean |change| of a candidate's reward
 against the spread of rewards inside a group (what advantages are made of); how often a group's best candidate
-stays the best; the mean |change| of the optimality r that the loss weighs each candidate with (DESIGN §5, over
+stays the best; the mean |change| of the optimality r that the loss weighs each candidate with (docs/algorithm.md, over
 steps of `rollout.prompts_per_step` groups as in training). One JSON line goes to `--results`.
 
     python bench/fp8_reward.py                              # the demo's held-out examples, K=8

@@ -8,7 +8,7 @@ all its GPUs, see `simulate`), and each model call lasts the GPU duration it sta
 the tiny call runs, then waits out the rest). The durations per sample come from the training-step benchmark
 measured on a GPU (bench/results/train_step.jsonl, the device named in every line), split into calls as
 `CallCosts.from_record` documents. Not simulated: the
-judge (the reward is the flow reward alone here; a judge GPU serves ~17 policy GPUs, DESIGN §6), the learner's
+judge (the reward is the flow reward alone here; a judge GPU serves ~17 policy GPUs, bench/README.md), the learner's
 gradient all-reduce between GPUs and the weight push over the network, both of which add to a real step.
 
 It prints:

@@ -1,5 +1,5 @@
-"""How the benchmarks report: a ratio as the median over repeated rounds, with its range (issue 16: one round on a
-busy 2-core machine is noise, and the README quotes the median and range with the date and the machine), and a
+"""How the benchmarks report: a ratio as the median over repeated rounds, with its range (one round on a
+busy 2-core machine is noise, and bench/README.md quotes the median and range with the date and the machine), and a
 run's record as one JSON line appended to a results file."""
 
 from __future__ import annotations

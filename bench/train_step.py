@@ -3,7 +3,7 @@
 One transformer serves both sides, as colocated pools would: the rollout samples with the learner's old adapter
 (`NFTTrainer.old_policy`), P groups x K candidates with DPM-Solver++(2M) and VAE decode; the flow reward scores
 them with RAFT-large (random weights, <= `reward.flow.max_batch` pairs per call); the learner takes one NFT step
-(LoRA r=32, DESIGN §5). Two layouts run on the same models:
+(LoRA r=32, docs/algorithm.md). Two layouts run on the same models:
 
 - reference: the published code's layout, eager: v_old and v_ref computed by the learner (`nft.reference_forwards:
   learner`), nothing compiled;
@@ -12,8 +12,7 @@ them with RAFT-large (random weights, <= `reward.flow.max_batch` pairs per call)
   `learner.compile`);
 - ...+fp8 (with `--fp8`, last): the rollout's sampling and reference forwards in FP8 (`rollout.fp8`,
   `rollout.fp8_reference`, motionnft_core/models/fp8.py), compiled too with `--compile`. The float8 weight copies are
-  made at the
-  start (unused before this layout), so every layout's peak memory and the micro-batch probe include them.
+  made at the start (unused before this layout), so every layout's peak memory and the micro-batch probe include them.
 
 A solver step is timed against a forward (`policy.velocity`) at the rollout's micro-batch, compiled with
 `--compile` (target: at most 1.1x). With `--fp8`, FP8's effect on what the loss sees: the same groups (same seeds)
@@ -31,8 +30,7 @@ encoders, RAFT, backward: timed with synchronisation), peak GPU memory; then sam
     python bench/train_step.py --size tiny                              # the CPU smoke run (tests/system/test_bench.py)
 
 Full size builds random weights from the real configs (motionnft_core/models/full_size.py); the text encoders are
-1-layer
-stand-ins at their real widths unless `--full-text-encoders` (the conditioning is encoded once per group).
+1-layer stand-ins at their real widths unless `--full-text-encoders` (the conditioning is encoded once per group).
 """
 
 from __future__ import annotations
@@ -171,7 +169,7 @@ class Layout:
 
 def one_step(layout: Layout, trainer: NFTTrainer, scorer: FlowRewardScorer, prompts: list, step: int,
              clock: Clock | None, flops: dict[str, float] | None) -> dict[str, float]:  # fmt: skip
-    """Rollout -> flow reward -> group statistics -> NFT step, as the driver runs them (DESIGN §1)."""
+    """Rollout -> flow reward -> group statistics -> NFT step, as the driver runs them (docs/architecture.md)."""
     phase = clock.phase if clock is not None else (lambda _: contextlib.nullcontext())
     count = flops is not None
     flops = flops if flops is not None else {}
@@ -305,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    # 1. Config sections: DESIGN's defaults (LoRA r=32, AdamW, timestep fraction, ...) at the benchmark's sizes.
+    # 1. Config sections: the published defaults (LoRA r=32, AdamW, timestep fraction, ...) at the benchmark's sizes.
     model = ModelConfig(family=args.family, dtype="bfloat16" if full else "float32")
     rollout = RolloutConfig(group_size=k, prompts_per_step=prompts_n, num_steps=args.steps, height=size, width=size,
                             micro_batch=args.rollout_micro_batch)  # fmt: skip

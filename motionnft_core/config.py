@@ -1,6 +1,6 @@
 """Typed run configuration: one frozen dataclass per section, each field declaring its default, help and bounds.
 
-Every default is the published MotionNFT / DiffusionNFT value (../shared/DESIGN.md §1, §3-§5) unless its help
+Every default is the published MotionNFT / DiffusionNFT value (docs/algorithm.md) unless its help
 says otherwise; the reasoning behind the less obvious ones is in docs/config-notes.md. Errors name the dotted key
 (`rollout.group_size`) and what was expected, so a bad run fails at start-up, not inside a worker. Reading YAML
 and overrides is `motionnft_core.config_loader`'s job. This is the one module every package may import.
@@ -231,7 +231,7 @@ class RolloutConfig(_Section):
     max_staleness: int = _f(1, "rollouts may use weights at most this many versions old (0 = on-policy)", ge=0)
     seed: int = _f(0, "base seed; candidate noise is a function of (seed, step, prompt, k)")
     compile: bool = _f(
-        False, "regional compilation: torch.compile each repeated transformer block for sampling (DESIGN §6)"
+        False, "regional compilation: torch.compile each repeated transformer block for sampling (bench/README.md)"
     )
     fp8: bool = _f(False, "sample with FP8 matrix products in the transformer blocks (motionnft_core/models/fp8.py); "
                    "needs compute capability >= 8.9")  # fmt: skip
@@ -248,9 +248,9 @@ class RolloutConfig(_Section):
 
 @dataclass(frozen=True)
 class FlowRewardConfig(_Section):
-    """Motion-alignment reward (DESIGN §3). Source of every constant's default: the published MotionNFT scorer,
+    """Motion-alignment reward (docs/algorithm.md). Source of every constant's default: the published MotionNFT scorer,
     elainew728/motion-edit train/flow_grpo/motionedit_scorer.py (the paper gives the decomposition, the code the
-    numbers); num_updates=12 is torchvision RAFT's default; max_batch is the H100 limit measured in DESIGN §6."""
+    numbers); num_updates=12 is torchvision RAFT's default; max_batch is the H100 limit measured in bench/README.md."""
 
     SECTION: ClassVar[str] = "reward.flow"
     estimator: str = _f("raft_large", "raft_large | raft_small (torchvision RAFT) | dis | farneback (OpenCV, CPU)",
@@ -356,7 +356,7 @@ class NFTConfig(_Section):
     lora_targets: tuple[str, ...] = _f(LORA_TARGETS, "module names that get LoRA",
                                        non_empty=True, expected="a non-empty list of module names")  # fmt: skip
     reference_forwards: str = _f(
-        "learner", "where v_old / v_ref are computed: learner | rollout (the rollout's behaviour policy, DESIGN §6)",
+        "learner", "where v_old / v_ref are computed: learner | rollout (the rollout's behaviour policy)",
         choices=("learner", "rollout"),
     )
     invert_reward: bool = _f(False, "control experiment: train on 1 - r (r = optimality); the policy should then "
@@ -511,7 +511,7 @@ class DemoConfig(_Section):
 
 @dataclass(frozen=True)
 class EvalConfig(_Section):
-    """MotionEdit-Bench evaluation (DESIGN §8). The paper publishes the MAS formula but not α, τ, d_min, d_max:
+    """MotionEdit-Bench evaluation (docs/evaluation.md). The paper publishes the MAS formula but not α, τ, d_min, d_max:
     their defaults carry over the published MotionNFT training scorer's constants (docs/config-notes.md)."""
 
     SECTION: ClassVar[str] = "eval"

@@ -1,4 +1,4 @@
-"""Statistics of a MotionEdit-Bench comparison (issue 14, DESIGN §8): per-row win/tie/loss against a baseline,
+"""Statistics of a MotionEdit-Bench comparison (docs/evaluation.md): per-row win/tie/loss against a baseline,
 means and win rates with percentile-bootstrap intervals, per category and overall. Pure numpy, no I/O.
 
 Win rate: per row, candidate vs baseline on one score: win 1, tie 0.5 (|Δ| <= eval.tie_margin), loss 0; the

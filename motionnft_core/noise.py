@@ -1,4 +1,4 @@
-"""The seed and noise contract between rollouts and learner (DESIGN §1, §5, §6); torch only.
+"""The seed and noise contract between rollouts and learner (docs/algorithm.md); torch only.
 
 Every random draw of a run is a function of named integers and ids, never of batching, placement or world size:
 candidate k of a prompt at a step starts from the noise of `candidate_seed`, and its training times and eps come
@@ -38,7 +38,7 @@ def per_sample(t: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def noised(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Flow-matching forward process (DESIGN §5): ``x_t = (1 - t) * x0 + t * eps``.
+    """Flow-matching forward process (docs/algorithm.md): ``x_t = (1 - t) * x0 + t * eps``.
 
     Args:
         x0: (B, ...) clean latents.  eps: (B, ...) noise.  t: (B,) times in [0, 1], one per sample.
@@ -58,7 +58,7 @@ def training_timesteps(
     generator: torch.Generator,
     num_samples: int = 1,
 ) -> torch.Tensor:
-    """The training times t of each sample (DESIGN §5): a random subset of the rollout grid, random order.
+    """The training times t of each sample (docs/algorithm.md): a random subset of the rollout grid, random order.
 
     As the reference (train_nft_sd3.py / train_nft_qwen_image_edit.py): every sample gets its own
     ``randperm`` over ALL ``steps`` grid points (the scheduler's timesteps: the sigmas the model was

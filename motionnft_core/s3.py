@@ -16,7 +16,7 @@ sources (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``
 Downloads land in a unique temporary file next to the destination and are renamed into place, so concurrent
 workers on one node that fetch the same object never see a half-written file.
 
-Failures (issue 13): every network call of a public function is wrapped so that missing or rejected credentials,
+Failures: every network call of a public function is wrapped so that missing or rejected credentials,
 an unreachable endpoint, access denied, or a transient error that outlived its retries raise ``S3Error``, whose
 message names the operation, the ``s3://`` URI and what to set (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
 ``AWS_PROFILE``, ``AWS_ENDPOINT_URL``), never a secret; a missing bucket or key stays ``FileNotFoundError``.

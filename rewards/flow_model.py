@@ -1,4 +1,4 @@
-"""Optical-flow estimators behind one interface (DESIGN §3).
+"""Optical-flow estimators behind one interface (docs/algorithm.md).
 
 Every estimator maps two uint8 image batches (B, 3, H, W) to a float32 pixel flow (B, H, W, 2), where
 `flow[b, y, x] = (dx, dy)` says where pixel (x, y) of `src` moved to in `dst`. `RAFTFlow` (torchvision RAFT,
@@ -99,7 +99,7 @@ class RAFTFlow:
     the aspect ratio kept) and the flow resized back and rescaled per axis; the images are replicate-padded to
     a multiple of 8 and the flow cropped back; the flow of the last of `num_updates` refinements is returned
     as float32 (B, H, W, 2) on `device`. `reward.flow.max_batch` is 32 because larger batches hit a cuDNN
-    grid_sample limit at 512² on an H100 (DESIGN §3).
+    grid_sample limit at 512² on an H100 (docs/algorithm.md).
 
     weights: a local .pth/.safetensors state_dict, or s3://bucket/key (downloaded into cache_dir, or into a
     temporary directory that is removed after loading). None builds seeded RANDOM weights and warns: for

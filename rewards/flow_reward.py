@@ -1,9 +1,9 @@
-"""Motion-alignment reward on optical-flow tensors (DESIGN §3, exact).
+"""Motion-alignment reward on optical-flow tensors (docs/algorithm.md, exact).
 
 Pure torch: every function takes flows of shape (B, H, W, 2) in the same units and returns per-sample (B,)
 tensors, so a whole micro-batch of candidates is scored in one call. `V_p = flow(input -> candidate)` is the
-prediction, `V_g = flow(input -> ground truth)` the target. One function per formula of DESIGN §3; the
-constants are keyword arguments with the DESIGN defaults (config values fed in by the caller).
+prediction, `V_g = flow(input -> ground truth)` the target. One function per formula of docs/algorithm.md; the
+constants are keyword arguments with the published defaults (config values fed in by the caller).
 
 Checked term by term against the reference `MotionEditScorer` (elainew728/motion-edit,
 train/flow_grpo/motionedit_scorer.py): the same normalisation, L_q, masked direction error, movement hinge,
@@ -16,7 +16,7 @@ import math
 
 import torch
 
-# DESIGN §3 defaults, one per line; every function below takes these as keyword arguments.
+# The published defaults (docs/algorithm.md), one per line; every function below takes these as keyword arguments.
 Q = 0.4  # exponent of the robust magnitude error L_q
 EPS = 1e-6  # added to |V_p - V_g| before the power; floor of |V| for unit vectors; lo = EPS ** Q
 MOVE_THRESHOLD = 0.002  # m: pixels whose normalised |V_g| exceeds this count in the direction error
@@ -27,7 +27,7 @@ LEVELS = 5  # quantization: reward = round(LEVELS · s) / LEVELS
 
 
 def normalize_by_diagonal(flow: torch.Tensor) -> torch.Tensor:
-    """Divide a pixel flow by the image diagonal `d = sqrt(H² + W²)` (DESIGN §3).
+    """Divide a pixel flow by the image diagonal `d = sqrt(H² + W²)` (docs/algorithm.md).
 
     Makes every term invariant to the image resolution: an edit scaled with its image scores the same.
     flow: (B, H, W, 2) in pixels -> (B, H, W, 2) in diagonals.
@@ -37,7 +37,7 @@ def normalize_by_diagonal(flow: torch.Tensor) -> torch.Tensor:
 
 
 def magnitude_error(v_pred: torch.Tensor, v_gt: torch.Tensor, *, q: float = Q, eps: float = EPS) -> torch.Tensor:
-    """`L_q = mean over pixels and both components of (|V_p − V_g| + eps) ** q` (DESIGN §3).
+    """`L_q = mean over pixels and both components of (|V_p − V_g| + eps) ** q` (docs/algorithm.md).
 
     q < 1 makes the error robust: a few badly wrong pixels cost less than in an L1/L2 error.
     v_pred, v_gt: (B, H, W, 2), normalised -> (B,).
@@ -46,7 +46,7 @@ def magnitude_error(v_pred: torch.Tensor, v_gt: torch.Tensor, *, q: float = Q, e
 
 
 def cosine_error(v_pred: torch.Tensor, v_gt: torch.Tensor, *, eps: float = EPS) -> torch.Tensor:
-    """Per-pixel `(1 − cos(V_p, V_g)) / 2` in [0, 1], the direction error of DESIGN §3 and of MAS (§8).
+    """Per-pixel `(1 − cos(V_p, V_g)) / 2` in [0, 1], the direction error of the motion reward and of MAS.
 
     Unit vectors are `V / max(|V|, eps)`, so a zero vector has cos = 0 and error 0.5 (neither right nor wrong).
     v_pred, v_gt: (B, H, W, 2) -> (B, H, W).
@@ -60,7 +60,7 @@ def cosine_error(v_pred: torch.Tensor, v_gt: torch.Tensor, *, eps: float = EPS) 
 def direction_error(
     v_pred: torch.Tensor, v_gt: torch.Tensor, *, m: float = MOVE_THRESHOLD, eps: float = EPS
 ) -> torch.Tensor:
-    """`dir = Σ_{|V_g|>m} (1 − cos(V_p, V_g)) / 2  /  max(#{|V_g|>m}, 1)` (DESIGN §3).
+    """`dir = Σ_{|V_g|>m} (1 − cos(V_p, V_g)) / 2  /  max(#{|V_g|>m}, 1)` (docs/algorithm.md).
 
     `cosine_error` per pixel, so a zero prediction has error 0.5, and a target that moves nowhere (empty mask)
     gives error 0.
@@ -72,7 +72,7 @@ def direction_error(
 
 
 def movement_hinge(v_pred: torch.Tensor, v_gt: torch.Tensor, *, tau: float = TAU, kappa: float = KAPPA) -> torch.Tensor:
-    """`move = max(0, τ + κ·mean|V_g| − mean|V_p|)` (DESIGN §3).
+    """`move = max(0, τ + κ·mean|V_g| − mean|V_p|)` (docs/algorithm.md).
 
     Penalises an edit that barely moves (the trivial "copy the input" answer) relative to the target motion.
     v_pred, v_gt: (B, H, W, 2), normalised -> (B,) >= 0.
@@ -91,12 +91,12 @@ def alignment_distance(
     b: float = WEIGHT_DIR,
     c: float = WEIGHT_MOVE,
 ) -> torch.Tensor:
-    """`D = a·L_q + b·dir + c·move` (DESIGN §3). All (B,) -> (B,)."""
+    """`D = a·L_q + b·dir + c·move` (docs/algorithm.md). All (B,) -> (B,)."""
     return a * l_q + b * direction + c * move
 
 
 def alignment_score(distance: torch.Tensor, *, q: float = Q, eps: float = EPS) -> torch.Tensor:
-    """`s = 1 − clip((D − lo) / (1 − lo), 0, 1)` with `lo = eps ** q` (DESIGN §3).
+    """`s = 1 − clip((D − lo) / (1 − lo), 0, 1)` with `lo = eps ** q` (docs/algorithm.md).
 
     lo is the L_q of a perfect match; a perfect match has D = a·lo + c·move <= a·lo + c·τ <= lo with the
     defaults, so it scores exactly 1 through the clip. (B,) -> (B,) in [0, 1].
@@ -106,7 +106,7 @@ def alignment_score(distance: torch.Tensor, *, q: float = Q, eps: float = EPS) -
 
 
 def quantize_reward(score: torch.Tensor, *, levels: int = LEVELS) -> torch.Tensor:
-    """`r = round(levels · s) / levels`, e.g. {0, .2, .4, .6, .8, 1} for levels = 5 (DESIGN §3).
+    """`r = round(levels · s) / levels`, e.g. {0, .2, .4, .6, .8, 1} for levels = 5 (docs/algorithm.md).
 
     torch.round rounds half to even (as Python's round and the reference do): s = 0.5 -> 2.5 -> 2 -> 0.4.
     (B,) -> (B,).
@@ -157,7 +157,7 @@ def motion_alignment_reward(
     levels: int = LEVELS,
     quantize: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Motion-alignment reward of DESIGN §3 for a batch of (prediction, target) pixel flows.
+    """The motion-alignment reward for a batch of (prediction, target) pixel flows.
 
     v_pred: (B, H, W, 2) flow input -> candidate, in pixels; v_gt: the same shape, flow input -> ground truth.
     Returns per-sample (B,) float tensors: `l_q`, `direction`, `move`, `distance` (D), `score` (s) and `reward`

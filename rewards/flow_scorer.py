@@ -1,4 +1,4 @@
-"""Batched motion-alignment scoring: the path the reward worker calls (DESIGN §3).
+"""Batched motion-alignment scoring: the path the reward worker calls (docs/algorithm.md).
 
 For a micro-batch of groups (one `FlowItem` per prompt, K candidates each) the scorer
 1. checks the images and resizes each ground-truth target to the input size if it differs,
@@ -26,7 +26,7 @@ from rewards.flow_reward import motion_alignment_reward
 
 
 def reward_constants(cfg: FlowRewardConfig) -> dict[str, float | bool]:
-    """`reward.flow.*` as the keyword arguments of `motion_alignment_reward` (DESIGN §3 names)."""
+    """`reward.flow.*` as the keyword arguments of `motion_alignment_reward` (the formulas' names)."""
     return {"q": cfg.q, "m": cfg.motion_threshold, "tau": cfg.tau, "kappa": cfg.kappa, "a": cfg.w_magnitude,
             "b": cfg.w_direction, "c": cfg.w_move, "quantize": cfg.quantize}  # fmt: skip
 
@@ -58,9 +58,9 @@ class _Pair:
 class FlowRewardScorer:
     """Scores candidates of many prompts with as few flow-estimator calls as possible (`reward.flow`).
 
-    `max_batch`: most pairs per estimator call (32 at 512² on an H100, DESIGN §3). `cache_size`: input -> target
-    flows kept (LRU, float32 on the CPU: H·W·8 bytes each, 2 MiB at 512²). The reward constants are DESIGN §3's.
-    Counters for metrics: `estimator_calls`, `pairs_estimated`, `cache_hits`, `cache_misses`.
+    `max_batch`: most pairs per estimator call (32 at 512² on an H100, docs/algorithm.md). `cache_size`: input -> target
+    flows kept (LRU, float32 on the CPU: H·W·8 bytes each, 2 MiB at 512²). The reward constants are the published ones
+    (docs/algorithm.md). Counters for metrics: `estimator_calls`, `pairs_estimated`, `cache_hits`, `cache_misses`.
     """
 
     def __init__(self, estimator: FlowEstimator, cfg: FlowRewardConfig):

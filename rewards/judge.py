@@ -1,4 +1,4 @@
-"""MLLM judge client (DESIGN §4): asks vLLM's OpenAI-compatible chat API for scores (the server the service
+"""MLLM judge client (docs/algorithm.md): asks vLLM's OpenAI-compatible chat API for scores (the server the service
 starts is in rewards/judge_server.py; an external endpoint works the same).
 
 Training score (reference method of MotionNFT): the judge sees [input image, candidate] and an instruction
@@ -174,7 +174,7 @@ class _LoopState:
 
 
 class JudgeClient:
-    """Async judge client over vLLM's OpenAI-compatible chat API (DESIGN §4), set up by `reward.judge`.
+    """Async judge client over vLLM's OpenAI-compatible chat API (docs/algorithm.md), set up by `reward.judge`.
 
     mode: "score" (training: one expected-digit score) or "rubric" (evaluation: three criteria).
     Replicas: `base_urls` are equivalent servers. Each attempt goes to the next replica that is not being

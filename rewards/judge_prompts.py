@@ -1,9 +1,8 @@
-"""Every word the MLLM judge is asked (DESIGN §4, issue 14: "write ours, keep it in one file"): the training-score
-question, the evaluation rubric and the evaluation's side-by-side comparison. The wording is our own; the paper
-used Gemini with a prompt adapted from EditScore's action category that it did not publish, so rubric figures are
-comparable among runs of this code, not to the paper's to the decimal. Changing any text here changes what the
-judge measures, so reports name the judge model and `prompt_digest()`, a hash of all of this text: two reports with
-different digests were not judged alike.
+"""Every word the MLLM judge is asked, in one file (docs/algorithm.md): the training-score question, the evaluation
+rubric and the evaluation's side-by-side comparison. The wording is our own; the paper used Gemini with a prompt adapted
+from EditScore's action category that it did not publish, so rubric figures are comparable among runs of this code, not
+to the paper's to the decimal. Changing any text here changes what the judge measures, so reports name the judge model
+and `prompt_digest()`, a hash of all of this text: two reports with different digests were not judged alike.
 
 The rubric criteria (instruction fidelity, preservation, coherence) are MotionEdit-Bench's; each is asked
 separately as one digit 0-5 (rewards/judge.py reads the digit's probabilities).

@@ -1,4 +1,4 @@
-"""The vLLM judge server the service starts (DESIGN §4): vLLM's OpenAI-compatible server as a supervised
+"""The vLLM judge server the service starts (docs/algorithm.md): vLLM's OpenAI-compatible server as a supervised
 subprocess (`VLLMServer`, plain) and the thin Ray actor that owns one replica (`JudgeServerActor`).
 
 Reward workers reach it through `rewards.judge.JudgeClient`, exactly as they reach an external endpoint.

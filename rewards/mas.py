@@ -1,4 +1,4 @@
-"""Motion alignment score (MAS) of MotionEdit-Bench (arXiv 2512.10284 §5.2; DESIGN §8; issue 14), on flow tensors.
+"""Motion alignment score (MAS) of MotionEdit-Bench (arXiv 2512.10284 §5.2; docs/evaluation.md), on flow tensors.
 
 The evaluation counterpart of the training reward (rewards/flow_reward.py), scored 0-100 per edit:
 ```

@@ -1,4 +1,4 @@
-"""Side-by-side judging of a candidate's edit against the baseline's (issue 14, `eval.pairwise`): the judge sees
+"""Side-by-side judging of a candidate's edit against the baseline's (`eval.pairwise`): the judge sees
 [input, edit A, edit B] and answers one digit, 0 = A clearly better, 5 = B (rewards/judge_prompts.py).
 
 MLLM judges favour a position. So each row is asked in both orders, baseline first then candidate first, and

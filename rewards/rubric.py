@@ -1,4 +1,4 @@
-"""MotionEdit-Bench rubric through the judge client (issue 14, DESIGN §8): Fidelity, Preservation, Coherence on
+"""MotionEdit-Bench rubric through the judge client (docs/evaluation.md): Fidelity, Preservation, Coherence on
 0-5 and Overall = their mean, per edited image.
 
 The questions are the judge's rubric mode (`JudgeClient` with `reward.judge.mode = rubric`, text in

@@ -1,4 +1,4 @@
-"""Evaluation on the Ray pools (issue 14, DESIGN §8): rollout workers sample the edits, reward workers score them,
+"""Evaluation on the Ray pools (docs/evaluation.md): rollout workers sample the edits, reward workers score them,
 the driver schedules and gathers a small dict per row.
 
 - Edits: one `RolloutWorker.edit` call per row, rows spread round-robin over the workers given. An edit is a

@@ -1,4 +1,4 @@
-"""The driver: one DiffusionNFT step after another, as DESIGN §1 lists them.
+"""The driver: one DiffusionNFT step after another, as docs/architecture.md lists them.
 
 Contract: the driver only schedules. Rollout workers sample groups (tensors stay in the object store), reward
 workers score them (the driver fetches P*K floats), the driver turns rewards into optimality r and a group
@@ -137,7 +137,7 @@ class StepRollouts:
 
 
 def group_stats(rewards: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(P, K) rewards -> optimality r (P, K), valid groups (P,), saturated groups to ban (P,) (DESIGN §5).
+    """(P, K) rewards -> optimality r (P, K), valid groups (P,), saturated groups to ban (P,) (docs/algorithm.md).
 
     Validity and bans always come from the rewards themselves, so `nft.invert_reward` changes only the
     direction of learning, never which groups train."""

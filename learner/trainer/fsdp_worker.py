@@ -1,6 +1,5 @@
-"""The learner group on Ray: one `LearnerWorker` actor per torch.distributed rank, each a thin shell around the
-plain `NFTTrainer` (learner/trainer/nft_trainer.py), and the `LearnerGroup` that places the ranks and fans every
-driver call
+"""The learner group on Ray: one `LearnerWorker` actor per torch.distributed rank, each a thin shell around the plain
+`NFTTrainer` (learner/trainer/nft_trainer.py), and the `LearnerGroup` that places the ranks and fans every driver call
 out to all of them (the single-controller pattern of verl's worker groups).
 """
 

@@ -1,4 +1,4 @@
-"""The learner's micro-batch from the GPU's free memory (`learner.micro_batch: 0`, issue 16).
+"""The learner's micro-batch from the GPU's free memory (`learner.micro_batch: 0`).
 
 A forward/backward's peak memory grows about linearly with the samples in it (activations), on top of what the
 rank always holds (weights, adapters, optimizer state). Two probes, at 1 and 2 samples, give both terms; the

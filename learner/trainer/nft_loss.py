@@ -1,4 +1,4 @@
-"""DiffusionNFT loss and its statistics (DESIGN §5), one pure function per formula; torch only.
+"""DiffusionNFT loss and its statistics (docs/algorithm.md), one pure function per formula; torch only.
 
 Checked against the reference code: NVlabs/DiffusionNFT ``scripts/train_nft_sd3.py`` and
 ``flow_grpo/stat_tracking.py``; elainew728/motion-edit ``train/scripts/train_nft_qwen_image_edit.py`` and
@@ -25,7 +25,7 @@ def _check_rewards(rewards: torch.Tensor) -> torch.Tensor:
 
 
 def optimality(rewards: torch.Tensor, *, eps: float = 1e-4, clip: float = 5.0) -> torch.Tensor:
-    """Optimality r in [0, 1] of every sample (DESIGN §5).
+    """Optimality r in [0, 1] of every sample (docs/algorithm.md).
 
     ``A = (R - mean_group R) / (std_all R + eps)``  (per-group mean, *global* std over all P*K samples),
     ``r = clip(clip(A, -clip, clip) / (2 * clip) + 0.5, 0, 1)``  (= ``clip(A, -5, 5) / 10 + 0.5`` at clip=5).
@@ -49,7 +49,7 @@ def optimality(rewards: torch.Tensor, *, eps: float = 1e-4, clip: float = 5.0) -
 
 
 def group_filter(rewards: torch.Tensor, *, min_std: float = 0.05, max_mean: float = 0.9) -> torch.Tensor:
-    """Valid groups (DESIGN §5): ``std_group R > min_std and mean_group R < max_mean``.
+    """Valid groups (docs/algorithm.md): ``std_group R > min_std and mean_group R < max_mean``.
 
     Samples of other groups are excluded from the loss (motion-edit's ``valid_mask`` built from the
     tracker's per-prompt std and mean; population std, as ``np.std``).
@@ -64,7 +64,7 @@ def group_filter(rewards: torch.Tensor, *, min_std: float = 0.05, max_mean: floa
 
 
 def saturated_groups(rewards: torch.Tensor, *, max_std: float = 0.05, min_mean: float = 0.9) -> torch.Tensor:
-    """Groups whose prompt is banned from later sampling (DESIGN §5): ``std < max_std and mean > min_mean``.
+    """Groups whose prompt is banned from later sampling (docs/algorithm.md): ``std < max_std and mean > min_mean``.
 
     Same thresholds as ``group_filter`` (reference: ``ban_std_thres``, ``ban_mean_thres``); a group can be
     neither valid nor saturated (e.g. all candidates scoring 0).
@@ -106,7 +106,7 @@ def nft_loss(
     kl_weight: float = 1e-4,
     weight_floor: float = 1e-5,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DiffusionNFT loss at one training timestep (DESIGN §5)::
+    """DiffusionNFT loss at one training timestep (docs/algorithm.md)::
 
         v+ = beta * v_theta + (1 - beta) * v_old          v- = (1 + beta) * v_old - beta * v_theta
         x+ = x_t - t * v+                                 x- = x_t - t * v-
@@ -189,7 +189,7 @@ def old_policy_decay(
     delayed_rate: float = 0.0075,
     delayed_cap: float = 0.999,
 ) -> float:
-    """Decay d of the old-policy update ``old <- d * old + (1 - d) * theta`` (DESIGN §5).
+    """Decay d of the old-policy update ``old <- d * old + (1 - d) * theta`` (docs/algorithm.md).
 
     ``step`` counts optimizer steps done so far: the reference calls ``return_decay(global_step, ...)``
     after the step's update has incremented ``global_step``, so the first update uses step = 1.
@@ -215,7 +215,7 @@ def old_policy_decay(
 
 
 def ema_decay(k: int, *, cap: float = 0.9) -> float:
-    """Decay of the eval EMA of theta after optimizer step k (DESIGN §5): ``min((1 + k) / (10 + k), cap)``.
+    """Decay of the eval EMA of theta after optimizer step k (docs/algorithm.md): ``min((1 + k) / (10 + k), cap)``.
 
     As the reference's ``EMAModuleWrapper.get_current_decay`` (called with the incremented global step).
     """

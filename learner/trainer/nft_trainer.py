@@ -1,10 +1,10 @@
-"""The NFT trainer: one torch.distributed rank's share of a step on an FSDP2-sharded transformer (DESIGN §5).
+"""The NFT trainer: one torch.distributed rank's share of a step on an FSDP2-sharded transformer (docs/algorithm.md).
 
-One transformer carries two peft adapters: "default" is θ (trained) and "old" is the sampling policy (an EMA
-of θ, DESIGN §5); v_ref is the base model with adapters disabled. Recipe and pitfalls (DESIGN §5, checked on
-FSDP2): reshard every FSDP module before switching adapters, because `set_adapter` flips `requires_grad` only
-on the parameters registered at that moment; build optimizer and EMA lists once, by name; update sharded
-parameters in place (`lerp_`, `copy_`) on their local shards.
+One transformer carries two peft adapters: "default" is θ (trained) and "old" is the sampling policy (an EMA of θ,
+docs/algorithm.md); v_ref is the base model with adapters disabled. Recipe and pitfalls (docs/algorithm.md, checked on
+FSDP2): reshard every FSDP module before switching adapters, because `set_adapter` flips `requires_grad` only on the
+parameters registered at that moment; build optimizer and EMA lists once, by name; update sharded parameters in place
+(`lerp_`, `copy_`) on their local shards.
 
 `NFTTrainer` is plain: tests and bench/ run it without Ray; learner/trainer/fsdp_worker.py is its Ray shell (one
 actor per rank) and the group that places the ranks and fans each driver call out to all of them.

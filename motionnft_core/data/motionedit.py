@@ -1,6 +1,6 @@
 """MotionEdit triplets (input image, instruction, target image) from parquet, JSONL or folders, local or S3.
 
-Accepted sources (DESIGN §2 "Data"):
+Accepted sources (docs/cluster.md):
 
 - a **parquet** file in the hub form of ``MotionEdit-Train`` / ``MotionEdit-Bench``: columns ``id``, ``prompt``,
   ``input_image``, ``target_image`` (the ``datasets`` library's Image form, a struct ``{bytes, path}``; plain

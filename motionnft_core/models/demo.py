@@ -1,4 +1,4 @@
-"""A small but trainable FluxKontextPipeline for the CPU learning demo (issue 6), saved with `save_pretrained`.
+"""A small but trainable FluxKontextPipeline for the CPU learning demo, saved with `save_pretrained`.
 
 Why not `tiny_models`: those pipelines exist to exercise the plumbing; their 8x VAE squeezes a 32 px image
 into 4x4x4 numbers and their transformer has one block of width 32, so no amount of training makes them edit.

@@ -1,7 +1,7 @@
-"""FP8 no-grad forwards (`rollout.fp8`, `rollout.fp8_reference`; issue 16): the transformer blocks' linear layers
+"""FP8 no-grad forwards (`rollout.fp8`, `rollout.fp8_reference`): the transformer blocks' linear layers
 run as float8 matrix products where no gradient is needed.
 
-DiffusionNFT's loss uses no rollout log-probabilities (DESIGN §5), so the rollout may sample with a lossy model:
+DiffusionNFT's loss uses no rollout log-probabilities (docs/algorithm.md), so the rollout may sample with a lossy model:
 its error changes which edits are drawn, never a term of the loss. The reference forwards (v_old, v_ref) do enter
 the loss, so they have their own flag. Scaling is row-wise (one scale per activation row and per weight output
 channel, the amax mapped to float8_e4m3fn's largest value, 448): an outlier then coarsens only its own token or

@@ -1,12 +1,11 @@
 """Full-size FLUX.1 Kontext and Qwen-Image-Edit pipelines with random weights, from the real model configs kept in
 motionnft_core/models/configs/ (nothing comes from a hub): for benchmarks on a GPU, and to check the configs on a CPU.
 
-`build_full_size(family, device="meta")` builds every module without memory (parameter counts, shapes);
-`device="cuda"` constructs each module directly on the GPU in the target dtype with its own initialisation. A
-random-weight model costs exactly what the real one costs (DESIGN §6). Tokenizers are the small offline ones of
+`build_full_size(family, device="meta")` builds every module without memory (parameter counts, shapes); `device="cuda"`
+constructs each module directly on the GPU in the target dtype with its own initialisation. A random-weight model costs
+exactly what the real one costs (bench/README.md). Tokenizers are the small offline ones of
 motionnft_core/models/tokenizers.py (their ids fit the real vocabularies) and the text encoders' special-token ids are
-set to
-theirs. `text_layers` cuts the text encoders to that many layers at their real widths: the conditioning is
+set to theirs. `text_layers` cuts the text encoders to that many layers at their real widths: the conditioning is
 encoded once per group, and stand-ins leave the GPU memory to what a benchmark measures.
 """
 

@@ -1,4 +1,4 @@
-"""One editing-policy interface over FLUX.1 Kontext and Qwen-Image-Edit (DESIGN §1-2).
+"""One editing-policy interface over FLUX.1 Kontext and Qwen-Image-Edit (docs/architecture.md).
 
 The methods are the pipelines' phases, with the same names for both families:
 `encode` (text + input-image latents, once per group) -> `prepare_latents` -> `velocity` (one transformer
@@ -195,8 +195,7 @@ class EditPolicy:
     @classmethod
     def from_pipe(cls, pipe: DiffusionPipeline, **policy_kwargs) -> "EditPolicy":
         """A frozen policy over a pipeline already in memory (e.g. motionnft_core.models.full_size's random full-size
-        one); its
-        family follows from the pipeline class."""
+        one); its family follows from the pipeline class."""
         by_class = {p.pipeline_class: p for p in POLICIES.values()}
         if type(pipe) not in by_class:
             raise ValueError(f"no policy for a {type(pipe).__name__}; expected one of {sorted(POLICIES)}")
@@ -302,8 +301,8 @@ class EditPolicy:
 
     def use_fp8(self) -> int:
         """Give the repeated blocks' linear layers a float8 copy for no-grad forwards (`rollout.fp8`,
-        motionnft_core/models/fp8.py;
-        off until `fp8.fp8_forwards` turns it on); returns how many layers have one. Idempotent."""
+        motionnft_core/models/fp8.py; off until `fp8.fp8_forwards` turns it on); returns how many layers have one.
+        Idempotent."""
         fp8.check_fp8_device(self.device)
         if self.device.type == "cuda" and self.dtype != torch.bfloat16:
             raise ValueError(f"rollout.fp8 on CUDA needs model.dtype bfloat16 (row-wise FP8 products): {self.dtype}")

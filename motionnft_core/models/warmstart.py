@@ -23,11 +23,10 @@ The result is saved with `save_pretrained` and loads as `model.path` of a normal
 same inputs give the same weights on the same machine. `warmstart.json` next to `model_index.json` records the
 settings and the loss curves; a finished directory is reused as it is.
 
-`prepare_demo` builds everything the demo needs under `<cache_dir>/demo/` (data of one motion kind, the random
-demo pipeline of `motionnft_core/models/demo.py`, the warm start); a run with `demo.enabled` calls it through
-`resolve_demo`. CLI: ``python -m motionnft_core.models.warmstart --config configs/learn_demo.yaml [key=value ...]``
-builds it
-ahead of a run and prints the `data.source` and `model.path` it trains.
+`prepare_demo` builds everything the demo needs under `<cache_dir>/demo/` (data of one motion kind, the random demo
+pipeline of `motionnft_core/models/demo.py`, the warm start); a run with `demo.enabled` calls it through `resolve_demo`.
+CLI: ``python -m motionnft_core.models.warmstart --config configs/learn_demo.yaml [key=value ...]`` builds it ahead of a
+run and prints the `data.source` and `model.path` it trains.
 """
 
 from __future__ import annotations
@@ -262,9 +261,8 @@ def _matches(example, motion: str) -> bool:
 
 def demo_data(out_dir: str | os.PathLike, n: int, *, size: int, seed: int, motion: str) -> Path:
     """The first `n` synthetic examples (`motionnft_core.data.synthetic.make_example(seed, i, size)`, i = 0, 1, ...)
-    whose
-    motion is `motion`, as a JSONL manifest with PNGs; ids and truth columns as the generator writes them.
-    Reused when present. Returns the manifest path."""
+    whose motion is `motion`, as a JSONL manifest with PNGs; ids and truth columns as the generator writes them. Reused
+    when present. Returns the manifest path."""
     from PIL import Image
 
     if motion not in DEMO_MOTIONS:
