@@ -44,7 +44,7 @@ def score_edits(rewards: Sequence[Any], rows: Sequence[Any], edits: Sequence[Any
                 baseline_edits: Sequence[Any] | None = None) -> list[Any]:  # fmt: skip
     """MAS and rubric of the edits (and with `baseline_edits`, the side-by-side comparison with them): one call
     per reward worker on a contiguous slice of the rows; references of lists of per-row dicts
-    (`BenchScorer.score`), in row order (`gather` flattens them)."""
+    (`EvalScorer.score`), in row order (`gather` flattens them)."""
     size = math.ceil(len(rows) / len(rewards)) if rows else 1
     parts = [rows, edits] if baseline_edits is None else [rows, edits, baseline_edits]
     return [rewards[k].score_edits.remote(cfg, len(parts), *(ref for part in parts for ref in part[s : s + size]))
