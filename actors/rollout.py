@@ -6,7 +6,7 @@ loads them in place when its version differs, checks that its policy then comput
 separate
 objects, so reward workers never fetch latents and learners never fetch images. Evaluation edits (issue 14:
 the pipeline's own sampler, actors/eval_sampler.py) are made here too, with the published weights during
-training or a checkpoint's export for evaluation.evaluate, so they run where and as the rollouts do.
+training or a checkpoint's export for evaluation.main compare, so they run where and as the rollouts do.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class RolloutWorker:
                                                                "digests": image_digests(images), **meta, **g.timing})]
 
     def load_export(self, export: LoraExport) -> None:
-        """Evaluation of a checkpoint (evaluation.evaluate --baseline, through `edit`): its diffusers LoRA export (a
+        """Evaluation of a checkpoint (evaluation.main compare, through `edit`): its diffusers LoRA export (a
         dir, or an s3:// prefix downloaded here), read on this worker's node, into the adapter in place.
         Version -1 afterwards: the next published weights load."""
         with lora_export_here(export.location, cache_dir=export.cache_dir, retry=export.retry) as lora_dir:

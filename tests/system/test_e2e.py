@@ -24,7 +24,7 @@ import torch
 from actors.eval_sampler import EvalSampler
 from actors.rollout import image_digests
 from actors.sampler import Sampler
-from evaluation.evaluate import load_evaluated_policy
+from evaluation.heldout import load_evaluated_policy
 from motionnft_core.config import load_config
 from motionnft_core.data.motionedit import load_splits
 from motionnft_core.models.policy import load_policy
