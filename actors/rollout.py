@@ -5,7 +5,7 @@ in place when its version differs, checks that its policy then computes what the
 (motionnft_core/models/parity.py), and returns each group's training sample, its decoded images and small metadata as
 separate objects, so reward workers never fetch latents and learners never fetch images. Evaluation edits (the
 pipeline's own sampler, actors/eval_sampler.py) are made here too, with the published weights during training or a
-checkpoint's export for evaluation.evaluate, so they run where and as the rollouts do.
+checkpoint's export for evaluation.main compare, so they run where and as the rollouts do.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class RolloutWorker:
                                                                "digests": image_digests(images), **meta, **g.timing})]
 
     def load_export(self, export: LoraExport) -> None:
-        """Evaluation of a checkpoint (evaluation.evaluate --baseline, through `edit`): its diffusers LoRA export (a
+        """Evaluation of a checkpoint (evaluation.main compare, through `edit`): its diffusers LoRA export (a
         dir, or an s3:// prefix downloaded here), read on this worker's node, into the adapter in place.
         It holds no published version afterwards: the next published weights load."""
         with lora_export_here(export.location, cache_dir=export.cache_dir, retry=export.retry) as lora_dir:

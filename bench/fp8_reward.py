@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from actors.sampler import Sampler  # noqa: E402
 from bench.stats import append_record, machine  # noqa: E402
 from bench.train_step import score  # noqa: E402
-from evaluation.evaluate import load_evaluated_policy  # noqa: E402
+from evaluation.heldout import load_evaluated_policy  # noqa: E402
 from learner.trainer.nft_loss import optimality  # noqa: E402
 from motionnft_core.config_loader import load_config_or_exit  # noqa: E402
 from motionnft_core.data.motionedit import load_splits  # noqa: E402

@@ -1,5 +1,6 @@
-"""The report of a MotionEdit-Bench evaluation (issue 14): Markdown with the summaries, the settings that make
-the figures comparable (MAS parameters, judge model and prompt digest, bootstrap), image grids and a plot.
+"""The report of a MotionEdit-Bench comparison (`python -m evaluation.main compare`): Markdown with the
+summaries, the settings that make the figures comparable (MAS parameters, judge model and prompt digest,
+bootstrap), image grids and a plot.
 
 Every figure is printed with its interval: means on their own scale (MAS 0-100, rubric 0-5) and win rates as
 percentages, as the paper reports them (e.g. Kontext 53.73 MAS, 57.71 win rate). The judge's model name and
@@ -16,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from motionnft_core.config import EvalConfig
 from motionnft_core.eval_stats import ALL, NO_ESTIMATE, Estimate, GroupSummary
 
 MAS_KEYS = ("mas_alpha", "mas_tau", "mas_d_min", "mas_d_max", "mas_eps", "mas_q", "mas_min_motion_ratio")
+COMPARISON_COLUMNS = ("input", "target", "baseline", "candidate")
 JUDGE_COUNTERS = ("requests", "retries", "timeouts", "connection_errors", "server_errors", "unparseable", "failures")
 
 
@@ -80,9 +82,12 @@ def write_grid(
     edits: torch.Tensor | Sequence[torch.Tensor],
     path: Path,
     scale: int = 1,
+    labels: Sequence[str] = (),
 ) -> Path:
     """PNG with one row per example: input | ground truth | edit [| edit ...] (one edit column per batch in
-    `edits`, e.g. the base policy's and each checkpoint's), each cell (H*scale, W*scale); uint8 (N, 3, H, W)."""
+    `edits`, e.g. the base policy's and each checkpoint's), each cell (H*scale, W*scale); uint8 (N, 3, H, W).
+    `labels`: one per column, drawn in a white band of LABEL_BAND px above it (clipped to the column's width), so
+    the picture says what each column is on its own."""
     edit_batches = [edits] if isinstance(edits, torch.Tensor) else list(edits)
     batches = [inputs, targets, *edit_batches]
     if not edit_batches or any(b.shape != inputs.shape or b.dtype != torch.uint8 for b in batches) or inputs.ndim != 4:
@@ -92,14 +97,33 @@ def write_grid(
         )
     if scale < 1:
         raise ValueError(f"grid scale must be >= 1, got {scale}")
+    if labels and len(labels) != len(batches):
+        raise ValueError(f"write_grid: {len(labels)} labels for {len(batches)} columns")
     rows = torch.cat(batches, dim=3)  # (N, 3, H, C*W)
     grid = torch.cat(list(rows), dim=1)  # (3, N*H, C*W)
     image = Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy())
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    if labels:
+        image = _labelled(image, labels, inputs.shape[3] * scale)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
     return path
+
+
+LABEL_BAND = 14  # px above a labelled grid: PIL's default bitmap font is 11 px high
+
+
+def _labelled(image: Image.Image, labels: Sequence[str], column: int) -> Image.Image:
+    """`image` under a white band with `labels[c]` at the left of column c (each clipped to its column)."""
+    out = Image.new("RGB", (image.width, image.height + LABEL_BAND), "white")
+    out.paste(image, (0, LABEL_BAND))
+    font = ImageFont.load_default()  # bundled with Pillow: nothing to download
+    for c, label in enumerate(labels):
+        cell = Image.new("RGB", (column, LABEL_BAND), "white")
+        ImageDraw.Draw(cell).text((2, 1), label, fill="black", font=font)
+        out.paste(cell, (c * column, 0))
+    return out
 
 
 def format_report(groups: Mapping[str, GroupSummary], info: ReportInfo, cfg: EvalConfig) -> str:
@@ -187,6 +211,7 @@ def comparison_grid(
     path: str | Path,
     scale: int = 1,
 ) -> Path:
-    """The report's grid: one row per example, input | target | baseline | candidate (uint8 (3, H, W) each)."""
+    """The report's grid: one row per example, input | target | baseline | candidate (uint8 (3, H, W) each),
+    the columns labelled on the picture."""
     stack = [torch.stack(list(images)) for images in (inputs, targets, baselines, candidates)]
-    return write_grid(stack[0], stack[1], stack[2:], Path(path), scale=scale)
+    return write_grid(stack[0], stack[1], stack[2:], Path(path), scale=scale, labels=COMPARISON_COLUMNS)

@@ -1,4 +1,4 @@
-"""The per-row results of an evaluation (issue 14), kept so that a crashed run resumes without redoing a row.
+"""The per-row results of an evaluation, kept so that a crashed run resumes without redoing a row.
 
 Scores are written as they are made: each batch of scored edits is one parquet chunk under `<out>/scores/`,
 written to a temporary name and renamed (atomic on a POSIX filesystem), so after a crash a chunk is either
@@ -135,11 +135,10 @@ def score_row(
 def pair_rows(scores: pa.Table, ids: Sequence[str], *, margin: float) -> list[dict[str, Any]]:
     """One dict per id (ROW_SCHEMA's keys), in the order of `ids`: candidate and baseline side by side.
 
-    `failed`: either side's judge failed (`judge_failed` / `baseline_judge_failed` say which, `judge_error`
-    why). `win_mas` compares MAS (1 / 0.5 / 0, ties within `margin`); `win_overall` compares Overall, None for
-    a failed row; `win_pairwise` compares the side-by-side preference with 0.5, None without one or when it
-    failed (`pairwise_failed`).
-    Raises KeyError naming an id that lacks a candidate or a baseline row.
+    `failed`: either side's judge failed (`judge_failed` / `baseline_judge_failed` say which, `judge_error` why).
+    `win_mas` compares MAS (1 / 0.5 / 0, ties within `margin`); `win_overall` compares Overall, None for a failed row;
+    `win_pairwise` compares the side-by-side preference with 0.5, None without one or when it failed
+    (`pairwise_failed`). Raises KeyError naming an id that lacks a candidate or a baseline row.
     """
     by_key = {(r["policy"], r["id"]): r for r in scores.to_pylist()}
     out = []

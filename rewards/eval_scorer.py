@@ -1,4 +1,4 @@
-"""MAS and the rubric of evaluation edits (issue 14, DESIGN §8), the part of an evaluation a reward worker runs.
+"""MAS and the rubric of evaluation edits (docs/evaluation.md), the part of an evaluation a reward worker runs.
 
 A reward worker already holds the run's flow estimator and, when the run has a judge, the judge's addresses
 and key; the images it needs (input, target, edit) reach it by reference. So both scores are made here, next
@@ -41,7 +41,7 @@ class Row(Protocol):
     target_image: torch.Tensor
 
 
-class BenchScorer:
+class EvalScorer:
     """MAS (always) and the rubric (when there is a judge) of evaluation edits, one dict per row."""
 
     def __init__(self, flows: FlowRewardScorer, judge: JudgeClient | None) -> None:
@@ -56,9 +56,9 @@ class BenchScorer:
         input_image, target_image; edits (and `baseline_edits`, for the side-by-side judging): uint8 (3, H, W)."""
         if len(rows) != len(edits) or (baseline_edits is not None and len(baseline_edits) != len(rows)):
             counts = "" if baseline_edits is None else f", {len(baseline_edits)} baseline edits"
-            raise ValueError(f"BenchScorer.score: {len(rows)} rows, {len(edits)} edits{counts}")
+            raise ValueError(f"EvalScorer.score: {len(rows)} rows, {len(edits)} edits{counts}")
         if baseline_edits is not None and self.judge is None:
-            raise ValueError("BenchScorer.score: side-by-side judging (baseline_edits) needs a judge")
+            raise ValueError("EvalScorer.score: side-by-side judging (baseline_edits) needs a judge")
         items = [FlowItem(r.id, r.input_image, r.target_image, e[None]) for r, e in zip(rows, edits, strict=True)]
         mas_task = asyncio.ensure_future(asyncio.to_thread(self._mas, items, cfg))
         rubric = pairwise = None
@@ -89,13 +89,13 @@ class BenchScorer:
         return {} if self.judge is None else dict(self.judge.metrics)
 
 
-def build_bench_scorer(
+def build_eval_scorer(
     flow_cfg: FlowRewardConfig, judge_cfg: JudgeConfig, judge_urls: Sequence[str], *, device: str, cache_dir: str,
     judge_key: Secret | None = None, flow: FlowRewardScorer | None = None,
-) -> BenchScorer:  # fmt: skip
+) -> EvalScorer:  # fmt: skip
     """The evaluation scorer of a reward worker: the estimator of its training scorer `flow` when it has one
     (else `reward.flow.*` built here), and a rubric client over `judge_urls` (none given: MAS only)."""
     estimator = flow.estimator if flow is not None else build_flow_estimator(flow_cfg, device=device,
                                                                              cache_dir=cache_dir)  # fmt: skip
     judge = rubric_client(list(judge_urls), judge_cfg, judge_key) if judge_urls else None
-    return BenchScorer(FlowRewardScorer(estimator, flow_cfg), judge)
+    return EvalScorer(FlowRewardScorer(estimator, flow_cfg), judge)

@@ -1,4 +1,5 @@
-"""A group's reward: the flow reward and the MLLM judge, scored concurrently and blended (DESIGN §1.3).
+"""A group's reward: the flow reward and the MLLM judge, scored concurrently and blended (docs/architecture.md, phase
+3).
 
 `RewardScorer` is plain asyncio: concurrent `score` calls (one per group, from many rollouts) park their
 candidates in a queue; one batcher task drains up to `reward.batch_pairs` candidate pairs or waits at most
@@ -10,6 +11,7 @@ built (`build_reward_scorer`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -113,37 +115,57 @@ class RewardScorer:
 
     async def _run_batches(self) -> None:
         """Drain the queue into batches of <= batch_pairs candidate pairs (at least one group each)."""
-        assert self._queue is not None
-        while True:
-            batch = [await self._queue.get()]
-            pairs = len(batch[0].item.candidates)
-            deadline = time.perf_counter() + self.max_wait_s
-            while pairs < self.batch_pairs:
-                timeout = deadline - time.perf_counter()
-                if timeout <= 0:
-                    break
+        queue = self._queue
+        assert queue is not None
+        batch: list[_Pending] = []
+        try:
+            while True:
+                batch = [await queue.get()]
+                pairs = len(batch[0].item.candidates)
+                deadline = time.perf_counter() + self.max_wait_s
+                while pairs < self.batch_pairs:
+                    timeout = deadline - time.perf_counter()
+                    if timeout <= 0:
+                        break
+                    try:
+                        nxt = await asyncio.wait_for(queue.get(), timeout)
+                    except TimeoutError:
+                        break
+                    batch.append(nxt)
+                    pairs += len(nxt.item.candidates)
+                live = [p for p in batch if not p.future.cancelled()]
+                if not live:
+                    continue
                 try:
-                    nxt = await asyncio.wait_for(self._queue.get(), timeout)
-                except TimeoutError:
-                    break
-                batch.append(nxt)
-                pairs += len(nxt.item.candidates)
-            live = [p for p in batch if not p.future.cancelled()]
-            if not live:
-                continue
-            try:
-                with telemetry.timed("flow"):  # one batched call, for every group in it
-                    results = await asyncio.to_thread(self.flow.score, [p.item for p in live])
-            except Exception as e:  # noqa: BLE001 - handed to every waiting caller, never swallowed
-                for p in live:
+                    with telemetry.timed("flow"):  # one batched call, for every group in it
+                        results = await asyncio.to_thread(self.flow.score, [p.item for p in live])
+                except Exception as e:  # noqa: BLE001 - handed to every waiting caller, never swallowed
+                    for p in live:
+                        if not p.future.done():
+                            p.future.set_exception(e)
+                    continue
+                self.metrics["flow_calls"] += 1
+                self.metrics["flow_pairs"] += pairs
+                for p, r in zip(live, results, strict=True):
                     if not p.future.done():
-                        p.future.set_exception(e)
-                continue
-            self.metrics["flow_calls"] += 1
-            self.metrics["flow_pairs"] += pairs
-            for p, r in zip(live, results, strict=True):
+                        p.future.set_result(r)
+        finally:  # cancelled by close: no caller waits forever on a batch that will never run, or on the queue
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            for p in batch:
                 if not p.future.done():
-                    p.future.set_result(r)
+                    p.future.cancel()
+
+    async def close(self) -> None:
+        """Stop the batcher task (a scorer that never scored a flow has none): cancelled and awaited, so no
+        pending task is left for the event loop to destroy when the process ends. Waiting callers get
+        CancelledError. Scoring again after close starts a new batcher."""
+        batcher, self._batcher, self._queue = self._batcher, None, None
+        if batcher is None or batcher.done():
+            return
+        batcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await batcher
 
     def judge_metrics(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -1,5 +1,5 @@
 """The reward worker: the async Ray shell around `RewardScorer` (rewards/scorer.py), one per reward GPU, and
-around `BenchScorer` (rewards/eval_scorer.py) for evaluation edits (MAS, rubric)."""
+around `EvalScorer` (rewards/eval_scorer.py) for evaluation edits (MAS, rubric)."""
 
 from __future__ import annotations
 
@@ -12,24 +12,24 @@ from motionnft_core import telemetry
 from motionnft_core.config import EvalConfig
 from motionnft_core.faults import fault_point
 from motionnft_core.net import whereabouts
-from rewards.eval_scorer import BenchScorer
+from rewards.eval_scorer import EvalScorer
 from rewards.scorer import GroupReward, RewardScorer
 
 
 class RewardWorker:
     """Wrap at the call site: `ray.remote(num_gpus=g)(RewardWorker)`; the scorer is built in the actor's process.
-    `name` tags its metrics (default: reward-<head of its actor id>). `build_bench` makes the evaluation scorer
+    `name` tags its metrics (default: reward-<head of its actor id>). `build_eval` makes the evaluation scorer
     from the training scorer's flow model (so the estimator is loaded once), on the first evaluation call."""
 
     def __init__(
         self,
         build_scorer: Callable[[], RewardScorer],
         name: str = "",
-        build_bench: Callable[..., BenchScorer] | None = None,  # called with flow=<FlowRewardScorer | None>
+        build_eval: Callable[..., EvalScorer] | None = None,  # called with flow=<FlowRewardScorer | None>
     ) -> None:
         telemetry.bind("reward", name or telemetry.actor_name("reward"))
         self.scorer = build_scorer()
-        self.build_bench, self.bench = build_bench, None
+        self.build_eval, self.evaluator = build_eval, None
         self.calls = 0
         self.busy = telemetry.Busy()  # busy while any group is being scored (calls overlap)
 
@@ -50,19 +50,24 @@ class RewardWorker:
     async def score_edits(self, cfg: EvalConfig, parts: int, *rows_then_edits: Any) -> list[dict]:
         """MAS and rubric of evaluation edits: n data rows, then their n edits (uint8 (3, H, W)), then with
         `parts` 3 the baseline's n edits (side-by-side judging), all passed as top-level arguments so Ray resolves
-        them here; one small dict per row (`BenchScorer.score`)."""
-        if self.bench is None:
-            if self.build_bench is None:
-                raise RuntimeError("this reward worker was started without an evaluation scorer (build_bench)")
-            self.bench = self.build_bench(flow=self.scorer.flow)
+        them here; one small dict per row (`EvalScorer.score`)."""
+        if self.evaluator is None:
+            if self.build_eval is None:
+                raise RuntimeError("this reward worker was started without an evaluation scorer (build_eval)")
+            self.evaluator = self.build_eval(flow=self.scorer.flow)
         n, rest = divmod(len(rows_then_edits), parts)
         if parts not in (2, 3) or rest:
             raise ValueError(f"score_edits: {len(rows_then_edits)} arguments in {parts} parts, expected n rows, "
                              "n edits and (parts 3) n baseline edits")  # fmt: skip
         rows, edits, baseline = rows_then_edits[:n], rows_then_edits[n : 2 * n], rows_then_edits[2 * n :]
         with self.busy.call(), telemetry.timed("eval_score"):
-            return await self.bench.score(rows, edits, cfg, baseline if parts == 3 else None)
+            return await self.evaluator.score(rows, edits, cfg, baseline if parts == 3 else None)
+
+    async def close(self) -> None:
+        """Before the worker is killed: its scorer's batcher task ends here, instead of being destroyed pending
+        when the process exits (asyncio then prints "Task was destroyed but it is pending!")."""
+        await self.scorer.close()
 
     def counters(self) -> dict[str, int]:
-        bench = {} if self.bench is None else {f"eval_judge/{k}": v for k, v in self.bench.counters().items()}
-        return {**self.scorer.counters(), **bench}
+        judged = {} if self.evaluator is None else {f"eval_judge/{k}": v for k, v in self.evaluator.counters().items()}
+        return {**self.scorer.counters(), **judged}

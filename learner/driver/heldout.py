@@ -44,7 +44,7 @@ def score_edits(rewards: Sequence[Any], rows: Sequence[Any], edits: Sequence[Any
                 baseline_edits: Sequence[Any] | None = None) -> list[Any]:  # fmt: skip
     """MAS and rubric of the edits (and with `baseline_edits`, the side-by-side comparison with them): one call
     per reward worker on a contiguous slice of the rows; references of lists of per-row dicts
-    (`BenchScorer.score`), in row order (`gather` flattens them)."""
+    (`EvalScorer.score`), in row order (`gather` flattens them)."""
     size = math.ceil(len(rows) / len(rewards)) if rows else 1
     parts = [rows, edits] if baseline_edits is None else [rows, edits, baseline_edits]
     return [rewards[k].score_edits.remote(cfg, len(parts), *(ref for part in parts for ref in part[s : s + size]))
@@ -82,7 +82,7 @@ def wait_until_up(actors: Sequence[Any], timeout_s: float) -> None:
 class HeldOutEval:
     """`eval.every` > 0: after every N-th step, the evaluation edits of the first `eval.during_rows` held-out rows
     by the weights given (the driver publishes the step's eval EMA: what that step's checkpoint exports and
-    `evaluation.evaluate` measures), scored on the run's reward workers, as `eval/*` keys:
+    `evaluation.main compare` measures), scored on the run's reward workers, as `eval/*` keys:
     `eval/mas` (mean MAS), `eval/mas_win_rate` and `eval/base_mas` (against the base policy), `eval/overall` and
     `eval/judge_failed` (runs with a judge: the rubric's Overall over the rows the judge scored, and how many it
     could not), `eval/rows`, `timing_s/eval`.
@@ -113,7 +113,7 @@ class HeldOutEval:
         rollouts, rewards = self._workers(pools)
         try:
             base_mas.extend(self._mas(rewards, sample_edits(rollouts, self.rows, self.cfg, weights=weights)))
-        except ray.exceptions.RayError as e:  # as evaluation.evaluate: lost_worker tells which
+        except ray.exceptions.RayError as e:  # as evaluation.compare: lost_worker tells which
             if not lost_worker(e):
                 raise
             print(f"the base policy's held-out evaluation lost a worker ({type(e).__name__}); this run logs no "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import random
 import time
 from collections.abc import Collection
@@ -34,9 +33,9 @@ from learner.driver.elastic import RolloutScaler, rollout_load
 from learner.driver.heldout import HeldOutEval
 from learner.driver.identity import flat_config, new_run_id, training_keys_that_differ
 from learner.driver.lineage import Lineage
-from learner.driver.local_cluster import start_local_ray
 from learner.driver.placement import alive_nodes, check_placement
 from learner.driver.pools import Pools, build_pools
+from learner.driver.ray_session import init_ray
 from learner.driver.recovery import RecoveryWindow, WorkerCrashLoop, WorkerPool
 from learner.trainer.checkpoint import LEARNER, CheckpointManager, step_name
 from learner.trainer.fsdp_worker import LearnerLost
@@ -192,19 +191,6 @@ class MetricsLog:
 def _clock(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def init_ray(cfg: Config) -> bool:
-    """Join `cluster.address` / RAY_ADDRESS, or start an embedded one-machine cluster; True for the latter."""
-    if ray.is_initialized():  # a caller (bench, notebook) already chose the cluster
-        return len(ray.nodes()) == 1
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address)
-        return False
-    # Loopback only; its processes end with this one.
-    start_local_ray(cfg.cluster.num_cpus or None, metrics_export_port=cfg.cluster.metrics_export_port)
-    return True
 
 
 # ------------------------------------------------------------------------------------------------ phases

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -25,7 +25,7 @@ from motionnft_core.models.policy import load_policy
 from motionnft_core.models.tiny_judge import judge_source
 from motionnft_core.models.weights import weight_kind
 from motionnft_core.secret import Secret, secret_from_env
-from rewards.eval_scorer import build_bench_scorer
+from rewards.eval_scorer import build_eval_scorer
 from rewards.judge_server import JudgeServerActor
 from rewards.scorer import RewardScorer, build_reward_scorer
 from rewards.worker import RewardWorker
@@ -35,7 +35,7 @@ from rewards.worker import RewardWorker
 class Pools:
     rollouts: WorkerPool
     rewards: WorkerPool
-    learner: LearnerGroup
+    learner: LearnerGroup | None  # None: an evaluation's pools
     judges: list[Any]
     new_rollout: Callable[[int], Any] | None = None  # starts rollout worker i (an elastic pool adds them)
 
@@ -45,14 +45,21 @@ class Pools:
                 ray.get(j.stop.remote(), timeout=60)
             except Exception as e:  # noqa: BLE001 - shutdown continues, but says what failed
                 print(f"warning: judge replica did not stop cleanly: {e!r}", flush=True)
-        self.learner.shutdown()
+        closing = [a.close.remote() for a in self.rewards.actors]  # their scorers' asyncio tasks end, not vanish
+        try:
+            ray.get(closing, timeout=30)
+        except Exception as e:  # noqa: BLE001 - a dead or hung worker is killed below all the same
+            print(f"warning: a reward worker did not close cleanly: {e!r}", flush=True)
+        if self.learner is not None:
+            self.learner.shutdown()
         for a in [*self.rollouts.actors, *self.rewards.actors, *self.judges]:
             ray.kill(a)  # also a removed one: killing twice is harmless
 
     def rebuild_learner(self, cfg: Config) -> None:
         """A rank was lost: the whole group goes (the survivors wait in a collective) and a new one starts; it
         holds the initial weights until the caller restores a checkpoint."""
-        self.learner.shutdown()
+        if self.learner is not None:
+            self.learner.shutdown()
         self.learner = start_learner(cfg)
 
 
@@ -112,18 +119,18 @@ def start_reward_worker(cfg: Config, build_scorer: Callable[[], RewardScorer], j
     """A reward worker asking for the resources of `cluster.reward_*` (restarted by Ray on a crash); its
     evaluation scorer (MAS, and the rubric when `judge_urls` are given) is built on its first evaluation call."""
     c = cfg.cluster
-    build_bench = functools.partial(
-        build_bench_scorer, cfg.reward.flow, cfg.reward.judge, judge_urls,
+    build_eval = functools.partial(
+        build_eval_scorer, cfg.reward.flow, cfg.reward.judge, judge_urls,
         device="cuda" if c.reward_gpus > 0 else "cpu", cache_dir=cfg.model.cache_dir, judge_key=judge_key,
     )  # fmt: skip
     return (
         ray.remote(RewardWorker)
         .options(num_cpus=c.cpus_per_actor, num_gpus=c.reward_gpus, resources=c.reward_resources, **RESTART_OPTIONS)
-        .remote(build_scorer, build_bench=build_bench)
+        .remote(build_scorer, build_eval=build_eval)
     )
 
 
-def build_pools(cfg: Config, *, local: bool = False) -> Pools:
+def build_pools(cfg: Config, *, local: bool = False, evaluation: bool = False) -> Pools:
     """Learner group, judge replicas, reward workers and rollout workers, each ready; if any fails to start,
     the others are shut down before the error propagates.
 
@@ -131,26 +138,36 @@ def build_pools(cfg: Config, *, local: bool = False) -> Pools:
     take minutes, and one after the other they added up. The learner is placed first (its placement group
     reserves its resources, so the other actors cannot fragment the nodes it packs onto) and checked before
     anything loads. Every actor loads its model on its own node (`load_policy` without a path resolves
-    `model.*` there). The rollouts sample only once the driver has published version 0 (old = θ at init)."""
+    `model.*` there). The rollouts sample only once the driver has published version 0 (old = θ at init).
+
+    `evaluation`: the pools of an evaluation command (evaluation/): no learner; the judge replicas started for
+    the rubric whatever `reward.judge_weight`; reward workers whose training scorer is the flow reward alone
+    (only their evaluation scorer is used); rollout workers without reference forwards or the parity probe
+    (there is no learner to compare with) that hold the run's policy with its adapter empty (the base policy)."""
     c, n = cfg.cluster, cfg.nft
+    if evaluation:
+        cfg = replace(cfg, rollout=replace(cfg.rollout, parity_check=False))
     crashes = (c.worker_crashes, c.crash_window_s)  # restarts are unlimited; a crash loop stops the run
-    pools = Pools(WorkerPool("rollout", [], *crashes), WorkerPool("reward", [], *crashes), place_learner(cfg), [])
+    pools = Pools(WorkerPool("rollout", [], *crashes), WorkerPool("reward", [], *crashes),
+                  None if evaluation else place_learner(cfg), [])  # fmt: skip
     try:
         j = cfg.reward.judge
         key = secret_from_env(j.api_key_env, generate=not j.url)  # a started judge always gets one
-        pools.judges = start_judges(cfg, key, local=local)
+        pools.judges = start_judges(cfg, key, local=local, rubric=evaluation)
         reference = None
-        if n.reference_forwards == "rollout":
+        if n.reference_forwards == "rollout" and not evaluation:
             reference = ReferenceForwards(seed=cfg.learner.seed, fraction=n.timestep_fraction)
         rollout_policy = functools.partial(
             load_policy, cfg.model, use_gpu=c.rollout_gpus > 0, lora=None if n.full_finetune else n
         )
         pools.new_rollout = functools.partial(start_rollout_worker, cfg, rollout_policy, reference)
         pools.rollouts.actors = [pools.new_rollout(i) for i in range(c.rollout_workers)]
-        pools.learner.start()  # while the rollouts and judges load
+        if pools.learner is not None:
+            pools.learner.start()  # while the rollouts and judges load
         urls = (j.url,) if j.url else tuple(ray.get([judge.url.remote() for judge in pools.judges]))
+        scored = replace(cfg.reward, flow_weight=1.0, judge_weight=0.0) if evaluation else cfg.reward
         build_scorer = functools.partial(
-            build_reward_scorer, cfg.reward, urls, device="cuda" if c.reward_gpus > 0 else "cpu",
+            build_reward_scorer, scored, () if evaluation else urls, device="cuda" if c.reward_gpus > 0 else "cpu",
             cache_dir=cfg.model.cache_dir, judge_key=key,
         )  # fmt: skip
         pools.rewards.actors = [start_reward_worker(cfg, build_scorer, urls, key) for _ in range(c.reward_workers)]

@@ -6,14 +6,17 @@ whole judge path (data-URL images -> vLLM -> structured digit choice -> log-prob
 Its scores are random, which is all the tests need.
 """
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.utils import logging as hf_logging
 
 from motionnft_core.cache import build_atomically, builder_key
 from motionnft_core.config import JudgeConfig
@@ -122,6 +125,18 @@ def _preprocessor_config() -> dict:
     }
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' (and huggingface_hub's) tqdm bars off for the block, as they were after it."""
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _write(out_dir: Path, seed: int) -> None:
     tokenizer = _build_tokenizer()
     for digit in "012345":
@@ -132,7 +147,8 @@ def _write(out_dir: Path, seed: int) -> None:
     config = _model_config(tokenizer)
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**config)).to(torch.bfloat16)
-    model.save_pretrained(out_dir)
+    with _no_progress_bars():  # built in the judge actor: its "Writing model shards" bar reached the job's console
+        model.save_pretrained(out_dir)
     # save_pretrained writes transformers 5's nested layout; rewrite the flat hub form both loaders read.
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
 

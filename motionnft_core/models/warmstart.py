@@ -330,7 +330,7 @@ def resolve_demo(cfg: Config) -> Config:
     """A run with `demo.enabled`: build (or reuse) the demo data and warm-started pipeline, and return the config
     that trains them: `model.path` and `data.source` filled in, `demo.enabled` false (resolved).
 
-    The resolved config is what a run saves (`<logging.dir>/config.json`), so `evaluation.evaluate --run` loads
+    The resolved config is what a run saves (`<logging.dir>/config.json`), so `evaluation.main heldout --run` loads
     exactly the pipeline and data that were trained. Without `demo.enabled` the config is returned as it is.
     """
     if not cfg.demo.enabled:

@@ -24,13 +24,13 @@ import torch
 from actors.eval_sampler import EvalSampler
 from actors.rollout import image_digests
 from actors.sampler import Sampler
-from evaluation.evaluate import load_evaluated_policy
+from evaluation.heldout import load_evaluated_policy
 from motionnft_core.config_loader import load_config
 from motionnft_core.data.motionedit import load_splits
 from motionnft_core.models.policy import load_policy
 from motionnft_core.net import free_port
 from motionnft_core.noise import candidate_seed
-from rewards.eval_scorer import build_bench_scorer
+from rewards.eval_scorer import build_eval_scorer
 from tests.prometheus import Scraper, dashboard_queries, step_keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,7 +148,7 @@ def test_qwen_image_edit_trains(tmp_path):
         edits = [EvalSampler(policy, cfg.eval).sample(row.prompt, row.input_image) for row in rows]
     finally:
         torch.set_num_threads(threads)
-    scorer = build_bench_scorer(cfg.reward.flow, cfg.reward.judge, (), device="cpu", cache_dir=cfg.model.cache_dir)
+    scorer = build_eval_scorer(cfg.reward.flow, cfg.reward.judge, (), device="cpu", cache_dir=cfg.model.cache_dir)
     mas = [s["mas"]["mas"] for s in asyncio.run(scorer.score(rows, edits, cfg.eval))]
     assert metrics[1]["eval/mas"] == pytest.approx(sum(mas) / len(mas), abs=1e-9), mas
 

@@ -9,7 +9,7 @@ same seed go concurrently: the run as shipped (30 steps) and the inverted one (`
 first 15 steps: it has clearly lost by then, and the suite has a time budget; one learner rank, so that the two
 runs do not oversubscribe the 2 cores: 260 s for both instead of 298 s, and its held-out change at step 15 was
 -0.036 with one rank, -0.038 with two). Each is judged by
-`python -m evaluation.evaluate --run DIR --checkpoint all`: the warm-started base policy and every checkpoint's
+`python -m evaluation.main heldout --run DIR --checkpoint all`: the warm-started base policy and every checkpoint's
 exported EMA adapter on the 49 held-out examples, with the same noise per example (paired).
 
 Margins, from repeated runs of exactly this loop (seeds 0/1/2 of rollout + learner, 2026-11-23, 2-core CPU;
@@ -73,7 +73,8 @@ def demo_runs(tmp_path_factory, demo_cache):
                 if name in evals or proc.poll() is None:
                     continue
                 assert proc.returncode == 0, f"{name} run failed:\n" + (tmp / f"{name}.log").read_text()[-4000:]
-                cmd = [sys.executable, "-m", "evaluation.evaluate", "--run", str(tmp / name), "--checkpoint", "all"]
+                cmd = [sys.executable, "-m", "evaluation.main", "heldout", "--run", str(tmp / name), "--checkpoint",
+                       "all"]  # fmt: skip
                 evals[name] = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=(tmp / f"{name}.eval.log").open("w"),
                                                stderr=subprocess.STDOUT)  # fmt: skip
             time.sleep(1)
@@ -89,7 +90,7 @@ def demo_runs(tmp_path_factory, demo_cache):
 
 
 def _held_out(run_dir: Path) -> list[tuple[int, float]]:
-    """[(step, mean held-out score)] of `evaluation.evaluate --checkpoint all`; step 0 = the warm start."""
+    """[(step, mean held-out score)] of `evaluation.main heldout --checkpoint all`; step 0 = the warm start."""
     results = json.loads((run_dir / "eval" / "eval.json").read_text())["results"]
     return [(r["step"] or 0, r["mean"]["score"]) for r in results]
 

@@ -7,9 +7,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-from evaluation.report import ReportInfo, comparison_grid, format_report, plot_win_rates, write_report
+from evaluation.report import (
+    COMPARISON_COLUMNS,
+    LABEL_BAND,
+    ReportInfo,
+    comparison_grid,
+    format_report,
+    plot_win_rates,
+    write_grid,
+    write_report,
+)
 from evaluation.table import ScoreStore, pair_rows, read_rows, score_row, write_rows
 from motionnft_core.config import EvalConfig
 from motionnft_core.eval_stats import ALL, summarize
@@ -134,7 +143,36 @@ def test_grid_columns_are_input_target_baseline_candidate(tmp_path):
     images = [torch.full((3, 4, 6), v, dtype=torch.uint8) for v in (10, 20, 30, 40)]
     path = comparison_grid(*[[im] * 3 for im in images], tmp_path / "grid.png", scale=2)
     px = np.asarray(Image.open(path).convert("L"))
-    assert px.shape == (3 * 4 * 2, 4 * 6 * 2)
-    assert [int(px[0, c * 12]) for c in range(4)] == [10, 20, 30, 40]
+    assert px.shape == (LABEL_BAND + 3 * 4 * 2, 4 * 6 * 2)  # a band of column labels above the rows
+    assert [int(px[LABEL_BAND, c * 12]) for c in range(4)] == [10, 20, 30, 40]
+
+
+def test_grid_columns_are_labelled_on_the_picture(tmp_path):
+    """Each column's name is drawn above it (PIL's default font), so the picture reads without the report."""
+    images = [torch.full((3, 32, 32), v, dtype=torch.uint8) for v in (10, 20, 30, 40)]
+    image = Image.open(comparison_grid(*[[im] * 2 for im in images], tmp_path / "grid.png", scale=3)).convert("L")
+    column = 32 * 3
+    assert image.size == (4 * column, LABEL_BAND + 2 * column)
+
+    def drawn(label: str) -> np.ndarray:
+        cell = Image.new("L", (column, LABEL_BAND), 255)
+        ImageDraw.Draw(cell).text((2, 1), label, fill=0, font=ImageFont.load_default())
+        return np.asarray(cell)
+
+    assert COMPARISON_COLUMNS == ("input", "target", "baseline", "candidate")
+    for c, label in enumerate(COMPARISON_COLUMNS):
+        band = np.asarray(image.crop((c * column, 0, (c + 1) * column, LABEL_BAND)))
+        assert (band < 128).sum() > 20, label  # text, not an empty band
+        assert np.array_equal(band, drawn(label)), label
+        assert not np.array_equal(band, drawn(COMPARISON_COLUMNS[c - 1])), label
+
+
+def test_grid_labels_must_name_every_column(tmp_path):
+    a = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="2 labels for 3 columns"):
+        write_grid(a, a, a, tmp_path / "x.png", labels=["input", "target"])
+
+
+def test_win_rate_plot_of_no_rows_is_a_png(tmp_path):
     plot = Image.open(plot_win_rates(summarize([], EvalConfig(bootstrap_samples=10)), tmp_path / "p.png"))
     assert plot.format == "PNG"

@@ -1,4 +1,5 @@
-"""evaluation/evaluate.py without a training run: grid and plot files, checkpoint resolution, LoRA loading, the CLI.
+"""evaluation/ without a training run or Ray: grid and plot files, checkpoint resolution, LoRA loading, the CLI
+(`python -m evaluation.main heldout`, and what `compare` refuses before it writes or starts anything).
 
 A "checkpoint" here is written the way the driver writes one (`checkpoint.export_lora` of an adapter state into
 `step_N/lora/`, then the COMMITTED marker), with known random adapter weights instead of trained ones.
@@ -14,7 +15,10 @@ import torch
 import yaml
 from PIL import Image
 
-from evaluation import evaluate as ev
+from evaluation import compare
+from evaluation import heldout as ev
+from evaluation import main as cli
+from evaluation.report import LABEL_BAND, write_grid
 from learner.trainer.checkpoint import MARKER, export_lora, step_name
 from motionnft_core.config_loader import load_config
 from tests.storage_helpers import upload_dir
@@ -33,7 +37,7 @@ def test_write_grid_size_and_layout(tmp_path):
         k: torch.tensor(c, dtype=torch.uint8).view(1, 3, 1, 1).expand(n, 3, h, w).clone() for k, c in colours.items()
     }
     batches["edit"][1] = 255  # second row's edit is white
-    path = ev.write_grid(batches["in"], batches["gt"], batches["edit"], tmp_path / "g" / "grid.png", scale=scale)
+    path = write_grid(batches["in"], batches["gt"], batches["edit"], tmp_path / "g" / "grid.png", scale=scale)
     image = Image.open(path)
     assert image.format == "PNG"
     assert image.size == (3 * w * scale, n * h * scale)  # (width, height): 3 columns, one row per example
@@ -48,7 +52,7 @@ def test_write_grid_size_and_layout(tmp_path):
 def test_write_grid_one_column_per_edit_batch(tmp_path):
     n, h, w = 3, 4, 4
     batches = [torch.full((n, 3, h, w), v, dtype=torch.uint8) for v in (0, 50, 100, 150)]
-    path = ev.write_grid(batches[0], batches[1], batches[2:], tmp_path / "grid.png")
+    path = write_grid(batches[0], batches[1], batches[2:], tmp_path / "grid.png")
     px = np.asarray(Image.open(path).convert("L"))
     assert px.shape == (n * h, 4 * w)
     assert [int(px[0, c * w]) for c in range(4)] == [0, 50, 100, 150]  # input | truth | edit A | edit B
@@ -57,13 +61,13 @@ def test_write_grid_one_column_per_edit_batch(tmp_path):
 def test_write_grid_rejects_bad_input(tmp_path):
     a = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
     with pytest.raises(ValueError, match="one shape"):
-        ev.write_grid(a, a, torch.zeros(2, 3, 8, 4, dtype=torch.uint8), tmp_path / "x.png")
+        write_grid(a, a, torch.zeros(2, 3, 8, 4, dtype=torch.uint8), tmp_path / "x.png")
     with pytest.raises(ValueError, match="uint8"):
-        ev.write_grid(a.float(), a.float(), a.float(), tmp_path / "x.png")
+        write_grid(a.float(), a.float(), a.float(), tmp_path / "x.png")
     with pytest.raises(ValueError, match="one shape"):
-        ev.write_grid(a, a, [], tmp_path / "x.png")
+        write_grid(a, a, [], tmp_path / "x.png")
     with pytest.raises(ValueError, match="scale"):
-        ev.write_grid(a, a, a, tmp_path / "x.png", scale=0)
+        write_grid(a, a, a, tmp_path / "x.png", scale=0)
 
 
 def test_reward_curve_png_from_metrics(tmp_path):
@@ -191,7 +195,7 @@ def test_a_checkpoint_on_s3_is_read_by_the_worker_that_loads_it(run_config, s3_b
     assert not (tmp_path / "cache").exists()  # resolving downloads nothing
 
     worker_cache = str(tmp_path / "worker_node_cache")
-    build = lambda: load_policy(cfg.model, use_gpu=False, lora=cfg.nft)  # noqa: E731 - as bench_workers builds it
+    build = lambda: load_policy(cfg.model, use_gpu=False, lora=cfg.nft)  # noqa: E731 - as the evaluation pools build it
     rollout = replace(cfg.rollout, parity_check=False)
     worker = RolloutWorker("rollout-0", build, rollout, "lora")
     export = LoraExport(lora, RANK, ALPHA, worker_cache, s3.S3Retry(1, 0.01))
@@ -204,7 +208,7 @@ def test_a_checkpoint_on_s3_is_read_by_the_worker_that_loads_it(run_config, s3_b
     assert list((Path(worker_cache) / "lora_exports").iterdir()) == []  # the download is gone after loading
     # A worker that does not hold the export (a restarted one starts with an empty adapter) loads it before it
     # edits: its edit is the one of a worker that held it already.
-    example = ev.bench_examples(cfg, "", 1)[0]
+    example = compare.compare_examples(cfg, "", 1)[0]
     quick = replace(cfg.eval, num_steps=2)
     restarted = RolloutWorker("rollout-2", build, rollout, "lora")
     assert torch.equal(restarted.edit(quick, example, export=export), worker.edit(quick, example, export=export))
@@ -255,8 +259,9 @@ def test_cli_all_checkpoints_writes_table_json_grid_and_curve(run_config, capsys
         "".join(json.dumps({"step": s, "reward/mean": 0.5}) + "\n" for s in range(6))
     )
     out = run_dir / "eval_out"
-    argv = ["--config", str(path), "--checkpoint", "all", "--out", str(out), "--grid-scale", "2", "--limit", "3"]
-    assert ev.main(argv) == 0
+    argv = ["heldout", "--config", str(path), "--checkpoint", "all", "--out", str(out), "--grid-scale", "2",
+            "--limit", "3"]  # fmt: skip
+    assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "base policy (no adapter)" in printed and "MEAN (n=" in printed
     summary = json.loads((out / "eval.json").read_text())
@@ -269,14 +274,14 @@ def test_cli_all_checkpoints_writes_table_json_grid_and_curve(run_config, capsys
     columns = 2 + len(steps)  # input | ground truth | one edit per evaluated policy
     assert summary["grid_columns"][:3] == ["input", "ground truth", "edit: base policy"]
     assert len(summary["grid_columns"]) == columns
-    assert grid.size == (columns * 32 * 2, min(16, n) * 32 * 2)
+    assert grid.size == (columns * 32 * 2, LABEL_BAND + min(16, n) * 32 * 2)  # labelled columns above the rows
     assert Image.open(out / "reward_curve.png").format == "PNG"
 
 
 def test_cli_reports_config_errors(run_config, capsys):
     path, _ = run_config
     with pytest.raises(SystemExit) as exit_:
-        ev.main(["--config", str(path), "rollout.heigth=64"])
+        cli.main(["heldout", "--config", str(path), "rollout.heigth=64"])
     assert exit_.value.code == 2 and "rollout.heigth" in capsys.readouterr().err
 
 
@@ -288,13 +293,69 @@ def test_cli_run_dir_uses_the_saved_resolved_config(run_config, tmp_path, capsys
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))  # as the driver writes it
     out = tmp_path / "out"
-    argv = ["--run", str(run_dir), "--checkpoint", "none", "--out", str(out), "--limit", "2"]
-    assert ev.main([*argv, f"logging.dir={tmp_path / 'logs'}"]) == 0  # overrides apply on top
+    argv = ["heldout", "--run", str(run_dir), "--checkpoint", "none", "--out", str(out), "--limit", "2"]
+    assert cli.main([*argv, f"logging.dir={tmp_path / 'logs'}"]) == 0  # overrides apply on top
     assert json.loads((out / "eval.json").read_text())["n_examples"] == 2
     assert "reward_curve.png not written" in capsys.readouterr().out  # no metrics.jsonl, one evaluation
     assert not (out / "reward_curve.png").exists()
     capsys.readouterr()
-    assert ev.main(["--run", str(tmp_path / "nothing")]) == 2  # a message, no traceback
+    assert cli.main(["heldout", "--run", str(tmp_path / "nothing")]) == 2  # a message, no traceback
     assert "no config.json" in capsys.readouterr().err
-    assert ev.main(["--run", str(run_dir), "--checkpoint", "latest", f"checkpoint.dir={tmp_path / 'none'}"]) == 2
+    argv = ["heldout", "--run", str(run_dir), "--checkpoint", "latest", f"checkpoint.dir={tmp_path / 'none'}"]
+    assert cli.main(argv) == 2
     assert "--checkpoint latest: no complete checkpoint under" in capsys.readouterr().err
+
+
+def test_a_refused_comparison_writes_nothing_and_the_corrected_one_starts(run_config, tmp_path, capsys, monkeypatch):
+    """Every input of `compare` is checked before a file is written or Ray is joined: a refused start leaves no
+    trace in --out, so the corrected command is not refused as "another comparison"."""
+    path, cfg = run_config
+    ckpt_dir = tmp_path / "ckpt"
+    _write_checkpoint(replace(cfg, checkpoint=replace(cfg.checkpoint, dir=str(ckpt_dir))), 7,
+                      _adapter_state(cfg, seed=4))  # fmt: skip
+    out = tmp_path / "compare"
+    argv = ["compare", "--config", str(path), "--checkpoint", "latest", "--baseline", "base", "--out", str(out),
+            f"checkpoint.dir={ckpt_dir}"]  # fmt: skip
+    refused = {
+        "the rubric needs a judge: reward.judge.url": [],
+        "cluster.judge_replicas is 0": ["reward.judge.tiny=true", "cluster.judge_replicas=0"],
+        "--checkpoint latest: no complete checkpoint": ["reward.judge.tiny=true", f"checkpoint.dir={tmp_path / 'no'}"],
+        "no *.parquet, *.jsonl or example folders": ["reward.judge.tiny=true", f"--split={tmp_path / 'empty'}"],
+    }
+    (tmp_path / "empty").mkdir()
+    for message, extra in refused.items():
+        flags = [a for a in extra if a.startswith("--")]
+        assert cli.main([*argv[:1], *flags, *argv[1:], *[a for a in extra if a not in flags]]) == 2, message
+        assert message in capsys.readouterr().err
+        assert not out.exists(), message
+
+    class PoolsReached(Exception):
+        pass
+
+    def pools(cfg):  # stands for the Ray pools: the corrected command gets this far, and no further
+        raise PoolsReached
+
+    monkeypatch.setattr(compare, "compare_pools", pools)
+    with pytest.raises(PoolsReached):
+        cli.main([*argv, "reward.judge.tiny=true"])
+    assert not out.exists()  # the manifest is written once the pools are up
+    out.mkdir()
+    (out / compare.MANIFEST).write_text(json.dumps({"candidate": "another"}))
+    assert cli.main([*argv, "reward.judge.tiny=true"]) == 2
+    assert "holds a comparison with other" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == [compare.MANIFEST]
+
+
+def test_the_demo_config_carries_the_comparisons_judge_and_training_starts_none():
+    """`compare --run runs/learn_demo` needs no override, and the demo's training is as before: no judge pool
+    asked for, no replica started (its reward.judge_weight is 0)."""
+    from learner.driver.placement import pool_asks
+    from learner.driver.pools import start_judges
+    from motionnft_core.secret import secret_from_env
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "learn_demo.yaml")
+    compare.check_judge(cfg)
+    assert cfg.reward.judge.tiny and cfg.cluster.judge_replicas == 1 and cfg.cluster.judge_gpus == 0
+    assert cfg.reward.judge_weight == 0.0
+    assert [p.name for p in pool_asks(cfg)] == ["learner", "rollout", "reward"]
+    assert start_judges(cfg, secret_from_env(cfg.reward.judge.api_key_env, generate=True), local=True) == []

@@ -1,4 +1,4 @@
-"""`python -m evaluation.evaluate --baseline ...` end to end (issue 14) on the Ray pools of the session's cluster (edits
+"""`python -m evaluation.main compare ...` end to end on the Ray pools of the session's cluster (edits
 on rollout workers, MAS, rubric and side-by-side judging on a reward worker): tiny FLUX Kontext, DIS flow, the tiny
 vLLM judge of the session. A crash mid-run then a rerun (on another number of rollout workers, one of which is
 killed mid-chunk) scores every row once and gives the rows an uninterrupted run would; the edit a worker makes from
@@ -19,7 +19,10 @@ import yaml
 from PIL import Image
 
 from actors.eval_sampler import EvalSampler
-from evaluation import evaluate as ev
+from evaluation import compare as ev
+from evaluation import main as cli
+from evaluation.heldout import load_evaluated_policy
+from evaluation.report import LABEL_BAND
 from evaluation.table import ScoreStore
 from learner.trainer.checkpoint import MARKER, export_lora, step_name
 from motionnft_core.config_loader import load_config
@@ -28,9 +31,9 @@ RANK, ALPHA, TARGETS = 4, 8, ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 @pytest.fixture(scope="module")
-def bench_config(tmp_path_factory, vllm_judge):
+def compare_config(tmp_path_factory, vllm_judge):
     """A tiny run: 12 synthetic 32 px examples (3 held out), 2-step evaluation edits, chunks of 2 rows."""
-    root = tmp_path_factory.mktemp("bench_run")
+    root = tmp_path_factory.mktemp("compare_run")
     tree = {
         "model": {"tiny": True, "family": "flux_kontext", "dtype": "float32", "cache_dir": str(root / "cache")},
         "data": {"synthetic": 12, "synthetic_size": 32, "eval_fraction": 0.5, "seed": 0},
@@ -47,7 +50,7 @@ def bench_config(tmp_path_factory, vllm_judge):
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(tree))
     cfg = load_config(path)
-    policy = ev.load_evaluated_policy(cfg, None)  # a checkpoint with a random (non-zero) adapter
+    policy = load_evaluated_policy(cfg, None)  # a checkpoint with a random (non-zero) adapter
     policy.add_lora(rank=RANK, alpha=ALPHA, target_modules=TARGETS)
     g = torch.Generator().manual_seed(1)
     state = {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in policy.lora_state_dict().items()}
@@ -68,13 +71,13 @@ def _alive_actors(expected: int | None = None) -> int:
         time.sleep(0.2)
 
 
-def test_bench_on_the_pools_crash_resume_self_comparison_and_a_dead_judge(bench_config, ray_cluster, tmp_path,
+def test_compare_on_the_pools_crash_resume_self_comparison_and_a_dead_judge(compare_config, ray_cluster, tmp_path,
                                                                           monkeypatch, capsys):  # fmt: skip
-    path, ckpt = bench_config
+    path, ckpt = compare_config
     actors_before = _alive_actors()
     calls: list[str] = []
     scored: list[tuple[str, int]] = []
-    real_score, real_append = ev.score_bench_policy, ScoreStore.append
+    real_score, real_append = ev.score_compare_policy, ScoreStore.append
 
     def counting_score(name, *args, **kwargs):  # the driver's view: which policy, how many rows sampled
         calls.append(name)
@@ -89,13 +92,13 @@ def test_bench_on_the_pools_crash_resume_self_comparison_and_a_dead_judge(bench_
             raise RuntimeError("killed while writing")
         return real_append(self, rows)
 
-    monkeypatch.setattr(ev, "score_bench_policy", counting_score)
+    monkeypatch.setattr(ev, "score_compare_policy", counting_score)
     monkeypatch.setattr(ScoreStore, "append", crashing_append)
     out = tmp_path / "vs_base"
-    argv = ["--config", str(path), "--checkpoint", str(ckpt), "--baseline", "base", "--out", str(out),
+    argv = ["compare", "--config", str(path), "--checkpoint", str(ckpt), "--baseline", "base", "--out", str(out),
             "--grid-scale", "2", "eval.pairwise=true"]  # fmt: skip
     with pytest.raises(RuntimeError, match="killed"):
-        ev.main(argv)
+        cli.main(argv)
     assert calls == ["baseline", "candidate"] and scored == [("baseline", 3)] and len(lost) == 2
     assert _alive_actors(actors_before) == actors_before  # the failed run stopped what it started
     # The rerun scores the rows not written only, on one worker in one chunk (rows move to other workers and
@@ -111,7 +114,7 @@ def test_bench_on_the_pools_crash_resume_self_comparison_and_a_dead_judge(bench_
         return refs
 
     monkeypatch.setattr(ev.Side, "sample", killing_sample)
-    assert ev.main([*argv, "cluster.rollout_workers=1", "eval.chunk_rows=3"]) == 0 and killed
+    assert cli.main([*argv, "cluster.rollout_workers=1", "eval.chunk_rows=3"]) == 0 and killed
     assert scored[1:] == [("candidate", 3)]
     monkeypatch.setattr(ev.Side, "sample", real_sample)
 
@@ -132,18 +135,19 @@ def test_bench_on_the_pools_crash_resume_self_comparison_and_a_dead_judge(bench_
     assert "**judge at http://" in report and "eval.mas_alpha = 0.7" in report and "steps 2" in report
     assert "requests " in report  # the reward worker's rubric client counted its requests
     assert "side-by-side win rate %" in report and "0 of 3 rows failed" in report
-    assert Image.open(out / "grid.png").size == (4 * 32 * 2, 3 * 32 * 2)  # input | target | baseline | candidate
+    grid = Image.open(out / "grid.png")  # input | target | baseline | candidate, labelled above
+    assert grid.size == (4 * 32 * 2, LABEL_BAND + 3 * 32 * 2)
     printed = capsys.readouterr().out
     assert "report:" in printed and "sampling the baseline's 3 edits again" in printed
     assert "candidate: chunk 1/1 lost a worker" in printed
 
     # The worker's edit from the export (read into the training adapter) = diffusers' loader in process.
     cfg = load_config(path)
-    example = ev.bench_examples(cfg, "", 1)[0]
+    example = ev.compare_examples(cfg, "", 1)[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the rollout actor (Ray gives a fractional-CPU actor one thread)
     try:
-        direct = EvalSampler(ev.load_evaluated_policy(cfg, ckpt / "lora"), cfg.eval).sample(example.prompt,
+        direct = EvalSampler(load_evaluated_policy(cfg, ckpt / "lora"), cfg.eval).sample(example.prompt,
                                                                                            example.input_image)
     finally:
         torch.set_num_threads(threads)
@@ -152,14 +156,15 @@ def test_bench_on_the_pools_crash_resume_self_comparison_and_a_dead_judge(bench_
 
     monkeypatch.setattr(ScoreStore, "append", real_append)
     capsys.readouterr()  # another comparison in the same dir: refused with a message, no traceback
-    assert ev.main(["--config", str(path), "--checkpoint", "base", "--baseline", "base", "--out", str(out)]) == 2
+    other = ["compare", "--config", str(path), "--checkpoint", "base", "--baseline", "base", "--out", str(out)]
+    assert cli.main(other) == 2
     assert "holds a comparison with other candidate" in capsys.readouterr().err
 
     one_worker = ["cluster.rollout_workers=1"]
     same = tmp_path / "self"
-    argv = ["--config", str(path), "--checkpoint", str(ckpt), "--baseline", str(ckpt), "--out", str(same),
+    argv = ["compare", "--config", str(path), "--checkpoint", str(ckpt), "--baseline", str(ckpt), "--out", str(same),
             "--limit", "2", "eval.pairwise=true", *one_worker]  # fmt: skip
-    assert ev.main(argv) == 0
+    assert cli.main(argv) == 0
     assert scored[2:] == [("baseline", 2)]  # one policy, sampled once
     summary = json.loads((same / "summary.json").read_text())["all"]
     for key in ("win_mas", "win_overall", "win_pairwise"):  # identical edits side by side: a tie, not asked
@@ -167,10 +172,11 @@ def test_bench_on_the_pools_crash_resume_self_comparison_and_a_dead_judge(bench_
     assert summary["metrics"]["mas"] == summary["metrics"]["baseline_mas"]
 
     dead = tmp_path / "dead_judge"
-    argv = ["--config", str(path), "--checkpoint", "base", "--baseline", "base", "--out", str(dead), "--limit", "1",
+    argv = ["compare", "--config", str(path), "--checkpoint", "base", "--baseline", "base", "--out", str(dead),
+            "--limit", "1",
             "reward.judge.url=http://127.0.0.1:9/v1", "reward.judge.max_retries=1", "reward.judge.retry_budget_s=0",
             "reward.judge.backoff_s=0.01", *one_worker]  # fmt: skip
-    assert ev.main(argv) == 0
+    assert cli.main(argv) == 0
     (row,) = pq.read_table(dead / "rows.parquet").to_pylist()
     assert row["failed"] and row["overall"] is None and row["win_overall"] is None and row["win_mas"] == 0.5
     assert "cannot reach" in row["judge_error"]
