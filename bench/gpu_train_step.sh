@@ -12,7 +12,7 @@ if [ $# -ne 1 ]; then
   echo "usage: bash bench/gpu_train_step.sh OUTPUT_DIR" >&2
   exit 2
 fi
-OUT_DIR=$(mkdir -p "$1" && cd "$1" && pwd)  # absolute: the script runs from the repository root
+DEST=$(mkdir -p "$1" && cd "$1" && pwd)  # absolute: the script runs from the repository root
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -24,4 +24,4 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, diffusers, peft, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)"
 python3 bench/train_step.py --size full --device cuda --family "${FAMILY:-flux_kontext}" --compile --fp8 \
-  --results "$OUT_DIR/train_step.jsonl" 2>&1 | tee "$OUT_DIR/train_step.log"
+  --results "$DEST/train_step.jsonl" 2>&1 | tee "$DEST/train_step.log"
