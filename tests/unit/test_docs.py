@@ -65,6 +65,12 @@ def test_the_configuration_page_has_the_placeholder_the_hook_fills():
     assert "hooks/config_reference.py" in (ROOT / "mkdocs.yml").read_text()
 
 
+def test_the_evaluation_page_lists_every_eval_parameter():
+    page = (ROOT / "docs" / "evaluation.md").read_text()
+    rows = set(re.findall(r"^\| `(eval\.[a-z_]+)` \|", page, re.MULTILINE))
+    assert rows == {f"eval.{f.name}" for f in dataclasses.fields(config.EvalConfig)}
+
+
 def test_the_metrics_page_lists_every_ray_series_of_the_telemetry_schema():
     assert sorted(documented_series()) == sorted(telemetry.SERIES)
 
