@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     records = [json.loads(x) for x in Path(args.measured).read_text().splitlines() if x.strip()]
     measured = [r for r in records if r["family"] == args.family and r["size"] == "full"]
     if not measured:
-        raise SystemExit(f"{args.measured}: no full-size {args.family} run (run bench/device_train_step.sh)")
+        raise SystemExit(f"{args.measured}: no full-size {args.family} run (run bench/gpu_train_step.sh)")
     costs = CallCosts.from_record(measured[-1], args.layout)
     role = costs.role_seconds()
     k = args.group

