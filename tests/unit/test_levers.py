@@ -46,6 +46,7 @@ def _trained(path, lr: float = 1e-2, **learner) -> tuple[NFTTrainer, list]:
     return trainer, samples
 
 
+@pytest.mark.slow  # torch.compile of the tiny transformer: 60-90 s of CPU, past what the fast loop can hold
 def test_learner_compile_gives_the_eager_step(world1, tiny_pipelines):
     # DESIGN's lr 3e-4: AdamW's first steps move an entry by ~lr whatever its gradient, so entries whose gradient
     # nearly cancels carry the compiled kernels' rounding up to ~1e-4 * lr (as in test_fsdp_learner).
@@ -62,6 +63,7 @@ def test_learner_compile_gives_the_eager_step(world1, tiny_pipelines):
     assert len(blocks) == 2  # the tiny transformer's one double and one single block
 
 
+@pytest.mark.slow  # torch.compile again, 50-70 s
 def test_rollout_compile_gives_the_eager_groups(tiny_pipelines):
     path = tiny_pipelines["flux_kontext"]
     eager = Sampler(load_policy(path, "flux_kontext"), ROLLOUT).sample(_prompts(), step=0, version=0)
