@@ -44,6 +44,7 @@ def _temp_dir_entries() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).iterdir() if left(p)}
 
 
+@pytest.mark.slow  # a vLLM server of its own: 45 s on 2 cores (the fast loop's judge tests share one)
 def test_judge_server_actor_serves_and_stops(judge_dir, tmp_path_factory, ray_cluster):
     files = {"log_path": tmp_path_factory.mktemp("actor") / "vllm.log"}
     before = _temp_dir_entries()
