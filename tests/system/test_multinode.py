@@ -197,9 +197,7 @@ def test_a_lost_worker_node_is_replaced_and_the_run_finishes(cluster, bucket, tr
     thread = threading.Thread(target=job)
     thread.start()
     deadline = time.monotonic() + 300
-    while thread.is_alive() and time.monotonic() < deadline and not (
-        metrics_rows(run_dir)
-    ):
+    while thread.is_alive() and time.monotonic() < deadline and not metrics_rows(run_dir):
         time.sleep(0.2)
     killed = cluster.kill_node("b")
     cluster.replace_node("b")
