@@ -20,6 +20,30 @@ import pytest
 
 from motionnft_core.net import free_port
 
+# ------------------------------------------------------------------------------------------------ tests by kind
+
+TESTS = Path(__file__).resolve().parent
+KINDS = ("unit", "ray", "system")  # no Ray; the session's shared Ray cluster; whole runs (all slow)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects anything: every collected test is checked
+def pytest_collection_modifyitems(config, items):
+    """Each test sits in its kind's folder (docs/development.md, "Tests"): every test under tests/system is
+    marked slow, and no test under tests/unit uses the session's Ray cluster."""
+    wrong = []
+    for item in items:
+        parts = item.path.resolve().relative_to(TESTS).parts
+        kind = parts[0] if len(parts) > 1 else ""
+        if kind not in KINDS:
+            wrong.append(f"{item.nodeid}: a test file belongs in tests/unit, tests/ray or tests/system")
+        elif kind == "system" and item.get_closest_marker("slow") is None:
+            wrong.append(f"{item.nodeid}: tests/system holds whole runs, all slow: mark the module (pytestmark)")
+        elif kind == "unit" and "ray_cluster" in item.fixturenames:
+            wrong.append(f"{item.nodeid}: uses the Ray cluster (ray_cluster): it belongs in tests/ray")
+    if wrong:
+        raise pytest.UsageError("tests in the wrong place:\n" + "\n".join(wrong))
+
+
 # ------------------------------------------------------------------------------------------------ S3 (moto)
 
 MOTO_START_TIMEOUT_S = 30.0
@@ -136,7 +160,7 @@ def tiny_pipelines(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One embedded Ray cluster for the session (token auth off on loopback, see ENVIRONMENT.md)."""
+    """One embedded Ray cluster for the session (token auth off: it listens on loopback only)."""
     import ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -146,6 +170,30 @@ def ray_cluster():
                  _system_config={"metrics_report_interval_ms": 1000})  # fmt: skip
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tmp_path_factory) -> dict[str, Path]:
+    """Both tiny pipelines under the session's base temp dir, built once (build_tiny is idempotent)."""
+    from motionnft_core.models.tiny import build_tiny
+
+    root = tmp_path_factory.getbasetemp() / "tiny"  # shared with test_checkpoint
+    return {family: build_tiny(family, root / family) for family in ("flux_kontext", "qwen_image_edit")}
+
+
+@pytest.fixture(scope="module")
+def world1(tmp_path_factory):
+    """A world-1 gloo group in this process (NFTTrainer needs torch.distributed even alone)."""
+    import torch
+    import torch.distributed as dist
+
+    store = tmp_path_factory.mktemp("dist") / "store"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the box is shared; one thread is faster than contending for two
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------ the learning demo's warm start

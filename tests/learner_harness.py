@@ -34,7 +34,7 @@ COLLECTIVE_TIMEOUT_S = 120  # a rank that dies must not leave its peer waiting f
 
 def sections(**overrides: Any) -> tuple[NFTConfig, LearnerConfig]:
     """(cfg.nft, cfg.learner) with a small LoRA and micro-batch 2; every other value at its config default
-    (DESIGN §5) unless overridden, each override going to the section that has the key."""
+    (docs/algorithm.md) unless overridden, each override going to the section that has the key."""
     base = {"lora_rank": 4, "lora_alpha": 8, "lora_targets": TARGETS, "micro_batch": 2, "seed": 0, **overrides}
     nft_keys = {f.name for f in dataclasses.fields(NFTConfig)}
     learner_keys = {f.name for f in dataclasses.fields(LearnerConfig)}

@@ -1,5 +1,4 @@
-"""A real multi-node Ray cluster on this one machine, for tests (../shared/ENVIRONMENT.md, "A real multi-node
-Ray cluster on one machine").
+"""A real multi-node Ray cluster on this one machine, for tests.
 
 Every node runs in its own network namespace (its own IP on a private bridge, no route anywhere else) and its own
 mount namespace, where a private tmpfs is mounted at `disk`: the node's temp dir, Ray temp dir and model cache
@@ -59,7 +58,7 @@ class NamespacedCluster:
     what every node (and so every Ray worker and job there) inherits on top of the caller's environment.
 
     `autoscale`: node types (name -> {resources, min_workers, max_workers}) for Ray's real autoscaler with its
-    fake multi-node provider (../shared/ENVIRONMENT.md): the head runs the autoscaler, which starts and stops
+    fake multi-node provider: the head runs the autoscaler, which starts and stops
     those nodes as local raylets in the head's namespaces (so they share its disk).
     """
 

@@ -92,12 +92,13 @@ class WorkerPool:
     loaded and parity checked) and draining (no new work; removed once the caller says their groups are used).
     A worker's index never changes and is never reused, so crash records and in-flight groups stay valid."""
 
-    def __init__(self, role: str, actors: list[Any], limit: int, window_s: float) -> None:
-        self.role, self.actors = role, actors
-        self.crashes = Crashes(role, limit, window_s)
+    def __init__(self, role: str, actors: list[Any], limit: int, window_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.role, self.actors, self.clock = role, actors, clock
+        self.crashes = Crashes(role, limit, window_s, clock)
         self.pings: dict[int, Any] = {}  # down workers -> their pending `ready` call
         self.joining: dict[int, Any] = {}  # added workers -> their pending `prepare` call
-        self.join_deadline: dict[int, float] = {}  # added workers -> when (time.monotonic) to give up on them
+        self.join_deadline: dict[int, float] = {}  # added workers -> when (self.clock) to give up on them
         self.draining: set[int] = set()  # leaving workers: no new work
         self.removed: set[int] = set()  # killed for good
 
@@ -115,7 +116,7 @@ class WorkerPool:
         self.actors.append(actor)
         w = len(self.actors) - 1
         self.joining[w] = prepare(actor)
-        self.join_deadline[w] = time.monotonic() + timeout_s
+        self.join_deadline[w] = self.clock() + timeout_s
         return w
 
     def drain(self) -> int | None:
@@ -143,7 +144,7 @@ class WorkerPool:
     def _poll_joining(self) -> None:
         for w, call in list(self.joining.items()):
             if not ray.wait([call], timeout=0)[0]:
-                if time.monotonic() > self.join_deadline[w]:
+                if self.clock() > self.join_deadline[w]:
                     print(f"{self.crashes.name(w)} did not join the pool in time (no node had room for it, or it "
                           "could not load); removed", flush=True)  # fmt: skip
                     self.remove(w)

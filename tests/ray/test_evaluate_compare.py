@@ -71,6 +71,7 @@ def _alive_actors(expected: int | None = None) -> int:
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # 65 s, and 20 s more to set up: past what the fast loop can hold
 def test_compare_on_the_pools_crash_resume_self_comparison_and_a_dead_judge(compare_config, ray_cluster, tmp_path,
                                                                           monkeypatch, capsys):  # fmt: skip
     path, ckpt = compare_config

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -31,20 +28,12 @@ from motionnft_core.models.policy import load_policy
 from motionnft_core.net import free_port
 from motionnft_core.noise import candidate_seed
 from rewards.eval_scorer import build_eval_scorer
+from tests import harness
 from tests.metrics_doc import assert_metrics_documented
 from tests.prometheus import Scraper, dashboard_queries, step_keys
 
 ROOT = Path(__file__).resolve().parents[2]
-VENV_BIN = str(Path(sys.executable).parent)
 pytestmark = pytest.mark.slow
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")  # the job's `python` must be this venv's
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 def _overrides(tmp: Path, steps: int, family: str = "flux_kontext") -> list[str]:
@@ -63,20 +52,14 @@ def _overrides(tmp: Path, steps: int, family: str = "flux_kontext") -> list[str]
     ]
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-
-
-def _main(args: list[str], timeout: int = 420, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "learner.main", "--config", str(ROOT / "configs/tiny_cpu.yaml"), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**_env(), **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+def _main(args: list[str], timeout: int = 420, env: dict[str, str] | None = None) -> harness.Finished:
+    proc = harness.run(*args, env=env, timeout_s=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
 def test_qwen_image_edit_trains(tmp_path):
-    """Qwen-Image-Edit end to end, with v_old / v_ref computed on the rollout pool (DESIGN §6); its Ray metrics
+    """Qwen-Image-Edit end to end, with v_old / v_ref computed on the rollout pool (bench/README.md); its Ray metrics
     scraped from the embedded cluster's Prometheus endpoint while it runs; the held-out evaluation after every
     step (eval.every=1: 2 rows, 2-step edits with true CFG on the rollout workers, MAS on the reward worker)."""
     port = free_port("127.0.0.1")
@@ -94,7 +77,7 @@ def test_qwen_image_edit_trains(tmp_path):
     assert "rollout workers: rollout-0: pid " in out and "reward workers: pid " in out
     assert "judge: off (reward.judge_weight=0)" in out and "learner ranks: rank 0: pid " in out
     assert "Loading pipeline components" not in out and "Loading weights" not in out
-    metrics = _metrics(tmp_path / "run")
+    metrics = harness.metrics_rows(tmp_path / "run")
     assert [m["step"] for m in metrics] == [0, 1] and all("learner/loss" in m for m in metrics)
     assert (tmp_path / "ckpt" / "step_00000002" / "COMMITTED").exists()
     assert f"metrics: http://127.0.0.1:{port}/metrics" in out
@@ -192,15 +175,7 @@ def _check_ray_metrics(scraper: Scraper, metrics: list[dict]) -> None:
 
 
 def test_bad_config_fails_fast_naming_the_key(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "learner.main",
-        "--config",
-        str(ROOT / "configs/tiny_cpu.yaml"),
-        "rollout.group_size=1",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    proc = harness.run("rollout.group_size=1", timeout_s=60)
     assert proc.returncode == 2 and "rollout.group_size" in proc.stderr
 
 
@@ -212,7 +187,7 @@ def test_full_finetune_end_to_end(tmp_path):
     carried by the checkpoint (a resume reads it back: tests/unit/test_driver.py)."""
     _main(_overrides(tmp_path, 2) + ["nft.full_finetune=true", "checkpoint.every=0", "rollout.fp8=true",
                                      "eval.every=1", "eval.during_rows=2", "eval.num_steps=2"])  # fmt: skip
-    metrics = _metrics(tmp_path / "run")
+    metrics = harness.metrics_rows(tmp_path / "run")
     assert [m["step"] for m in metrics] == [0, 1] and all("learner/loss" in m for m in metrics)
     assert all(m["parity/max_error"] < 1e-4 for m in metrics)
     assert metrics[1]["staleness/max"] <= 1
@@ -233,7 +208,7 @@ def test_steps_without_a_valid_group_publish_nothing_and_go_on(tmp_path):
     _main(_overrides(tmp_path, 3) + ["nft.group_min_std=10", "checkpoint.every=0", "nft.full_finetune=true",
                                      "eval.every=1", "eval.during_rows=2", "eval.num_steps=2",
                                      "cluster.learner_ranks=1", "cluster.rollout_workers=1"])  # fmt: skip
-    metrics = _metrics(tmp_path / "run")
+    metrics = harness.metrics_rows(tmp_path / "run")
     assert [m["step"] for m in metrics] == [0, 1, 2]
     for m in metrics:
         assert m["groups/valid"] == 0 and "learner/loss" not in m

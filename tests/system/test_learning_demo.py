@@ -1,4 +1,4 @@
-"""The learning demo (issue 6): MotionNFT on the full stack raises the held-out motion reward, and the same run
+"""The learning demo: MotionNFT on the full stack raises the held-out motion reward, and the same run
 with the reward signal inverted (r -> 1 - r) lowers it, so the gain comes from the reward.
 
 The demo's warm start is built once into a temporary cache by `python -m motionnft_core.models.warmstart` (the CLI
@@ -25,13 +25,14 @@ in another order), not bit for bit.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests import harness
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "learn_demo.yaml"
@@ -42,50 +43,38 @@ MAX_INVERTED_CHANGE = -0.015  # inverted, step 15: final - base must be at most 
 INVERTED_STEPS = 15
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory, demo_cache):
     """{"shipped": run dir, "inverted": run dir}, both trained and evaluated."""
     tmp, cache = tmp_path_factory.mktemp("learn_demo"), demo_cache
     runs = {"shipped": [], "inverted": ["nft.invert_reward=true", f"learner.steps={INVERTED_STEPS}",
                                         f"checkpoint.every={INVERTED_STEPS}", "cluster.learner_ranks=1"]}  # fmt: skip
-    procs = {}
+    drivers: dict[str, harness.Driver] = {}
     for name, extra in runs.items():
         run_dir = tmp / name
         args = [f"model.cache_dir={cache}", f"logging.dir={run_dir}", f"checkpoint.dir={run_dir / 'ckpt'}", *extra]
-        log = (tmp / f"{name}.log").open("w")
-        procs[name] = subprocess.Popen([sys.executable, "-m", "learner.main", "--config", str(CONFIG), *args],
-                                       cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        drivers[name] = harness.start(*args, config=CONFIG, log=tmp / f"{name}.log")
     # Each run's evaluation starts as soon as its training ends: the inverted one's overlaps the shipped training.
-    evals: dict[str, subprocess.Popen] = {}
+    evals: dict[str, harness.Driver] = {}
     deadline = time.monotonic() + 1200
     try:
         while len(evals) < len(runs):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the demo runs did not finish in time: {sorted(procs.keys() - evals.keys())}")
-            for name, proc in procs.items():
-                if name in evals or proc.poll() is None:
+                raise TimeoutError(f"the demo runs did not finish in time: {sorted(drivers.keys() - evals.keys())}")
+            for name, driver in drivers.items():
+                if name in evals or driver.running():
                     continue
-                assert proc.returncode == 0, f"{name} run failed:\n" + (tmp / f"{name}.log").read_text()[-4000:]
-                cmd = [sys.executable, "-m", "evaluation.main", "heldout", "--run", str(tmp / name), "--checkpoint",
-                       "all"]  # fmt: skip
-                evals[name] = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=(tmp / f"{name}.eval.log").open("w"),
-                                               stderr=subprocess.STDOUT)  # fmt: skip
+                done = driver.wait(timeout_s=60)
+                assert done.returncode == 0, f"{name} run failed:\n" + done.tail()
+                evals[name] = harness.start("heldout", "--run", str(tmp / name), "--checkpoint", "all",
+                                            module="evaluation.main", config=None, log=tmp / f"{name}.eval.log")
             time.sleep(1)
-        for name, proc in evals.items():
-            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            assert rc == 0, f"{name} evaluation failed:\n" + (tmp / f"{name}.eval.log").read_text()[-4000:]
+        for name, driver in evals.items():
+            done = driver.wait(timeout_s=max(1.0, deadline - time.monotonic()))
+            assert done.returncode == 0, f"{name} evaluation failed:\n" + done.tail()
     finally:
-        for proc in (*procs.values(), *evals.values()):
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        for driver in (*drivers.values(), *evals.values()):
+            driver.kill()
     return {name: tmp / name for name in runs}
 
 
@@ -101,7 +90,7 @@ def test_training_raises_the_held_out_motion_reward(demo_runs):
     assert steps == [0, 10, 20, 30], steps
     gain = curve[-1][1] - curve[0][1]
     assert gain >= MIN_GAIN, f"held-out score {curve}: gain {gain:+.4f} < {MIN_GAIN}"
-    rows = [json.loads(line) for line in (demo_runs["shipped"] / "metrics.jsonl").read_text().splitlines()]
+    rows = harness.metrics_rows(demo_runs["shipped"])
     assert len(rows) == 30 and all(r.get("learner/n_valid", 0) > 0 for r in rows[:5])  # it really trained
     for name in ("grid.png", "reward_curve.png"):
         assert (demo_runs["shipped"] / "eval" / name).stat().st_size > 1000
@@ -122,7 +111,7 @@ def test_fp8_sampling_barely_moves_the_rewards_of_a_policy_that_edits(demo_cache
     groups, the mean reward went 0.8421 -> 0.8402. The bounds leave room for that and fail a broken FP8 path."""
     results = tmp_path / "fp8_reward.jsonl"
     cmd = [sys.executable, "bench/fp8_reward.py", "--cache", str(demo_cache), "--results", str(results)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=harness.driver_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (r,) = [json.loads(line) for line in results.read_text().splitlines()]
     assert r["examples"] == 49 and r["group"] == 8

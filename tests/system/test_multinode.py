@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import metrics_rows
 from tests.multinode import NamespacedCluster, can_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,10 +61,6 @@ def _train(cluster: NamespacedCluster, run_dir: Path, ckpt: str, *extra: str) ->
     return out.returncode, out.stdout + out.stderr
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-
-
 def _objects(cluster: NamespacedCluster, bucket: str, prefix: str) -> list[str]:
     code = (f"pages = s3.get_paginator('list_objects_v2').paginate(Bucket={bucket!r}, Prefix={prefix!r})\n"
             "print(json.dumps(sorted(o['Key'] for p in pages for o in p.get('Contents', []))))")  # fmt: skip
@@ -80,7 +77,7 @@ def trained(cluster, bucket, tmp_path_factory):
 def test_trains_with_each_rank_checkpointing_to_s3_from_its_own_node(cluster, bucket, trained):
     rc, log, run_dir = trained
     assert rc == 0 and "succeeded" in log, log[-4000:]
-    metrics = _metrics(run_dir)
+    metrics = metrics_rows(run_dir)
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
     for m in metrics:
         assert m["groups/valid"] == 2 and "learner/loss" in m and m["learner/n_valid"] == 8
@@ -115,7 +112,7 @@ def test_resume_on_the_cluster_matches_the_uninterrupted_run(cluster, bucket, tr
     rc, log = _train(cluster, tmp_path / "run", f"s3://{bucket}/stopped", "learner.steps=4", "--resume")
     assert rc == 0, log[-4000:]
     assert "resumed from step_00000002: step 2, policy version 2" in log
-    resumed, full = _metrics(tmp_path / "run"), _metrics(full_dir)
+    resumed, full = metrics_rows(tmp_path / "run"), metrics_rows(full_dir)
     assert [m["step"] for m in resumed] == [1, 2, 3]  # step 1's line comes with its checkpoint
     for got, want in zip(resumed, full[1:], strict=True):
         for key in COMPARED:
@@ -200,9 +197,7 @@ def test_a_lost_worker_node_is_replaced_and_the_run_finishes(cluster, bucket, tr
     thread = threading.Thread(target=job)
     thread.start()
     deadline = time.monotonic() + 300
-    while thread.is_alive() and time.monotonic() < deadline and not (
-        (run_dir / "metrics.jsonl").exists() and _metrics(run_dir)
-    ):
+    while thread.is_alive() and time.monotonic() < deadline and not metrics_rows(run_dir):
         time.sleep(0.2)
     killed = cluster.kill_node("b")
     cluster.replace_node("b")
@@ -213,7 +208,7 @@ def test_a_lost_worker_node_is_replaced_and_the_run_finishes(cluster, bucket, tr
     assert result.get("rc") == 0, driver[-6000:]
     print("\n".join(x for x in driver.splitlines() if any(k in x for k in ("crashed (", "rebuilding", "waiting "))))
     assert killed > 3  # raylet, workers, agents: the whole node
-    metrics, full = _metrics(run_dir), _metrics(full_dir)
+    metrics, full = metrics_rows(run_dir), metrics_rows(full_dir)
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
     assert [m["prompts"] for m in metrics] == [m["prompts"] for m in full]
     assert all(m["groups/total"] == 2 for m in metrics)

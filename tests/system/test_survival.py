@@ -1,41 +1,32 @@
-"""Issue 13's closing test: one tiny run with the vLLM judge survives, in turn, a rollout worker killed three
+"""One tiny run with the vLLM judge survives, in turn, a rollout worker killed three
 times, the reward worker, the judge server, a learner rank, and rank 0 while it publishes a version (the
 parameter-server role: it gathers and hands out the weights), all in the same process; it logs the same steps,
 with the same prompts and sample counts, as an uninterrupted run of the same config.
 
 The workers and ranks SIGKILL themselves at exact points (motionnft_core/faults.py, each point once); the judge's
-vLLM process group is SIGKILLed from here once step 4 is logged."""
+vLLM process group is SIGKILLed from here while the driver holds right after logging step 4."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from tests import harness
 from tests.sample_versions import sample_versions
 from tests.system.test_judge_outage import _judge_group
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 STEPS, P, K = 8, 2, 4
 KILLS = ("rollout.sample:1", "rollout.sample:2", "rollout.sample:3", "reward.score:9", "learner.rank1.train_step:5",
          "learner.rank0.publish:7")  # fmt: skip
-JUDGE_KILLED_AFTER = 4
+JUDGE_KILLED_AT = "after_log:4"  # the driver holds there while the judge's process group is SIGKILLed
 JUDGE_ROUNDING = 3e-4  # reward units; see the comparison below
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(x) for x in (path.read_text() if path.exists() else "").splitlines() if x.strip()]
 
 
 def _candidates(tmp: Path, step: int) -> list[tuple]:
@@ -46,40 +37,27 @@ def _candidates(tmp: Path, step: int) -> list[tuple]:
 
 def _run(tmp: Path, *, faults: bool) -> tuple[int, str, list[dict]]:
     name = f"judge-{uuid.uuid4().hex[:8]}"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MOTIONNFT_KILL_AT")}
-    env.update(HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    if faults:
-        (tmp / "faults").mkdir()
-        env.update(MOTIONNFT_KILL_AT=",".join(KILLS), MOTIONNFT_FAULT_DIR=str(tmp / "faults"))
-    cmd = [sys.executable, "-m", "learner.main", "--config", str(ROOT / "configs/tiny_cpu.yaml"),
-           f"reward.judge.served_model_name={name}", "reward.judge.restart_backoff_s=1", "nft.group_min_std=-1",
-           "nft.group_max_mean=2", f"learner.steps={STEPS}", "checkpoint.every=2", f"checkpoint.dir={tmp / 'ckpt'}",
-           f"logging.dir={tmp / 'run'}", f"reward.judge.log_dir={tmp / 'judge-logs'}"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = (f"reward.judge.served_model_name={name}", "reward.judge.restart_backoff_s=1", "nft.group_min_std=-1",
+            "nft.group_max_mean=2", f"learner.steps={STEPS}", "checkpoint.every=2", f"checkpoint.dir={tmp / 'ckpt'}",
+            f"logging.dir={tmp / 'run'}", f"reward.judge.log_dir={tmp / 'judge-logs'}")  # fmt: skip
+    env = harness.hold_env(tmp / "faults", JUDGE_KILLED_AT, MOTIONNFT_KILL_AT=",".join(KILLS)) if faults else {}
+    driver = harness.start(*args, env=env, merge_output=True)
 
     def kill_the_judge() -> None:
-        deadline = time.monotonic() + 400
-        while proc.poll() is None and time.monotonic() < deadline:
-            if JUDGE_KILLED_AFTER in [r["step"] for r in _rows(tmp / "run")]:
-                if (group := _judge_group(name)) is not None:
-                    os.killpg(group, signal.SIGKILL)
-                    print(f"killed the judge's process group {group}", flush=True)
-                return
-            time.sleep(0.2)
+        group = _judge_group(name)
+        assert group is not None, f"no judge server process serves {name}"
+        os.killpg(group, signal.SIGKILL)
+        print(f"killed the judge's process group {group}", flush=True)
 
-    killer = threading.Thread(target=kill_the_judge, daemon=True)
     if faults:
-        killer.start()
-    try:
-        out, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    if faults:
-        killer.join(timeout=5)
+        done = harness.act_at_hold(driver, tmp / "faults", JUDGE_KILLED_AT, kill_the_judge, timeout_s=600)
+    else:
+        try:
+            done = driver.wait(timeout_s=600)
+        finally:
+            driver.kill()
     assert _judge_group(name) is None  # nothing of the judge outlives the run
-    return proc.returncode, out, _rows(tmp / "run")
+    return done.returncode, done.output, harness.metrics_rows(tmp / "run")
 
 
 def test_a_run_survives_every_worker_role_killed_in_turn(tmp_path):
@@ -95,7 +73,8 @@ def test_a_run_survives_every_worker_role_killed_in_turn(tmp_path):
     assert rc == 0, out[-6000:]
     # Each point fired once: its marker is made right before the SIGKILL. (The actor's own "fault injection" line
     # is not proof: Ray may drop the last stdout line of a process it sees die.)
-    assert sorted(os.listdir(tmp_path / "a" / "faults")) == sorted(KILLS)
+    hold = [f"{JUDGE_KILLED_AT}.held", f"{JUDGE_KILLED_AT}.go"]
+    assert sorted(os.listdir(tmp_path / "a" / "faults")) == sorted([*KILLS, *hold])
 
     assert clean_run, "the uninterrupted run did not finish"
     rc, clean_out, clean = clean_run[0]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import yaml
 
 from learner.main import main
 from motionnft_core.config import Config, ConfigError, DataConfig, FlowRewardConfig, NFTConfig, Rule, _f, _Section
@@ -32,8 +33,29 @@ def test_defaults_are_the_published_values():
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
-    cfg = load_config(ROOT / "configs" / name)
-    assert isinstance(cfg, Config)
+    """Every value a shipped config sets is what the loaded config holds (a section or key the loader did not
+    take would show here), and the loaded config round-trips through its dict form (a run's config.json)."""
+    path = ROOT / "configs" / name
+    cfg = load_config(path)
+    loaded = config_to_dict(cfg)
+
+    def leaves(tree: dict, prefix: str = ""):
+        for key, value in tree.items():
+            if isinstance(value, dict) and isinstance(_at(loaded, prefix + key), dict) and value:
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield prefix + key, value
+
+    for key, value in leaves(yaml.safe_load(path.read_text())):
+        got = _at(loaded, key)
+        assert got == (list(value) if isinstance(value, tuple) else value) or got == pytest.approx(value), key
+    assert config_from_dict(loaded) == cfg
+
+
+def _at(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -163,8 +185,8 @@ def _defaults(fn) -> dict:
 
 
 def test_formula_constants_default_to_the_config_defaults():
-    """The pure formula functions keep DESIGN §3/§5 constants as keyword defaults (readable hand-computed tests);
-    the run always passes the config's values, and these copies are pinned to the config here."""
+    """The pure formula functions keep the published constants (docs/algorithm.md) as keyword defaults (readable
+    hand-computed tests); the run always passes the config's values, and these copies are pinned to the config here."""
     from learner.trainer.nft_loss import (
         ema_decay,
         group_filter,
@@ -217,7 +239,7 @@ def test_print_config_builds_nothing(capsys):
     assert '"enabled": true' in out and '"max_sequence_length": 48' in out
 
 
-# ------------------------------------------------------------------------------------------------ issue 13
+# ------------------------------------------------------------------------------------------------ failures
 
 @pytest.mark.parametrize(
     ("text", "message"),

@@ -1,4 +1,4 @@
-"""The outputs of an evaluation (issue 14): the resumable per-row parquet table (evaluation/table.py) and the
+"""The outputs of an evaluation: the resumable per-row parquet table (evaluation/table.py) and the
 Markdown report with its grid and plot (evaluation/report.py). Plain files, no models."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Evaluation edits with the pipelines' own settings (actors/eval_sampler.py, issue 14): true CFG as Qwen-Image
+"""Evaluation edits with the pipelines' own settings (actors/eval_sampler.py): true CFG as Qwen-Image
 combines it, and seeded one-row sampling on both tiny pipelines."""
 
 import pytest

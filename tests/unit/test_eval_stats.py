@@ -1,4 +1,4 @@
-"""Statistics of an evaluation (motionnft_core/eval_stats.py, issue 14): win/tie/loss, bootstrap intervals, failed
+"""Statistics of an evaluation (motionnft_core/eval_stats.py): win/tie/loss, bootstrap intervals, failed
 rows."""
 
 import math

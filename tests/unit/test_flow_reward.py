@@ -1,4 +1,4 @@
-"""Hand-computed cases of the motion-alignment reward (DESIGN §3).
+"""Hand-computed cases of the motion-alignment reward (docs/algorithm.md).
 
 Most cases use a constant flow of (3, 4) pixels on a 30 x 40 image: the diagonal is 50, so the normalised
 flow is (0.06, 0.08) with magnitude 0.1, which keeps the arithmetic checkable on paper.

@@ -15,7 +15,7 @@ KEYS = ("l_q", "direction", "move", "distance", "score", "reward")
 
 
 def scorer_of(estimator, **flow) -> FlowRewardScorer:
-    """A scorer with `reward.flow` at its defaults (DESIGN §3) except `flow`."""
+    """A scorer with `reward.flow` at its defaults (docs/algorithm.md) except `flow`."""
     return FlowRewardScorer(estimator, FlowRewardConfig(**flow))
 
 

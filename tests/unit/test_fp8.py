@@ -1,9 +1,8 @@
-"""FP8 no-grad forwards (issue 16's lower-precision lever, motionnft_core/models/fp8.py): the quantization by hand,
-the layer
+"""FP8 no-grad forwards (a lower-precision lever, motionnft_core/models/fp8.py): the quantization by hand, the layer
 against its own float emulation and against the plain layer, and the tiny policies sampling and computing their
-reference forwards in FP8 within a stated tolerance of full precision, while everything with gradients, the parity
-probe and the evaluation stay exact. CPU `torch._scaled_mm` runs the same row-wise product the GPU does. FP8 in
-regionally compiled blocks: tests/unit/test_levers.py (it shares that test's compilation)."""
+reference forwards in FP8 within a stated tolerance of full precision, while everything with gradients, the parity probe
+and the evaluation stay exact. CPU `torch._scaled_mm` runs the same row-wise product the GPU does. FP8 in regionally
+compiled blocks: tests/unit/test_levers.py (it shares that test's compilation)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The full-size pipelines of the GPU benchmark, checked on the meta device (no memory, no weights): the real
-parameter counts, and the policy's phases at 512² with the real shapes (DESIGN §6: 2·32² image tokens + 512 text
+parameter counts, and the policy's phases at 512² with the real shapes (bench/README.md: 2·32² image tokens + 512 text
 tokens of width 4096 for Kontext)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Speed levers of the GPU path (issue 16), each behind a config flag, each equivalent on CPU to the plain path:
+"""Speed levers of the GPU path, each behind a config flag, each equivalent on CPU to the plain path:
 regional compilation in rollouts and learner (with FP8 rollouts too: tests/unit/test_fp8.py has the rest of FP8), the
 cuDNN SDPA switch, and colocated sampling from the learner's own old adapter (what the single-GPU benchmark does).
 Tiny FLUX Kontext, world-1 gloo group, 32 px."""
@@ -46,6 +46,7 @@ def _trained(path, lr: float = 1e-2, **learner) -> tuple[NFTTrainer, list]:
     return trainer, samples
 
 
+@pytest.mark.slow  # torch.compile of the tiny transformer: 60-90 s of CPU, past what the fast loop can hold
 def test_learner_compile_gives_the_eager_step(world1, tiny_pipelines):
     # DESIGN's lr 3e-4: AdamW's first steps move an entry by ~lr whatever its gradient, so entries whose gradient
     # nearly cancels carry the compiled kernels' rounding up to ~1e-4 * lr (as in test_fsdp_learner).
@@ -62,6 +63,7 @@ def test_learner_compile_gives_the_eager_step(world1, tiny_pipelines):
     assert len(blocks) == 2  # the tiny transformer's one double and one single block
 
 
+@pytest.mark.slow  # torch.compile again, 50-70 s
 def test_rollout_compile_gives_the_eager_groups(tiny_pipelines):
     path = tiny_pipelines["flux_kontext"]
     eager = Sampler(load_policy(path, "flux_kontext"), ROLLOUT).sample(_prompts(), step=0, version=0)
@@ -83,7 +85,7 @@ def test_rollout_compile_gives_the_eager_groups(tiny_pipelines):
 
 
 def test_cudnn_sdpa_is_off_for_training_unless_asked(world1, tiny_pipelines):
-    """DESIGN §6: the cuDNN SDPA backend crashes in the backward on torch 2.11 + CUDA 13; the learner turns it off
+    """bench/README.md: the cuDNN SDPA backend crashes in the backward on torch 2.11 + CUDA 13; the learner turns it off
     (a process-wide switch; flash and the other backends stay). On a CPU it changes nothing else."""
     path = tiny_pipelines["flux_kontext"]
     off, samples = _trained(path)

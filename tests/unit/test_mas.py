@@ -1,4 +1,4 @@
-"""MAS (rewards/mas.py, issue 14) against values computed by hand on tiny flows, and its `eval.*` config keys.
+"""MAS (rewards/mas.py) against values computed by hand on tiny flows, and its `eval.*` config keys.
 
 Flows are (B, 3, 4, 2) so the image diagonal is exactly 5 and normalised values are easy to write down.
 """

@@ -1,4 +1,4 @@
-"""The learner's micro-batch from free memory (`learner.micro_batch: 0`, issue 16; learner/trainer/memory.py): the size
+"""The learner's micro-batch from free memory (`learner.micro_batch: 0`, learner/trainer/memory.py): the size
 rule by hand, and the trainer's probe: it leaves no trace in the step that follows, and the ranks agree.
 
 This machine has no GPU, so the memory readings come from a scripted gauge (the CUDA allocator's counters are

@@ -1,4 +1,4 @@
-"""DESIGN §5 statistics and loss: hand-computed values, gradient directions, invariances, equivalences."""
+"""docs/algorithm.md statistics and loss: hand-computed values, gradient directions, invariances, equivalences."""
 
 import pytest
 import torch

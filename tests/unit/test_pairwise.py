@@ -1,4 +1,4 @@
-"""Side-by-side judging (rewards/pairwise.py, issue 14 `eval.pairwise`): the preference from both orders by hand,
+"""Side-by-side judging (rewards/pairwise.py, `eval.pairwise`): the preference from both orders by hand,
 a judge's position bias cancelling, a failed order marking the row failed (never 0.5), and the comparison
 carried through the table, the statistics and the report. The judge transport is scripted; the real vLLM judge
 answers the same three-image calls in test_evaluate_bench."""

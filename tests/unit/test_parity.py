@@ -1,4 +1,4 @@
-"""Weight parity after a push (issue 13, part 5): a rollout that loads a published version checks that it
+"""Weight parity after a push (part 5): a rollout that loads a published version checks that it
 computes what the learner's policy computes and that the adapter really binds; broken adapters are caught."""
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ def test_decode_is_inverse_of_encode_layout(policy):
 
 # ---------------------------------------------------------------------------------------- sigma grid
 def _expected_sigmas(family: str, n: int, height: int, width: int) -> list[float]:
-    """The grid written out by hand from the two real scheduler configs (DESIGN §1)."""
+    """The grid written out by hand from the two real scheduler configs (docs/architecture.md)."""
     seq = (height // 16) * (width // 16)
     if family == "flux_kontext":
         base_len, max_len, base_shift, max_shift, terminal = 256, 4096, 0.5, 1.15, None

@@ -1,4 +1,4 @@
-"""The evaluation rubric (rewards/rubric.py, issue 14) over a scripted judge transport: 0-5 scores from the
+"""The evaluation rubric (rewards/rubric.py) over a scripted judge transport: 0-5 scores from the
 digit probabilities, and a judge that times out or answers garbage retried, counted, then the row marked failed
 (never scored 0) while the other rows are scored. The real vLLM judge answers the same calls in test_judge."""
 

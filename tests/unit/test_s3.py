@@ -105,7 +105,7 @@ def test_policy_loads_from_s3(s3_bucket, tiny_pipelines, tmp_path):
         assert torch.equal(a, b), name
 
 
-# ------------------------------------------------------------------------------------------------ failures (issue 13)
+# ------------------------------------------------------------------------------------------------ failures
 
 SECRET = "wJalrXUtnFEMI-do-not-print-me"  # a recognisable secret that no message may contain
 TRANSIENT = {"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."},

@@ -7,7 +7,7 @@ from actors.solver import FlowDPMSolver
 
 
 def shifted_grid(n: int, shift: float = 3.0) -> torch.Tensor:
-    """DESIGN §1 grid: linspace(1, 1/n, n) with a static shift s' = shift*s / (1 + (shift-1)*s)."""
+    """docs/architecture.md grid: linspace(1, 1/n, n) with a static shift s' = shift*s / (1 + (shift-1)*s)."""
     s = torch.linspace(1.0, 1.0 / n, n, dtype=torch.float64)
     return shift * s / (1.0 + (shift - 1.0) * s)
 

@@ -1,6 +1,5 @@
 """The Ray metrics schema and its plain parts (motionnft_core/telemetry.py), without Ray. The series themselves are
-scraped
-from a live cluster's Prometheus endpoint: the driver's, rollouts', reward worker's and learner ranks' in
+scraped from a live cluster's Prometheus endpoint: the driver's, rollouts', reward worker's and learner ranks' in
 tests/system/test_e2e.py (two steps of the main job), the judge client's in tests/ray/test_reward_worker.py (live
 vLLM)."""
 

@@ -1,7 +1,5 @@
-"""Judge client, vLLM server and Ray actor against a REAL vLLM server serving the tiny random Qwen2-VL judge.
-
-One server per test class (~30 s start-up on 2 cores); the Ray test starts its own through the actor, after
-the class server is stopped, so at most one server (~3 GB) runs at a time.
+"""Judge client and vLLM server against a REAL vLLM server serving the tiny random Qwen2-VL judge (the session's
+shared one, `vllm_judge` in tests/conftest.py); the Ray actor that serves it: tests/ray/test_judge_server_actor.py.
 """
 
 import asyncio
@@ -9,16 +7,12 @@ import base64
 import io
 import math
 import os
-import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ["RAY_AUTH_MODE"] = "disabled"  # before ray.init: otherwise a local ray.init writes ~/.ray/auth_token
 
 import httpx
 import pytest
-import ray
 import torch
 from PIL import Image
 
@@ -35,7 +29,7 @@ from rewards.judge import (
     expected_digit_score,
     score_prompt,
 )
-from rewards.judge_server import JudgeServerActor, VLLMServer
+from rewards.judge_server import VLLMServer
 
 INSTRUCTION = "Make the person raise both arms above the head."
 
@@ -244,33 +238,3 @@ class TestAgainstVLLM:
         assert client.metrics["requests"] == 1
         assert client.metrics["client_errors"] == 1
         assert client.metrics["retries"] == 0
-
-
-# ---- Ray actor ----------------------------------------------------------------------------------------------
-def _temp_dir_entries() -> set[str]:
-    """What vLLM would leave in the temp dir: its ZMQ sockets and file-store rendezvous (vllm_dist_*), any
-    `vllm-<port>-` scratch folder of ours."""
-    def left(p: Path) -> bool:
-        return p.is_socket() or p.name.startswith("vllm_dist_") or (p.name.startswith("vllm-") and p.is_dir())
-
-    return {p.name for p in Path(tempfile.gettempdir()).iterdir() if left(p)}
-
-
-def test_judge_server_actor_serves_and_stops(judge_dir, tmp_path_factory, ray_cluster):
-    files = _server_files(tmp_path_factory, "actor")
-    before = _temp_dir_entries()
-    actor = JudgeServerActor.options(num_cpus=1).remote(str(judge_dir), _cfg(), host="127.0.0.1", **files)
-    try:
-        assert ray.get(actor.ready.remote(), timeout=330) is True
-        assert len(_temp_dir_entries() - before) == 1  # the server's own scratch folder, holding its sockets
-        url = ray.get(actor.url.remote())
-        source, candidates = _images()
-        result = asyncio.run(_client(url).score(source, candidates[0], INSTRUCTION))
-        assert 0.0 <= result.score <= 1.0 and result.attempts == 1
-        ray.get(actor.stop.remote(), timeout=60)
-        assert ray.get(actor.ready.remote()) is False
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(url.removesuffix("/v1") + "/health", timeout=5)
-        assert _temp_dir_entries() - before == set()  # stop() removed it: nothing of the server is left there
-    finally:
-        ray.kill(actor)
