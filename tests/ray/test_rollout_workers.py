@@ -25,7 +25,7 @@ LORA = {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_ou
 def examples(tmp_path_factory) -> list:
     """Two examples through the real data path (synthetic parquet -> MotionEditDataset), built once per module."""
     src = generate_synthetic(tmp_path_factory.mktemp("rollout-data"), 4, size=SIZE, seed=0)
-    data = MotionEditDataset.from_source(str(src), resolution=(SIZE, SIZE))
+    data = MotionEditDataset.from_source(str(src), resolution=(SIZE, SIZE), on_error="raise")
     return [data[i] for i in range(2)]
 
 

@@ -31,7 +31,7 @@ def _dis(cache: Path) -> FlowRewardScorer:
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
     src = generate_synthetic(tmp_path_factory.mktemp("reward-data"), 6, size=SIZE, seed=3)
-    ds = MotionEditDataset.from_source(str(src), resolution=(SIZE, SIZE))
+    ds = MotionEditDataset.from_source(str(src), resolution=(SIZE, SIZE), on_error="raise")
     return [ds[i] for i in range(len(ds))]
 
 
