@@ -149,6 +149,16 @@ def s3_bucket(s3_server):
 FAMILIES = ("flux_kontext", "qwen_image_edit")
 
 
+def synthetic_examples(folder: Path, n: int, *, size: int, seed: int, take: int | None = None) -> list:
+    """`take` (default all) of `n` synthetic examples through the real data path (parquet -> MotionEditDataset)."""
+    from motionnft_core.data.motionedit import MotionEditDataset
+    from motionnft_core.data.synthetic import generate_synthetic
+
+    src = generate_synthetic(folder, n, size=size, seed=seed)
+    data = MotionEditDataset.from_source(str(src), resolution=(size, size), on_error="raise")
+    return [data[i] for i in range(len(data) if take is None else take)]
+
+
 @pytest.fixture(scope="session")
 def tiny_pipelines(tmp_path_factory) -> dict:
     """Both tiny random pipelines, built offline once per session (saved with save_pretrained)."""

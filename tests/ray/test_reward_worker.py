@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from motionnft_core.config import FlowRewardConfig, JudgeConfig, RewardConfig
-from motionnft_core.data.motionedit import MotionEditDataset
-from motionnft_core.data.synthetic import generate_synthetic
 from rewards.scorer import build_reward_scorer
 from rewards.worker import RewardWorker
+from tests.conftest import synthetic_examples
 from tests.prometheus import scrape
 
 SIZE = 64
@@ -26,9 +25,7 @@ def _reward(**overrides) -> RewardConfig:
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
-    src = generate_synthetic(tmp_path_factory.mktemp("reward-data"), 6, size=SIZE, seed=3)
-    ds = MotionEditDataset.from_source(str(src), resolution=(SIZE, SIZE), on_error="raise")
-    return [ds[i] for i in range(len(ds))]
+    return synthetic_examples(tmp_path_factory.mktemp("reward-data"), 6, size=SIZE, seed=3)
 
 
 def _candidates(ex) -> torch.Tensor:

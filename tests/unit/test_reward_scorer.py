@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from motionnft_core.config import FlowRewardConfig, JudgeConfig, RewardConfig
-from motionnft_core.data.motionedit import MotionEditDataset
-from motionnft_core.data.synthetic import generate_synthetic
 from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer
 from rewards.judge import JudgeClient, JudgeError
 from rewards.scorer import RewardScorer, blend, build_reward_scorer
+from tests.conftest import synthetic_examples
 
 SIZE = 64
 FLOW = FlowRewardConfig(estimator="dis")  # docs/algorithm.md constants, OpenCV flow on the CPU
@@ -30,9 +29,7 @@ def _dis(cache: Path) -> FlowRewardScorer:
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
-    src = generate_synthetic(tmp_path_factory.mktemp("reward-data"), 6, size=SIZE, seed=3)
-    ds = MotionEditDataset.from_source(str(src), resolution=(SIZE, SIZE), on_error="raise")
-    return [ds[i] for i in range(len(ds))]
+    return synthetic_examples(tmp_path_factory.mktemp("reward-data"), 6, size=SIZE, seed=3)
 
 
 def _candidates(ex) -> torch.Tensor:

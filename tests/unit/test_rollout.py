@@ -8,11 +8,9 @@ import torch
 
 from actors.sampler import Sampler
 from motionnft_core.config import RolloutConfig
-from motionnft_core.data.motionedit import MotionEditDataset
-from motionnft_core.data.synthetic import generate_synthetic
 from motionnft_core.models.policy import EditPolicy
 from motionnft_core.models.weights import PolicyWeights, PublishedWeights, WeightManifest, WeightMismatchError
-from tests.conftest import FAMILIES
+from tests.conftest import FAMILIES, synthetic_examples
 
 SIZE, K, STEPS = 32, 3, 3
 LORA = {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
@@ -21,9 +19,7 @@ LORA = {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_ou
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory) -> list:
     """Two examples through the real data path (synthetic parquet -> MotionEditDataset), built once per module."""
-    src = generate_synthetic(tmp_path_factory.mktemp("rollout-data"), 4, size=SIZE, seed=0)
-    data = MotionEditDataset.from_source(str(src), resolution=(SIZE, SIZE), on_error="raise")
-    return [data[i] for i in range(2)]
+    return synthetic_examples(tmp_path_factory.mktemp("rollout-data"), 4, size=SIZE, seed=0, take=2)
 
 
 def _policy(path, family: str) -> EditPolicy:
