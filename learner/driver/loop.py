@@ -36,7 +36,7 @@ from learner.driver.lineage import Lineage
 from learner.driver.placement import alive_nodes, check_placement
 from learner.driver.pools import Pools, build_pools
 from learner.driver.ray_session import init_ray
-from learner.driver.recovery import RecoveryWindow, WorkerCrashLoop, WorkerPool
+from learner.driver.recovery import SlidingWindow, WorkerCrashLoop, WorkerPool
 from learner.trainer.checkpoint import LEARNER, CheckpointManager, step_name
 from learner.trainer.fsdp_worker import LearnerLost
 from learner.trainer.nft_loss import group_filter, optimality, saturated_groups
@@ -402,7 +402,7 @@ class Driver:
         self.cfg, self.pools, self.ckpt, self.board = cfg, pools, ckpt, board
         self.examples, self.ids, self.held_out = examples, ids, held_out
         self.scaler = RolloutScaler(cfg.cluster)
-        self.learner_losses = RecoveryWindow(cfg.learner.max_recoveries, cfg.learner.recovery_window_s)
+        self.learner_losses = SlidingWindow(cfg.learner.max_recoveries, cfg.learner.recovery_window_s)
 
     def run(self, state: DriverState, recovered: dict | None) -> dict[str, Any]:
         """The steps from `state.step` on; returns the last step's metrics."""
@@ -565,7 +565,7 @@ class Driver:
         """A lost rank: rebuild the learner group and go on from the latest checkpoint, in this process, at most
         `learner.max_recoveries` times within `learner.recovery_window_s`."""
         learner = self.cfg.learner
-        if not self.learner_losses.allow():
+        if not self.learner_losses.record(time.monotonic()):
             raise RunStopped(f"{error}, and learner.max_recoveries={learner.max_recoveries} recoveries within "
                              f"learner.recovery_window_s={learner.recovery_window_s:g} are spent; run again with "
                              "--resume to go on from the latest checkpoint") from error  # fmt: skip

@@ -27,12 +27,32 @@ class WorkerCrashLoop(RuntimeError):
     """A worker crashed more often than `cluster.worker_crashes` within `cluster.crash_window_s`."""
 
 
+class SlidingWindow:
+    """At most `limit` events within any `window_s` seconds (plain: no Ray): the crashes of one worker, or the
+    learner group's rebuilds (a long run on preemptible nodes may lose a rank every few hours and go on, while one
+    that loses them back to back stops)."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit, self.window_s = limit, window_s
+        self.times: deque[float] = deque()
+
+    def record(self, now: float) -> bool:
+        """Count one event at `now`; False once the events within the window are more than `limit`."""
+        self.times.append(now)
+        while self.times[0] <= now - self.window_s:
+            self.times.popleft()
+        return len(self.times) <= self.limit
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+
 class Crashes:
     """The crash record of one pool's workers, by index (plain: no Ray)."""
 
     def __init__(self, role: str, limit: int, window_s: float, clock: Callable[[], float] = time.monotonic):
         self.role, self.limit, self.window_s, self.clock = role, limit, window_s, clock
-        self.recent: dict[int, deque[float]] = defaultdict(deque)
+        self.recent: dict[int, SlidingWindow] = defaultdict(lambda: SlidingWindow(limit, window_s))
         self.last: dict[int, float] = defaultdict(lambda: -math.inf)
         self.total = 0
 
@@ -48,37 +68,12 @@ class Crashes:
         self.last[worker] = now
         self.total += 1
         recent = self.recent[worker]
-        recent.append(now)
-        while recent and recent[0] <= now - self.window_s:
-            recent.popleft()
-        if len(recent) > self.limit:
+        if not recent.record(now):
             raise WorkerCrashLoop(
                 f"{self.name(worker)} crashed {len(recent)} times within {self.window_s:g} s (cluster.worker_crashes="
                 f"{self.limit} per cluster.crash_window_s); last error: {first_line(error)}"
             )
         return True
-
-
-class RecoveryWindow:
-    """At most `limit` recoveries within any `window_s` seconds (plain: no Ray): a long run on preemptible nodes
-    may lose a rank every few hours and go on, while one that loses them back to back stops."""
-
-    def __init__(self, limit: int, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.limit, self.window_s, self.clock = limit, window_s, clock
-        self.recent: deque[float] = deque()
-
-    def allow(self) -> bool:
-        """Count one recovery now, if the window has room for it."""
-        now = self.clock()
-        while self.recent and self.recent[0] <= now - self.window_s:
-            self.recent.popleft()
-        if len(self.recent) >= self.limit:
-            return False
-        self.recent.append(now)
-        return True
-
-    def __len__(self) -> int:
-        return len(self.recent)
 
 
 class WorkerPool:

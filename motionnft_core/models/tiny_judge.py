@@ -39,7 +39,6 @@ _TRAINING_TEXT = [
 ]
 
 
-
 def _build_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE, so each digit is its own token and no file has to come from a hub."""
     tok = Tokenizer(models.BPE())

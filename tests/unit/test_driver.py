@@ -62,17 +62,15 @@ def test_a_resumed_cursor_continues_the_same_permutation():
 
 def test_learner_recoveries_are_capped_per_window_not_per_run():
     """learner.max_recoveries within learner.recovery_window_s: a multi-day run may lose a rank every few hours."""
-    from learner.driver.recovery import RecoveryWindow
-    from tests.fake_clock import Clock
+    from learner.driver.recovery import SlidingWindow
 
-    clock = Clock()
-    window = RecoveryWindow(limit=2, window_s=100.0, clock=clock)
-    assert window.allow() and window.allow() and len(window) == 2
-    assert not window.allow() and len(window) == 2  # a third within the window: refused, and not counted
-    clock.now += 100.0
-    assert window.allow() and len(window) == 1  # the first two left the window
-    clock.now += 1000.0
-    assert RecoveryWindow(limit=0, window_s=100.0, clock=clock).allow() is False  # 0: the first lost rank ends it
+    window = SlidingWindow(limit=2, window_s=100.0)
+    assert window.record(0.0) and window.record(0.0) and len(window) == 2
+    assert not window.record(50.0)  # a third within the window: refused (the run stops there)
+    fresh = SlidingWindow(limit=2, window_s=100.0)
+    assert fresh.record(0.0) and fresh.record(0.0)
+    assert fresh.record(100.0) and len(fresh) == 1  # the first two left the window
+    assert SlidingWindow(limit=0, window_s=100.0).record(1000.0) is False  # 0: the first lost rank ends it
 
 
 # ------------------------------------------------------------------------------------------------ run identity
