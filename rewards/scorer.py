@@ -1,5 +1,5 @@
-"""A group's reward: the flow reward and the MLLM judge, scored concurrently and blended (docs/architecture.md, phase
-3).
+"""A group's reward: the flow reward and the MLLM judge, scored concurrently and blended (phase 3 of a step,
+docs/architecture.md).
 
 `RewardScorer` is plain asyncio: concurrent `score` calls (one per group, from many rollouts) park their
 candidates in a queue; one batcher task drains up to `reward.batch_pairs` candidate pairs or waits at most
