@@ -188,7 +188,8 @@ def affine_flow(params: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def split_motion(flow: torch.Tensor, **fit_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(camera, object) flows, both (B, H, W, 2) pixels: camera = the fitted affine flow, object = flow − camera.
 
-    fit_kwargs go to `fit_affine` (weights, iters, scale, mad_floor, ridge).
+    fit_kwargs go to `fit_affine` (weights, iters, scale, mad_floor, ridge). Both have the fit's working dtype
+    (half precision comes back as float32).
     """
     params = fit_affine(flow, **fit_kwargs)
     camera = affine_flow(params, flow.shape[1], flow.shape[2])
