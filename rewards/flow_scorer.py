@@ -31,6 +31,9 @@ def reward_constants(cfg: FlowRewardConfig) -> dict[str, float | bool]:
             "b": cfg.w_direction, "c": cfg.w_move, "quantize": cfg.quantize}  # fmt: skip
 
 
+FLOW_TERMS = ("reward", "score", "l_q", "direction", "move", "distance")  # what `score` returns per candidate
+
+
 @dataclass(frozen=True)
 class FlowItem:
     """One prompt's images: `prompt_id` must identify the (input, target) pair, it keys the flow cache.
