@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from motionnft_core.family_registry import FAMILIES
+
 
 class ConfigError(ValueError):
     """A config key is unknown, of the wrong type or out of range; the message names the dotted key."""
@@ -180,7 +182,7 @@ def _custom_resources(key: str, value: dict[str, float]) -> None:
         _check(amount >= 0 and name not in ("CPU", "GPU"), f"{key}.{name}", what, amount)
 
 
-FAMILIES = ("flux_kontext", "qwen_image_edit")
+DEMO_FAMILIES = ("flux_kontext",)  # the demo's warm start fits a Kontext pipeline (motionnft_core/models/demo.py)
 DTYPES = ("float32", "bfloat16", "float16")
 FLOW_ESTIMATORS = ("raft_large", "raft_small", "dis", "farneback")
 DEMO_MOTIONS = ("right", "left", "up", "down", "translate", "any")  # a translation direction, any translation, any
@@ -190,7 +192,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 @dataclass(frozen=True)
 class ModelConfig(_Section):
     SECTION: ClassVar[str] = "model"
-    family: str = _f("flux_kontext", "policy family: flux_kontext | qwen_image_edit",
+    family: str = _f("flux_kontext", f"policy family: {' | '.join(FAMILIES)} (motionnft_core/family_registry.py)",
                      choices=FAMILIES, expected=f"one of {FAMILIES}")  # fmt: skip
     path: str = _f("", "pipeline dir (save_pretrained layout) or s3://bucket/prefix; empty needs model.tiny=true")
     tiny: bool = _f(False, "build a tiny random-weight pipeline offline into cache_dir and train that")
@@ -638,6 +640,6 @@ def _validate_demo(cfg: Config) -> None:
     )
     for key, value, empty in given:
         _check(value == empty, key, f"{empty!r} with demo.enabled=true (the demo builds its own data and model)", value)
-    _check(cfg.model.family == "flux_kontext", "model.family", "flux_kontext for the demo", cfg.model.family)
+    _check(cfg.model.family in DEMO_FAMILIES, "model.family", f"one of {DEMO_FAMILIES} for the demo", cfg.model.family)
     r = cfg.rollout
     _check(r.height == r.width, "rollout.width", f"= rollout.height ({r.height}) for the square demo images", r.width)

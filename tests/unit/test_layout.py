@@ -263,3 +263,24 @@ def test_plain_classes_import_without_ray():
     code = "import sys; sys.modules['ray'] = None\n" + "".join(f"import {m}\n" for m in modules)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+FAMILY_TEST = re.compile(r"\bfamily\s*(==|!=)")  # `model.family == "flux_kontext"`, `policy.family != ...`
+
+
+def _family_tests(paths: list[Path]) -> list[str]:
+    return [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in paths
+            for n, line in enumerate(p.read_text().splitlines(), start=1) if FAMILY_TEST.search(line)]  # fmt: skip
+
+
+def test_no_family_name_test_outside_the_family_modules():
+    """What differs between families is asked of the family's policy class (motionnft_core/models/families/):
+    a `family ==` test elsewhere is a place that a new family would have to find and edit."""
+    families = ROOT / "motionnft_core" / "models" / "families"
+    paths = [p for p in _product_files() + sorted((ROOT / "bench").rglob("*.py")) if families not in p.parents]
+    assert len(paths) > 50 and ROOT / "actors" / "eval_sampler.py" in paths
+    found = _family_tests(paths)
+    assert not found, "ask the family's policy class instead:\n  " + "\n  ".join(found)
+    for planted in ('if cfg.model.family == "flux_kontext":', "x.family!=y", "policy.family  == name"):
+        assert FAMILY_TEST.search(planted), planted
+    assert not FAMILY_TEST.search("families = policy_classes()")
