@@ -16,6 +16,8 @@ its chunk (a resumed evaluation reproduces an uninterrupted one).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from motionnft_core.config import EvalConfig
@@ -38,12 +40,14 @@ class EvalSampler:
         self.use_cfg = self.true_cfg > 1.0
 
     @torch.no_grad()
-    def sample(self, prompt: str, image: torch.Tensor) -> torch.Tensor:
-        """The edit of uint8 `image` (3, H, W) by `prompt`: uint8 (3, H, W) on the CPU."""
+    def sample(self, prompt: str, image: torch.Tensor, references: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """The edit of uint8 `image` (3, H, W) by `prompt`, conditioned also on the further input images `references`
+        (each (3, H, W), in order) where the family takes them: uint8 (3, H, W) on the CPU."""
         policy, cfg = self.policy, self.cfg
         height, width = image.shape[-2:]
-        cond = policy.encode([prompt], image[None])
-        uncond = policy.encode([cfg.negative_prompt], image[None]) if self.use_cfg else None
+        inputs = [im[None] for im in (image, *references)]
+        cond = policy.encode([prompt], inputs)
+        uncond = policy.encode([cfg.negative_prompt], inputs) if self.use_cfg else None
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)  # the same noise for every row
         x = policy.prepare_latents(1, height, width, generator)  # float32 (1, L, D)
         sigmas = torch.cat([policy.sigmas(cfg.num_steps, height, width), torch.zeros(1)])

@@ -211,6 +211,8 @@ class DataConfig(_Section):
     synthetic: int = _f(0, "if > 0 and source is empty: generate this many synthetic motion examples and use them",
                         ge=0)  # fmt: skip
     synthetic_size: int = _f(64, "side in pixels of generated synthetic images", ge=16, multiple_of=16)
+    synthetic_reference: bool = _f(False, "synthetic examples get a second input image, the object at its destination "
+                                   "on a grey canvas (for families that take several input images)")  # fmt: skip
     eval_fraction: float = _f(0.1, "share of examples held out for evaluation (deterministic by id and seed)",
                               ge=0, lt=1)  # fmt: skip
     on_error: str = _f("skip", "a bad row (missing field/file, corrupt image): skip (logged) | raise",

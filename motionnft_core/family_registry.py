@@ -9,5 +9,6 @@ its tiny builder, its full-size builder) and one JSON of its full-size configs (
 FAMILY_MODULES: dict[str, str] = {
     "flux_kontext": "motionnft_core.models.families.flux_kontext",
     "qwen_image_edit": "motionnft_core.models.families.qwen_image_edit",
+    "qwen_image_edit_plus": "motionnft_core.models.families.qwen_image_edit_plus",
 }
 FAMILIES: tuple[str, ...] = tuple(FAMILY_MODULES)

@@ -51,6 +51,7 @@ def pipeline_source(model: ModelConfig) -> str:
     `model.cache_dir` once (the directory name carries this module's source hash, so code changes rebuild)."""
     if not model.tiny:
         return model.path
-    key = builder_key(sys.modules[__name__], family_module(model.family), tokenizers, config_path(model.family))
+    families = [family_module(f) for f in FAMILIES]  # a family may build on another's components
+    key = builder_key(sys.modules[__name__], *families, tokenizers, config_path(model.family))
     out = Path(model.cache_dir).expanduser() / "tiny" / f"{model.family}-{key}"
     return str(build_tiny(model.family, out))

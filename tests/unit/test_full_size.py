@@ -17,6 +17,7 @@ EXPECTED_BILLIONS = {
     "flux_kontext": {"transformer": (11.8, 12.0), "text_encoder_2": (4.7, 4.8), "text_encoder": (0.12, 0.13),
                      "vae": (0.08, 0.09)},
     "qwen_image_edit": {"transformer": (20.3, 20.5), "text_encoder": (8.2, 8.4), "vae": (0.12, 0.13)},
+    "qwen_image_edit_plus": {"transformer": (20.3, 20.5), "text_encoder": (8.2, 8.4), "vae": (0.12, 0.13)},
 }  # fmt: skip
 
 

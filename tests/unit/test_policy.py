@@ -17,7 +17,7 @@ from PIL import Image
 from motionnft_core.models.policy import Conditioning, EditPolicy, FluxKontextPolicy, QwenImageEditPolicy
 from motionnft_core.models.tiny import build_tiny
 
-FAMILIES = ["flux_kontext", "qwen_image_edit"]
+FAMILIES = ["flux_kontext", "qwen_image_edit", "qwen_image_edit_plus"]
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 H, W = 64, 48  # non-square, so a swapped height/width cannot pass
 TOKENS = (H // 16) * (W // 16)  # packed latent tokens: 8x VAE, 2x2 packing
@@ -114,11 +114,17 @@ def _stop_after_first_step(pipe, step, timestep, callback_kwargs):
         ("flux_kontext", 64),
         # Qwen's pipeline resizes the input image to ~1 MP; at 1024^2 that resize is the identity.
         pytest.param("qwen_image_edit", 1024, marks=pytest.mark.slow),
+        # The Plus pipeline's ~1 MP is a module constant, set to the edit's area here (tests/unit/test_families.py
+        # checks it with two input images).
+        ("qwen_image_edit_plus", 64),
     ],
 )
-def test_velocity_matches_the_pipeline(tiny_dirs, family, size):
+def test_velocity_matches_the_pipeline(tiny_dirs, family, size, monkeypatch):
     """The first Euler step of the pipeline's own __call__ (its encoders, latents, ids / img_shapes, guidance,
     timestep scaling) equals ``noise + (sigma_1 - 1) * velocity(noise, 1)`` of the policy."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
+
+    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", size * size)
     policy = EditPolicy.from_pretrained(tiny_dirs[family], family=family)
     images = _images(1, seed=5, height=size, width=size)
     cond = policy.encode([PROMPT], images)
@@ -127,10 +133,7 @@ def test_velocity_matches_the_pipeline(tiny_dirs, family, size):
     x1 = noise + (grid[1] - grid[0]) * policy.velocity(noise, grid[:1], cond)
 
     kwargs = dict(height=size, width=size, num_inference_steps=2, latents=noise, output_type="latent")
-    if family == "flux_kontext":
-        kwargs.update(guidance_scale=2.5, max_area=size * size, _auto_resize=False)
-    else:
-        kwargs.update(true_cfg_scale=1.0)
+    kwargs.update(policy.stock_call_kwargs(size, size))
     pil = Image.fromarray(images[0].permute(1, 2, 0).numpy())
     reference = policy.pipe(pil, PROMPT, callback_on_step_end=_stop_after_first_step, **kwargs).images
     torch.testing.assert_close(x1, reference, atol=1e-5, rtol=1e-5)
