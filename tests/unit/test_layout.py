@@ -10,6 +10,7 @@ and pyproject declaring what the code imports and packaging every module of the 
     learner/driver/          the driver: wires the roles into the training loop                                 4
     learner/main.py          the training entry                                                                 5
     evaluation/              MotionEdit-Bench and held-out evaluation: its entry, built on the driver's pools   5
+    curation/                videos -> MotionEdit training pairs on Ray Data: its entry, on the judge and flow  5
 
 Each product module is classified by its path (the longest prefix in LEVELS); a module may import only modules
 of lower levels and of its own unit. A file no prefix classifies fails the test.
@@ -40,8 +41,9 @@ LEVELS = {
     "learner/driver": 4,
     "learner": 5,  # learner/main.py and the package's __init__
     "evaluation": 5,
+    "curation": 5,
 }
-PRODUCT = ("motionnft_core", "actors", "rewards", "learner", "evaluation")  # the installed top-level packages
+PRODUCT = ("motionnft_core", "actors", "rewards", "learner", "evaluation", "curation")  # the installed top-level packages
 NOT_PRODUCT = {"tests", "bench", "scripts", "configs", "cluster", "constraints", "docs"}  # its users, or data
 MAX_SHARE = 0.40  # no unit holds much more than a third of the code
 
