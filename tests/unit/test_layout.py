@@ -43,7 +43,8 @@ LEVELS = {
     "evaluation": 5,
     "curation": 5,
 }
-PRODUCT = ("motionnft_core", "actors", "rewards", "learner", "evaluation", "curation")  # the installed top-level packages
+# the installed top-level packages
+PRODUCT = ("motionnft_core", "actors", "rewards", "learner", "evaluation", "curation")
 NOT_PRODUCT = {"tests", "bench", "scripts", "configs", "cluster", "constraints", "docs"}  # its users, or data
 MAX_SHARE = 0.40  # no unit holds much more than a third of the code
 
