@@ -1,8 +1,12 @@
 """The curation run on Ray Data: list the videos, skip those a previous run committed, then
 
-    from_items(videos) -> flat_map(cut_video)              decode, shots, clips, frames, hashes (CPU tasks)
-                       -> map_batches(FlowStage)           flow, camera vs object motion: stages a, b (actors, GPUs)
-                       -> map_batches(JudgeStage)          the MLLM check, instruction, category: stage c (actors)
+    from_items(videos) -> flat_map(cut_video)        decode, shots, clips, frames, hashes: CPU tasks (at most
+                                                     cluster.decode_workers at once)
+                       -> map_batches(FlowStage)     flow, camera vs object motion, stages a, b: flow.workers actors
+                                                     of flow.gpus GPUs each (ActorPoolStrategy, Ray Data's
+                                                     `compute=` for what older releases called `concurrency=`)
+                       -> map_batches(JudgeStage)    the MLLM check, instruction, category, stage c: judge.workers
+                                                     actors
                        -> iter_rows -> Committer           one atomic commit per video (stage d)
 
 and finalize the outputs (curation/output.py). The judge replicas the run starts are the trainer's
@@ -66,12 +70,13 @@ def build_dataset(cfg: CurateConfig, videos: list[dict[str, str]], urls: list[st
     """The Ray Data pipeline of the module docstring over `videos` ({video, video_key} items)."""
     ds = ray.data.from_items(videos, override_num_blocks=max(1, len(videos)))
     ds = ds.flat_map(cut_video, fn_kwargs={"cfg": cfg}, num_cpus=cfg.cluster.decode_cpus,
-                     concurrency=cfg.cluster.decode_workers)  # fmt: skip
+                     compute=ray.data.TaskPoolStrategy(size=cfg.cluster.decode_workers))  # fmt: skip
     ds = ds.map_batches(FlowStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.flow.batch_size,
-                        batch_format="numpy", concurrency=cfg.flow.workers, num_gpus=cfg.flow.gpus,
-                        num_cpus=cfg.flow.cpus)  # fmt: skip
+                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.flow.workers),
+                        num_gpus=cfg.flow.gpus, num_cpus=cfg.flow.cpus)  # fmt: skip
     return ds.map_batches(JudgeStage, fn_constructor_kwargs={"cfg": cfg, "urls": urls, "api_key": key},
-                          batch_size=cfg.judge.batch_size, batch_format="numpy", concurrency=cfg.judge.workers,
+                          batch_size=cfg.judge.batch_size, batch_format="numpy",
+                          compute=ray.data.ActorPoolStrategy(size=cfg.judge.workers),
                           num_cpus=min(cfg.judge.cpus, 1.0))  # fmt: skip
 
 
