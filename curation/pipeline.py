@@ -66,14 +66,18 @@ def start_judges(cfg: CurateConfig, local: bool) -> tuple[list[Any], list[str], 
     return actors, [ray.get(a.url.remote(), timeout=j.startup_timeout_s + 120) for a in actors], key
 
 
-def build_dataset(cfg: CurateConfig, videos: list[dict[str, str]], urls: list[str], key: Secret | None):
-    """The Ray Data pipeline of the module docstring over `videos` ({video, video_key} items)."""
+def build_dataset(cfg: CurateConfig, videos: list[dict[str, str]], urls: list[str], key: Secret | None,
+                  judge: bool = True):  # fmt: skip
+    """The Ray Data pipeline of the module docstring over `videos` ({video, video_key} items); without `judge`,
+    stages a and b only (bench/curation.py)."""
     ds = ray.data.from_items(videos, override_num_blocks=max(1, len(videos)))
     ds = ds.flat_map(cut_video, fn_kwargs={"cfg": cfg}, num_cpus=cfg.cluster.decode_cpus,
                      compute=ray.data.TaskPoolStrategy(size=cfg.cluster.decode_workers))  # fmt: skip
     ds = ds.map_batches(FlowStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.flow.batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.flow.workers),
                         num_gpus=cfg.flow.gpus, num_cpus=cfg.flow.cpus)  # fmt: skip
+    if not judge:
+        return ds
     return ds.map_batches(JudgeStage, fn_constructor_kwargs={"cfg": cfg, "urls": urls, "api_key": key},
                           batch_size=cfg.judge.batch_size, batch_format="numpy",
                           compute=ray.data.ActorPoolStrategy(size=cfg.judge.workers),

@@ -247,9 +247,12 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
-def config_from_dict(tree: dict[str, Any]) -> Config:
-    cfg = _build(Config, tree, "")
-    validate(cfg)
+def config_from_dict(tree: dict[str, Any], schema: type = Config,
+                     check: Callable[[Any], None] | None = validate) -> Any:  # fmt: skip
+    """A config from its plain-dict form (`config_to_dict`), by default training's."""
+    cfg = _build(schema, tree, "")
+    if check is not None:
+        check(cfg)
     return cfg
 
 
