@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from curation.config import describe_keys, load_curate_config_or_exit
+from curation.config import ConfigError, describe_keys, load_curate_config_or_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_curation(cfg)
+    except ConfigError as err:  # found once the cluster is known
+        print(f"config error: {err}", file=sys.stderr, flush=True)
+        return 2
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

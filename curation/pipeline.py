@@ -24,7 +24,7 @@ from typing import Any
 
 import ray
 
-from curation.config import CurateConfig
+from curation.config import ConfigError, CurateConfig
 from curation.output import Committer, committed_keys, finalize, table
 from curation.stage_cut import cut_video
 from curation.stage_flow import FlowStage
@@ -46,6 +46,20 @@ def init_ray(cfg: CurateConfig) -> bool:
         return False
     start_local_ray(cfg.cluster.num_cpus or None)
     return True
+
+
+def check_cpus(cfg: CurateConfig, cpus: float) -> None:
+    """The decoding tasks and the stages' actors must fit the embedded cluster at once: with more asked for than it
+    holds, Ray Data's actor pools wait behind the tasks and the run stalls."""
+    c = cfg.cluster
+    asked = (c.decode_workers * c.decode_cpus + cfg.flow.workers * cfg.flow.cpus
+             + cfg.judge.workers * min(cfg.judge.cpus, 1.0))  # fmt: skip
+    if not cfg.judge.scripted and not cfg.judge.url:
+        asked += cfg.judge.replicas * cfg.judge.cpus
+    if asked > cpus + 1e-9:
+        raise ConfigError(f"cluster.decode_workers: the pipeline asks for {asked:g} CPUs at once (decoding "
+                          "tasks, flow and judge actors, judge replicas) but the embedded cluster has "
+                          f"{cpus:g} (cluster.num_cpus): fewer workers or fewer CPUs each")  # fmt: skip
 
 
 def start_judges(cfg: CurateConfig, local: bool) -> tuple[list[Any], list[str], Secret | None]:
@@ -96,6 +110,8 @@ def run_curation(cfg: CurateConfig, log: Callable[[str], None] = print) -> dict[
         local = init_ray(cfg)
         judges: list[Any] = []
         try:
+            if local:
+                check_cpus(cfg, ray.cluster_resources().get("CPU", 0.0))
             judges, urls, key = start_judges(cfg, local)
             committer = Committer(cfg, len(items), already=len(items) - len(todo), log=log)
             for row in build_dataset(cfg, todo, urls, key).iter_rows():

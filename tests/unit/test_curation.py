@@ -326,3 +326,14 @@ def test_the_trainer_split_by_column_keeps_each_source_video_on_one_side(tmp_pat
         by_hash[1][i].extra["source_video"] for i in range(len(by_hash[1]))}
     with pytest.raises(DataError, match="data.split_column 'source_video' is '/v/v"):
         data.split_by("source_video")
+
+
+def test_an_embedded_cluster_too_small_for_the_workers_is_refused():
+    from curation.pipeline import check_cpus
+
+    cfg = load_curate_config(None, ["input.videos=/v", "judge.scripted=a:b", "cluster.decode_workers=2",
+                                    "cluster.decode_cpus=1", "flow.workers=2", "flow.cpus=1",
+                                    "judge.cpus=0.5"])  # fmt: skip
+    check_cpus(cfg, 5.0)  # 2 + 2 + 0.5 (one judge actor; a scripted judge starts no replica)
+    with pytest.raises(ConfigError, match="cluster.decode_workers: the pipeline asks for 4.5 CPUs"):
+        check_cpus(cfg, 4.0)

@@ -259,10 +259,11 @@ def test_declared_packages_that_are_not_imported_say_why():
 
 def test_plain_classes_import_without_ray():
     """The GPU benchmark machine has no Ray: the benchmark and the plain classes it drives (sampler, trainer,
-    reward scorer, policy and weights, full-size builders) must import, with all they import, while `import ray`
-    fails."""
+    reward scorer, policy and weights, full-size builders, the curation's flow stage) must import, with all they
+    import, while `import ray` fails."""
     modules = ["actors.sampler", "learner.trainer.nft_trainer", "learner.trainer.checkpoint", "rewards.scorer",
-               "motionnft_core.models.weights", "motionnft_core.models.full_size", "bench.train_step"]  # fmt: skip
+               "motionnft_core.models.weights", "motionnft_core.models.full_size", "bench.train_step",
+               "curation.stage_flow", "bench.curation_flow_gpu"]  # fmt: skip
     code = "import sys; sys.modules['ray'] = None\n" + "".join(f"import {m}\n" for m in modules)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
