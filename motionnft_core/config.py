@@ -220,6 +220,9 @@ class DataConfig(_Section):
     upscale_small: bool = _f(False, "upscale (bilinear, counted) images smaller than rollout.height x width; "
                              "false: such an image is a bad row (data.on_error)", choices=(True, False))  # fmt: skip
     seed: int = _f(0, "seed of the split and of the prompt order")
+    split_column: str = _f("", "a column (or JSONL/meta key) whose value, train or eval, puts each row on its side, "
+                           "as a curated set records it (split by source video: `split`); data.eval_fraction is "
+                           "then unused. Empty: the split by id hash")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -628,7 +631,7 @@ def validate(cfg: Config) -> None:
     _check(not cfg.rollout.fp8_reference or cfg.nft.reference_forwards == "rollout", "rollout.fp8_reference",
            "false unless nft.reference_forwards is rollout (the learner's reference forwards stay full precision)",
            cfg.rollout.fp8_reference)  # fmt: skip
-    _check(cfg.eval.every == 0 or cfg.data.eval_fraction > 0, "eval.every",
+    _check(cfg.eval.every == 0 or cfg.data.eval_fraction > 0 or bool(cfg.data.split_column), "eval.every",
            "0 when data.eval_fraction is 0 (the evaluation during training needs held-out rows)", cfg.eval.every)
 
 

@@ -649,6 +649,27 @@ class MotionEditDataset(Sequence[MotionExample]):
             MotionEditDataset(evaluation, resolution=self.resolution),
         )
 
+    def split_by(self, column: str) -> tuple[MotionEditDataset, MotionEditDataset]:
+        """(train, eval) by each row's `column` ("train" or "eval"), the split a curated set was made with (by
+        source video, curation/output.py). A row without one of the two values raises DataError naming it; so does
+        an empty side."""
+        train, evaluation = [], []
+        for record in self._records:
+            value = record.extra.get(column)
+            if value not in ("train", "eval"):
+                raise DataError(f"{record.where}: data.split_column {column!r} is {value!r}, expected 'train' or "
+                                "'eval'")  # fmt: skip
+            (evaluation if value == "eval" else train).append(record)
+        if not train or not evaluation:
+            raise DataError(
+                f"split of {len(self)} examples by column {column!r} left the {'train' if not train else 'eval'} "
+                "side empty; curate more videos or another output.eval_fraction"
+            )
+        return (
+            MotionEditDataset(train, resolution=self.resolution),
+            MotionEditDataset(evaluation, resolution=self.resolution),
+        )
+
     def __repr__(self) -> str:
         return (
             f"MotionEditDataset(n={len(self)}, resolution={self.resolution}, skipped={len(self.skipped)}, "
@@ -668,7 +689,8 @@ class ExampleServer:
 
 
 def load_splits(cfg: Config) -> tuple[MotionEditDataset, MotionEditDataset]:
-    """The run's (train, eval) splits at the rollout resolution (`data.*`, `rollout.height/width`).
+    """The run's (train, eval) splits at the rollout resolution (`data.*`, `rollout.height/width`): by id hash, or
+    by `data.split_column` (a curated set's split by source video).
 
     Without `data.source`, `data.synthetic` examples are generated once into `<model.cache_dir>/synthetic`
     (keyed by the generator's source) and used; an `s3://` source is downloaded into `<model.cache_dir>/data`.
@@ -695,6 +717,8 @@ def load_splits(cfg: Config) -> tuple[MotionEditDataset, MotionEditDataset]:
         cache_dir=str(cache / "data"),
         upscale_small=d.upscale_small or not d.source,
     )
+    if d.split_column:
+        return ds.split_by(d.split_column)
     if d.eval_fraction == 0:
         return ds, ds[0:0]
     return ds.split(d.eval_fraction, d.seed)
