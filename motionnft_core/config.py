@@ -319,6 +319,13 @@ class RewardConfig(_Section):
     judge_weight: float = _f(0.5, "w_mllm (0 = judge never started)", ge=0)
     batch_pairs: int = _f(32, "candidate pairs a reward worker gathers across groups before one flow call", ge=1)
     max_wait_ms: float = _f(20.0, "longest a reward worker waits to fill a batch", ge=0)
+    preservation_weight: float = _f(0.0, "w of the static-region term: R = (1 - w)*R + w*r_pres, r_pres = 1 - the "
+                                    "edit's photometric distance to the input where the ground truth does not move "
+                                    "(rewards/preservation.py); 0 = off", ge=0, le=1)  # fmt: skip
+    preservation_threshold: float = _f(0.005, "a pixel is static when its ground-truth flow, both input->target and "
+                                       "target->input, is at most this (in image diagonals)", ge=0)  # fmt: skip
+    preservation_grid: int = _f(32, "side of the fixed grid the preservation term compares input and edit on "
+                                "(a cell touching motion is left out)", ge=1)  # fmt: skip
     flow: FlowRewardConfig = field(default_factory=FlowRewardConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
@@ -329,6 +336,9 @@ class RewardConfig(_Section):
             "flow_weight + judge_weight > 0",
             (self.flow_weight, self.judge_weight),
         )
+        _check(self.preservation_weight == 0 or self.flow_weight > 0, "reward.preservation_weight",
+               "0 when reward.flow_weight is 0 (the static region comes from the flow model)",
+               self.preservation_weight)  # fmt: skip
 
 
 @dataclass(frozen=True)
