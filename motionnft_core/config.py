@@ -371,6 +371,11 @@ class NFTConfig(_Section):
     )
     invert_reward: bool = _f(False, "control experiment: train on 1 - r (r = optimality); the policy should then "
                              "get WORSE")  # fmt: skip
+    motion_focal: bool = _f(False, "weight each target token's squared error in L+ and L- by the ground-truth "
+                            "motion there (|input->target flow|, pooled to the token grid, mean 1; "
+                            "learner/trainer/motion_focal.py); needs reward.flow_weight > 0")  # fmt: skip
+    motion_focal_mix: float = _f(0.5, "m of the motion-focal weights (1 - m) + m * heat: 0 = the plain loss, "
+                                 "1 = the heat alone", ge=0, le=1)  # fmt: skip
 
     def _check_related(self) -> None:
         _check(
@@ -636,6 +641,8 @@ def validate(cfg: Config) -> None:
            cfg.rollout.fp8_reference)  # fmt: skip
     _check(cfg.eval.every == 0 or cfg.data.eval_fraction > 0, "eval.every",
            "0 when data.eval_fraction is 0 (the evaluation during training needs held-out rows)", cfg.eval.every)
+    _check(not cfg.nft.motion_focal or cfg.reward.flow_weight > 0, "nft.motion_focal",
+           "false when reward.flow_weight is 0 (the motion heat comes from the flow model)", cfg.nft.motion_focal)
 
 
 def _validate_demo(cfg: Config) -> None:

@@ -34,6 +34,11 @@ def reward_constants(cfg: FlowRewardConfig) -> dict[str, float | bool]:
             "b": cfg.w_direction, "c": cfg.w_move, "quantize": cfg.quantize}  # fmt: skip
 
 
+def motion_heat(v_gt: torch.Tensor) -> torch.Tensor:
+    """|V_gt| per pixel, float32 (H, W): the ground-truth motion the motion-focal loss weights tokens by."""
+    return torch.linalg.vector_norm(v_gt.float(), dim=-1)
+
+
 def preservation_constants(cfg: RewardConfig) -> dict[str, float] | None:
     """`reward.preservation_*` for the flow scorer; None when `reward.preservation_weight` is 0 (the term is off)."""
     if cfg.preservation_weight == 0:
@@ -72,13 +77,16 @@ class FlowRewardScorer:
     flows kept (LRU, float32 on the CPU: H·W·8 bytes each, 2 MiB at 512²). The reward constants are the published ones
     (docs/algorithm.md). Counters for metrics: `estimator_calls`, `pairs_estimated`, `cache_hits`, `cache_misses`.
     `preservation`: the static-region term's constants (`preservation_constants`); it adds the target -> input flow
-    of each prompt (cached beside input -> target) to the pairs.
+    of each prompt (cached beside input -> target) to the pairs. `heat`: each result carries its prompt's
+    ground-truth motion magnitude (H, W) in pixels, from the cached target flow (`motion_heat`).
     """
 
-    def __init__(self, estimator: FlowEstimator, cfg: FlowRewardConfig, *, preservation: dict | None = None):
+    def __init__(self, estimator: FlowEstimator, cfg: FlowRewardConfig, *, preservation: dict | None = None,
+                 heat: bool = False):  # fmt: skip
         self.estimator, self.max_batch, self.cache_size = estimator, cfg.max_batch, cfg.cache_size
         self.reward_constants = reward_constants(cfg)
         self.preservation = preservation  # `preservation_constants(reward)`: None = the term is off
+        self.heat = heat  # nft.motion_focal: each item's |input -> target flow| (H, W) comes with its scores
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # key -> (H, W, 2)
         self.estimator_calls = self.pairs_estimated = self.cache_hits = self.cache_misses = 0
 
@@ -95,6 +103,8 @@ class FlowRewardScorer:
             out = motion_alignment_reward(v_pred, v_gt, **self.reward_constants)
             if v_back is not None:
                 out.update(self._preservation(item, v_gt[0], v_back))
+            if self.heat:
+                out["heat"] = motion_heat(v_gt[0])
             results.append({name: value.cpu() for name, value in out.items()})
         return results
 
@@ -213,8 +223,8 @@ def _check_item(item: FlowItem) -> torch.Tensor:
     return resized[0].round().clamp(0, 255).to(torch.uint8)
 
 
-def build_flow_scorer(cfg: FlowRewardConfig, *, device: str, cache_dir: str,
-                      preservation: dict | None = None) -> FlowRewardScorer:  # fmt: skip
+def build_flow_scorer(cfg: FlowRewardConfig, *, device: str, cache_dir: str, preservation: dict | None = None,
+                      heat: bool = False) -> FlowRewardScorer:  # fmt: skip
     """The run's flow reward: the `reward.flow.estimator` on `device` (RAFT weights cached in `cache_dir`)."""
     return FlowRewardScorer(build_flow_estimator(cfg, device=device, cache_dir=cache_dir), cfg,
-                            preservation=preservation)  # fmt: skip
+                            preservation=preservation, heat=heat)  # fmt: skip

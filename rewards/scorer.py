@@ -15,7 +15,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -38,6 +38,7 @@ class GroupReward:
     components: dict[str, list[float]] = field(default_factory=dict)  # flow/l_q, flow/reward, judge/score, ...
     timing: dict[str, float] = field(default_factory=dict)
     judge_digit_probs: list = field(default_factory=list)  # per candidate: the judge's P(digit 0..5) (lineage)
+    heat: Any = None  # nft.motion_focal: the prompt's |input->target flow| (H, W); the worker sends a reference
 
 
 def blend(flow: torch.Tensor | None, judge: torch.Tensor | None, *, flow_weight: float, judge_weight: float):
@@ -88,12 +89,15 @@ class RewardScorer:
             self._next_judge += 1
             judge_task = asyncio.ensure_future(_timed("judge", judge.score_many(input_image, candidates, prompt)))
         components: dict[str, list[float]] = {}
-        r_flow = r_judge = r_pres = None
+        r_flow = r_judge = r_pres = heat = None
         digit_probs: list = []
         try:
             if flow_task is not None:
                 parts = await flow_task
                 r_flow = parts["reward"].double()
+                if "heat" in parts:  # per prompt, not a per-candidate term
+                    parts = dict(parts)
+                    heat = parts.pop("heat")
                 if self.preservation_weight > 0:  # its own metrics, not part of the flow reward's
                     parts = dict(parts)
                     r_pres = parts.pop("preservation").double()
@@ -115,7 +119,7 @@ class RewardScorer:
         self.metrics["groups"] += 1
         elapsed = time.perf_counter() - t0
         telemetry.seconds("score", elapsed)
-        return GroupReward(prompt_id, reward.tolist(), components, {"reward_s": elapsed}, digit_probs)
+        return GroupReward(prompt_id, reward.tolist(), components, {"reward_s": elapsed}, digit_probs, heat)
 
     async def _flow(self, item: FlowItem) -> dict[str, torch.Tensor]:
         if self._queue is None:
@@ -200,14 +204,15 @@ async def _timed(phase: str, work: Awaitable[T]) -> T:
         return await work
 
 
-def build_reward_scorer(
-    cfg: RewardConfig, judge_urls: Sequence[str], *, device: str, cache_dir: str, judge_key: Secret | None = None
-) -> RewardScorer:
+def build_reward_scorer(cfg: RewardConfig, judge_urls: Sequence[str], *, device: str, cache_dir: str,
+                        judge_key: Secret | None = None, heat: bool = False) -> RewardScorer:  # fmt: skip
     """The scorer a reward worker runs: the flow reward on `device` and one judge client over the replicas'
     URLs (failing over between them, authorized with `judge_key`); a component whose weight is 0 is never built
-    (no RAFT weights loaded, no judge contacted)."""
+    (no RAFT weights loaded, no judge contacted). `heat` (nft.motion_focal): each group's reward carries its
+    prompt's ground-truth motion magnitude."""
     flow = None
     if cfg.flow_weight > 0:
-        flow = build_flow_scorer(cfg.flow, device=device, cache_dir=cache_dir, preservation=preservation_constants(cfg))
+        flow = build_flow_scorer(cfg.flow, device=device, cache_dir=cache_dir, preservation=preservation_constants(cfg),
+                                 heat=heat)  # fmt: skip
     judges = [JudgeClient(judge_urls, cfg.judge, judge_key)] if cfg.judge_weight > 0 else []  # fails over
     return RewardScorer(flow, judges, cfg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import ray
 import torch
 
 from motionnft_core import telemetry
@@ -43,9 +44,12 @@ class RewardWorker:
         self.calls += 1
         with self.busy.call():
             fault_point("reward.score", self.calls)
-            return await self.scorer.score(
+            out = await self.scorer.score(
                 example.id, example.prompt, example.input_image, example.target_image, candidates
             )
+        if out.heat is not None:  # nft.motion_focal: the learner fetches it by reference, the driver never does
+            out.heat = ray.put(out.heat)
+        return out
 
     async def score_edits(self, cfg: EvalConfig, parts: int, *rows_then_edits: Any) -> list[dict]:
         """MAS and rubric of evaluation edits: n data rows, then their n edits (uint8 (3, H, W)), then with
