@@ -209,6 +209,10 @@ class DataConfig(_Section):
     synthetic: int = _f(0, "if > 0 and source is empty: generate this many synthetic motion examples and use them",
                         ge=0)  # fmt: skip
     synthetic_size: int = _f(64, "side in pixels of generated synthetic images", ge=16, multiple_of=16)
+    synthetic_pan_share: float = _f(0.0, "share of generated examples (the demo's data) whose target also has a "
+                                    "camera pan of synthetic_pan_pixels (motionnft_core/data/synthetic.py); 0 = off",
+                                    ge=0, le=1)  # fmt: skip
+    synthetic_pan_pixels: int = _f(3, "the camera pan of those examples, in pixels along one axis", ge=1)
     eval_fraction: float = _f(0.1, "share of examples held out for evaluation (deterministic by id and seed)",
                               ge=0, lt=1)  # fmt: skip
     on_error: str = _f("skip", "a bad row (missing field/file, corrupt image): skip (logged) | raise",
