@@ -129,13 +129,15 @@ class RolloutWorker:
         self.weights.forget()
         self.parity_error, self.export = None, export.location
 
-    def edit(self, cfg: EvalConfig, example: Prompt, weights: PublishedWeights | None = None,
+    def edit(self, how: EvalConfig | RolloutConfig, example: Prompt, weights: PublishedWeights | None = None,
              base: bool = False, export: LoraExport | None = None) -> torch.Tensor:  # fmt: skip
-        """One evaluation edit of `example` (actors/eval_sampler.py: the pipeline's sampler and seed, `eval.*`),
-        uint8 (3, H, W): with `weights` (loaded first when their version differs), or a checkpoint's `export`
-        (loaded first unless it is the one this worker holds: so a worker Ray restarted, which starts with an
-        empty adapter, loads it again before it edits), or neither (what the policy holds); with `base`, by the
-        base policy (the LoRA adapter off). The same row gives the same edit on any worker."""
+        """One evaluation edit of `example`, uint8 (3, H, W): made by the pipeline's own sampler with `eval.*`
+        (actors/eval_sampler.py), or, given rollout settings, by the rollout solver as training samples it (one
+        candidate, its noise a function of `how.seed` and the row's id). With `weights` (loaded first when their
+        version differs), or a checkpoint's `export` (loaded first unless it is the one this worker holds: so a
+        worker Ray restarted, which starts with an empty adapter, loads it again before it edits), or neither
+        (what the policy holds); with `base`, by the base policy (the LoRA adapter off). The same row gives the
+        same edit on any worker."""
         with self.busy.call():
             if weights is not None and not self.weights.holds(weights):
                 with telemetry.timed("fetch_weights"):
@@ -147,7 +149,10 @@ class RolloutWorker:
                 raise ValueError("base-policy edits need a LoRA policy (with nft.full_finetune the base is gone)")
             policy = self.weights.policy
             with telemetry.timed("eval_sample"), policy.adapters_disabled() if base else nullcontext():
-                return EvalSampler(policy, cfg).sample(example.prompt, example.input_image)
+                if isinstance(how, RolloutConfig):
+                    ((_, images),) = Sampler(policy, how).sample([example], step=0, version=0, group_size=1)
+                    return images[0].cpu()
+                return EvalSampler(policy, how).sample(example.prompt, example.input_image)
 
 
 def image_digests(images: torch.Tensor) -> list[str]:

@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from actors.sampler import Sampler  # noqa: E402
 from bench.stats import append_record, machine  # noqa: E402
 from bench.train_step import score  # noqa: E402
-from evaluation.heldout import load_evaluated_policy  # noqa: E402
 from learner.trainer.nft_loss import optimality  # noqa: E402
 from motionnft_core.config_loader import load_config_or_exit  # noqa: E402
 from motionnft_core.data.motionedit import load_splits  # noqa: E402
 from motionnft_core.models.warmstart import resolve_demo  # noqa: E402
+from motionnft_core.models.weights import load_exported_policy  # noqa: E402
 from rewards.flow_scorer import build_flow_scorer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     examples = [held_out[i] for i in range(n)]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scorer = build_flow_scorer(cfg.reward.flow, device=device, cache_dir=cfg.model.cache_dir)
-    policy = load_evaluated_policy(cfg, None)  # the warm start: what the demo's training starts from
+    policy = load_exported_policy(cfg, None)  # the warm start: what the demo's training starts from
     rollout = dataclasses.replace(cfg.rollout, group_size=args.group)
     per_call = max(1, rollout.micro_batch // args.group)
     rewards, seconds = {}, {}

@@ -2,7 +2,7 @@
 
 `--checkpoint` (one policy) against `--baseline base|latest|DIR` on `--split PATH|s3://...` (default: the run's
 held-out split), the first `--limit` rows, into `--out` (default `<logging.dir>/compare`), on the Ray pools of
-the run's config, built by training's own builder (`learner.driver.pools.build_pools(evaluation=True)`): Ray is
+the run's config, built by training's own builder (evaluation/pools.py): Ray is
 joined as training joins it (`learner/driver/ray_session.py`: `cluster.address`, RAY_ADDRESS under
 `ray job submit`, else an embedded cluster), and the driver (this process) only schedules and writes; edits and
 images stay in the object store (learner/driver/heldout.py). Every input (the judge, the rows, the policies, an
@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +48,14 @@ import torch
 from PIL import Image
 
 from evaluation.heldout import EvalInputError, checkpoints_to_evaluate
+from evaluation.pools import Side, evaluation_pools, policy_side
 from evaluation.report import ReportInfo, comparison_grid, plot_win_rates, summary_table, write_report
 from evaluation.table import ScoreStore, pair_rows, score_row, write_rows
-from learner.driver.heldout import edit_pngs, gather, sample_edits, score_edits, wait_until_up
-from learner.driver.placement import alive_nodes, placement_problems, pool_asks
-from learner.driver.pools import Pools, build_pools
-from learner.driver.ray_session import init_ray
-from motionnft_core import s3
-from motionnft_core.config import Config, ConfigError
+from learner.driver.heldout import edit_pngs, gather, score_edits, wait_until_up
+from motionnft_core.config import Config
 from motionnft_core.data.motionedit import MotionEditDataset, MotionExample, load_splits
 from motionnft_core.errors import lost_worker
 from motionnft_core.eval_stats import GroupSummary, summarize
-from motionnft_core.models.weights import LoraExport
 from rewards.judge_prompts import prompt_digest
 from rewards.rubric import judge_model_name
 
@@ -104,64 +98,12 @@ def check_judge(cfg: Config) -> None:
         raise EvalInputError("the rubric needs a judge: cluster.judge_replicas is 0 and reward.judge.url is empty")
 
 
-@contextmanager
-def compare_pools(cfg: Config) -> Iterator[Pools]:
-    """The pools of a comparison, built as training builds them (`build_pools(evaluation=True)`: rollout
-    workers holding the run's policy with an empty adapter, reward workers with the run's flow estimator and a
-    rubric client for the judge at `reward.judge.url` or for the `cluster.judge_replicas` vLLM replicas started
-    here), after checking that the cluster can place them. Every actor is stopped on exit, and a cluster this
-    process started is shut down."""
-    started = not ray.is_initialized()
-    embedded = init_ray(cfg)
-    try:
-        check_compare_placement(cfg)
-        pools = build_pools(cfg, local=embedded, evaluation=True)
-        try:
-            yield pools
-        finally:
-            pools.shutdown()
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def check_compare_placement(cfg: Config) -> None:
-    """Raise ConfigError naming the keys of a pool of the comparison (rollout, reward, judge) that no node or
-    node type can ever hold, instead of waiting forever for it (learner/driver/placement.py; no learner here)."""
-    rubric = replace(cfg, reward=replace(cfg.reward, judge_weight=1.0))  # replicas whatever the training weight
-    asks = [p for p in pool_asks(rubric) if p.name != "learner"]
-    if problems := placement_problems(asks, alive_nodes(), cfg.cluster.node_types):
-        raise ConfigError("pools that can never be placed:\n  " + "\n  ".join(problems))
-
-
 def _edit_png(edits_dir: Path, policy: str, example_id: str) -> Path:
     return edits_dir / policy / f"{hashlib.sha1(example_id.encode()).hexdigest()[:16]}.png"
 
 
 def _read_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
-
-
-@dataclass(frozen=True)
-class Side:
-    """One policy of a comparison as the rollout workers sample it: a checkpoint's LoRA export (each worker loads
-    it on its own node before its first edit, and again after Ray restarted it), or the base policy (`base`:
-    the adapter off; a full fine-tuning run's base is the pipeline as loaded)."""
-
-    export: LoraExport | None
-    base: bool
-
-    def sample(self, rollouts: list[Any], rows: list[Any], cfg: Config) -> list[Any]:
-        return sample_edits(rollouts, rows, cfg.eval, base=self.base, export=self.export)
-
-
-def compare_side(lora: str | None, cfg: Config) -> Side:
-    """The side of the export at `lora` (None: the base policy)."""
-    if lora is None:
-        return Side(None, base=not cfg.nft.full_finetune)
-    export = LoraExport(lora, cfg.nft.lora_rank, cfg.nft.lora_alpha, cfg.model.cache_dir,
-                        s3.S3Retry.from_config(cfg.checkpoint))  # fmt: skip
-    return Side(export, base=False)
 
 
 def score_compare_policy(
@@ -183,7 +125,7 @@ def score_compare_policy(
     if not todo:
         return 0
     chunks = [todo[s : s + cfg.eval.chunk_rows] for s in range(0, len(todo), cfg.eval.chunk_rows)]
-    edits = side.sample(rollouts, [rows[i] for i in chunks[0]], cfg)
+    edits = side.sample(rollouts, [rows[i] for i in chunks[0]], cfg.eval)
     for c, chunk in enumerate(chunks):
         ahead = None  # the next chunk's edits, sampled while this one is scored
         for attempt in range(cfg.eval.chunk_retries + 1):
@@ -191,7 +133,7 @@ def score_compare_policy(
                 baseline = None if against is None else [against[0][examples[i].id] for i in chunk]
                 scores = score_edits(rewards, [rows[i] for i in chunk], edits, cfg.eval, baseline)
                 if ahead is None and c + 1 < len(chunks):
-                    ahead = side.sample(rollouts, [rows[i] for i in chunks[c + 1]], cfg)
+                    ahead = side.sample(rollouts, [rows[i] for i in chunks[c + 1]], cfg.eval)
                 scored = gather(scores)
                 shown = [(i, edit) for i, edit in zip(chunk, edits, strict=True) if examples[i].id in grid_ids]
                 pngs = edit_pngs([edit for _, edit in shown])
@@ -203,9 +145,9 @@ def score_compare_policy(
                       f"scoring it again ({attempt + 1} of eval.chunk_retries {cfg.eval.chunk_retries})",
                       flush=True)  # fmt: skip
                 wait_until_up([*rollouts, *rewards], cfg.eval.worker_wait_s)
-                edits = side.sample(rollouts, [rows[i] for i in chunk], cfg)
+                edits = side.sample(rollouts, [rows[i] for i in chunk], cfg.eval)
                 if against is not None:
-                    redone = against[1].sample(rollouts, [rows[i] for i in chunk], cfg)
+                    redone = against[1].sample(rollouts, [rows[i] for i in chunk], cfg.eval)
                     against[0].update((examples[i].id, edit) for i, edit in zip(chunk, redone, strict=True))
         if keep is not None:
             keep.update((examples[i].id, edit) for i, edit in zip(chunk, edits, strict=True))
@@ -244,11 +186,11 @@ def run_compare(
     todo = [name for name in (("baseline",) if same else COMPARE_POLICIES) if store.pending(name, ids)]
     judge_metrics: dict[str, int] = {}
     if todo:
-        with compare_pools(cfg) as pools:
+        with evaluation_pools(cfg, rubric=True) as pools:
             write_manifest(out_dir, manifest)
             rollouts, rewards = pools.rollouts.actors, pools.rewards.actors
             rows = [ray.put(e) for e in examples]  # put once: rollout and reward workers fetch them by reference
-            sides = {name: compare_side(dirs[name], cfg) for name in COMPARE_POLICIES}
+            sides = {name: policy_side(dirs[name], cfg) for name in COMPARE_POLICIES}
             kept: dict[str, Any] = {}  # the baseline's edits, by id, while the candidate's are judged beside them
             for name in todo:
                 if side_by_side and name == "candidate":
@@ -286,7 +228,7 @@ def resample_baseline(
     if not missing:
         return
     print(f"side by side: sampling the baseline's {len(missing)} edits again (scored by an earlier run)", flush=True)
-    edits = side.sample(rollouts, [rows[i] for i in missing], cfg)
+    edits = side.sample(rollouts, [rows[i] for i in missing], cfg.eval)
     kept.update((examples[i].id, edit) for i, edit in zip(missing, edits, strict=True))
 
 

@@ -1,21 +1,21 @@
 """`python -m evaluation.main heldout`: a run's checkpoints scored on its held-out split with its flow reward, an
 image grid and a reward-vs-step plot.
 
-Scored in this process (not on the Ray pools): the flow reward's components per example are what the command
-reports, and the edits are sampled with the rollout solver and grid, as training samples them.
-1. The policy is the run's base pipeline (`model.*`, loaded exactly as rollout workers load it) plus, for a
-   checkpoint, its exported eval-EMA adapter `<ckpt>/lora/pytorch_lora_weights.safetensors`, loaded with
-   diffusers' own `load_lora_weights` (so this also checks that the export is what diffusers expects).
+Run on the Ray pools of the run's config as `compare` runs (evaluation/pools.py: rollout and reward workers,
+no judge), the driver (this process) only schedules and writes.
+1. The policy is the run's base pipeline (`model.*`, loaded by each rollout worker as in training) plus, for a
+   checkpoint, its exported eval-EMA adapter `<ckpt>/lora/pytorch_lora_weights.safetensors`, read by each
+   worker on its own node into the adapter training uses (the base policy: that adapter turned off).
    `none` evaluates the base pipeline (the warm-started policy, the start of the RL curve); `latest` the newest
    complete checkpoint under `checkpoint.dir`; `all` the base and every complete checkpoint (a held-out curve);
    a DIR is a checkpoint dir (with `lora/`) or a LoRA dir itself.
 2. The held-out split is the run's own (`motionnft_core.data.motionedit.load_splits`: same data, resolution, eval
-   fraction, seed). One edit per example is sampled with the rollout solver and grid (`rollout.num_steps`); the
-   noise of example i is a function of (`--seed`, its id) only, so every checkpoint is judged on the same noise
-   (paired).
-3. Each edit is scored with the run's flow reward (`reward.flow.*`, docs/algorithm.md): the per-example `reward`
-   (quantized when `reward.flow.quantize`), the unquantized `score` s, and the terms `l_q`, `direction`,
-   `move`, `distance`. A table and the means are printed and written to `<out>/eval.json`.
+   fraction, seed). One edit per example is sampled by a rollout worker with the rollout solver and grid, as
+   training samples (`rollout.num_steps`, full precision); the noise of example i is a function of (`--seed`,
+   its id) only, so every checkpoint is judged on the same noise (paired), whichever worker makes the edit.
+3. Each edit is scored by a reward worker with the run's flow reward (`reward.flow.*`, docs/algorithm.md): the
+   per-example `reward` (quantized when `reward.flow.quantize`), the unquantized `score` s, and the terms
+   `l_q`, `direction`, `move`, `distance`. A table and the means are printed and written to `<out>/eval.json`.
 4. `<out>/grid.png`: one row per example (the first `--grid-rows`), columns input | ground truth | edit of each
    evaluated policy in order (base first with `all`), labelled on the picture and in eval.json's
    `grid_columns`, each image scaled up `--grid-scale` times (nearest) so that 32 px demo images are visible.
@@ -26,25 +26,30 @@ reports, and the edits are sampled with the rollout solver and grid, as training
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
+from typing import Any
 
+import numpy as np
+import ray
 import torch
+from PIL import Image
 
-from actors.sampler import Sampler
+from evaluation.pools import Side, evaluation_pools, policy_side
 from evaluation.report import write_grid
+from learner.driver.heldout import edit_pngs, wait_until_up
 from learner.trainer.checkpoint import CheckpointManager
 from motionnft_core import s3
 from motionnft_core.config import Config, RolloutConfig
-from motionnft_core.data.motionedit import load_splits
-from motionnft_core.models.policy import EditPolicy, load_policy
+from motionnft_core.data.motionedit import MotionExample, load_splits
+from motionnft_core.errors import lost_worker
 from motionnft_core.models.tiny import pipeline_source
 from motionnft_core.models.warmstart import check_text_length
-from motionnft_core.models.weights import LORA_FILE, check_lora_export, lora_export_here
-from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer
-
-COMPONENTS = ("reward", "score", "l_q", "direction", "move", "distance")
+from motionnft_core.models.weights import LORA_FILE
+from rewards.flow_scorer import FLOW_TERMS
 
 
 class EvalInputError(ValueError):
@@ -57,7 +62,7 @@ class EvalInputError(ValueError):
 
 @dataclass
 class EvalResult:
-    """Per-example components (lists aligned with `ids`) and the sampled edits uint8 (N, 3, H, W)."""
+    """Per-example components (lists aligned with `ids`) and the first edits uint8 (n, 3, H, W), for the grid."""
 
     ids: list[str]
     prompts: list[str]
@@ -70,38 +75,45 @@ class EvalResult:
         return {k: sum(v) / len(v) for k, v in self.components.items()}
 
 
-def evaluate_policy(
-    policy: EditPolicy, examples: list, scorer: FlowRewardScorer, rollout: RolloutConfig, *, seed: int
-) -> EvalResult:
-    """Sample one edit per example with the rollout solver and grid (`rollout.*`, noise seeded by (seed, id)) and
-    score it against its ground truth."""
-    if not examples:
-        raise ValueError("evaluate_policy: no examples to evaluate")
-    sampler = Sampler(policy, replace(rollout, seed=seed, fp8=False, fp8_reference=False))  # scores: full precision
-    pairs = sampler.sample(list(examples), step=0, version=0, group_size=1)  # step 0: the same noise everywhere
-    items = [
-        FlowItem(e.id, e.input_image, e.target_image, images) for e, (_, images) in zip(examples, pairs, strict=True)
-    ]
-    scored = scorer.score(items)
-    components = {k: [float(v) for r in scored for v in r[k]] for k in COMPONENTS}
-    edits = torch.cat([images for _, images in pairs])
-    return EvalResult([e.id for e in examples], [e.prompt for e in examples], components, edits)
+def heldout_sampling(rollout: RolloutConfig, seed: int) -> RolloutConfig:
+    """The rollout settings of held-out edits: training's solver and grid, the noise of `seed`, full precision."""
+    return replace(rollout, seed=seed, fp8=False, fp8_reference=False)
+
+
+def evaluate_side(
+    side: Side, rollouts: list[Any], rewards: list[Any], examples: list[MotionExample], rows: list[Any], cfg: Config,
+    *, seed: int, grid_rows: int,
+) -> EvalResult:  # fmt: skip
+    """Sample one edit per example on the rollout workers (`heldout_sampling`), score them on the reward workers
+    (the run's flow reward), fetch the first `grid_rows` edits as PNG. A lost worker (Ray restarts it): sampled
+    and scored again once every worker answers, at most `eval.chunk_retries` times."""
+    for attempt in range(cfg.eval.chunk_retries + 1):
+        try:
+            edits = side.sample(rollouts, rows, heldout_sampling(cfg.rollout, seed))
+            size = math.ceil(len(rows) / len(rewards))
+            scored = [row for part in ray.get([
+                rewards[k].score_flow.remote(*rows[s : s + size], *edits[s : s + size])
+                for k, s in enumerate(range(0, len(rows), size))
+            ]) for row in part]  # fmt: skip
+            pngs = edit_pngs(edits[:grid_rows])
+            break
+        except ray.exceptions.RayError as error:
+            if not lost_worker(error) or attempt == cfg.eval.chunk_retries:
+                raise
+            print(f"held-out edits lost a worker ({type(error).__name__}); sampling and scoring them again "
+                  f"({attempt + 1} of eval.chunk_retries {cfg.eval.chunk_retries})", flush=True)  # fmt: skip
+            wait_until_up([*rollouts, *rewards], cfg.eval.worker_wait_s)
+    components = {k: [row[k] for row in scored] for k in FLOW_TERMS}
+    shown = torch.stack([decode_png(png) for png in pngs]) if pngs else torch.zeros(0, dtype=torch.uint8)
+    return EvalResult([e.id for e in examples], [e.prompt for e in examples], components, shown)
+
+
+def decode_png(data: bytes) -> torch.Tensor:
+    """uint8 (3, H, W) of PNG bytes."""
+    return torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1)
 
 
 # ------------------------------------------------------------------------------------------------ loading
-
-
-def load_evaluated_policy(cfg: Config, lora: str | Path | None) -> EditPolicy:
-    """Base pipeline as the rollout workers load it; the adapter exported at `lora` (a diffusers layout dir, or
-    an s3:// prefix fetched here) on top."""
-    path = pipeline_source(cfg.model)
-    policy = load_policy(cfg.model, path, use_gpu=torch.cuda.is_available())
-    check_text_length(policy, path)  # a warm-started demo pipeline must see text padded as in its warm start
-    if lora is not None:
-        with lora_export_here(lora, cache_dir=cfg.model.cache_dir, retry=s3.S3Retry.from_config(cfg.checkpoint)) as d:
-            check_lora_export(d, rank=cfg.nft.lora_rank, alpha=cfg.nft.lora_alpha)
-            policy.pipe.load_lora_weights(str(d), adapter_name="default")
-    return policy
 
 
 def checkpoints_to_evaluate(cfg, which: str) -> list[tuple[int | None, str | None]]:
@@ -220,21 +232,25 @@ def plot_reward_curve(rows: list[dict], held_out: list[tuple[int, dict[str, floa
 def run_heldout(
     cfg: Config, which: str, out_dir: Path, *, seed: int, limit: int, grid_rows: int, grid_scale: int
 ) -> list[EvalResult]:
-    """Evaluate the selected checkpoints on the held-out split; write eval.json, grid.png, reward_curve.png."""
+    """Evaluate the selected checkpoints on the held-out split on the Ray pools; write eval.json, grid.png,
+    reward_curve.png. Every input is checked before the pools start or anything is written."""
     _, held_out = load_splits(cfg)
     if len(held_out) == 0:
         raise EvalInputError("no held-out split: data.eval_fraction must be > 0 to evaluate")
     examples = [held_out[i] for i in range(len(held_out) if limit <= 0 else min(limit, len(held_out)))]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    scorer = build_flow_scorer(cfg.reward.flow, device=device, cache_dir=cfg.model.cache_dir)
+    check_text_length(cfg.model, pipeline_source(cfg.model))  # a warm-started demo pads text as in its warm start
+    evaluated = checkpoints_to_evaluate(cfg, which)
     results = []
-    for step, lora_dir in checkpoints_to_evaluate(cfg, which):
-        policy = load_evaluated_policy(cfg, lora_dir)
-        result = evaluate_policy(policy, examples, scorer, cfg.rollout, seed=seed)
-        result.step = step
-        results.append(result)
-        print(f"\n== {'base policy (no adapter)' if lora_dir is None else lora_dir} ==", flush=True)
-        print(format_table(result), flush=True)
+    with evaluation_pools(cfg, rubric=False) as pools:
+        rollouts, rewards = pools.rollouts.actors, pools.rewards.actors
+        rows = [ray.put(e) for e in examples]  # put once: rollout and reward workers fetch them by reference
+        for step, lora_dir in evaluated:
+            result = evaluate_side(policy_side(lora_dir, cfg), rollouts, rewards, examples, rows, cfg, seed=seed,
+                                   grid_rows=grid_rows)  # fmt: skip
+            result.step = step
+            results.append(result)
+            print(f"\n== {'base policy (no adapter)' if lora_dir is None else lora_dir} ==", flush=True)
+            print(format_table(result), flush=True)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {

@@ -34,6 +34,9 @@ def reward_constants(cfg: FlowRewardConfig) -> dict[str, float | bool]:
             "b": cfg.w_direction, "c": cfg.w_move, "quantize": cfg.quantize}  # fmt: skip
 
 
+FLOW_TERMS = ("reward", "score", "l_q", "direction", "move", "distance")  # what `score` returns per candidate
+
+
 def motion_heat(v_gt: torch.Tensor) -> torch.Tensor:
     """|V_gt| per pixel, float32 (H, W): the ground-truth motion the motion-focal loss weights tokens by."""
     return torch.linalg.vector_norm(v_gt.float(), dim=-1)

@@ -14,6 +14,7 @@ from motionnft_core.config import EvalConfig
 from motionnft_core.faults import fault_point
 from motionnft_core.net import whereabouts
 from rewards.eval_scorer import EvalScorer
+from rewards.flow_scorer import FLOW_TERMS, FlowItem
 from rewards.scorer import GroupReward, RewardScorer
 
 
@@ -66,6 +67,18 @@ class RewardWorker:
         rows, edits, baseline = rows_then_edits[:n], rows_then_edits[n : 2 * n], rows_then_edits[2 * n :]
         with self.busy.call(), telemetry.timed("eval_score"):
             return await self.evaluator.score(rows, edits, cfg, baseline if parts == 3 else None)
+
+    async def score_flow(self, *rows_then_edits: Any) -> list[dict[str, float]]:
+        """The training flow reward of evaluation edits (evaluation.main heldout): n data rows, then their n edits
+        (uint8 (3, H, W)), as top-level arguments so Ray resolves them here; per row its terms (`FLOW_TERMS`)."""
+        n, rest = divmod(len(rows_then_edits), 2)
+        if rest:
+            raise ValueError(f"score_flow: {len(rows_then_edits)} arguments, expected n rows then their n edits")
+        rows, edits = rows_then_edits[:n], rows_then_edits[n:]
+        items = [FlowItem(r.id, r.input_image, r.target_image, e[None]) for r, e in zip(rows, edits, strict=True)]
+        with self.busy.call(), telemetry.timed("eval_score"):
+            scored = self.scorer.flow.score(items)
+        return [{k: float(s[k][0]) for k in FLOW_TERMS} for s in scored]
 
     async def close(self) -> None:
         """Before the worker is killed: its scorer's batcher task ends here, instead of being destroyed pending

@@ -26,18 +26,19 @@ import ray
 
 from learner.driver.board import encode_png
 from learner.driver.pools import Pools
-from motionnft_core.config import Config, EvalConfig
+from motionnft_core.config import Config, EvalConfig, RolloutConfig
 from motionnft_core.errors import lost_worker
 from motionnft_core.eval_stats import outcomes
 from motionnft_core.models.weights import LoraExport, PublishedWeights
 
 
-def sample_edits(rollouts: Sequence[Any], rows: Sequence[Any], cfg: EvalConfig, *,
+def sample_edits(rollouts: Sequence[Any], rows: Sequence[Any], how: EvalConfig | RolloutConfig, *,
                  weights: PublishedWeights | None = None, base: bool = False,
                  export: LoraExport | None = None) -> list[Any]:  # fmt: skip
     """One edit reference per row (rows: references of data rows), row i on rollout worker i mod n, by the
-    policy of `weights`, of a checkpoint's `export`, or held (`RolloutWorker.edit`)."""
-    return [rollouts[i % len(rollouts)].edit.remote(cfg, row, weights, base, export) for i, row in enumerate(rows)]
+    policy of `weights`, of a checkpoint's `export`, or held, with the pipeline's sampler (`eval.*`) or the
+    rollout solver (`RolloutWorker.edit`)."""
+    return [rollouts[i % len(rollouts)].edit.remote(how, row, weights, base, export) for i, row in enumerate(rows)]
 
 
 def score_edits(rewards: Sequence[Any], rows: Sequence[Any], edits: Sequence[Any], cfg: EvalConfig,

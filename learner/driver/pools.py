@@ -130,7 +130,7 @@ def start_reward_worker(cfg: Config, build_scorer: Callable[[], RewardScorer], j
     )
 
 
-def build_pools(cfg: Config, *, local: bool = False, evaluation: bool = False) -> Pools:
+def build_pools(cfg: Config, *, local: bool = False, evaluation: bool = False, rubric: bool = False) -> Pools:
     """Learner group, judge replicas, reward workers and rollout workers, each ready; if any fails to start,
     the others are shut down before the error propagates.
 
@@ -140,10 +140,11 @@ def build_pools(cfg: Config, *, local: bool = False, evaluation: bool = False) -
     anything loads. Every actor loads its model on its own node (`load_policy` without a path resolves
     `model.*` there). The rollouts sample only once the driver has published version 0 (old = θ at init).
 
-    `evaluation`: the pools of an evaluation command (evaluation/): no learner; the judge replicas started for
-    the rubric whatever `reward.judge_weight`; reward workers whose training scorer is the flow reward alone
-    (only their evaluation scorer is used); rollout workers without reference forwards or the parity probe
-    (there is no learner to compare with) that hold the run's policy with its adapter empty (the base policy)."""
+    `evaluation`: the pools of an evaluation command (evaluation/): no learner; with `rubric`, the judge replicas
+    started for the rubric whatever `reward.judge_weight` (without it no judge at all); reward workers whose
+    training scorer is the flow reward alone (only their evaluation scorer and flow estimator are used); rollout
+    workers without reference forwards or the parity probe (there is no learner to compare with) that hold the
+    run's policy with its adapter empty (the base policy)."""
     c, n = cfg.cluster, cfg.nft
     if evaluation:
         cfg = replace(cfg, rollout=replace(cfg.rollout, parity_check=False))
@@ -153,7 +154,8 @@ def build_pools(cfg: Config, *, local: bool = False, evaluation: bool = False) -
     try:
         j = cfg.reward.judge
         key = secret_from_env(j.api_key_env, generate=not j.url)  # a started judge always gets one
-        pools.judges = start_judges(cfg, key, local=local, rubric=evaluation)
+        judged = not evaluation or rubric  # an evaluation without the rubric (flow reward only) needs no judge
+        pools.judges = start_judges(cfg, key, local=local, rubric=evaluation) if judged else []
         reference = None
         if n.reference_forwards == "rollout" and not evaluation:
             reference = ReferenceForwards(seed=cfg.learner.seed, fraction=n.timestep_fraction)
@@ -164,7 +166,7 @@ def build_pools(cfg: Config, *, local: bool = False, evaluation: bool = False) -
         pools.rollouts.actors = [pools.new_rollout(i) for i in range(c.rollout_workers)]
         if pools.learner is not None:
             pools.learner.start()  # while the rollouts and judges load
-        urls = (j.url,) if j.url else tuple(ray.get([judge.url.remote() for judge in pools.judges]))
+        urls = (j.url,) if j.url and judged else tuple(ray.get([judge.url.remote() for judge in pools.judges]))
         scored = replace(cfg.reward, flow_weight=1.0, judge_weight=0.0) if evaluation else cfg.reward
         build_scorer = functools.partial(
             build_reward_scorer, scored, () if evaluation else urls, device="cuda" if c.reward_gpus > 0 else "cpu",

@@ -214,20 +214,21 @@ def _finished(path: Path) -> bool:
     return (path / RECORD_NAME).is_file() and (path / "model_index.json").is_file()
 
 
-def check_text_length(policy: EditPolicy, model_dir: str | os.PathLike) -> None:
-    """Raise if `policy` pads its T5 text to another length than the warm start at `model_dir` trained with.
+def check_text_length(model: ModelConfig | EditPolicy, model_dir: str | os.PathLike) -> None:
+    """Raise if a policy (or the one `model.*` builds) pads its T5 text to another length than the warm start at
+    `model_dir` trained with.
 
     FLUX attends to the padding tokens too, so a transformer fitted on 48-token text sees other inputs at 512
     tokens (the pipeline default): the policy must be built with the recorded `max_sequence_length`.
     """
     record = Path(model_dir) / RECORD_NAME
-    if not record.is_file() or policy.family != "flux_kontext":
+    if not record.is_file() or model.family != "flux_kontext":
         return  # not a warm-started pipeline, or a family without T5 padding (Qwen-Image-Edit)
     trained = json.loads(record.read_text())["settings"]["max_sequence_length"]
-    if policy.max_sequence_length != trained:
+    if model.max_sequence_length != trained:
         raise ValueError(
             f"{model_dir} was warm-started with max_sequence_length={trained}, but the policy pads text to "
-            f"{policy.max_sequence_length}; build it with max_sequence_length={trained} (model.max_sequence_length)"
+            f"{model.max_sequence_length}; build it with max_sequence_length={trained} (model.max_sequence_length)"
         )
 
 

@@ -23,9 +23,10 @@ import msgpack
 import torch
 
 from motionnft_core import s3
-from motionnft_core.config import NFTConfig
+from motionnft_core.config import Config, NFTConfig
 from motionnft_core.models import fp8
-from motionnft_core.models.policy import EditPolicy
+from motionnft_core.models.policy import EditPolicy, load_policy
+from motionnft_core.models.tiny import pipeline_source
 
 WEIGHT_KINDS = ("lora", "full")
 SAMPLE, EVAL = "sample", "eval"  # what a published version is for: sampling rollouts, or the eval EMA of a step
@@ -229,3 +230,16 @@ def read_lora_export(policy: EditPolicy, lora_dir: str | Path) -> dict[str, torc
     if other:
         raise ValueError(f"{lora_dir}: the export holds non-transformer LoRA tensors (e.g. {other[0]!r})")
     return {k.removeprefix(prefix): v for k, v in state.items()}
+
+
+def load_exported_policy(cfg: Config, lora: str | Path | None) -> EditPolicy:
+    """The run's base pipeline in this process (`model.*`, as rollout workers load it) with the adapter exported at
+    `lora` (a diffusers layout dir, or an s3:// prefix fetched here) loaded by diffusers' own `load_lora_weights`:
+    what a user of the stock pipeline gets from a checkpoint (tests and bench/ compare with it)."""
+    path = pipeline_source(cfg.model)
+    policy = load_policy(cfg.model, path, use_gpu=torch.cuda.is_available())
+    if lora is not None:
+        with lora_export_here(lora, cache_dir=cfg.model.cache_dir, retry=s3.S3Retry.from_config(cfg.checkpoint)) as d:
+            check_lora_export(d, rank=cfg.nft.lora_rank, alpha=cfg.nft.lora_alpha)
+            policy.pipe.load_lora_weights(str(d), adapter_name="default")
+    return policy

@@ -21,11 +21,11 @@ from PIL import Image
 from actors.eval_sampler import EvalSampler
 from evaluation import compare as ev
 from evaluation import main as cli
-from evaluation.heldout import load_evaluated_policy
 from evaluation.report import LABEL_BAND
 from evaluation.table import ScoreStore
 from learner.trainer.checkpoint import MARKER, export_lora, step_name
 from motionnft_core.config_loader import load_config
+from motionnft_core.models.weights import load_exported_policy
 
 RANK, ALPHA, TARGETS = 4, 8, ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -50,7 +50,7 @@ def compare_config(tmp_path_factory, vllm_judge):
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(tree))
     cfg = load_config(path)
-    policy = load_evaluated_policy(cfg, None)  # a checkpoint with a random (non-zero) adapter
+    policy = load_exported_policy(cfg, None)  # a checkpoint with a random (non-zero) adapter
     policy.add_lora(rank=RANK, alpha=ALPHA, target_modules=TARGETS)
     g = torch.Generator().manual_seed(1)
     state = {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in policy.lora_state_dict().items()}
@@ -148,7 +148,7 @@ def test_compare_on_the_pools_crash_resume_self_comparison_and_a_dead_judge(comp
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the rollout actor (Ray gives a fractional-CPU actor one thread)
     try:
-        direct = EvalSampler(load_evaluated_policy(cfg, ckpt / "lora"), cfg.eval).sample(example.prompt,
+        direct = EvalSampler(load_exported_policy(cfg, ckpt / "lora"), cfg.eval).sample(example.prompt,
                                                                                            example.input_image)
     finally:
         torch.set_num_threads(threads)

@@ -21,10 +21,10 @@ import torch
 from actors.eval_sampler import EvalSampler
 from actors.rollout import image_digests
 from actors.sampler import Sampler
-from evaluation.heldout import load_evaluated_policy
 from motionnft_core.config_loader import load_config
 from motionnft_core.data.motionedit import load_splits
 from motionnft_core.models.policy import load_policy
+from motionnft_core.models.weights import load_exported_policy
 from motionnft_core.net import free_port
 from motionnft_core.noise import candidate_seed
 from rewards.eval_scorer import build_eval_scorer
@@ -128,7 +128,7 @@ def test_qwen_image_edit_trains(tmp_path):
     rows = [load_splits(cfg)[1][i] for i in range(2)]
     torch.set_num_threads(1)
     try:
-        policy = load_evaluated_policy(cfg, str(tmp_path / "ckpt" / "step_00000002" / "lora"))
+        policy = load_exported_policy(cfg, str(tmp_path / "ckpt" / "step_00000002" / "lora"))
         edits = [EvalSampler(policy, cfg.eval).sample(row.prompt, row.input_image) for row in rows]
     finally:
         torch.set_num_threads(threads)

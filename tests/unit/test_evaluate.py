@@ -18,9 +18,10 @@ from PIL import Image
 from evaluation import compare
 from evaluation import heldout as ev
 from evaluation import main as cli
-from evaluation.report import LABEL_BAND, write_grid
+from evaluation.report import write_grid
 from learner.trainer.checkpoint import MARKER, export_lora, step_name
 from motionnft_core.config_loader import load_config
+from motionnft_core.models.weights import load_exported_policy
 from tests.storage_helpers import upload_dir
 
 RANK, ALPHA = 4, 8
@@ -117,7 +118,7 @@ def run_config(tmp_path_factory):
 
 def _adapter_state(cfg, seed: int) -> dict[str, torch.Tensor]:
     """Random (non-zero B) adapter weights with the names `EditPolicy.lora_state_dict` uses."""
-    policy = ev.load_evaluated_policy(cfg, None)
+    policy = load_exported_policy(cfg, None)
     policy.add_lora(rank=RANK, alpha=ALPHA, target_modules=TARGETS)
     g = torch.Generator().manual_seed(seed)
     return {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in policy.lora_state_dict().items()}
@@ -153,11 +154,11 @@ def test_loaded_adapter_is_the_exported_one(run_config):
     assert ev.checkpoints_to_evaluate(cfg, str(ckpt)) == [(3, str(ckpt / "lora"))]
     assert ev.checkpoints_to_evaluate(cfg, str(ckpt / "lora")) == [(3, str(ckpt / "lora"))]
 
-    loaded = ev.load_evaluated_policy(cfg, ckpt / "lora")
-    direct = ev.load_evaluated_policy(cfg, None)
+    loaded = load_exported_policy(cfg, ckpt / "lora")
+    direct = load_exported_policy(cfg, None)
     direct.add_lora(rank=RANK, alpha=ALPHA, target_modules=TARGETS)
     direct.load_lora_state_dict(state)
-    base = ev.load_evaluated_policy(cfg, None)
+    base = load_exported_policy(cfg, None)
     g = torch.Generator().manual_seed(0)
     cond = base.encode(["move the red square 4 pixels up"], torch.randint(0, 256, (1, 3, 32, 32), generator=g,
                                                                           dtype=torch.uint8))  # fmt: skip
@@ -221,61 +222,47 @@ def test_rank_mismatch_names_the_config_keys(run_config, tmp_path):
     state = _adapter_state(cfg, seed=2)
     export_lora(state, tmp_path / "lora", family="flux_kontext", rank=RANK + 1, alpha=ALPHA, targets=TARGETS)
     with pytest.raises(ValueError, match="nft.lora_rank"):
-        ev.load_evaluated_policy(cfg, tmp_path / "lora")
+        load_exported_policy(cfg, tmp_path / "lora")
 
 
-def test_evaluate_policy_is_seeded_and_matches_the_scorer(run_config):
-    _, cfg = run_config
+def test_heldout_edits_and_scores_are_the_rollout_solvers_and_the_flow_reward(run_config):
+    """What `heldout` measures on the pools, with the workers' plain classes: a rollout worker's held-out edit is
+    exactly the training solver's single candidate of that row (the sampler in this process, same seed), seeded
+    by `--seed` only; a reward worker's terms are the flow scorer's on that edit."""
+    import asyncio
+
+    from actors.rollout import RolloutWorker
+    from actors.sampler import Sampler
     from motionnft_core.data.motionedit import load_splits
-    from rewards.flow_scorer import FlowItem, build_flow_scorer
+    from motionnft_core.models.policy import load_policy
+    from rewards.flow_scorer import FLOW_TERMS, FlowItem, build_flow_scorer
+    from rewards.scorer import build_reward_scorer
+    from rewards.worker import RewardWorker
 
+    _, cfg = run_config
     _, held = load_splits(cfg)
     examples = [held[i] for i in range(min(2, len(held)))]
-    policy = ev.load_evaluated_policy(cfg, None)
+    build = lambda: load_policy(cfg.model, use_gpu=False, lora=cfg.nft)  # noqa: E731 - as the evaluation pools build it
+    worker = RolloutWorker("rollout-0", build, replace(cfg.rollout, parity_check=False), "lora")
+    how = ev.heldout_sampling(cfg.rollout, seed=0)
+    edits = [worker.edit(how, e, base=True) for e in examples]
+    assert all(e.shape == (3, 32, 32) and e.dtype == torch.uint8 for e in edits)
+    in_process = Sampler(load_exported_policy(cfg, None), how).sample(examples, step=0, version=0, group_size=1)
+    assert all(torch.equal(edit, images[0]) for edit, (_, images) in zip(edits, in_process, strict=True))
+    assert torch.equal(worker.edit(how, examples[0], base=True), edits[0])  # the same row, the same edit
+    assert not torch.equal(worker.edit(ev.heldout_sampling(cfg.rollout, seed=1), examples[0], base=True), edits[0])
+
+    scored = replace(cfg.reward, flow_weight=1.0, judge_weight=0.0)
+    reward = RewardWorker(lambda: build_reward_scorer(scored, (), device="cpu", cache_dir=cfg.model.cache_dir))
+    terms = asyncio.run(reward.score_flow(*examples, *edits))
     scorer = build_flow_scorer(cfg.reward.flow, device="cpu", cache_dir=cfg.model.cache_dir)
-    a = ev.evaluate_policy(policy, examples, scorer, cfg.rollout, seed=0)
-    b = ev.evaluate_policy(policy, examples, scorer, cfg.rollout, seed=0)
-    c = ev.evaluate_policy(policy, examples, scorer, cfg.rollout, seed=1)
-    assert a.edits.shape == (len(examples), 3, 32, 32) and a.edits.dtype == torch.uint8
-    assert torch.equal(a.edits, b.edits) and a.components == b.components  # same seed, same edits and scores
-    assert not torch.equal(a.edits, c.edits)  # the seed is what picks the noise
-    assert set(a.components) == set(ev.COMPONENTS) and all(len(v) == len(examples) for v in a.components.values())
-    # The components are exactly the scorer's on those edits; unquantized config, so reward == score.
-    direct = scorer.score([FlowItem(e.id, e.input_image, e.target_image, a.edits[i : i + 1])
-                           for i, e in enumerate(examples)])  # fmt: skip
-    assert a.components["score"] == [float(r["score"][0]) for r in direct]
-    assert a.components["reward"] == a.components["score"]
-    assert all(0.0 <= s <= 1.0 for s in a.components["score"])
-    with pytest.raises(ValueError, match="no examples"):
-        ev.evaluate_policy(policy, [], scorer, cfg.rollout, seed=0)
-
-
-def test_cli_all_checkpoints_writes_table_json_grid_and_curve(run_config, capsys):
-    path, cfg = run_config
-    _write_checkpoint(cfg, 5, _adapter_state(cfg, seed=3))
-    run_dir = Path(cfg.logging.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").write_text(
-        "".join(json.dumps({"step": s, "reward/mean": 0.5}) + "\n" for s in range(6))
-    )
-    out = run_dir / "eval_out"
-    argv = ["heldout", "--config", str(path), "--checkpoint", "all", "--out", str(out), "--grid-scale", "2",
-            "--limit", "3"]  # fmt: skip
-    assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "base policy (no adapter)" in printed and "MEAN (n=" in printed
-    summary = json.loads((out / "eval.json").read_text())
-    steps = [r["step"] for r in summary["results"]]
-    assert steps[0] is None and steps[1:] == sorted(steps[1:]) and 5 in steps  # base first, then checkpoints
-    n = summary["n_examples"]
-    for res in summary["results"]:
-        assert res["mean"]["score"] == pytest.approx(sum(res["components"]["score"]) / n, abs=1e-12)
-    grid = Image.open(out / "grid.png")
-    columns = 2 + len(steps)  # input | ground truth | one edit per evaluated policy
-    assert summary["grid_columns"][:3] == ["input", "ground truth", "edit: base policy"]
-    assert len(summary["grid_columns"]) == columns
-    assert grid.size == (columns * 32 * 2, LABEL_BAND + min(16, n) * 32 * 2)  # labelled columns above the rows
-    assert Image.open(out / "reward_curve.png").format == "PNG"
+    direct = scorer.score([FlowItem(e.id, e.input_image, e.target_image, edit[None])
+                           for e, edit in zip(examples, edits, strict=True)])  # fmt: skip
+    assert [sorted(t) for t in terms] == [sorted(FLOW_TERMS)] * len(examples)
+    assert [t["score"] for t in terms] == [float(r["score"][0]) for r in direct]
+    assert all(t["reward"] == t["score"] and 0.0 <= t["score"] <= 1.0 for t in terms)  # unquantized config
+    with pytest.raises(ValueError, match="n rows then their n edits"):
+        asyncio.run(reward.score_flow(*examples, edits[0]))
 
 
 def test_cli_reports_config_errors(run_config, capsys):
@@ -285,20 +272,13 @@ def test_cli_reports_config_errors(run_config, capsys):
     assert exit_.value.code == 2 and "rollout.heigth" in capsys.readouterr().err
 
 
-def test_cli_run_dir_uses_the_saved_resolved_config(run_config, tmp_path, capsys):
+def test_cli_run_dir_refusals_print_a_message(run_config, tmp_path, capsys):
     from motionnft_core.config_loader import config_to_dict
 
     _, cfg = run_config
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))  # as the driver writes it
-    out = tmp_path / "out"
-    argv = ["heldout", "--run", str(run_dir), "--checkpoint", "none", "--out", str(out), "--limit", "2"]
-    assert cli.main([*argv, f"logging.dir={tmp_path / 'logs'}"]) == 0  # overrides apply on top
-    assert json.loads((out / "eval.json").read_text())["n_examples"] == 2
-    assert "reward_curve.png not written" in capsys.readouterr().out  # no metrics.jsonl, one evaluation
-    assert not (out / "reward_curve.png").exists()
-    capsys.readouterr()
     assert cli.main(["heldout", "--run", str(tmp_path / "nothing")]) == 2  # a message, no traceback
     assert "no config.json" in capsys.readouterr().err
     argv = ["heldout", "--run", str(run_dir), "--checkpoint", "latest", f"checkpoint.dir={tmp_path / 'none'}"]
@@ -332,10 +312,11 @@ def test_a_refused_comparison_writes_nothing_and_the_corrected_one_starts(run_co
     class PoolsReached(Exception):
         pass
 
-    def pools(cfg):  # stands for the Ray pools: the corrected command gets this far, and no further
+    def pools(cfg, *, rubric):  # stands for the Ray pools: the corrected command gets this far, and no further
+        assert rubric
         raise PoolsReached
 
-    monkeypatch.setattr(compare, "compare_pools", pools)
+    monkeypatch.setattr(compare, "evaluation_pools", pools)
     with pytest.raises(PoolsReached):
         cli.main([*argv, "reward.judge.tiny=true"])
     assert not out.exists()  # the manifest is written once the pools are up
