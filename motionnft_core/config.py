@@ -273,6 +273,11 @@ class FlowRewardConfig(_Section):
     w_direction: float = _f(0.2, "b: weight of the direction error in D (reference scorer)", ge=0)
     w_move: float = _f(0.1, "c: weight of the movement hinge in D (reference scorer)", ge=0)
     quantize: bool = _f(True, "round the score to {0, .2, ..., 1} (reference scorer; s itself is logged)")
+    camera_compensation: bool = _f(False, "remove each flow's dominant global (camera) motion, a robust affine fit "
+                                   "(motionnft_core/global_motion.py), before the terms: the reward compares object "
+                                   "motion; logs reward/flow/camera")  # fmt: skip
+    camera_penalty: float = _f(0.0, "with camera_compensation: D += this * max(0, the edit's mean camera motion - the "
+                               "ground truth's), in image diagonals; 0 = no penalty", ge=0)  # fmt: skip
 
 
 @dataclass(frozen=True)

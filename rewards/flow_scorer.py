@@ -30,8 +30,11 @@ BACKWARD = "target->input"  # the cache key's tail of a prompt's backward ground
 
 def reward_constants(cfg: FlowRewardConfig) -> dict[str, float | bool]:
     """`reward.flow.*` as the keyword arguments of `motion_alignment_reward` (the formulas' names)."""
-    return {"q": cfg.q, "m": cfg.motion_threshold, "tau": cfg.tau, "kappa": cfg.kappa, "a": cfg.w_magnitude,
-            "b": cfg.w_direction, "c": cfg.w_move, "quantize": cfg.quantize}  # fmt: skip
+    out = {"q": cfg.q, "m": cfg.motion_threshold, "tau": cfg.tau, "kappa": cfg.kappa, "a": cfg.w_magnitude,
+           "b": cfg.w_direction, "c": cfg.w_move, "quantize": cfg.quantize}  # fmt: skip
+    if cfg.camera_compensation:
+        out.update(camera_compensation=True, camera_penalty=cfg.camera_penalty)
+    return out
 
 
 FLOW_TERMS = ("reward", "score", "l_q", "direction", "move", "distance")  # what `score` returns per candidate
