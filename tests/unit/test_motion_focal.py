@@ -127,3 +127,45 @@ def test_motion_focal_needs_the_flow_reward():
                  reward=judge_only)  # fmt: skip
     with pytest.raises(ConfigError, match="nft.motion_focal"):
         validate(cfg)
+
+
+@pytest.fixture(scope="module")
+def world1(tmp_path_factory):
+    import torch.distributed as dist
+
+    store = tmp_path_factory.mktemp("dist") / "store"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    torch.set_num_threads(threads)
+    torch.backends.cuda.enable_cudnn_sdp(True)  # the trainers switch it, process-wide
+
+
+def test_the_trainer_step_with_mix_0_is_the_plain_step_and_the_heat_moves_it(world1, tiny_pipelines):
+    """Tiny FLUX Kontext at 32 px (4 latent tokens): nft.motion_focal with m = 0 trains exactly as without it; with
+    m = 1 and all the motion in one corner the step differs; a sample without its heat is refused."""
+    import dataclasses
+
+    from learner.trainer.nft_trainer import NFTTrainer
+    from tests.learner_harness import SIZE, load_policy, make_samples, sections
+
+    heat = torch.zeros(SIZE, SIZE)
+    heat[:16, :16] = 5.0  # the first token's patch
+
+    def step(heat_of_samples, **nft):
+        policy = load_policy(tiny_pipelines["flux_kontext"], "flux_kontext")
+        samples = [dataclasses.replace(s, heat=heat_of_samples) for s in make_samples(policy, 4, seed=3)]
+        trainer = NFTTrainer(policy, *sections(lr=1e-2, **nft))
+        metrics = trainer.train_step(samples, len(samples), 0)
+        return metrics, {n: p.detach().clone() for n, p in trainer.theta.items()}
+
+    plain, plain_theta = step(None)
+    zero, zero_theta = step(heat, motion_focal=True, motion_focal_mix=0.0)
+    assert all(zero[k] == plain[k] for k in ("loss", "loss_pos", "loss_neg", "kl_loss", "grad_norm"))
+    assert all(torch.equal(zero_theta[n], plain_theta[n]) for n in plain_theta)
+    hot, _ = step(heat, motion_focal=True, motion_focal_mix=1.0)
+    assert hot["loss_pos"] != plain["loss_pos"] and hot["kl_loss"] == plain["kl_loss"]
+    with pytest.raises(ValueError, match="nft.motion_focal: prompt 'prompt-0' came without its motion heat"):
+        step(None, motion_focal=True)
