@@ -111,3 +111,25 @@ def test_heldout_scoring_adds_mas_and_the_camera_compensated_mas_beside_it():
             if compensated:
                 assert row["mas_camera_compensated"] == float(camera_compensated_mas(v_pred, v_gt, **mas)[0])
     assert [set(r) for r in asyncio.run(worker.score_flow(*rows, *edits))] == [set(FLOW_TERMS)] * len(items)
+
+
+def test_the_comparisons_mas_gets_the_camera_compensated_term_only_for_such_a_run():
+    import asyncio
+    from types import SimpleNamespace
+
+    from motionnft_core.config import EvalConfig
+    from rewards.eval_scorer import EvalScorer
+    from rewards.flow_scorer import FlowRewardScorer
+    from tests.unit.golden.make_golden import PixelFlow, flow_items
+
+    items = flow_items()
+    rows = [SimpleNamespace(id=it.prompt_id, prompt="move", input_image=it.input, target_image=it.target)
+            for it in items]  # fmt: skip
+    edits = [it.candidates[0] for it in items]
+    scored = {}
+    for on in (False, True):
+        scorer = EvalScorer(FlowRewardScorer(PixelFlow(), FlowRewardConfig(camera_compensation=on)), None)
+        scored[on] = asyncio.run(scorer.score(rows, edits, EvalConfig()))
+    assert all("mas_camera_compensated" not in r["mas"] for r in scored[False])
+    assert all(r["mas"]["mas_camera_compensated"] >= 0.0 for r in scored[True])
+    assert [r["mas"]["mas"] for r in scored[True]] == [r["mas"]["mas"] for r in scored[False]]  # as published
