@@ -101,8 +101,9 @@ class FlowRewardScorer:
                 "cache_hits": self.cache_hits, "cache_misses": self.cache_misses}  # fmt: skip
 
     def score(self, items: list[FlowItem]) -> list[dict[str, torch.Tensor]]:
-        """Per item, a dict of (K,) CPU tensors: l_q, direction, move, distance, score, reward; with the
-        preservation term on (`reward.preservation_weight`), also `preservation` (r_pres) and `static_share`."""
+        """Per item, a dict of (K,) CPU tensors: l_q, direction, move, distance, score, reward; with camera
+        compensation also `camera` and `camera_excess`; with the preservation term on (`reward.preservation_weight`)
+        also `preservation` (r_pres) and `static_share`; with `heat`, the prompt's `heat` (H, W)."""
         results = []
         for item, (v_pred, v_gt, v_back) in zip(items, self._flows(items, backward=self.preservation is not None),
                                                 strict=True):  # fmt: skip
