@@ -72,7 +72,8 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> bool:
     log = run_dir / "run.log"
     began = time.monotonic()
     train = [sys.executable, "-m", "learner.main", "--config", str(CONFIG), "--overwrite", *overrides]
-    heldout = [sys.executable, "-m", "evaluation.main", "heldout", "--run", str(run_dir), "--checkpoint", "all"]
+    heldout = [sys.executable, "-m", "evaluation.main", "heldout", "--run", str(run_dir), "--checkpoint", "all",
+               "--limit", str(args.eval_limit)]  # fmt: skip
     with log.open("w") as out:
         for cmd in (train, heldout):
             if subprocess.run(cmd, cwd=ROOT, env=env(), stdout=out, stderr=subprocess.STDOUT).returncode != 0:
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--examples", type=int, default=400, help="demo.examples")
+    p.add_argument("--eval-limit", type=int, default=0, help="held-out rows scored per run (0 = all)")
     p.add_argument("--pan-share", type=float, default=0.5)
     p.add_argument("--pan-pixels", type=int, default=3)
     p.add_argument("--work", default="/work/ablation/runs", help="run dirs")

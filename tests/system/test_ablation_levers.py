@@ -1,7 +1,7 @@
-"""The motion-lever ablation (bench/ablation_levers.py) stays alive: its short version, one seed and two steps of the
-learning demo for the plain recipe and each lever (on the demo's shipped data, no pan: the warm start the suite builds
-anyway), trains, evaluates with `evaluation.main heldout` and writes the JSON and the table with a paired MAS gain
-for every lever (the full ablation is a bench command, docs/levers.md)."""
+"""The motion-lever ablation (bench/ablation_levers.py) stays alive: its short version (one seed, two steps, 8 held-out
+rows) of the learning demo for the plain recipe and each lever, on the demo's shipped data without a pan (the warm
+start the suite builds anyway), trains, evaluates with `evaluation.main heldout` and writes the JSON and the table
+with a paired MAS gain for every lever (the full ablation is a bench command, docs/levers.md)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ VARIANTS = ("baseline", "preservation", "motion_focal", "camera", "all")
 def test_short_ablation_writes_a_paired_gain_per_lever(demo_cache, tmp_path):
     out = tmp_path / "results"
     cmd = [sys.executable, "bench/ablation_levers.py", "--variants", *VARIANTS, "--seeds", "0", "--steps", "2",
-           "--pan-share", "0", "--work", str(tmp_path / "runs"), "--cache", str(demo_cache),
+           "--pan-share", "0", "--eval-limit", "8", "--work", str(tmp_path / "runs"), "--cache", str(demo_cache),
            "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=harness.driver_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
