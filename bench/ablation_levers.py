@@ -112,6 +112,9 @@ def summarize(runs: dict[str, dict[int, dict]]) -> dict:
                  "base_mas": float(np.mean([np.mean(r["base"]["mas"]) for r in by_seed.values()])),
                  "metrics": {k: float(np.mean([r["metrics"][k] for r in by_seed.values()]))
                              for k in NEW_METRICS if all(k in r["metrics"] for r in by_seed.values())}}  # fmt: skip
+        if all("mas_camera_compensated" in r["final"] for r in by_seed.values()):  # a camera-compensated run's extra
+            entry["mas_camera_compensated"] = interval(
+                np.concatenate([np.asarray(r["final"]["mas_camera_compensated"]) for r in by_seed.values()]))
         paired = sorted(set(by_seed) & set(base_runs))
         if variant != BASELINE and paired:
             for s in paired:
