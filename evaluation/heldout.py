@@ -15,7 +15,10 @@ no judge), the driver (this process) only schedules and writes.
    its id) only, so every checkpoint is judged on the same noise (paired), whichever worker makes the edit.
 3. Each edit is scored by a reward worker with the run's flow reward (`reward.flow.*`, docs/algorithm.md): the
    per-example `reward` (quantized when `reward.flow.quantize`), the unquantized `score` s, and the terms
-   `l_q`, `direction`, `move`, `distance`. A table and the means are printed and written to `<out>/eval.json`.
+   `l_q`, `direction`, `move`, `distance`; and with MotionEdit-Bench's MAS (`mas`, 0-100, `eval.mas_*`,
+   rewards/mas.py, as published), beside it, for a run whose reward compensates camera motion
+   (`reward.flow.camera_compensation`), the MAS of the object motion alone (`mas_camera_compensated`). A table
+   and the means are printed and written to `<out>/eval.json`.
 4. `<out>/grid.png`: one row per example (the first `--grid-rows`), columns input | ground truth | edit of each
    evaluated policy in order (base first with `all`), labelled on the picture and in eval.json's
    `grid_columns`, each image scaled up `--grid-scale` times (nearest) so that 32 px demo images are visible.
@@ -50,6 +53,9 @@ from motionnft_core.models.tiny import pipeline_source
 from motionnft_core.models.warmstart import check_text_length
 from motionnft_core.models.weights import LORA_FILE
 from rewards.flow_scorer import FLOW_TERMS
+from rewards.mas import mas_constants
+
+MAS_COLUMNS = ("mas", "mas_camera_compensated")  # MotionEdit-Bench's MAS; the object-motion MAS of a camera run
 
 
 class EvalInputError(ValueError):
@@ -92,7 +98,7 @@ def evaluate_side(
             edits = side.sample(rollouts, rows, heldout_sampling(cfg.rollout, seed))
             size = math.ceil(len(rows) / len(rewards))
             scored = [row for part in ray.get([
-                rewards[k].score_flow.remote(*rows[s : s + size], *edits[s : s + size])
+                rewards[k].score_flow.remote(*rows[s : s + size], *edits[s : s + size], mas=mas_constants(cfg.eval))
                 for k, s in enumerate(range(0, len(rows), size))
             ]) for row in part]  # fmt: skip
             pngs = edit_pngs(edits[:grid_rows])
@@ -103,7 +109,7 @@ def evaluate_side(
             print(f"held-out edits lost a worker ({type(error).__name__}); sampling and scoring them again "
                   f"({attempt + 1} of eval.chunk_retries {cfg.eval.chunk_retries})", flush=True)  # fmt: skip
             wait_until_up([*rollouts, *rewards], cfg.eval.worker_wait_s)
-    components = {k: [row[k] for row in scored] for k in FLOW_TERMS}
+    components = {k: [row[k] for row in scored] for k in FLOW_TERMS + MAS_COLUMNS if k in scored[0]}
     shown = torch.stack([decode_png(png) for png in pngs]) if pngs else torch.zeros(0, dtype=torch.uint8)
     return EvalResult([e.id for e in examples], [e.prompt for e in examples], components, shown)
 

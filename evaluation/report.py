@@ -53,11 +53,15 @@ def _has_pairwise(groups: Mapping[str, GroupSummary]) -> bool:
 
 
 def summary_table(groups: Mapping[str, GroupSummary]) -> str:
-    """Markdown table: one line per group (all rows first), candidate and baseline means, win rates in %; with a
-    side-by-side comparison, its win rate in % and the mean preference (0.5 = none)."""
+    """Markdown table: one line per group (all rows first), candidate and baseline means, win rates in %; for a run
+    trained with camera compensation, the object-motion MAS of both (MotionEdit-Bench's MAS stays as published); with
+    a side-by-side comparison, its win rate in % and the mean preference (0.5 = none)."""
     pairwise = _has_pairwise(groups)
+    camera = any("mas_camera_compensated" in g.metrics for g in groups.values())
     head = ("| group | rows | failed | MAS | MAS baseline | MAS win rate % | Overall | Overall baseline | "
             "Overall win rate % | Fidelity | Preservation | Coherence |")  # fmt: skip
+    if camera:
+        head += " MAS camera-compensated | baseline |"
     if pairwise:
         head += " side-by-side win rate % | preference | side-by-side failed |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -69,6 +73,9 @@ def summary_table(groups: Mapping[str, GroupSummary]) -> str:
             _interval(m["overall"]), _interval(m["baseline_overall"]), _interval(m["win_overall"], 100),
             _interval(m["fidelity"]), _interval(m["preservation"]), _interval(m["coherence"]),
         ]  # fmt: skip
+        if camera:
+            cells += [_interval(m.get("mas_camera_compensated", NO_ESTIMATE)),
+                      _interval(m.get("baseline_mas_camera_compensated", NO_ESTIMATE))]  # fmt: skip
         if pairwise:
             win, preference = m.get("win_pairwise", NO_ESTIMATE), m.get("pairwise", NO_ESTIMATE)
             cells += [_interval(win, 100), _interval(preference, 1, 3), str(g.pairwise_failed)]

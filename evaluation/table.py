@@ -31,12 +31,16 @@ from motionnft_core.eval_stats import RUBRIC_SCORES, outcomes
 
 POLICIES = ("candidate", "baseline")
 MAS_TERMS = ("mas", "d_mag", "d_dir", "distance", "motion_ratio")
+# Only for a run trained with reward.flow.camera_compensation: the MAS of the object motion alone (None otherwise;
+# MotionEdit-Bench's own `mas` stays as published).
+MAS_EXTRA = ("mas_camera_compensated",)
 CRITERIA = ("fidelity", "preservation", "coherence")
 _probs = pa.list_(pa.float64())
 SCORE_SCHEMA = pa.schema(
     [("policy", pa.string()), ("id", pa.string()), ("category", pa.string()), ("seed", pa.int64())]
     + [(name, pa.float64()) for name in MAS_TERMS]
     + [("static", pa.bool_())]
+    + [(name, pa.float64()) for name in MAS_EXTRA]
     + [(name, pa.float64()) for name in RUBRIC_SCORES]
     + [(f"p_{name}", _probs) for name in CRITERIA]
     + [("judge_attempts", pa.int64()), ("judge_failed", pa.bool_()), ("judge_error", pa.string())]
@@ -122,6 +126,7 @@ def score_row(
     row = {"policy": policy, "id": example_id, "category": category, "seed": seed}
     row.update({name: float(mas[name]) for name in MAS_TERMS})
     row["static"] = bool(mas["static"])
+    row.update({name: None if mas.get(name) is None else float(mas[name]) for name in MAS_EXTRA})
     row.update({name: rubric[name] for name in RUBRIC_SCORES})
     row.update({f"p_{name}": probs.get(name) for name in CRITERIA})
     row.update(judge_attempts=rubric["attempts"], judge_failed=rubric["failed"], judge_error=rubric["error"])

@@ -213,6 +213,10 @@ class DataConfig(_Section):
     synthetic_size: int = _f(64, "side in pixels of generated synthetic images", ge=16, multiple_of=16)
     synthetic_reference: bool = _f(False, "synthetic examples get a second input image, the object at its destination "
                                    "on a grey canvas (for families that take several input images)")  # fmt: skip
+    synthetic_pan_share: float = _f(0.0, "share of generated examples (the demo's data) whose target also has a "
+                                    "camera pan of synthetic_pan_pixels (motionnft_core/data/synthetic.py); 0 = off",
+                                    ge=0, le=1)  # fmt: skip
+    synthetic_pan_pixels: int = _f(3, "the camera pan of those examples, in pixels along one axis", ge=1)
     eval_fraction: float = _f(0.1, "share of examples held out for evaluation (deterministic by id and seed)",
                               ge=0, lt=1)  # fmt: skip
     on_error: str = _f("skip", "a bad row (missing field/file, corrupt image): skip (logged) | raise",
@@ -276,6 +280,11 @@ class FlowRewardConfig(_Section):
     w_direction: float = _f(0.2, "b: weight of the direction error in D (reference scorer)", ge=0)
     w_move: float = _f(0.1, "c: weight of the movement hinge in D (reference scorer)", ge=0)
     quantize: bool = _f(True, "round the score to {0, .2, ..., 1} (reference scorer; s itself is logged)")
+    camera_compensation: bool = _f(False, "remove each flow's dominant global (camera) motion, a robust affine fit "
+                                   "(motionnft_core/global_motion.py), before the terms: the reward compares object "
+                                   "motion; logs reward/flow/camera")  # fmt: skip
+    camera_penalty: float = _f(0.0, "with camera_compensation: D += this * max(0, the edit's mean camera motion - the "
+                               "ground truth's), in image diagonals; 0 = no penalty", ge=0)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -326,6 +335,13 @@ class RewardConfig(_Section):
     judge_weight: float = _f(0.5, "w_mllm (0 = judge never started)", ge=0)
     batch_pairs: int = _f(32, "candidate pairs a reward worker gathers across groups before one flow call", ge=1)
     max_wait_ms: float = _f(20.0, "longest a reward worker waits to fill a batch", ge=0)
+    preservation_weight: float = _f(0.0, "w of the static-region term: R = (1 - w)*R + w*r_pres, r_pres = 1 - the "
+                                    "edit's photometric distance to the input where the ground truth does not move "
+                                    "(rewards/preservation.py); 0 = off", ge=0, le=1)  # fmt: skip
+    preservation_threshold: float = _f(0.005, "a pixel is static when its ground-truth flow, both input->target and "
+                                       "target->input, is at most this (in image diagonals)", ge=0)  # fmt: skip
+    preservation_grid: int = _f(32, "side of the fixed grid the preservation term compares input and edit on "
+                                "(a cell touching motion is left out)", ge=1)  # fmt: skip
     flow: FlowRewardConfig = field(default_factory=FlowRewardConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
@@ -336,6 +352,9 @@ class RewardConfig(_Section):
             "flow_weight + judge_weight > 0",
             (self.flow_weight, self.judge_weight),
         )
+        _check(self.preservation_weight == 0 or self.flow_weight > 0, "reward.preservation_weight",
+               "0 when reward.flow_weight is 0 (the static region comes from the flow model)",
+               self.preservation_weight)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -368,6 +387,11 @@ class NFTConfig(_Section):
     )
     invert_reward: bool = _f(False, "control experiment: train on 1 - r (r = optimality); the policy should then "
                              "get WORSE")  # fmt: skip
+    motion_focal: bool = _f(False, "weight each target token's squared error in L+ and L- by the ground-truth "
+                            "motion there (|input->target flow|, pooled to the token grid, mean 1; "
+                            "learner/trainer/motion_focal.py); needs reward.flow_weight > 0")  # fmt: skip
+    motion_focal_mix: float = _f(0.5, "m of the motion-focal weights (1 - m) + m * heat: 0 = the plain loss, "
+                                 "1 = the heat alone", ge=0, le=1)  # fmt: skip
 
     def _check_related(self) -> None:
         _check(
@@ -633,6 +657,8 @@ def validate(cfg: Config) -> None:
            cfg.rollout.fp8_reference)  # fmt: skip
     _check(cfg.eval.every == 0 or cfg.data.eval_fraction > 0 or bool(cfg.data.split_column), "eval.every",
            "0 when data.eval_fraction is 0 (the evaluation during training needs held-out rows)", cfg.eval.every)
+    _check(not cfg.nft.motion_focal or cfg.reward.flow_weight > 0, "nft.motion_focal",
+           "false when reward.flow_weight is 0 (the motion heat comes from the flow model)", cfg.nft.motion_focal)
 
 
 def _validate_demo(cfg: Config) -> None:

@@ -106,12 +106,18 @@ def summarize_group(rows: Sequence[Mapping[str, Any]], cfg: EvalConfig) -> Group
     Each row needs `mas`, `baseline_mas`, `failed` (either side's judge failed) and, unless failed, the four
     RUBRIC_SCORES and their `baseline_` twins. Metrics: `mas`, `baseline_mas`, `win_mas`, each rubric score
     and its `baseline_` twin, and `win_overall`; and `pairwise` (mean preference) and `win_pairwise` when rows
-    carry a side-by-side comparison (`pairwise`, `pairwise_failed`, `win_pairwise`).
+    carry a side-by-side comparison (`pairwise`, `pairwise_failed`, `win_pairwise`); `mas_camera_compensated` and
+    its `baseline_` twin when rows carry it (a run trained with reward.flow.camera_compensation).
     """
     scored = [r for r in rows if not r["failed"]]
     mas, base_mas = [r["mas"] for r in rows], [r["baseline_mas"] for r in rows]
     metrics = {"mas": estimate(mas, cfg), "baseline_mas": estimate(base_mas, cfg)}
     metrics["win_mas"] = estimate(outcomes(mas, base_mas, margin=cfg.tie_margin) if rows else [], cfg)
+    compensated = [r for r in rows if r.get("mas_camera_compensated") is not None]  # camera-compensated runs only
+    if compensated:
+        metrics["mas_camera_compensated"] = estimate([r["mas_camera_compensated"] for r in compensated], cfg)
+        metrics["baseline_mas_camera_compensated"] = estimate(
+            [r["baseline_mas_camera_compensated"] for r in compensated], cfg)
     for name in RUBRIC_SCORES:
         metrics[name] = estimate([r[name] for r in scored], cfg)
         metrics[f"baseline_{name}"] = estimate([r[f"baseline_{name}"] for r in scored], cfg)

@@ -27,7 +27,7 @@ from motionnft_core.secret import Secret
 from rewards.flow_model import build_flow_estimator
 from rewards.flow_scorer import FlowItem, FlowRewardScorer
 from rewards.judge import JudgeClient
-from rewards.mas import mas_constants, motion_alignment_score
+from rewards.mas import camera_compensated_mas, mas_constants, motion_alignment_score
 from rewards.pairwise import judge_pairwise_many
 from rewards.rubric import judge_rubric_many, rubric_client
 
@@ -78,10 +78,16 @@ class EvalScorer:
                  "pairwise": None if pairwise is None else asdict(pairwise[i])} for i, m in enumerate(mas)]  # fmt: skip
 
     def _mas(self, items: list[FlowItem], cfg: EvalConfig) -> list[dict[str, float]]:
+        """MAS's terms per row; for a run whose reward compensates camera motion (`reward.flow.camera_compensation`)
+        also `mas_camera_compensated`, the MAS of the object motion alone, beside the published MAS."""
+        compensated = self.flows.reward_constants.get("camera_compensation", False)
         out = []
         for v_pred, v_gt in self.flows.flows(items):
             terms = motion_alignment_score(v_pred, v_gt, **mas_constants(cfg))
-            out.append({k: float(v[0]) for k, v in terms.items()})
+            row = {k: float(v[0]) for k, v in terms.items()}
+            if compensated:
+                row["mas_camera_compensated"] = float(camera_compensated_mas(v_pred, v_gt, **mas_constants(cfg))[0])
+            out.append(row)
         return out
 
     def counters(self) -> dict[str, int]:

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from motionnft_core.global_motion import split_motion
+
 # The published defaults (docs/algorithm.md), one per line; every function below takes these as keyword arguments.
 Q = 0.4  # exponent of the robust magnitude error L_q
 EPS = 1e-6  # added to |V_p - V_g| before the power; floor of |V| for unit vectors; lo = EPS ** Q
@@ -156,20 +158,45 @@ def motion_alignment_reward(
     c: float = WEIGHT_MOVE,
     levels: int = LEVELS,
     quantize: bool = True,
+    camera_compensation: bool = False,
+    camera_penalty: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """The motion-alignment reward for a batch of (prediction, target) pixel flows.
 
     v_pred: (B, H, W, 2) flow input -> candidate, in pixels; v_gt: the same shape, flow input -> ground truth.
     Returns per-sample (B,) float tensors: `l_q`, `direction`, `move`, `distance` (D), `score` (s) and `reward`
     (the quantized s when `quantize`, else s). Half-precision flows are upcast to float32 first.
+    `camera_compensation` (`reward.flow.camera_compensation`): the terms compare object motion only (`compensate`),
+    and the result adds `camera` (the edit's mean camera motion, in diagonals) and `camera_excess` (by how much it
+    exceeds the ground truth's); `camera_penalty` · camera_excess is added to D.
     Raises ValueError (naming the argument) for NaN/inf, a wrong shape or dtype, or mismatched shapes.
     """
+    camera: dict[str, torch.Tensor] = {}
+    if camera_compensation:
+        v_pred, v_gt, camera = compensate(v_pred, v_gt)
     v_pred, v_gt = normalized_pair(v_pred, v_gt)
 
     l_q = magnitude_error(v_pred, v_gt, q=q, eps=eps)
     direction = direction_error(v_pred, v_gt, m=m, eps=eps)
     move = movement_hinge(v_pred, v_gt, tau=tau, kappa=kappa)
     distance = alignment_distance(l_q, direction, move, a=a, b=b, c=c)
+    if camera_compensation and camera_penalty > 0:
+        distance = distance + camera_penalty * camera["camera_excess"]
     score = alignment_score(distance, q=q, eps=eps)
     reward = quantize_reward(score, levels=levels) if quantize else score
-    return {"l_q": l_q, "direction": direction, "move": move, "distance": distance, "score": score, "reward": reward}
+    out = {"l_q": l_q, "direction": direction, "move": move, "distance": distance, "score": score, "reward": reward}
+    return {**out, **camera}
+
+
+def compensate(v_pred: torch.Tensor, v_gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Remove each flow's dominant global (camera) motion: the object parts of both pixel flows, and per sample the
+    edit's mean camera motion `camera` and `camera_excess` = max(0, mean|camera_pred| − mean|camera_gt|), both in
+    image diagonals (the robust affine fit of motionnft_core/global_motion.py, deterministic)."""
+    check_flow("v_pred", v_pred)
+    check_flow("v_gt", v_gt)
+    cam_pred, obj_pred = split_motion(v_pred)
+    cam_gt, obj_gt = split_motion(v_gt)
+    cam_pred_n, cam_gt_n = normalize_by_diagonal(cam_pred), normalize_by_diagonal(cam_gt)
+    mean_pred = torch.linalg.vector_norm(cam_pred_n, dim=-1).mean(dim=(1, 2))
+    mean_gt = torch.linalg.vector_norm(cam_gt_n, dim=-1).mean(dim=(1, 2))
+    return obj_pred, obj_gt, {"camera": mean_pred, "camera_excess": (mean_pred - mean_gt).clamp_min(0.0)}

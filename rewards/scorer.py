@@ -15,15 +15,16 @@ import contextlib
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from motionnft_core import telemetry
 from motionnft_core.config import RewardConfig
 from motionnft_core.secret import Secret
-from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer
+from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer, preservation_constants
 from rewards.judge import JudgeClient
+from rewards.preservation import blend_preservation
 
 T = TypeVar("T")
 
@@ -33,10 +34,11 @@ class GroupReward:
     """Per-candidate reward components of one group: small lists of floats the driver may fetch."""
 
     prompt_id: str
-    reward: list[float]  # R = w_flow * r_flow + w_mllm * r_mllm
+    reward: list[float]  # R = w_flow * r_flow + w_mllm * r_mllm (then (1 - w) * R + w * r_pres, preservation on)
     components: dict[str, list[float]] = field(default_factory=dict)  # flow/l_q, flow/reward, judge/score, ...
     timing: dict[str, float] = field(default_factory=dict)
     judge_digit_probs: list = field(default_factory=list)  # per candidate: the judge's P(digit 0..5) (lineage)
+    heat: Any = None  # nft.motion_focal: the prompt's |input->target flow| (H, W); the worker sends a reference
 
 
 def blend(flow: torch.Tensor | None, judge: torch.Tensor | None, *, flow_weight: float, judge_weight: float):
@@ -66,6 +68,10 @@ class RewardScorer:
             raise ValueError("reward.judge_weight > 0 needs at least one judge client")
         self.flow, self.judges = flow, list(judges)
         self.flow_weight, self.judge_weight = cfg.flow_weight, cfg.judge_weight
+        self.preservation_weight = cfg.preservation_weight
+        if self.preservation_weight > 0 and (flow is None or flow.preservation is None):
+            raise ValueError("reward.preservation_weight > 0 needs a flow scorer built with its preservation "
+                             "constants (preservation_constants)")  # fmt: skip
         self.batch_pairs, self.max_wait_s = cfg.batch_pairs, cfg.max_wait_ms / 1000
         self._queue: asyncio.Queue[_Pending] | None = None
         self._batcher: asyncio.Task | None = None
@@ -83,12 +89,20 @@ class RewardScorer:
             self._next_judge += 1
             judge_task = asyncio.ensure_future(_timed("judge", judge.score_many(input_image, candidates, prompt)))
         components: dict[str, list[float]] = {}
-        r_flow = r_judge = None
+        r_flow = r_judge = r_pres = heat = None
         digit_probs: list = []
         try:
             if flow_task is not None:
                 parts = await flow_task
                 r_flow = parts["reward"].double()
+                if "heat" in parts:  # per prompt, not a per-candidate term
+                    parts = dict(parts)
+                    heat = parts.pop("heat")
+                if self.preservation_weight > 0:  # its own metrics, not part of the flow reward's
+                    parts = dict(parts)
+                    r_pres = parts.pop("preservation").double()
+                    components["preservation/score"] = r_pres.tolist()
+                    components["preservation/static_share"] = parts.pop("static_share").double().tolist()
                 components.update({f"flow/{k}": v.double().tolist() for k, v in parts.items()})
             if judge_task is not None:
                 scores = await judge_task
@@ -100,10 +114,12 @@ class RewardScorer:
                 if task is not None and not task.done():
                     task.cancel()
         reward = blend(r_flow, r_judge, flow_weight=self.flow_weight, judge_weight=self.judge_weight)
+        if r_pres is not None:
+            reward = blend_preservation(reward, r_pres, weight=self.preservation_weight)
         self.metrics["groups"] += 1
         elapsed = time.perf_counter() - t0
         telemetry.seconds("score", elapsed)
-        return GroupReward(prompt_id, reward.tolist(), components, {"reward_s": elapsed}, digit_probs)
+        return GroupReward(prompt_id, reward.tolist(), components, {"reward_s": elapsed}, digit_probs, heat)
 
     async def _flow(self, item: FlowItem) -> dict[str, torch.Tensor]:
         if self._queue is None:
@@ -188,12 +204,15 @@ async def _timed(phase: str, work: Awaitable[T]) -> T:
         return await work
 
 
-def build_reward_scorer(
-    cfg: RewardConfig, judge_urls: Sequence[str], *, device: str, cache_dir: str, judge_key: Secret | None = None
-) -> RewardScorer:
+def build_reward_scorer(cfg: RewardConfig, judge_urls: Sequence[str], *, device: str, cache_dir: str,
+                        judge_key: Secret | None = None, heat: bool = False) -> RewardScorer:  # fmt: skip
     """The scorer a reward worker runs: the flow reward on `device` and one judge client over the replicas'
     URLs (failing over between them, authorized with `judge_key`); a component whose weight is 0 is never built
-    (no RAFT weights loaded, no judge contacted)."""
-    flow = build_flow_scorer(cfg.flow, device=device, cache_dir=cache_dir) if cfg.flow_weight > 0 else None
+    (no RAFT weights loaded, no judge contacted). `heat` (nft.motion_focal): each group's reward carries its
+    prompt's ground-truth motion magnitude."""
+    flow = None
+    if cfg.flow_weight > 0:
+        flow = build_flow_scorer(cfg.flow, device=device, cache_dir=cache_dir, preservation=preservation_constants(cfg),
+                                 heat=heat)  # fmt: skip
     judges = [JudgeClient(judge_urls, cfg.judge, judge_key)] if cfg.judge_weight > 0 else []  # fails over
     return RewardScorer(flow, judges, cfg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import ray
 import torch
 
 from motionnft_core import telemetry
@@ -14,6 +15,7 @@ from motionnft_core.faults import fault_point
 from motionnft_core.net import whereabouts
 from rewards.eval_scorer import EvalScorer
 from rewards.flow_scorer import FLOW_TERMS, FlowItem
+from rewards.mas import camera_compensated_mas, motion_alignment_score
 from rewards.scorer import GroupReward, RewardScorer
 
 
@@ -44,9 +46,12 @@ class RewardWorker:
         self.calls += 1
         with self.busy.call():
             fault_point("reward.score", self.calls)
-            return await self.scorer.score(
+            out = await self.scorer.score(
                 example.id, example.prompt, example.input_image, example.target_image, candidates
             )
+        if out.heat is not None:  # nft.motion_focal: the learner fetches it by reference, the driver never does
+            out.heat = ray.put(out.heat)
+        return out
 
     async def score_edits(self, cfg: EvalConfig, parts: int, *rows_then_edits: Any) -> list[dict]:
         """MAS and rubric of evaluation edits: n data rows, then their n edits (uint8 (3, H, W)), then with
@@ -64,9 +69,11 @@ class RewardWorker:
         with self.busy.call(), telemetry.timed("eval_score"):
             return await self.evaluator.score(rows, edits, cfg, baseline if parts == 3 else None)
 
-    async def score_flow(self, *rows_then_edits: Any) -> list[dict[str, float]]:
+    async def score_flow(self, *rows_then_edits: Any, mas: dict[str, float] | None = None) -> list[dict[str, float]]:
         """The training flow reward of evaluation edits (evaluation.main heldout): n data rows, then their n edits
-        (uint8 (3, H, W)), as top-level arguments so Ray resolves them here; per row its terms (`FLOW_TERMS`)."""
+        (uint8 (3, H, W)), as top-level arguments so Ray resolves them here; per row its terms (`FLOW_TERMS`). With
+        `mas` (`rewards.mas.mas_constants`) also MotionEdit-Bench's `mas` of each edit from the same flows, and,
+        when the run's reward compensates camera motion, `mas_camera_compensated` beside it."""
         n, rest = divmod(len(rows_then_edits), 2)
         if rest:
             raise ValueError(f"score_flow: {len(rows_then_edits)} arguments, expected n rows then their n edits")
@@ -74,7 +81,14 @@ class RewardWorker:
         items = [FlowItem(r.id, r.input_image, r.target_image, e[None]) for r, e in zip(rows, edits, strict=True)]
         with self.busy.call(), telemetry.timed("eval_score"):
             scored = self.scorer.flow.score(items)
-        return [{k: float(s[k][0]) for k in FLOW_TERMS} for s in scored]
+            out = [{k: float(s[k][0]) for k in FLOW_TERMS} for s in scored]
+            if mas is not None:
+                compensated = self.scorer.flow.reward_constants.get("camera_compensation", False)
+                for row, (v_pred, v_gt) in zip(out, self.scorer.flow.flows(items), strict=True):  # cached targets
+                    row["mas"] = float(motion_alignment_score(v_pred, v_gt, **mas)["mas"][0])
+                    if compensated:
+                        row["mas_camera_compensated"] = float(camera_compensated_mas(v_pred, v_gt, **mas)[0])
+        return out
 
     async def close(self) -> None:
         """Before the worker is killed: its scorer's batcher task ends here, instead of being destroyed pending

@@ -475,8 +475,9 @@ class Driver:
             keep = [g for g in range(len(scored)) if out.valid[g]]
             with timed("train", out.timing):
                 if keep:
+                    heats = [out.rewards[g].heat for g in keep] if cfg.nft.motion_focal else None  # refs
                     learner = pools.learner.train_step([out.batch.groups[g] for g in keep],
-                                                       [out.r[g].tolist() for g in keep], step)  # fmt: skip
+                                                       [out.r[g].tolist() for g in keep], step, heats)  # fmt: skip
                     out.metrics.update({f"learner/{k}": v for k, v in learner.items()})
             with timed("publish", out.timing):
                 if keep:

@@ -170,7 +170,7 @@ def build_pools(cfg: Config, *, local: bool = False, evaluation: bool = False, r
         scored = replace(cfg.reward, flow_weight=1.0, judge_weight=0.0) if evaluation else cfg.reward
         build_scorer = functools.partial(
             build_reward_scorer, scored, () if evaluation else urls, device="cuda" if c.reward_gpus > 0 else "cpu",
-            cache_dir=cfg.model.cache_dir, judge_key=key,
+            cache_dir=cfg.model.cache_dir, judge_key=key, heat=n.motion_focal and not evaluation,
         )  # fmt: skip
         pools.rewards.actors = [start_reward_worker(cfg, build_scorer, urls, key) for _ in range(c.reward_workers)]
         ray.get([a.ready.remote() for a in pools.rollouts.actors + pools.rewards.actors])

@@ -88,35 +88,40 @@ class LearnerWorker:
         self.trainer = NFTTrainer(policy, self.nft, self.learner, mixed_precision=self.mixed_precision)
         return True
 
-    def train_step(self, groups: list, r: list[list[float]], n_global: int, step: int) -> dict[str, float]:
+    def train_step(self, groups: list, r: list[list[float]], n_global: int, step: int,
+                   heats: list | None = None) -> dict[str, float]:  # fmt: skip
         with self.busy.call():
             fault_point(f"learner.rank{self.rank}.train_step", step)
             if self.trainer.learner.micro_batch == 0:
-                self._fit_micro_batch(groups, r, step)
-            out = self.trainer.train_step(self._my_samples(groups, r), n_global, step)
+                self._fit_micro_batch(groups, r, step, heats)
+            out = self.trainer.train_step(self._my_samples(groups, r, heats=heats), n_global, step)
         for phase in ("forward", "backward", "train"):
             telemetry.seconds(phase, out[f"{phase}_s"])
         return out
 
-    def _fit_micro_batch(self, groups: list, r: list[list[float]], step: int) -> None:
+    def _fit_micro_batch(self, groups: list, r: list[list[float]], step: int, heats: list | None) -> None:
         """`learner.micro_batch: 0`, first step: probe this GPU's memory on 2 of this rank's samples and keep the
         micro-batch that fits (the same on every rank) for the rest of the run."""
         per_rank = -(-sum(len(rs) for rs in r) // self.world)
-        samples = self._my_samples(groups, r, micro_batch=2)
+        samples = self._my_samples(groups, r, micro_batch=2, heats=heats)
         chosen = self.trainer.fit_micro_batch(samples, per_rank, step, CudaMemory(torch.device("cuda")))
         if self.rank == 0:
             probe = self.trainer.memory_probe
             print(f"learner micro-batch {chosen} of {per_rank} samples per rank, from free memory (peaks "
                   f"{probe['peak_1'] / 2**30:.1f} / {probe['peak_2'] / 2**30:.1f} GiB at 1 / 2 samples)", flush=True)
 
-    def _my_samples(self, groups: list, r: list[list[float]], micro_batch: int | None = None) -> list[TrainSample]:
-        """Fetch only the groups this rank trains on (the first group too when this rank only pads)."""
+    def _my_samples(self, groups: list, r: list[list[float]], micro_batch: int | None = None,
+                    heats: list | None = None) -> list[TrainSample]:  # fmt: skip
+        """Fetch only the groups this rank trains on (the first group too when this rank only pads), and their
+        prompts' motion heat when the driver passed it (nft.motion_focal)."""
         micro_batch = micro_batch or self.trainer.learner.micro_batch
         flat = [(g, k) for g, rs in enumerate(r) for k in range(len(rs))]
         idx = [i for mb in rank_micro_batches(len(flat), self.world, self.rank, micro_batch) for i in mb]
         wanted = sorted({flat[i][0] for i in idx if i >= 0} or {0})
         fetched = dict(zip(wanted, ray.get([groups[g] for g in wanted]), strict=True))
-        samples = [train_sample(fetched[g], k, r[g][k]) if g in fetched else None for g, k in flat]
+        heat = dict.fromkeys(wanted) if heats is None else dict(zip(wanted, ray.get([heats[g] for g in wanted]),
+                                                                      strict=True))  # fmt: skip
+        samples = [train_sample(fetched[g], k, r[g][k], heat=heat[g]) if g in fetched else None for g, k in flat]
         return rank_share(samples, self.world, self.rank, micro_batch)
 
     def gather(self, which: str = OLD) -> dict[str, torch.Tensor] | None:
@@ -220,10 +225,13 @@ class LearnerGroup:
             raise
         print("learner ranks: " + "; ".join(ray.get([w.where.remote() for w in self.workers])), flush=True)
 
-    def train_step(self, groups: list, r: list[list[float]], step: int) -> dict[str, float]:
-        """Train on `groups` (ObjectRefs of GroupSample, passed by reference) with optimality r; summed metrics."""
+    def train_step(self, groups: list, r: list[list[float]], step: int, heats: list | None = None) -> dict[str, float]:
+        """Train on `groups` (ObjectRefs of GroupSample, passed by reference) with optimality r; summed metrics.
+        `heats`: ObjectRefs of each group's motion heat (nft.motion_focal), fetched by the ranks that train on it."""
         n_global = sum(len(x) for x in r)
-        return merge_rank_metrics(_all_ranks([w.train_step.remote(groups, r, n_global, step) for w in self.workers]))
+        extra = () if heats is None else (heats,)
+        return merge_rank_metrics(_all_ranks([w.train_step.remote(groups, r, n_global, step, *extra)
+                                              for w in self.workers]))  # fmt: skip
 
     def gather(self, which: str = OLD):
         """ObjectRef of rank 0's full adapter (the other ranks join the collective and return None)."""

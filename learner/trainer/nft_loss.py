@@ -105,6 +105,7 @@ def nft_loss(
     adv_clip_max: float = 5.0,
     kl_weight: float = 1e-4,
     weight_floor: float = 1e-5,
+    token_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DiffusionNFT loss at one training timestep (docs/algorithm.md)::
 
@@ -121,6 +122,10 @@ def nft_loss(
     (the same constant that clips A). Invalid samples are excluded from both means; with no valid sample the
     loss is 0 but still has a graph (motion-edit's ``mean_by_mask`` returns ``x.sum() * 0``), so
     ``backward`` works and adds zero gradients.
+
+    ``token_weight`` (B, L) (nft.motion_focal, learner/trainer/motion_focal.py): each token's squared error in L+
+    and L- is multiplied by its weight; the stop-gradient normalisers and the KL term stay unweighted. None is
+    the plain loss.
 
     Args:
         v_theta: (B, ...) velocity of the trained policy (with grad).
@@ -141,6 +146,11 @@ def nft_loss(
     t_b = per_sample(t, x0, "t")
     per_sample(r, x0, "r")
     per_sample(valid, x0, "valid")
+    if token_weight is not None:
+        if x0.ndim < 2 or token_weight.shape != x0.shape[:2]:
+            raise ValueError(f"token_weight shape {tuple(token_weight.shape)} must be x0's (B, L) "
+                             f"{tuple(x0.shape[:2])}")  # fmt: skip
+        token_weight = token_weight.detach().reshape(*token_weight.shape, *([1] * (x0.ndim - 2)))
     v_old, v_ref = v_old.detach(), v_ref.detach()
     dims = tuple(range(1, x0.ndim))  # non-batch dims
 
@@ -153,7 +163,10 @@ def nft_loss(
         """mean((x_hat - x0)^2 / sg(max(mean|x_hat - x0|, weight_floor))), (B,) float64."""
         with torch.no_grad():
             weight = (x_hat.double() - x0.double()).abs().mean(dim=dims, keepdim=True).clamp_min(weight_floor)
-        return ((x_hat - x0) ** 2 / weight).mean(dim=dims)
+        squared = (x_hat - x0) ** 2
+        if token_weight is not None:
+            squared = squared * token_weight
+        return (squared / weight).mean(dim=dims)
 
     loss_pos = adaptive_l2(x_pos)  # (B,)
     loss_neg = adaptive_l2(x_neg)  # (B,)

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from learner.trainer.memory import MemoryGauge, fit_micro_batch
+from learner.trainer.motion_focal import token_weights
 from learner.trainer.nft_loss import ema_decay, nft_loss, old_policy_decay
 from motionnft_core.config import LearnerConfig, NFTConfig
 from motionnft_core.models.parity import ParityProbe
@@ -61,14 +62,16 @@ class TrainSample:
     valid: bool = True
     v_old: torch.Tensor | None = None  # (T, L, D) from the rollout, in training_draws order (reference_forwards)
     v_ref: torch.Tensor | None = None
+    heat: torch.Tensor | None = None  # (H, W) |input->target flow| of its prompt (nft.motion_focal)
 
 
-def train_sample(group: Any, k: int, r: float, valid: bool = True) -> TrainSample:
-    """Candidate k of a rollout's GroupSample, with the reference velocities when the rollout computed them."""
+def train_sample(group: Any, k: int, r: float, valid: bool = True, heat: torch.Tensor | None = None) -> TrainSample:
+    """Candidate k of a rollout's GroupSample, with the reference velocities when the rollout computed them and
+    its prompt's motion heat when the reward side sent one."""
     ref = group.reference
     return TrainSample(
         group.prompt_id, k, group.x0[k], group.cond, group.sigmas, r, valid,
-        v_old=None if ref is None else ref["v_old"][k], v_ref=None if ref is None else ref["v_ref"][k],
+        v_old=None if ref is None else ref["v_old"][k], v_ref=None if ref is None else ref["v_ref"][k], heat=heat,
     )  # fmt: skip
 
 
@@ -290,6 +293,7 @@ class NFTTrainer:
         eps_all = torch.stack([e for _, e in draws])  # (B, T, L, D)
         # v_old / v_ref computed by the rollout that sampled these candidates (nft.reference_forwards: rollout)
         shipped = all(s.v_old is not None and s.v_ref is not None for s in batch)
+        token_weight = self._token_weights(batch, device) if n.motion_focal else None
         n_t = times.shape[1]
         weight = float(valid.sum()) / max(n_global, 1) / n_t * self.world
         for j in range(n_t):
@@ -307,7 +311,7 @@ class NFTTrainer:
                 v_theta = self.policy.velocity(x_t, t, cond)
             loss, m = nft_loss(
                 v_theta.float(), v_old.float(), v_ref.float(), x_t.float(), x0.float(), t.float(), r, valid,
-                beta=n.beta, adv_clip_max=n.adv_clip_max, kl_weight=n.kl_weight,
+                beta=n.beta, adv_clip_max=n.adv_clip_max, kl_weight=n.kl_weight, token_weight=token_weight,
             )  # fmt: skip
             share = float(valid.sum()) / max(n_global, 1) / n_t
             for key in sums:  # float() waits for the forward's kernels: its time ends here
@@ -318,6 +322,21 @@ class NFTTrainer:
                 torch.cuda.synchronize(device)
             spent["forward_s"] += t1 - t0
             spent["backward_s"] += time.perf_counter() - t1
+
+    def _token_weights(self, batch: list[TrainSample], device: torch.device) -> torch.Tensor:
+        """nft.motion_focal: (B, L) weights of the target tokens from each sample's heat (motion_focal.py)."""
+        rows = []
+        for s in batch:
+            if s.heat is None:
+                raise ValueError(f"nft.motion_focal: prompt {s.prompt_id!r} came without its motion heat (the reward "
+                                 "workers send it when nft.motion_focal is on)")  # fmt: skip
+            grid = self.policy.latent_grid(*s.heat.shape)
+            rows.append(token_weights(s.heat, grid, self.policy.pack_map, self.nft.motion_focal_mix))
+        weights = torch.stack(rows)
+        if weights.shape[1] != batch[0].x0.shape[0]:
+            raise ValueError(f"nft.motion_focal: {weights.shape[1]} heat tokens for {batch[0].x0.shape[0]} latent "
+                             "tokens (the heat must have the edit's pixel size)")  # fmt: skip
+        return weights.to(device)
 
     @torch.no_grad()
     def _update_old_and_ema(self) -> float:

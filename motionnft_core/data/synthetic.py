@@ -19,6 +19,12 @@ Extra columns record the truth: ``motion_dx`` / ``motion_dy`` (pixels, +x right,
 centre ``object_x`` / ``object_y`` (pixels; the centre of the pixel grid, as float). Everything is
 numpy + PIL and deterministic for a seed; example ``i`` depends only on ``(seed, i, size)``, not on ``n``.
 
+Camera pan (`data.synthetic_pan_share`, off by default): a share of examples, drawn from a generator of its own
+(so every other example and every other draw stay bit for bit what they are without it), has its whole target
+frame shifted by ``pan_pixels`` along one axis, on top of the object's motion: what a camera that moved between
+the two shots adds. The border the shift reveals repeats the edge pixels. Such an example records its shift in
+``camera_dx`` / ``camera_dy`` (pixels); the others have no such fields.
+
 CLI: ``python -m motionnft_core.data.synthetic --out DIR --n N --size S [--seed 0] [--fmt parquet|jsonl]
 [--reference]``.
 """
@@ -72,6 +78,30 @@ class SyntheticExample:
     object_x: float
     object_y: float
     reference_image: np.ndarray | None = None  # (H, W, 3) uint8: a second input image, when asked for
+    camera_dx: int = 0  # the camera pan added to the target frame (pixels), 0 without one
+    camera_dy: int = 0
+
+
+def pan_image(image: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """(H, W, 3) content shifted by (dx, dy) pixels (+x right, +y down), the revealed border repeating the edge."""
+    h, w = image.shape[:2]
+    if abs(dx) >= w or abs(dy) >= h:
+        raise ValueError(f"pan ({dx}, {dy}) does not fit a {w}x{h} image")
+    padded = np.pad(image, ((abs(dy), abs(dy)), (abs(dx), abs(dx)), (0, 0)), mode="edge")
+    top, left = abs(dy) - dy, abs(dx) - dx
+    return np.ascontiguousarray(padded[top : top + h, left : left + w])
+
+
+def camera_pan(seed: int, index: int, size: int, *, share: float, pixels: int) -> tuple[int, int]:
+    """(dx, dy) of example `index`'s camera pan: (0, 0) for all but a `share` of examples, else `pixels` along one
+    of the four axis directions; its own generator, so the example's other draws do not move."""
+    if share <= 0:
+        return 0, 0
+    rng = np.random.default_rng([seed, index, size, 0x9A4])
+    if rng.random() >= share:
+        return 0, 0
+    ux, uy = list(DIRECTIONS.values())[rng.integers(len(DIRECTIONS))]
+    return pixels * ux, pixels * uy
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -127,10 +157,12 @@ def _compose(background: np.ndarray, sprite: Image.Image, cx: int, cy: int) -> n
     return np.asarray(img)
 
 
-def make_example(
-    seed: int, index: int, size: int = DataConfig.synthetic_size, reference: bool = DataConfig.synthetic_reference
-) -> SyntheticExample:
-    """Render example ``index`` of the set with this ``seed`` (deterministic, independent of the set size).
+def make_example(seed: int, index: int, size: int = DataConfig.synthetic_size,
+                 reference: bool = DataConfig.synthetic_reference, *,
+                 pan_share: float = DataConfig.synthetic_pan_share,
+                 pan_pixels: int = DataConfig.synthetic_pan_pixels) -> SyntheticExample:  # fmt: skip
+    """Render example ``index`` of the set with this ``seed`` (deterministic, independent of the set size); a
+    `pan_share` of examples gets a camera pan of `pan_pixels` on its target (module docstring).
 
     With ``reference``, the example gets a second input image: the object at its destination on a grey canvas (a
     layout reference, for the families that take several input images). It draws no random number, so the
@@ -167,12 +199,16 @@ def make_example(
     input_sprite = _sprite(rng, shape, color, radius, 0.0)
     rng.bit_generator.state = texture_state
     target_sprite = _sprite(rng, shape, color, radius, rotation)
+    target = _compose(background, target_sprite, cx + dx, cy + dy)
+    cam_dx, cam_dy = camera_pan(seed, index, size, share=pan_share, pixels=pan_pixels)
+    if cam_dx or cam_dy:
+        target = pan_image(target, cam_dx, cam_dy)
     return SyntheticExample(
         id=f"synth-{seed}-{index:06d}",
         prompt=prompt,
         category=category,
         input_image=_compose(background, input_sprite, cx, cy),
-        target_image=_compose(background, target_sprite, cx + dx, cy + dy),
+        target_image=target,
         motion_dx=dx,
         motion_dy=dy,
         motion_rot=rotation,
@@ -181,6 +217,8 @@ def make_example(
         object_x=float(cx),
         object_y=float(cy),
         reference_image=_compose(np.full_like(background, 128), target_sprite, cx + dx, cy + dy) if reference else None,
+        camera_dx=cam_dx,
+        camera_dy=cam_dy,
     )
 
 

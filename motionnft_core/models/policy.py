@@ -359,6 +359,19 @@ class EditPolicy:
         multiple = self.vae_scale_factor * 2
         return (height // multiple) * (width // multiple)
 
+    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of the VAE latent of an edit of this pixel size, before the 2x2 packing."""
+        self.check_size(height, width)
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def pack_map(self, latent_map: torch.Tensor) -> torch.Tensor:
+        """A per-latent-pixel map (h, w) in the packed token order (L,), by the pipeline's own `_pack_latents`
+        (one channel; each token is the mean of its 2x2 patch): the motion-focal weights land on the tokens whose
+        pixels they describe."""
+        h, w = latent_map.shape
+        packed = self.pipe._pack_latents(latent_map.reshape(1, 1, h, w), 1, 1, h, w)  # (1, L, 4)
+        return packed[0].mean(dim=-1)
+
     def shift_mu(self, height: int, width: int) -> float:
         """mu of the scheduler's dynamic shift for an edit of this size (`calculate_shift` of the image sequence
         length, with the scheduler config's bounds); the warm start draws its training times with it too."""

@@ -260,10 +260,12 @@ def _matches(example, motion: str) -> bool:
     return example.motion_dx * ux + example.motion_dy * uy > 0  # the move points the named way
 
 
-def demo_data(out_dir: str | os.PathLike, n: int, *, size: int, seed: int, motion: str) -> Path:
+def demo_data(out_dir: str | os.PathLike, n: int, *, size: int, seed: int, motion: str, pan_share: float = 0.0,
+              pan_pixels: int = 3) -> Path:  # fmt: skip
     """The first `n` synthetic examples (`motionnft_core.data.synthetic.make_example(seed, i, size)`, i = 0, 1, ...)
     whose motion is `motion`, as a JSONL manifest with PNGs; ids and truth columns as the generator writes them. Reused
-    when present. Returns the manifest path."""
+    when present. Returns the manifest path. `pan_share` > 0: that share has a camera pan (`data.synthetic_pan_*`),
+    recorded in `camera_dx` / `camera_dy`."""
     from PIL import Image
 
     if motion not in DEMO_MOTIONS:
@@ -275,7 +277,7 @@ def demo_data(out_dir: str | os.PathLike, n: int, *, size: int, seed: int, motio
         (tmp / "images").mkdir()
         rows, index = [], 0
         while len(rows) < n:
-            ex = make_example(seed, index, size)
+            ex = make_example(seed, index, size, pan_share=pan_share, pan_pixels=pan_pixels)
             index += 1
             if not _matches(ex, motion):
                 continue
@@ -286,6 +288,8 @@ def demo_data(out_dir: str | os.PathLike, n: int, *, size: int, seed: int, motio
                          "motion_dx": ex.motion_dx, "motion_dy": ex.motion_dy, "motion_rot": ex.motion_rot,
                          "object_shape": ex.object_shape, "object_color": ex.object_color,
                          "object_x": ex.object_x, "object_y": ex.object_y})  # fmt: skip
+            if ex.camera_dx or ex.camera_dy:
+                rows[-1].update(camera_dx=ex.camera_dx, camera_dy=ex.camera_dy)
         (tmp / JSONL_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
     out = build_atomically(out_dir, write, complete=lambda p: (p / JSONL_NAME).is_file(), what="demo data set")
@@ -309,8 +313,11 @@ def prepare_demo(cfg: Config) -> DemoPaths:
     """
     d, size = cfg.demo, cfg.rollout.height
     root = Path(cfg.model.cache_dir).expanduser() / "demo"
-    data = demo_data(root / f"data_{d.motion}_n{d.examples}_s{size}_seed{cfg.data.seed}", d.examples, size=size,
-                     seed=cfg.data.seed, motion=d.motion)  # fmt: skip
+    pan = cfg.data.synthetic_pan_share
+    panned = f"_pan{pan:g}x{cfg.data.synthetic_pan_pixels}" if pan > 0 else ""  # without: the name it always had
+    data = demo_data(root / f"data_{d.motion}_n{d.examples}_s{size}_seed{cfg.data.seed}{panned}", d.examples,
+                     size=size, seed=cfg.data.seed, motion=d.motion, pan_share=pan,
+                     pan_pixels=cfg.data.synthetic_pan_pixels)  # fmt: skip
     sizes = DemoSizes()
     settings = warm_start_settings(d, cfg.model)
     key = json.dumps({"data": str(data), "eval_fraction": cfg.data.eval_fraction, "split_seed": cfg.data.seed,

@@ -176,3 +176,36 @@ def test_grid_labels_must_name_every_column(tmp_path):
 def test_win_rate_plot_of_no_rows_is_a_png(tmp_path):
     plot = Image.open(plot_win_rates(summarize([], EvalConfig(bootstrap_samples=10)), tmp_path / "p.png"))
     assert plot.format == "PNG"
+
+
+def test_a_camera_compensated_run_adds_its_object_motion_mas_beside_the_published_one(tmp_path):
+    """Rows scored for a run trained with reward.flow.camera_compensation carry `mas_camera_compensated` (and its
+    baseline twin): the report adds the column; MAS itself is untouched, and runs without it show no such column."""
+    store = ScoreStore(tmp_path / "scores")
+    rows = []
+    for policy in ("baseline", "candidate"):
+        for n, example_id in enumerate(IDS):
+            row = _scores(policy, example_id)
+            row["mas_camera_compensated"] = 60.0 + n + (10.0 if policy == "candidate" else 0.0)
+            rows.append(row)
+    store.append(rows)
+    paired = pair_rows(store.table(), IDS, margin=0.0)
+    plain = pair_rows(_store_of(tmp_path / "plain"), IDS, margin=0.0)
+    assert [r["mas"] for r in paired] == [r["mas"] for r in plain]
+    assert [r["mas_camera_compensated"] for r in paired] == [70.0 + n for n in range(5)]
+    assert [r["baseline_mas_camera_compensated"] for r in paired] == [60.0 + n for n in range(5)]
+    groups = summarize(paired, EvalConfig(bootstrap_samples=200))
+    assert groups[ALL].metrics["mas_camera_compensated"].mean == 72.0
+    assert groups[ALL].metrics["baseline_mas_camera_compensated"].mean == 62.0
+    from evaluation.report import summary_table
+
+    assert "MAS camera-compensated" in summary_table(groups)
+    plain_groups = summarize(plain, EvalConfig(bootstrap_samples=200))
+    assert "mas_camera_compensated" not in plain_groups[ALL].metrics
+    assert "camera" not in summary_table(plain_groups)
+
+
+def _store_of(directory):
+    store = ScoreStore(directory)
+    store.append([_scores(p, i) for p in ("baseline", "candidate") for i in IDS])
+    return store.table()
