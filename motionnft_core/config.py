@@ -201,6 +201,11 @@ class ModelConfig(_Section):
     guidance: float = _f(2.5, "FLUX Kontext distilled guidance embedding (rollouts and training); Qwen: unused", ge=0)
     max_sequence_length: int = _f(512, "FLUX Kontext: T5 tokens the instruction is padded to (pipeline default)",
                                   ge=1)  # fmt: skip
+    text_encoder_offload: bool = _f(False, "FLUX.2: keep the text encoder in CPU memory and stream its layers to the "
+                                    "GPU for a prompt not cached ([dev]: a 24 B encoder beside the 32 B transformer "
+                                    "does not fit one 80 GB GPU)")  # fmt: skip
+    prompt_cache: int = _f(0, "FLUX.2: prompts whose embeddings a policy keeps in CPU memory (LRU), so a prompt seen "
+                           "again is not re-encoded; 0 = off", ge=0)  # fmt: skip
     cache_dir: str = _f("~/.cache/motionnft", "where S3 downloads and tiny models are kept")
 
 
@@ -551,6 +556,8 @@ class EvalConfig(_Section):
     seed: int = _f(42, "noise seed of every evaluation edit (the paper's protocol: one seed, the same for each row)")
     kontext_guidance: float = _f(2.5, "FLUX.1 Kontext: distilled guidance of the evaluation edits (the paper's "
                                  "protocol)", ge=0)  # fmt: skip
+    flux2_guidance: float = _f(4.0, "FLUX.2 [dev]: distilled guidance of the evaluation edits (the model card's "
+                               "guidance_scale 4)", ge=0)  # fmt: skip
     qwen_true_cfg: float = _f(4.0, "Qwen-Image-Edit: true CFG scale of the evaluation edits (the paper's protocol); "
                               "<= 1 = off", ge=0)  # fmt: skip
     negative_prompt: str = _f(" ", "Qwen-Image-Edit: negative prompt of true CFG (diffusers' examples use \" \")",

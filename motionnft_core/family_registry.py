@@ -10,5 +10,7 @@ FAMILY_MODULES: dict[str, str] = {
     "flux_kontext": "motionnft_core.models.families.flux_kontext",
     "qwen_image_edit": "motionnft_core.models.families.qwen_image_edit",
     "qwen_image_edit_plus": "motionnft_core.models.families.qwen_image_edit_plus",
+    "flux2_klein": "motionnft_core.models.families.flux2_klein",
+    "flux2_dev": "motionnft_core.models.families.flux2_dev",
 }
 FAMILIES: tuple[str, ...] = tuple(FAMILY_MODULES)

@@ -226,7 +226,12 @@ class EditPolicy:
                 f"{path} holds a {saved_class}, but family {family!r} needs a {policy_cls.pipeline_class.__name__}"
             )
         pipe = policy_cls.pipeline_class.from_pretrained(local, dtype=dtype)
-        return cls.from_pipe(pipe.to(device), **policy_kwargs)
+        return cls.from_pipe(policy_cls.place(pipe, device, **policy_kwargs), **policy_kwargs)
+
+    @classmethod
+    def place(cls, pipe: DiffusionPipeline, device: torch.device | str, **policy_kwargs) -> DiffusionPipeline:
+        """Move the loaded pipeline to `device` (a family that keeps a component elsewhere says so here)."""
+        return pipe.to(device)
 
     @classmethod
     def from_pipe(cls, pipe: DiffusionPipeline, **policy_kwargs) -> "EditPolicy":

@@ -67,7 +67,7 @@ def test_the_configuration_page_has_the_placeholder_the_hook_fills():
 
 def test_the_evaluation_page_lists_every_eval_parameter():
     page = (ROOT / "docs" / "evaluation.md").read_text()
-    rows = set(re.findall(r"^\| `(eval\.[a-z_]+)` \|", page, re.MULTILINE))
+    rows = set(re.findall(r"^\| `(eval\.[a-z0-9_]+)` \|", page, re.MULTILINE))
     assert rows == {f"eval.{f.name}" for f in dataclasses.fields(config.EvalConfig)}
 
 

@@ -44,7 +44,7 @@ def plus(tiny_pipelines) -> EditPolicy:
 # ------------------------------------------------------------------------------------------------ registry
 def test_the_registry_feeds_the_config_and_every_family_is_complete():
     assert ModelConfig.__dataclass_fields__["family"].metadata  # the choices come from the registry
-    assert FAMILIES == ("flux_kontext", "qwen_image_edit", PLUS)
+    assert FAMILIES == ("flux_kontext", "qwen_image_edit", PLUS, "flux2_klein", "flux2_dev")
     for family in FAMILIES:
         module = family_module(family)
         assert module.POLICY.family == family and policy_class(family) is module.POLICY

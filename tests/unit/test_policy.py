@@ -17,7 +17,7 @@ from PIL import Image
 from motionnft_core.models.policy import Conditioning, EditPolicy, FluxKontextPolicy, QwenImageEditPolicy
 from motionnft_core.models.tiny import build_tiny
 
-FAMILIES = ["flux_kontext", "qwen_image_edit", "qwen_image_edit_plus"]
+FAMILIES = ["flux_kontext", "qwen_image_edit", "qwen_image_edit_plus", "flux2_klein", "flux2_dev"]
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 H, W = 64, 48  # non-square, so a swapped height/width cannot pass
 TOKENS = (H // 16) * (W // 16)  # packed latent tokens: 8x VAE, 2x2 packing
@@ -158,13 +158,17 @@ def test_decode_is_inverse_of_encode_layout(policy):
 
 # ---------------------------------------------------------------------------------------- sigma grid
 def _expected_sigmas(family: str, n: int, height: int, width: int) -> list[float]:
-    """The grid written out by hand from the two real scheduler configs (docs/architecture.md)."""
+    """The grid written out by hand from the real scheduler configs (docs/architecture.md) and FLUX.2's mu."""
     seq = (height // 16) * (width // 16)
     if family == "flux_kontext":
         base_len, max_len, base_shift, max_shift, terminal = 256, 4096, 0.5, 1.15, None
     else:
         base_len, max_len, base_shift, max_shift, terminal = 256, 8192, 0.5, 0.9, 0.02
     mu = base_shift + (max_shift - base_shift) / (max_len - base_len) * (seq - base_len)
+    if family.startswith("flux2"):  # FLUX.2's empirical mu of (tokens, steps): linear in both, no terminal stretch
+        m200, m10 = 0.00016927 * seq + 0.45666666, 8.73809524e-05 * seq + 1.89833333
+        mu = m200 + (m200 - m10) / 190.0 * (n - 200) if seq <= 4300 else m200
+        terminal = None
     raw = np.linspace(1.0, 1.0 / n, n)
     shifted = [math.exp(mu) / (math.exp(mu) + (1 / s - 1)) for s in raw]
     if terminal is not None:
