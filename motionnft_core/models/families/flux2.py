@@ -113,6 +113,14 @@ class Flux2Policy(EditPolicy):
         return latents
 
     # ------------------------------------------------------------------ phases
+    def pack_map(self, latent_map: torch.Tensor) -> torch.Tensor:
+        """A per-latent-pixel map (h, w) in the token order (L,): FLUX.2 first folds each 2x2 patch into the
+        channels (`_patchify_latents`), then packs the patches row-major (`_pack_latents`), the pipeline's own
+        two steps; each token gets the mean of its patch (the motion-focal weights)."""
+        h, w = latent_map.shape
+        packed = self.pipe._pack_latents(self.pipe._patchify_latents(latent_map.reshape(1, 1, h, w)))  # (1, L, 4)
+        return packed[0].mean(dim=-1)
+
     def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt_embeds (B, T, D), text_ids (B, T, 4)): the cached embeddings of the prompts seen before, the text
         encoder's for the others (one batch), kept in the cache (on the CPU) when it is on."""
