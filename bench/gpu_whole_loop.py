@@ -234,6 +234,18 @@ def imports() -> tuple[bool, str, dict]:
     return not torch.cuda.is_initialized(), f"{', '.join(TRAINING_MODULES)} (CUDA not initialised)", {}
 
 
+def build_model(model) -> tuple[bool, str, dict]:
+    """The run's pipeline built here once, on the CPU (`model.random_layers` / `model.tiny`), before the rollout and
+    the learner resolve it: they then load it instead of each building it."""
+    from motionnft_core.models.tiny import pipeline_source
+
+    began = time.perf_counter()
+    path = Path(pipeline_source(model))
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    seconds = time.perf_counter() - began
+    return True, f"{path.name}: {size / 2**30:.2f} GiB on disk, ready in {seconds:.0f} s", {"seconds": seconds}
+
+
 def whole_loop(report: Report, out: Path, gpu: bool, steps: int, budget_s: float) -> None:
     from motionnft_core.config_loader import load_config
 
@@ -244,6 +256,7 @@ def whole_loop(report: Report, out: Path, gpu: bool, steps: int, budget_s: float
     overrides = [f"learner.steps={steps}", f"logging.dir={run_dir}", f"checkpoint.dir={ckpt}", "checkpoint.every=1",
                  *([] if gpu else CPU_OVERRIDES)]  # fmt: skip
     cfg = load_config(str(CONFIG), overrides)
+    report.run("model", lambda: build_model(cfg.model))
     log = out / "whole_loop.log"
     began = time.perf_counter()
     code = run_main(["--config", str(CONFIG), "--overwrite", *overrides], log, budget_s)
@@ -262,6 +275,26 @@ def whole_loop(report: Report, out: Path, gpu: bool, steps: int, budget_s: float
     resume_overrides = [o if not o.startswith("learner.steps=") else f"learner.steps={steps + 1}" for o in overrides]
     code = run_main(["--config", str(CONFIG), "--resume", *resume_overrides], log, left)
     report.run("resume", lambda: check_resume(metrics_rows(run_dir), code, steps))
+
+
+FP8_ERRORS = ("x0_rel_err", "v_old_rel_err", "v_ref_rel_err")
+FP8_TOLERANCE = 0.03  # relative L2 error of sampled latents and velocities the CPU tests state (tests/unit/test_fp8.py)
+TARGET_RATIO = 1.4
+
+
+def fp8_verdict(record: dict) -> tuple[bool, str, dict]:
+    """A step bench record passes when its FP8 layout ran and FP8 moved the rollout latents and the reference
+    velocities by at most FP8_TOLERANCE against bf16; the ratio is reported against TARGET_RATIO."""
+    layouts = {n: r.get("samples_per_s") for n, r in record["layouts"].items()}
+    fp8 = record.get("fp8_effect", {})
+    errors = {k: fp8[k] for k in FP8_ERRORS if k in fp8}
+    fp8_ran = any(n.endswith("+fp8") and v for n, v in layouts.items())
+    ok = fp8_ran and len(errors) == len(FP8_ERRORS) and all(v <= FP8_TOLERANCE for v in errors.values())
+    measured = ", ".join(f"{k} {v:.3g}" for k, v in errors.items()) or f"not measured ({fp8.get('error', '')})"
+    detail = (f"ratio {record['ratio']:.2f} (target {TARGET_RATIO}); samples/s "
+              + ", ".join(f"{n} {v:.3f}" if v else f"{n} failed" for n, v in layouts.items())
+              + f"; FP8 against bf16 (tolerance {FP8_TOLERANCE}): {measured}")  # fmt: skip
+    return ok, detail, {"ratio": record["ratio"], "fp8_effect": fp8}
 
 
 def step_bench(report: Report, out: Path, gpu: bool, family: str, budget_s: float) -> None:
@@ -285,14 +318,7 @@ def step_bench(report: Report, out: Path, gpu: bool, family: str, budget_s: floa
             where = f"; partial record in {partial.name}" if partial.is_file() else ""
             tail = log.read_text().strip().splitlines()[-1:] or [""]
             raise RuntimeError(f"train_step.py exit {code} ({'out of time' if code == 124 else tail[0]}){where}")
-        record = json.loads(results.read_text().splitlines()[-1])
-        layouts = {n: r.get("samples_per_s") for n, r in record["layouts"].items()}
-        fp8 = record.get("fp8_effect", {})
-        detail = (f"ratio {record['ratio']:.2f}; samples/s " + ", ".join(f"{n} {v:.3f}" for n, v in layouts.items()
-                                                                         if v) +
-                  "; FP8 vs bf16: " + ", ".join(f"{k} {fp8[k]:.3g}" for k in ("x0_rel_err", "v_old_rel_err",
-                                                                           "v_ref_rel_err") if k in fp8))  # fmt: skip
-        return True, detail, {"ratio": record["ratio"], "fp8_effect": fp8}
+        return fp8_verdict(json.loads(results.read_text().splitlines()[-1]))
 
     report.run(f"step_bench_{family}", summary)
 

@@ -24,8 +24,8 @@ def test_gpu_whole_loop_cpu_mode_runs_every_check_that_needs_no_gpu(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("check ")]
     rows = [json.loads(line) for line in (tmp_path / "checks.jsonl").read_text().splitlines()]
     assert len(lines) == len(rows) and [r["check"] for r in rows] == [
-        "imports", "cuda_transfer", "run", "learner_process_group", "driver_never_initialises_cuda", "parity_probe",
-        "memory_probe", "checkpoint", "export", "resume", "step_bench_flux_kontext"]  # fmt: skip
+        "imports", "cuda_transfer", "model", "run", "learner_process_group", "driver_never_initialises_cuda",
+        "parity_probe", "memory_probe", "checkpoint", "export", "resume", "step_bench_flux_kontext"]  # fmt: skip
     skipped = {r["check"] for r in rows if r["status"] == "skipped"}
     assert skipped == {"cuda_transfer", "memory_probe", "step_bench_flux_kontext"}
     assert all(r["status"] == "pass" for r in rows if r["check"] not in skipped)

@@ -12,6 +12,7 @@ from bench.gpu_whole_loop import (
     check_memory_probe,
     check_parity,
     check_resume,
+    fp8_verdict,
     summary_line,
 )
 
@@ -57,3 +58,15 @@ def test_memory_probe_line_and_checkpoints(tmp_path):
     (tmp_path / "step_00000001").mkdir()
     (tmp_path / "step_00000001" / "driver.json").write_text("{}")
     assert check_checkpoints(tmp_path, [1])[0] and not check_checkpoints(tmp_path, [1, 2])[0]
+
+
+def test_the_step_bench_passes_on_fp8_within_the_cpu_tests_tolerance():
+    layouts = {"reference": {"samples_per_s": 0.3}, "ours+compile+fp8": {"samples_per_s": 0.44}}
+    record = {"ratio": 1.45, "layouts": layouts,
+              "fp8_effect": {"x0_rel_err": 0.01, "v_old_rel_err": 0.02, "v_ref_rel_err": 0.02}}  # fmt: skip
+    ok, detail, values = fp8_verdict(record)
+    assert ok and "ratio 1.45 (target 1.4)" in detail and "x0_rel_err 0.01" in detail and values["ratio"] == 1.45
+    assert not fp8_verdict({**record, "fp8_effect": {**record["fp8_effect"], "x0_rel_err": 0.05}})[0]
+    assert not fp8_verdict({**record, "fp8_effect": {"error": "RuntimeError('no fp8')"}})[0]
+    no_fp8 = {**record, "layouts": {**record["layouts"], "ours+compile+fp8": {"error": "x"}}}
+    assert not fp8_verdict(no_fp8)[0] and "ours+compile+fp8 failed" in fp8_verdict(no_fp8)[1]
