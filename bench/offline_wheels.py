@@ -2,14 +2,14 @@
 that reaches the package index: `bash bench/fetch_offline_wheels.sh [DIR]` runs this.
 
 What to fetch is decided from the packages' metadata: pip resolves the service's roots (`ROOTS`: Ray, diffusers,
-tensorboard for the driver's event files) for CPython 3.12 on manylinux x86_64
-without installing anything (`pip install --dry-run --report`), and every resolved distribution the GPU machine
-already has (`PRESENT`: a CUDA torch image with transformers, peft and accelerate, and what those require) or that
-the training path never imports (`NOT_IMPORTED`) is left out. boto3 stays behind too: motionnft_core/s3.py imports
-it only at the first s3:// call. The rest is downloaded without dependencies, and the large parts that the service
-never loads are cut out of their wheels (`TRIM`: Ray's Java jars, the dashboard's web client, RLlib, Serve, Tune,
-Train and the LLM library; tensorboard's web files) with a RECORD that lists what is left. The folder must stay
-under `--max-mib` (60 MiB) so that it copies easily.
+tensorboard for the driver's event files, httpx for the judge client the reward modules import) for CPython 3.12
+on manylinux x86_64 without installing anything (`pip install --dry-run --report`), and every resolved distribution
+the GPU machine already has (`PRESENT`: a CUDA torch image with transformers, peft and accelerate, and what those
+require) or that the training path never imports (`NOT_IMPORTED`) is left out. boto3 stays behind too:
+motionnft_core/s3.py imports it only at the first s3:// call. The rest is downloaded without dependencies, and
+the large parts that the service never loads are cut out of their wheels (`TRIM`: Ray's Java jars, the
+dashboard's web client, RLlib, Serve, Tune, Train and the LLM library; tensorboard's web files) with a RECORD that
+lists what is left. The folder must stay under `--max-mib` (60 MiB) so that it copies easily.
 
     python bench/offline_wheels.py .whl            # what fetch_offline_wheels.sh runs
 """
@@ -28,7 +28,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-ROOTS = ("ray==2.60.0", "diffusers==0.42.1", "tensorboard==2.21.0")
+ROOTS = ("ray==2.60.0", "diffusers==0.42.1", "tensorboard==2.21.0", "httpx==0.28.1")
 # A CUDA torch image with transformers, peft and accelerate has what transformers requires (resolved from its
 # metadata, `PRESENT_ROOTS`) and these: torch with its own requirements (CUDA libraries: every `nvidia-*`),
 # accelerate and peft with theirs, and torchvision (RAFT), which the training-step benchmark found on such a machine.
@@ -46,7 +46,11 @@ TRIM = {
     "ray": ("ray/jars/", "ray/dashboard/client/", "ray/rllib/", "ray/serve/", "ray/tune/", "ray/train/", "ray/llm/"),
     "tensorboard": ("tensorboard/webfiles.zip",),
 }
-PLATFORM = ["--python-version", "3.12", "--implementation", "cp", "--only-binary=:all:",
+PYTHON = "3.12"  # the GPU machine's
+
+
+def platform_args(python: str = PYTHON) -> list[str]:
+    return ["--python-version", python, "--implementation", "cp", "--only-binary=:all:",
             "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
             "--platform", "manylinux2014_x86_64"]  # fmt: skip
 
@@ -63,12 +67,14 @@ def wanted(resolved: dict[str, str], present: set[str] | frozenset[str]) -> dict
     return {n: v for n, v in sorted(resolved.items()) if canonical(n) not in skip and not n.startswith("nvidia-")}
 
 
-def resolve(roots: tuple[str, ...]) -> dict[str, str]:
-    """Every distribution `roots` need on CPython 3.12 / manylinux x86_64, from their metadata (nothing installed)."""
+def resolve(roots: tuple[str, ...], python: str = PYTHON) -> dict[str, str]:
+    """Every distribution `roots` need on CPython `python` / manylinux x86_64, from their metadata (nothing
+    installed)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed", "--report",
-                        str(report), *PLATFORM, "--target", str(Path(tmp) / "t"), *roots], check=True)  # fmt: skip
+                        str(report), *platform_args(python), "--target", str(Path(tmp) / "t"), *roots],
+                       check=True)  # fmt: skip
         items = json.loads(report.read_text())["install"]
     return {canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in items}
 
@@ -108,15 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dest", type=Path, help="the wheel folder (emptied of wheels first)")
     p.add_argument("--max-mib", type=float, default=60.0)
+    p.add_argument("--python", default=PYTHON, help="the target machine's Python version (another: for a check)")
     args = p.parse_args(argv)
     args.dest.mkdir(parents=True, exist_ok=True)
     for old in args.dest.glob("*.whl"):
         old.unlink()
-    fetch = wanted(resolve(ROOTS), PRESENT | set(resolve(PRESENT_ROOTS)))
+    fetch = wanted(resolve(ROOTS, args.python), PRESENT | set(resolve(PRESENT_ROOTS, args.python)))
     print("fetching " + " ".join(f"{n}=={v}" for n, v in fetch.items()), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *PLATFORM, "-d", tmp,
-                        *(f"{n}=={v}" for n, v in fetch.items())], check=True)  # fmt: skip
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *platform_args(args.python),
+                        "-d", tmp, *(f"{n}=={v}" for n, v in fetch.items())], check=True)  # fmt: skip
         for wheel in sorted(Path(tmp).glob("*.whl")):
             name = canonical(wheel.name.split("-")[0])
             if name in TRIM:
