@@ -22,8 +22,11 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
   export PYTHONPATH="$PWD:$PREFIX" PATH="$PREFIX/bin:$PATH"
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$DEST/gpu.txt"
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu: the CPU mode (tiny model), to try the script and the wheel folder anywhere
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$DEST/gpu.txt"
+fi
 python3 -c "import torch, ray, diffusers, peft, transformers; print('torch', torch.__version__, 'ray', ray.__version__, \
 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)" | tee -a "$DEST/gpu.txt"
-python3 bench/gpu_whole_loop.py "$DEST" --parts "${PARTS:-loop,bench}" --family "${FAMILY:-flux_kontext}" 2>&1 \
+python3 bench/gpu_whole_loop.py "$DEST" --device "$DEVICE" --parts "${PARTS:-loop,bench}" --family "${FAMILY:-flux_kontext}" 2>&1 \
   | tee -a "$DEST/gpu_whole_loop.log"
