@@ -330,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="loop,bench", help="comma-separated: loop, bench")
     p.add_argument("--family", default="flux_kontext", help="the step bench's policy family")
     p.add_argument("--steps", type=int, default=2, help="steps of the first run (the resume adds one)")
+    p.add_argument("--loop-budget", type=float, default=BUDGET_S["loop"], help="seconds for the whole loop's runs")
+    p.add_argument("--bench-budget", type=float, default=BUDGET_S["bench"], help="seconds for the step bench")
     args = p.parse_args(argv)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -346,9 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {name}", flush=True)
     parts = set(args.parts.split(","))
     if "loop" in parts:
-        whole_loop(report, args.out, gpu, args.steps, BUDGET_S["loop"] if gpu else 600)
+        whole_loop(report, args.out, gpu, args.steps, args.loop_budget if gpu else 600)
     if "bench" in parts:
-        step_bench(report, args.out, gpu, args.family, BUDGET_S["bench"])
+        step_bench(report, args.out, gpu, args.family, args.bench_budget)
     print(f"{len(report.rows)} checks, {len(report.failed)} failed" + (f": {report.failed}" if report.failed else ""))
     return 1 if report.failed else 0
 

@@ -28,5 +28,6 @@ if [ "$DEVICE" = cuda ]; then
 fi
 python3 -c "import torch, ray, diffusers, peft, transformers; print('torch', torch.__version__, 'ray', ray.__version__, \
 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)" | tee -a "$DEST/gpu.txt"
-python3 bench/gpu_whole_loop.py "$DEST" --device "$DEVICE" --parts "${PARTS:-loop,bench}" --family "${FAMILY:-flux_kontext}" 2>&1 \
+python3 bench/gpu_whole_loop.py "$DEST" --device "$DEVICE" --parts "${PARTS:-loop,bench}" --family "${FAMILY:-flux_kontext}" \
+  --bench-budget "${BENCH_BUDGET_S:-240}" 2>&1 \
   | tee -a "$DEST/gpu_whole_loop.log"
