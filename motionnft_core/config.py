@@ -196,6 +196,9 @@ class ModelConfig(_Section):
                      choices=FAMILIES, expected=f"one of {FAMILIES}")  # fmt: skip
     path: str = _f("", "pipeline dir (save_pretrained layout) or s3://bucket/prefix; empty needs model.tiny=true")
     tiny: bool = _f(False, "build a tiny random-weight pipeline offline into cache_dir and train that")
+    random_layers: int = _f(0, "if > 0: build a random-weight pipeline at the family's real widths with at most this "
+                            "many transformer blocks of each kind and 1-layer text encoders, offline into "
+                            "cache_dir, and train that (a whole run on one GPU, bench/README.md)", ge=0)  # fmt: skip
     dtype: str = _f("bfloat16", "weights/compute dtype of rollouts and learner: float32 | bfloat16 | float16",
                     choices=DTYPES, expected=f"one of {DTYPES}")  # fmt: skip
     guidance: float = _f(2.5, "FLUX Kontext distilled guidance embedding (rollouts and training); Qwen: unused", ge=0)
@@ -622,9 +625,9 @@ def validate(cfg: Config) -> None:
         _validate_demo(cfg)
     else:
         _check(
-            bool(cfg.model.path) or cfg.model.tiny,
+            bool(cfg.model.path) or cfg.model.tiny or cfg.model.random_layers > 0,
             "model.path",
-            "a local dir or s3:// URI (or model.tiny=true)",
+            "a local dir or s3:// URI (or model.tiny=true, or model.random_layers > 0)",
             cfg.model.path,
         )
         _check(
@@ -657,6 +660,8 @@ def validate(cfg: Config) -> None:
         )
     if cfg.model.tiny and cfg.model.path:
         raise ConfigError("model.tiny: set either model.path or model.tiny=true, not both")
+    if cfg.model.random_layers and (cfg.model.tiny or cfg.model.path):
+        raise ConfigError("model.random_layers: set one of model.path, model.tiny=true and model.random_layers > 0")
     _check(cfg.learner.micro_batch >= 1 or cfg.cluster.learner_gpus > 0, "learner.micro_batch",
            "an integer >= 1 when cluster.learner_gpus is 0 (0 measures GPU memory)", cfg.learner.micro_batch)
     _check(not cfg.rollout.fp8_reference or cfg.nft.reference_forwards == "rollout", "rollout.fp8_reference",
@@ -673,6 +678,7 @@ def _validate_demo(cfg: Config) -> None:
     given = (
         ("model.path", cfg.model.path, ""),
         ("model.tiny", cfg.model.tiny, False),
+        ("model.random_layers", cfg.model.random_layers, 0),
         ("data.source", cfg.data.source, ""),
         ("data.synthetic", cfg.data.synthetic, 0),
     )

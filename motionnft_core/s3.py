@@ -39,16 +39,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
-import boto3
-from boto3.exceptions import RetriesExceededError as Boto3RetriesExceededError
-from boto3.exceptions import S3UploadFailedError
-from botocore.config import Config as BotoConfig
-from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError, PartialCredentialsError
-from botocore.exceptions import ConnectionError as BotoConnectionError
-from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
+if TYPE_CHECKING:
+    from botocore.config import Config as BotoConfig
+    from botocore.exceptions import ClientError
+
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,9 +79,32 @@ _ENDPOINT_HINT = (
     "set AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) to the S3-compatible endpoint (MinIO, Ceph, ...) or unset it "
     "for AWS, and check that this node can reach it"
 )
-# Connection refused/reset, timeouts, and s3transfer giving up on a download stream after its own retries.
-_TRANSIENT_EXCEPTIONS = (BotoConnectionError, HTTPClientError, Boto3RetriesExceededError, TransferRetriesExceededError)
 _CODE_IN_MESSAGE = re.compile(r"An error occurred \((\w+)\)")
+
+
+@functools.cache
+def _b() -> SimpleNamespace:
+    """boto3, botocore and s3transfer, imported at the first S3 call: a run without s3:// paths never loads them
+    (an offline GPU node may not have them installed)."""
+    import boto3
+    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
+    from botocore.config import Config
+    from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError, PartialCredentialsError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
+
+    return SimpleNamespace(
+        boto3=boto3, Boto3RetriesExceededError=RetriesExceededError, S3UploadFailedError=S3UploadFailedError,
+        BotoConfig=Config, ClientError=ClientError, HTTPClientError=HTTPClientError,
+        NoCredentialsError=NoCredentialsError, PartialCredentialsError=PartialCredentialsError,
+        BotoConnectionError=BotoConnectionError, TransferRetriesExceededError=TransferRetriesExceededError,
+    )  # fmt: skip
+
+
+def _transient_exceptions() -> tuple[type[BaseException], ...]:
+    """Connection refused/reset, timeouts, and s3transfer giving up on a download stream after its own retries."""
+    b = _b()
+    return (b.BotoConnectionError, b.HTTPClientError, b.Boto3RetriesExceededError, b.TransferRetriesExceededError)
 
 
 class S3Error(RuntimeError):
@@ -137,13 +158,13 @@ def _client_config() -> BotoConfig:
         retries["mode"] = "standard"
     if "AWS_MAX_ATTEMPTS" not in os.environ:
         retries["total_max_attempts"] = S3_REQUEST_ATTEMPTS
-    return BotoConfig(retries=retries or None, connect_timeout=S3_CONNECT_TIMEOUT_S)
+    return _b().BotoConfig(retries=retries or None, connect_timeout=S3_CONNECT_TIMEOUT_S)
 
 
 def s3_client():
     """A boto3 S3 client configured from the standard AWS environment (see the module docstring), with botocore's
     standard retry mode (``S3_REQUEST_ATTEMPTS`` per request) and a ``S3_CONNECT_TIMEOUT_S`` connect timeout."""
-    return boto3.client("s3", config=_client_config())
+    return _b().boto3.client("s3", config=_client_config())
 
 
 def _client(op: str, uri: str):
@@ -163,12 +184,12 @@ def _endpoint() -> str:
 
 
 def _client_error(err: BaseException) -> ClientError | None:
-    """The ClientError behind ``err`` (itself, or the one boto3 wrapped into an S3UploadFailedError)."""
-    if isinstance(err, ClientError):
+    """The _b().ClientError behind ``err`` (itself, or the one boto3 wrapped into an _b().S3UploadFailedError)."""
+    if isinstance(err, _b().ClientError):
         return err
-    if isinstance(err, S3UploadFailedError):
+    if isinstance(err, _b().S3UploadFailedError):
         inner = err.__cause__ or err.__context__
-        return inner if isinstance(inner, ClientError) else None
+        return inner if isinstance(inner, _b().ClientError) else None
     return None
 
 
@@ -176,14 +197,14 @@ def _error_code(err: BaseException) -> str:
     ce = _client_error(err)
     if ce is not None:
         return str(ce.response.get("Error", {}).get("Code", ""))
-    match = _CODE_IN_MESSAGE.search(str(err)) if isinstance(err, S3UploadFailedError) else None
+    match = _CODE_IN_MESSAGE.search(str(err)) if isinstance(err, _b().S3UploadFailedError) else None
     return match.group(1) if match else ""
 
 
 def is_transient(err: BaseException) -> bool:
     """Worth another attempt: connection/timeout errors, 5xx, 429 and throttling codes. Missing buckets/keys,
     access denied and credential problems are not."""
-    if isinstance(err, _TRANSIENT_EXCEPTIONS):
+    if isinstance(err, _transient_exceptions()):
         return True
     if _error_code(err) in _TRANSIENT_CODES:
         return True
@@ -197,14 +218,15 @@ def _translate(err: BaseException, op: str, uri: str, attempts: int) -> S3Error 
     are quoted, never credentials."""
     where = f"s3 {op} failed for {uri}"
     tries = f" after {attempts} attempts" if attempts > 1 else ""
-    if isinstance(err, NoCredentialsError | PartialCredentialsError):
+    if isinstance(err, _b().NoCredentialsError | _b().PartialCredentialsError):
         return S3Error(f"{where}: no usable AWS credentials ({type(err).__name__}: {err}); {_CREDENTIALS_HINT}")
-    if isinstance(err, BotoConnectionError | HTTPClientError):  # refused/unresolvable, or a timeout/reset mid-way
-        what = "cannot reach" if isinstance(err, BotoConnectionError) else "lost the connection to"
+    b = _b()
+    if isinstance(err, b.BotoConnectionError | b.HTTPClientError):  # refused/unresolvable, or a timeout/reset mid-way
+        what = "cannot reach" if isinstance(err, _b().BotoConnectionError) else "lost the connection to"
         return S3Error(f"{where}{tries}: {what} the S3 endpoint {_endpoint()} ({type(err).__name__}: {err}); "
                        f"{_ENDPOINT_HINT}")  # fmt: skip
     code = _error_code(err)
-    if not code and not isinstance(err, Boto3RetriesExceededError | TransferRetriesExceededError):
+    if not code and not isinstance(err, _b().Boto3RetriesExceededError | _b().TransferRetriesExceededError):
         return None
     ce = _client_error(err)
     message = str(ce.response.get("Error", {}).get("Message", "")) if ce is not None else ""
@@ -248,7 +270,7 @@ def _call(op: str, uri: str, fn: Callable[[], T], retry: S3Retry | None = None) 
 
 
 def _is_not_found(err: BaseException | None) -> bool:
-    return isinstance(err, ClientError) and str(err.response.get("Error", {}).get("Code")) in _NOT_FOUND_CODES
+    return isinstance(err, _b().ClientError) and str(err.response.get("Error", {}).get("Code")) in _NOT_FOUND_CODES
 
 
 def _dir_prefix(key: str) -> str:
@@ -262,7 +284,7 @@ def _list_objects(client, bucket: str, prefix: str, uri: str) -> list[tuple[str,
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             out.extend((obj["Key"], int(obj["Size"])) for obj in page.get("Contents", []))
-    except ClientError as err:
+    except _b().ClientError as err:
         if _is_not_found(err):
             raise FileNotFoundError(f"s3 bucket not found for {uri} ({bucket!r})") from err
         raise
@@ -287,7 +309,7 @@ def _fetch(client, bucket: str, key: str, dest: Path, uri: str) -> None:
     try:
         client.download_file(bucket, key, str(tmp))
         os.replace(tmp, dest)
-    except ClientError as err:
+    except _b().ClientError as err:
         if _is_not_found(err):
             raise FileNotFoundError(f"s3 object not found: {uri} (missing bucket or key)") from err
         raise
@@ -310,7 +332,7 @@ def download_file(uri: str, dest: str | os.PathLike, *, retry: S3Retry | None = 
     def head_and_fetch() -> Path:
         try:
             size = int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
-        except ClientError as err:
+        except _b().ClientError as err:
             if _is_not_found(err):
                 raise FileNotFoundError(f"s3 object not found: {uri} (missing bucket or key)") from err
             raise
@@ -351,8 +373,8 @@ def download_prefix(uri: str, dest_dir: str | os.PathLike, *, retry: S3Retry | N
 def _upload(client, src: Path, bucket: str, key: str, uri: str) -> None:
     try:
         client.upload_file(str(src), bucket, key)
-    except S3UploadFailedError as err:
-        # boto3 wraps the ClientError; a missing bucket is the one failure callers can act on.
+    except _b().S3UploadFailedError as err:
+        # boto3 wraps the _b().ClientError; a missing bucket is the one failure callers can act on.
         if _is_not_found(err.__cause__ or err.__context__) or "NoSuchBucket" in str(err):
             raise FileNotFoundError(f"s3 bucket not found for {uri} ({bucket!r})") from err
         raise
@@ -371,16 +393,16 @@ def upload_file(src: str | os.PathLike, uri: str, *, retry: S3Retry | None = Non
 
 def _delete_batch(client, bucket: str, keys: list[str], uri: str) -> None:
     """One DeleteObjects call; per-key failures (reported in the answer, not raised by boto3) become the
-    ClientError of the first one, so that they are retried or translated like any other."""
+    _b().ClientError of the first one, so that they are retried or translated like any other."""
     try:
         answer = client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True})
-    except ClientError as err:
+    except _b().ClientError as err:
         if _is_not_found(err):
             raise FileNotFoundError(f"s3 bucket not found for {uri} ({bucket!r})") from err
         raise
     if errors := answer.get("Errors"):
         first = errors[0]
-        raise ClientError(
+        raise _b().ClientError(
             {"Error": {"Code": first.get("Code", ""), "Message": f"{first.get('Message', '')} "
                        f"(key {first.get('Key')!r}; {len(errors)} of {len(keys)} keys failed)"}},
             "DeleteObjects",
@@ -409,7 +431,7 @@ def delete_object(uri: str, *, retry: S3Retry | None = None) -> None:
     def delete() -> None:
         try:
             client.delete_object(Bucket=bucket, Key=key)
-        except ClientError as err:
+        except _b().ClientError as err:
             if _is_not_found(err):
                 raise FileNotFoundError(f"s3 bucket not found for {uri} ({bucket!r})") from err
             raise
@@ -434,7 +456,7 @@ def check_writable(uri: str, probe_name: str) -> None:
         def run() -> object:
             try:
                 return request()
-            except ClientError as err:
+            except _b().ClientError as err:
                 if _is_not_found(err):
                     raise FileNotFoundError(f"s3 bucket not found for {uri} ({bucket!r}): create it or fix the "
                                             "bucket name") from err  # fmt: skip

@@ -525,6 +525,8 @@ class Driver:
             "policy/version": float(state.version),
             "workers/rollout_crashes_total": float(pools.rollouts.crashes.total),  # since this process started
             "workers/reward_crashes_total": float(pools.rewards.crashes.total),
+            # The driver only schedules: tensors reach it as CPU copies or not at all, so it never starts CUDA.
+            "driver/cuda_initialized": float(torch.cuda.is_initialized()),
         })  # fmt: skip
         metrics.update(reward_counters(pools))
         if out.rewards:  # every scored candidate: seed, version, worker, image digest, reward terms, optimality

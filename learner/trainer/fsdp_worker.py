@@ -85,6 +85,9 @@ class LearnerWorker:
         store = dist.TCPStore(*master, self.world, is_master=self.rank == 0, master_listen_fd=listen_fd,
                               timeout=default_pg_timeout)  # fmt: skip
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world)
+        if self.rank == 0:  # what the run's log says of the group (bench/gpu_whole_loop.py checks it)
+            where = "cuda" if torch.cuda.is_available() else "cpu"
+            print(f"learner process group: {dist.get_backend()} backend, {self.world} ranks, on {where}", flush=True)
         self.trainer = NFTTrainer(policy, self.nft, self.learner, mixed_precision=self.mixed_precision)
         return True
 

@@ -54,12 +54,20 @@ def layers(config: dict, key: str, count: int | None) -> dict:
     return config if count is None else {**config, key: count}
 
 
+TRANSFORMER_DEPTH_KEYS = ("num_layers", "num_single_layers")  # the block counts in the families' transformer configs
+
+
 def build_full_size(
     family: str, *, device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16,
-    text_layers: int | None = None,
+    text_layers: int | None = None, transformer_layers: int | None = None,
 ) -> DiffusionPipeline:  # fmt: skip
-    """The `family` pipeline at its real sizes with random weights on `device` (see the module docstring)."""
+    """The `family` pipeline at its real sizes with random weights on `device` (see the module docstring);
+    `transformer_layers` keeps the widths and cuts each kind of transformer block to at most that many (a whole
+    run's processes then share one GPU)."""
     config = real_config(family)
+    if transformer_layers is not None:
+        depth = {k: min(v, transformer_layers) for k, v in config["transformer"].items() if k in TRANSFORMER_DEPTH_KEYS}
+        config = {**config, "transformer": {**config["transformer"], **depth}}
     pipeline_cls, components = policy_class(family).pipeline_class, family_module(family).full_size_components
     with _constructing(device, dtype):
         return pipeline_cls(**components(config, text_layers))

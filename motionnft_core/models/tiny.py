@@ -17,7 +17,7 @@ from pathlib import Path
 
 from motionnft_core.cache import build_atomically, builder_key
 from motionnft_core.config import FAMILIES, ModelConfig
-from motionnft_core.models import tokenizers
+from motionnft_core.models import full_size, tokenizers
 from motionnft_core.models.families import family_module, policy_class
 from motionnft_core.models.full_size import config_path
 
@@ -46,12 +46,31 @@ def build_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return _build(family, out_dir, seed)
 
 
+def build_random(model: ModelConfig, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """The `model.random_layers` pipeline (real widths, reduced depth, 1-layer text encoders, random weights in
+    `model.dtype`), saved with `save_pretrained` into `out_dir`."""
+    import torch
+
+    def build(tmp: Path) -> None:
+        torch.manual_seed(seed)
+        pipe = full_size.build_full_size(model.family, device="cpu", dtype=getattr(torch, model.dtype), text_layers=1,
+                                         transformer_layers=model.random_layers)  # fmt: skip
+        pipe.save_pretrained(tmp)
+
+    return build_atomically(out_dir, build, complete=has_pipeline, what="pipeline (no model_index.json)")
+
+
 def pipeline_source(model: ModelConfig) -> str:
-    """The pipeline a run loads: `model.path`, or with `model.tiny` the tiny one, built offline into
-    `model.cache_dir` once (the directory name carries this module's source hash, so code changes rebuild)."""
-    if not model.tiny:
+    """The pipeline a run loads: `model.path`, or with `model.tiny` the tiny one, or with `model.random_layers` the
+    reduced-depth full-width one, built offline into `model.cache_dir` once (the directory name carries the
+    builders' source hash, so code changes rebuild)."""
+    if not model.tiny and not model.random_layers:
         return model.path
     families = [family_module(f) for f in FAMILIES]  # a family may build on another's components
+    if model.random_layers:
+        key = builder_key(sys.modules[__name__], full_size, *families, tokenizers, config_path(model.family))
+        name = f"{model.family}-{model.random_layers}-{model.dtype}-{key}"
+        return str(build_random(model, Path(model.cache_dir).expanduser() / "random" / name))
     key = builder_key(sys.modules[__name__], *families, tokenizers, config_path(model.family))
     out = Path(model.cache_dir).expanduser() / "tiny" / f"{model.family}-{key}"
     return str(build_tiny(model.family, out))

@@ -14,6 +14,27 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
+def test_gpu_whole_loop_cpu_mode_runs_every_check_that_needs_no_gpu(tmp_path):
+    """bench/gpu_whole_loop.py --device cpu: the real `learner.main` (tiny model, gloo) for 2 steps with a
+    checkpoint and export after each and a resume for a third; the GPU-only checks say so."""
+    cmd = [sys.executable, "bench/gpu_whole_loop.py", str(tmp_path), "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    log = (tmp_path / "whole_loop.log").read_text()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + log[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("check ")]
+    rows = [json.loads(line) for line in (tmp_path / "checks.jsonl").read_text().splitlines()]
+    assert len(lines) == len(rows) and [r["check"] for r in rows] == [
+        "imports", "cuda_transfer", "model", "run", "learner_process_group", "driver_never_initialises_cuda",
+        "parity_probe", "memory_probe", "checkpoint", "export", "resume", "step_bench_flux_kontext"]  # fmt: skip
+    skipped = {r["check"] for r in rows if r["status"] == "skipped"}
+    assert skipped == {"cuda_transfer", "memory_probe", "step_bench_flux_kontext"}
+    assert all(r["status"] == "pass" for r in rows if r["check"] not in skipped)
+    assert "check learner_process_group: pass gloo backend, 1 rank(s)" in proc.stdout
+    assert "steps logged [0, 1, 2]" in proc.stdout
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["driver/cuda_initialized"] for m in metrics] == [0.0, 0.0, 0.0]
+
+
 def test_train_step_bench_tiny_mode_reports_every_phase_and_the_ratio(tmp_path):
     results = tmp_path / "train_step.jsonl"
     cmd = [sys.executable, "bench/train_step.py", "--size", "tiny", "--fp8", "--results", str(results)]

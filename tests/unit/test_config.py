@@ -139,6 +139,17 @@ def test_cross_section_checks():
         load_config(None, MINIMAL + ["reward.flow_weight=0", "reward.judge_weight=0"])
 
 
+def test_random_layers_names_the_model_alone():
+    """`model.random_layers` stands for model.path like model.tiny does, and excludes both."""
+    cfg = load_config(None, ["model.random_layers=2", "data.synthetic=8", "reward.judge_weight=0"])
+    assert cfg.model.random_layers == 2 and not cfg.model.path and not cfg.model.tiny
+    for extra in ("model.tiny=true", "model.path=/x"):
+        with pytest.raises(ConfigError, match="model.random_layers: set one of"):
+            load_config(None, ["model.random_layers=2", "data.synthetic=8", "reward.judge_weight=0", extra])
+    with pytest.raises(ConfigError, match="model.random_layers"):
+        load_config(None, DEMO + ["model.random_layers=2"])
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

@@ -70,3 +70,16 @@ def test_qwen_image_edit_transformer_and_vae_at_full_size_on_meta():
     )[0]
     assert out.shape == (2, 2048, 64)  # target and condition tokens; velocity keeps the first 1024
     assert policy.decode(out[:, :1024], SIZE, SIZE).shape == (2, 3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("family", ["flux_kontext", "qwen_image_edit"])
+def test_transformer_layers_keeps_the_widths_and_cuts_the_depth(family):
+    """`model.random_layers`'s pipeline: every kind of block cut to at most 2, each block as large as the real one."""
+    full = build_full_size(family, device="meta", text_layers=1).transformer
+    cut = build_full_size(family, device="meta", text_layers=1, transformer_layers=2).transformer
+    blocks = [name for name in ("transformer_blocks", "single_transformer_blocks") if hasattr(full, name)]
+    for name in blocks:
+        assert len(getattr(cut, name)) == 2 < len(getattr(full, name))
+        one = sum(p.numel() for p in getattr(full, name)[0].parameters())
+        assert sum(p.numel() for p in getattr(cut, name)[0].parameters()) == one
+    assert 0.5e9 < sum(p.numel() for p in cut.parameters()) < 2e9

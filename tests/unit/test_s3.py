@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 from boto3.exceptions import S3UploadFailedError
@@ -344,3 +346,22 @@ def test_is_transient(make, transient):
 
 def _client_error(code: str, status: int) -> ClientError:
     return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op")
+
+
+def test_the_training_path_runs_without_boto3_until_an_s3_call():
+    """A run without s3:// paths needs no boto3 / botocore (an offline GPU node may lack them): with them made
+    unimportable, the module and the training driver import (tensorboard tries boto3 optionally), and only the
+    first S3 call needs them."""
+    code = """
+import sys
+sys.modules.update(boto3=None, botocore=None, s3transfer=None)  # as if not installed: imports of them fail
+import learner.driver.loop, motionnft_core.s3 as s3
+assert s3.split_s3_uri("s3://bucket/key") == ("bucket", "key")
+try:
+    s3.s3_client()
+except ModuleNotFoundError as e:
+    print("needs", e.name)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "needs boto3"
