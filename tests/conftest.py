@@ -147,6 +147,9 @@ def s3_bucket(s3_server):
 # ------------------------------------------------------------------------------------------------ models, Ray
 
 FAMILIES = ("flux_kontext", "qwen_image_edit", "qwen_image_edit_plus", "flux2_klein", "flux2_dev")
+# Tests parametrized by family: the first two families in the fast loop, every family in the whole suite (the
+# newer families' own fast tests are in tests/unit/test_families.py and test_flux2.py).
+FAMILY_PARAMS = [pytest.param(f, marks=() if f in FAMILIES[:2] else pytest.mark.slow) for f in FAMILIES]
 
 
 def synthetic_examples(folder: Path, n: int, *, size: int, seed: int, take: int | None = None) -> list:

@@ -13,7 +13,7 @@ from actors.sampler import Sampler
 from motionnft_core.config import ModelConfig, NFTConfig, RolloutConfig
 from motionnft_core.models.policy import load_policy
 from motionnft_core.models.weights import PublishedWeights, WeightManifest
-from tests.conftest import FAMILIES, synthetic_examples
+from tests.conftest import FAMILY_PARAMS, synthetic_examples
 
 SIZE, K, STEPS = 32, 3, 3
 LORA = {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
@@ -29,7 +29,7 @@ def _published(state: dict[str, torch.Tensor], version: int, tensors) -> Publish
     return PublishedWeights(version, WeightManifest.of(state, version=version, kind="lora").pack(), tensors)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_rollout_workers_on_ray(ray_cluster, tiny_pipelines, family, examples, tmp_path):
     """Two rollout actors get versioned weights handed over by reference with each call and sample groups."""
     ray = ray_cluster

@@ -19,7 +19,7 @@ from motionnft_core.models import fp8
 from motionnft_core.models.parity import ParityProbe
 from motionnft_core.models.policy import EditPolicy
 from motionnft_core.models.weights import PolicyWeights, WeightManifest
-from tests.conftest import FAMILIES
+from tests.conftest import FAMILY_PARAMS
 from tests.learner_harness import EditPrompt, edit_prompts
 
 SIZE = 32
@@ -148,7 +148,7 @@ def _policy(path, family: str) -> EditPolicy:
     return policy
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_fp8_rollout_samples_close_to_full_precision(tiny_pipelines, family):
     path = tiny_pipelines[family]
     reference = ReferenceForwards(seed=0, fraction=0.99)
@@ -172,7 +172,7 @@ def test_fp8_rollout_samples_close_to_full_precision(tiny_pipelines, family):
             torch.testing.assert_close(gb.reference[key], again[key], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_fp8_reference_forwards_close_to_full_precision(tiny_pipelines, family):
     path = tiny_pipelines[family]
     reference = ReferenceForwards(seed=0, fraction=0.99)

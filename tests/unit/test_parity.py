@@ -21,7 +21,7 @@ from motionnft_core.models.parity import (
 )
 from motionnft_core.models.policy import EditPolicy
 from motionnft_core.models.weights import PublishedWeights, WeightManifest, WeightMismatchError
-from tests.conftest import FAMILIES
+from tests.conftest import FAMILY_PARAMS
 
 SIZE = 32
 ROLLOUT = RolloutConfig(group_size=2, num_steps=2, height=SIZE, width=SIZE, seed=3)
@@ -52,7 +52,7 @@ class _Published:
         )  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILY_PARAMS)
 def pair(request, tiny_pipelines):
     """A learner-side policy and a rollout worker (plain class) on the same tiny pipeline."""
     path, family = tiny_pipelines[request.param], request.param

@@ -16,8 +16,8 @@ from PIL import Image
 
 from motionnft_core.models.policy import Conditioning, EditPolicy, FluxKontextPolicy, QwenImageEditPolicy
 from motionnft_core.models.tiny import build_tiny
+from tests.conftest import FAMILY_PARAMS
 
-FAMILIES = ["flux_kontext", "qwen_image_edit", "qwen_image_edit_plus", "flux2_klein", "flux2_dev"]
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 H, W = 64, 48  # non-square, so a swapped height/width cannot pass
 TOKENS = (H // 16) * (W // 16)  # packed latent tokens: 8x VAE, 2x2 packing
@@ -30,7 +30,7 @@ def tiny_dirs(tiny_pipelines) -> dict[str, Path]:
     return tiny_pipelines
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILY_PARAMS)
 def policy(request, tiny_dirs) -> EditPolicy:
     """A read-only policy per family (tests that add adapters load their own); short T5 text for speed."""
     kwargs = {"max_sequence_length": 64} if request.param == "flux_kontext" else {}
@@ -262,7 +262,7 @@ def test_conditioning_cat_rules():
 
 
 # ---------------------------------------------------------------------------------------- LoRA
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_lora_state_dict_round_trip_and_adapter_switching(tiny_dirs, family):
     policy = EditPolicy.from_pretrained(tiny_dirs[family], family=family)
     cond = policy.encode([PROMPT], _images(1, seed=0))
