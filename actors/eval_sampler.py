@@ -3,8 +3,9 @@
 The benchmark's edits come from each pipeline's own sampler: the flow-matching Euler scheduler
 (`FlowMatchEulerDiscreteScheduler.step`: `x ← x + (σ_next − σ)·v` in float32) on the model's own shifted sigma
 grid (`EditPolicy.sigmas`, ending at 0), `eval.num_steps` (28) steps, the noise of `eval.seed` (42) for every
-row; FLUX.1 Kontext with its distilled guidance `eval.kontext_guidance` (2.5), Qwen-Image-Edit with true CFG
-`eval.qwen_true_cfg` (4.0) against `eval.negative_prompt` (" "), combined as its pipeline does (`true_cfg`).
+row; each family's guidance from its policy class (`eval_true_cfg`, `eval_guidance`): FLUX.1 Kontext with its
+distilled guidance `eval.kontext_guidance` (2.5), Qwen-Image-Edit with true CFG `eval.qwen_true_cfg` (4.0) against
+`eval.negative_prompt` (" "), combined as its pipeline does (`true_cfg`).
 Not the 6-step DPM-Solver++ of training (actors/sampler.py).
 
 The phases are the policy's (encode, prepare_latents, velocity, decode), so the edit is made at the data's
@@ -15,8 +16,7 @@ its chunk (a resumed evaluation reproduces an uninterrupted one).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 
@@ -36,36 +36,25 @@ class EvalSampler:
 
     def __init__(self, policy: EditPolicy, cfg: EvalConfig) -> None:
         self.policy, self.cfg = policy, cfg
-        self.use_cfg = policy.family == "qwen_image_edit" and cfg.qwen_true_cfg > 1.0
+        self.true_cfg = policy.eval_true_cfg(cfg)
+        self.use_cfg = self.true_cfg > 1.0
 
     @torch.no_grad()
-    def sample(self, prompt: str, image: torch.Tensor) -> torch.Tensor:
-        """The edit of uint8 `image` (3, H, W) by `prompt`: uint8 (3, H, W) on the CPU."""
+    def sample(self, prompt: str, image: torch.Tensor, references: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """The edit of uint8 `image` (3, H, W) by `prompt`, conditioned also on the further input images `references`
+        (each (3, H, W), in order) where the family takes them: uint8 (3, H, W) on the CPU."""
         policy, cfg = self.policy, self.cfg
         height, width = image.shape[-2:]
-        cond = policy.encode([prompt], image[None])
-        uncond = policy.encode([cfg.negative_prompt], image[None]) if self.use_cfg else None
+        inputs = [im[None] for im in (image, *references)]
+        cond = policy.encode([prompt], inputs)
+        uncond = policy.encode([cfg.negative_prompt], inputs) if self.use_cfg else None
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)  # the same noise for every row
         x = policy.prepare_latents(1, height, width, generator)  # float32 (1, L, D)
         sigmas = torch.cat([policy.sigmas(cfg.num_steps, height, width), torch.zeros(1)])
-        with self._guidance():
+        with policy.eval_guidance(cfg):
             for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
                 v = policy.velocity(x, torch.tensor(sigma), cond).float()
                 if uncond is not None:
-                    v = true_cfg(v, policy.velocity(x, torch.tensor(sigma), uncond).float(), cfg.qwen_true_cfg)
+                    v = true_cfg(v, policy.velocity(x, torch.tensor(sigma), uncond).float(), self.true_cfg)
                 x = x + (sigma_next - sigma) * v
         return policy.decode(x, height, width)[0].cpu()
-
-    @contextmanager
-    def _guidance(self) -> Iterator[None]:
-        """Kontext's guidance set to `eval.kontext_guidance` while sampling, then put back (rollouts and training
-        use `model.guidance`); nothing for Qwen-Image-Edit, which has no guidance embedding."""
-        if self.policy.family != "flux_kontext":
-            yield
-            return
-        saved = self.policy.guidance_scale
-        self.policy.guidance_scale = self.cfg.kontext_guidance
-        try:
-            yield
-        finally:
-            self.policy.guidance_scale = saved

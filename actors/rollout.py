@@ -152,7 +152,7 @@ class RolloutWorker:
                 if isinstance(how, RolloutConfig):
                     ((_, images),) = Sampler(policy, how).sample([example], step=0, version=0, group_size=1)
                     return images[0].cpu()
-                return EvalSampler(policy, how).sample(example.prompt, example.input_image)
+                return EvalSampler(policy, how).sample(example.prompt, example.input_image, example.reference_images)
 
 
 def image_digests(images: torch.Tensor) -> list[str]:

@@ -82,8 +82,9 @@ class Sampler:
                     f"prompt {p.id!r}: input image is {tuple(p.input_image.shape[-2:])}, the rollout samples at "
                     f"{(c.height, c.width)}; load the data at rollout.height x rollout.width"
                 )
-        # 1. Encode each prompt's conditioning once.
-        conds = [self.policy.encode([p.prompt], p.input_image[None]) for p in prompts]
+        # 1. Encode each prompt's conditioning once, on every input image: the motion source, then any references.
+        inputs = [[im[None] for im in (p.input_image, *getattr(p, "reference_images", ()))] for p in prompts]
+        conds = [self.policy.encode([p.prompt], ims) for p, ims in zip(prompts, inputs, strict=True)]
         t_encode = time.perf_counter() - t0
         # 2. One row per candidate: its prompt's conditioning and its own seeded noise.
         seeds = [[candidate_seed(c.seed, step, p.id, i) for i in range(k)] for p in prompts]

@@ -62,10 +62,7 @@ def naive_loop(policy: EditPolicy, examples, k: int, steps: int, size: int) -> N
         for i in range(k):
             kwargs = {"image": image, "prompt": ex.prompt, "height": size, "width": size, "num_inference_steps": steps,
                       "generator": torch.Generator().manual_seed(i), "output_type": "pt"}  # fmt: skip
-            if policy.family == "flux_kontext":
-                kwargs.update(guidance_scale=2.5, _auto_resize=False, max_area=size * size)
-            else:
-                kwargs.update(true_cfg_scale=1.0)
+            kwargs.update(policy.stock_call_kwargs(size, size))
             pipe(**kwargs)
 
 

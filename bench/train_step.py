@@ -60,10 +60,18 @@ from bench.stats import append_record  # noqa: E402
 from learner.trainer.memory import CudaMemory  # noqa: E402
 from learner.trainer.nft_loss import optimality  # noqa: E402
 from learner.trainer.nft_trainer import NFTTrainer, rank_share, train_sample  # noqa: E402
-from motionnft_core.config import FlowRewardConfig, LearnerConfig, ModelConfig, NFTConfig, RolloutConfig  # noqa: E402
+from motionnft_core.config import (  # noqa: E402
+    FAMILIES,
+    FlowRewardConfig,
+    LearnerConfig,
+    ModelConfig,
+    NFTConfig,
+    RolloutConfig,
+)
 from motionnft_core.data.motionedit import MotionExample  # noqa: E402
 from motionnft_core.data.synthetic import make_example  # noqa: E402
 from motionnft_core.models import fp8  # noqa: E402
+from motionnft_core.models.families import policy_class  # noqa: E402
 from motionnft_core.models.policy import EditPolicy, load_policy  # noqa: E402
 from rewards.flow_scorer import FlowItem, FlowRewardScorer, build_flow_scorer  # noqa: E402
 
@@ -258,8 +266,7 @@ def build_policy(args, model: ModelConfig, device: torch.device) -> EditPolicy:
 
     pipe = build_full_size(args.family, device=device, dtype=getattr(torch, model.dtype),
                            text_layers=None if args.full_text_encoders else 1)  # fmt: skip
-    extra = {"guidance_scale": model.guidance, "max_sequence_length": model.max_sequence_length}
-    return EditPolicy.from_pipe(pipe, **(extra if args.family == "flux_kontext" else {}))
+    return EditPolicy.from_pipe(pipe, **policy_class(args.family).policy_kwargs(model))
 
 
 def synthetic_prompts(n: int, size: int) -> list[MotionExample]:
@@ -283,7 +290,7 @@ def device_name(device: torch.device) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=("full", "tiny"), default="tiny")
-    p.add_argument("--family", choices=("flux_kontext", "qwen_image_edit"), default="flux_kontext")
+    p.add_argument("--family", choices=FAMILIES, default="flux_kontext")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--prompts", type=int, default=0, help="P groups timed (0: 1 full size, 2 tiny)")
     p.add_argument("--group", type=int, default=0, help="K candidates per group (0: 8 full size, 2 tiny)")

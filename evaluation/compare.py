@@ -56,6 +56,7 @@ from motionnft_core.config import Config
 from motionnft_core.data.motionedit import MotionEditDataset, MotionExample, load_splits
 from motionnft_core.errors import lost_worker
 from motionnft_core.eval_stats import GroupSummary, summarize
+from motionnft_core.models.families import policy_class
 from rewards.judge_prompts import prompt_digest
 from rewards.rubric import judge_model_name
 
@@ -259,8 +260,7 @@ def write_compare_outputs(
         f"{cfg.data.eval_fraction}, data.seed {cfg.data.seed})",
         judge_model=judge_model_name(cfg.reward.judge), prompt_digest=prompt_digest(),
         sampling={"family": cfg.model.family, "steps": cfg.eval.num_steps, "seed": cfg.eval.seed,
-                  **({"guidance": cfg.eval.kontext_guidance} if cfg.model.family == "flux_kontext" else
-                     {"true_cfg": cfg.eval.qwen_true_cfg, "negative_prompt": cfg.eval.negative_prompt}),
+                  **policy_class(cfg.model.family).eval_sampling(cfg.eval),
                   "size": f"{cfg.rollout.height}x{cfg.rollout.width}", "flow": cfg.reward.flow.estimator},
         judge_metrics=judge_metrics, grids=grids, plots=["win_rates.png"],
     )  # fmt: skip

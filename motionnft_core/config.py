@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from motionnft_core.family_registry import FAMILIES
+
 
 class ConfigError(ValueError):
     """A config key is unknown, of the wrong type or out of range; the message names the dotted key."""
@@ -180,7 +182,7 @@ def _custom_resources(key: str, value: dict[str, float]) -> None:
         _check(amount >= 0 and name not in ("CPU", "GPU"), f"{key}.{name}", what, amount)
 
 
-FAMILIES = ("flux_kontext", "qwen_image_edit")
+DEMO_FAMILIES = ("flux_kontext",)  # the demo's warm start fits a Kontext pipeline (motionnft_core/models/demo.py)
 DTYPES = ("float32", "bfloat16", "float16")
 FLOW_ESTIMATORS = ("raft_large", "raft_small", "dis", "farneback")
 DEMO_MOTIONS = ("right", "left", "up", "down", "translate", "any")  # a translation direction, any translation, any
@@ -190,7 +192,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 @dataclass(frozen=True)
 class ModelConfig(_Section):
     SECTION: ClassVar[str] = "model"
-    family: str = _f("flux_kontext", "policy family: flux_kontext | qwen_image_edit",
+    family: str = _f("flux_kontext", f"policy family: {' | '.join(FAMILIES)} (motionnft_core/family_registry.py)",
                      choices=FAMILIES, expected=f"one of {FAMILIES}")  # fmt: skip
     path: str = _f("", "pipeline dir (save_pretrained layout) or s3://bucket/prefix; empty needs model.tiny=true")
     tiny: bool = _f(False, "build a tiny random-weight pipeline offline into cache_dir and train that")
@@ -199,6 +201,11 @@ class ModelConfig(_Section):
     guidance: float = _f(2.5, "FLUX Kontext distilled guidance embedding (rollouts and training); Qwen: unused", ge=0)
     max_sequence_length: int = _f(512, "FLUX Kontext: T5 tokens the instruction is padded to (pipeline default)",
                                   ge=1)  # fmt: skip
+    text_encoder_offload: bool = _f(False, "FLUX.2: keep the text encoder in CPU memory and stream its layers to the "
+                                    "GPU for a prompt not cached ([dev]: a 24 B encoder beside the 32 B transformer "
+                                    "does not fit one 80 GB GPU)")  # fmt: skip
+    prompt_cache: int = _f(0, "FLUX.2: prompts whose embeddings a policy keeps in CPU memory (LRU), so a prompt seen "
+                           "again is not re-encoded; 0 = off", ge=0)  # fmt: skip
     cache_dir: str = _f("~/.cache/motionnft", "where S3 downloads and tiny models are kept")
 
 
@@ -209,6 +216,8 @@ class DataConfig(_Section):
     synthetic: int = _f(0, "if > 0 and source is empty: generate this many synthetic motion examples and use them",
                         ge=0)  # fmt: skip
     synthetic_size: int = _f(64, "side in pixels of generated synthetic images", ge=16, multiple_of=16)
+    synthetic_reference: bool = _f(False, "synthetic examples get a second input image, the object at its destination "
+                                   "on a grey canvas (for families that take several input images)")  # fmt: skip
     synthetic_pan_share: float = _f(0.0, "share of generated examples (the demo's data) whose target also has a "
                                     "camera pan of synthetic_pan_pixels (motionnft_core/data/synthetic.py); 0 = off",
                                     ge=0, le=1)  # fmt: skip
@@ -220,6 +229,9 @@ class DataConfig(_Section):
     upscale_small: bool = _f(False, "upscale (bilinear, counted) images smaller than rollout.height x width; "
                              "false: such an image is a bad row (data.on_error)", choices=(True, False))  # fmt: skip
     seed: int = _f(0, "seed of the split and of the prompt order")
+    split_column: str = _f("", "a column (or JSONL/meta key) whose value, train or eval, puts each row on its side, "
+                           "as a curated set records it (split by source video: `split`); data.eval_fraction is "
+                           "then unused. Empty: the split by id hash")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -544,6 +556,8 @@ class EvalConfig(_Section):
     seed: int = _f(42, "noise seed of every evaluation edit (the paper's protocol: one seed, the same for each row)")
     kontext_guidance: float = _f(2.5, "FLUX.1 Kontext: distilled guidance of the evaluation edits (the paper's "
                                  "protocol)", ge=0)  # fmt: skip
+    flux2_guidance: float = _f(4.0, "FLUX.2 [dev]: distilled guidance of the evaluation edits (the model card's "
+                               "guidance_scale 4)", ge=0)  # fmt: skip
     qwen_true_cfg: float = _f(4.0, "Qwen-Image-Edit: true CFG scale of the evaluation edits (the paper's protocol); "
                               "<= 1 = off", ge=0)  # fmt: skip
     negative_prompt: str = _f(" ", "Qwen-Image-Edit: negative prompt of true CFG (diffusers' examples use \" \")",
@@ -648,7 +662,7 @@ def validate(cfg: Config) -> None:
     _check(not cfg.rollout.fp8_reference or cfg.nft.reference_forwards == "rollout", "rollout.fp8_reference",
            "false unless nft.reference_forwards is rollout (the learner's reference forwards stay full precision)",
            cfg.rollout.fp8_reference)  # fmt: skip
-    _check(cfg.eval.every == 0 or cfg.data.eval_fraction > 0, "eval.every",
+    _check(cfg.eval.every == 0 or cfg.data.eval_fraction > 0 or bool(cfg.data.split_column), "eval.every",
            "0 when data.eval_fraction is 0 (the evaluation during training needs held-out rows)", cfg.eval.every)
     _check(not cfg.nft.motion_focal or cfg.reward.flow_weight > 0, "nft.motion_focal",
            "false when reward.flow_weight is 0 (the motion heat comes from the flow model)", cfg.nft.motion_focal)
@@ -664,6 +678,6 @@ def _validate_demo(cfg: Config) -> None:
     )
     for key, value, empty in given:
         _check(value == empty, key, f"{empty!r} with demo.enabled=true (the demo builds its own data and model)", value)
-    _check(cfg.model.family == "flux_kontext", "model.family", "flux_kontext for the demo", cfg.model.family)
+    _check(cfg.model.family in DEMO_FAMILIES, "model.family", f"one of {DEMO_FAMILIES} for the demo", cfg.model.family)
     r = cfg.rollout
     _check(r.height == r.width, "rollout.width", f"= rollout.height ({r.height}) for the square demo images", r.width)

@@ -1,6 +1,7 @@
 """Reading a run's config: YAML file (duplicate keys refused) <- dotted `key=value` overrides -> the typed
-sections of `motionnft_core.config`, type-checked leaf by leaf with errors that name the dotted key; plus the
-plain-dict form (dumps, checkpoints) and the `--help` listing. The schema and its checks are in config.py."""
+sections of `motionnft_core.config` (or another schema built of them: the curation's, `load_schema`), type-checked leaf
+by leaf with errors that name the dotted key; plus the plain-dict form (dumps, checkpoints) and the `--help` listing.
+The schema and its checks are in config.py."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from motionnft_core.config import Config, ConfigError, validate
+
+T = TypeVar("T")
 
 
 def _is_section(tp: Any) -> bool:
@@ -179,8 +183,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- dotted overrides, then per-section and cross-section validation."""
+def read_tree(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a YAML file (duplicate keys refused) with the dotted overrides set on it, unchecked."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -197,22 +201,40 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    cfg = _build(Config, tree, "")
-    validate(cfg)
+    return tree
+
+
+def load_schema(schema: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                check: Callable[[T], None] | None = None) -> T:  # fmt: skip
+    """Defaults <- YAML file <- dotted overrides into any tree of `_Section` dataclasses (training's `Config`, the
+    curation's config), then `check` for what spans sections."""
+    cfg = _build(schema, read_tree(path, overrides), "")
+    if check is not None:
+        check(cfg)
     return cfg
 
 
-def load_config_or_exit(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """`load_config` for command lines: a bad config prints one line naming the key and exits with status 2,
-    as argparse does for a bad flag (never a traceback)."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- dotted overrides, then per-section and cross-section validation."""
+    return load_schema(Config, path, overrides, validate)
+
+
+def exit_on_config_error(load: Callable[[], T]) -> T:
+    """`load()` for command lines: a bad config prints one line naming the key and exits with status 2, as argparse
+    does for a bad flag (never a traceback)."""
     try:
-        return load_config(path, overrides)
+        return load()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def config_to_dict(cfg: Config) -> dict[str, Any]:
+def load_config_or_exit(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """`load_config` for command lines (`exit_on_config_error`)."""
+    return exit_on_config_error(lambda: load_config(path, overrides))
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (tuples as lists) for YAML/JSON dumps and checkpoints."""
 
     def plain(v: Any) -> Any:
@@ -225,9 +247,12 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
-def config_from_dict(tree: dict[str, Any]) -> Config:
-    cfg = _build(Config, tree, "")
-    validate(cfg)
+def config_from_dict(tree: dict[str, Any], schema: type = Config,
+                     check: Callable[[Any], None] | None = validate) -> Any:  # fmt: skip
+    """A config from its plain-dict form (`config_to_dict`), by default training's."""
+    cfg = _build(schema, tree, "")
+    if check is not None:
+        check(cfg)
     return cfg
 
 

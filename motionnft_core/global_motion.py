@@ -27,7 +27,7 @@ RIDGE = 1e-9  # relative ridge on the normal equations: keeps degenerate inputs 
 _MEDIAN_TO_SIGMA = 1.0 / math.sqrt(2.0 * math.log(2.0))
 
 
-def _check_flow(name: str, flow: object) -> None:
+def check_flow(name: str, flow: object) -> None:
     """Raise ValueError naming `name` unless flow is a finite floating (B, H, W, 2) tensor."""
     if not isinstance(flow, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(flow).__name__}")
@@ -39,7 +39,7 @@ def _check_flow(name: str, flow: object) -> None:
         raise ValueError(f"{name}: expected a floating dtype, got {flow.dtype}")
     if not torch.isfinite(flow).all():
         bad = (~torch.isfinite(flow)).sum().item()
-        raise ValueError(f"{name}: has {bad} NaN/inf values")
+        raise ValueError(f"{name}: flow has {bad} NaN/inf values")
 
 
 def _check_weights(weights: object, flow: torch.Tensor) -> None:
@@ -138,7 +138,7 @@ def fit_affine(
     Half-precision input is fitted in float32; the params have the working dtype.
     Raises ValueError naming the argument for a wrong shape, dtype, NaN/inf or a bad constant.
     """
-    _check_flow("flow", flow)
+    check_flow("flow", flow)
     if weights is not None:
         _check_weights(weights, flow)
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from motionnft_core.global_motion import split_motion
+from motionnft_core.global_motion import check_flow, split_motion
 
 # The published defaults (docs/algorithm.md), one per line; every function below takes these as keyword arguments.
 Q = 0.4  # exponent of the robust magnitude error L_q
@@ -116,21 +116,6 @@ def quantize_reward(score: torch.Tensor, *, levels: int = LEVELS) -> torch.Tenso
     if not isinstance(levels, int) or levels < 1:
         raise ValueError(f"levels: expected a positive int, got {levels!r}")
     return torch.round(levels * score).clamp(0, levels) / levels
-
-
-def check_flow(name: str, flow: torch.Tensor) -> None:
-    """Raise ValueError naming `name` unless flow is a finite floating (B, H, W, 2) tensor."""
-    if not isinstance(flow, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(flow).__name__}")
-    if flow.ndim != 4 or flow.shape[-1] != 2:
-        raise ValueError(f"{name}: expected shape (B, H, W, 2), got {tuple(flow.shape)}")
-    if min(flow.shape[:3]) == 0:
-        raise ValueError(f"{name}: empty flow of shape {tuple(flow.shape)}")
-    if not flow.is_floating_point():
-        raise ValueError(f"{name}: expected a floating dtype, got {flow.dtype}")
-    if not torch.isfinite(flow).all():
-        bad = (~torch.isfinite(flow)).sum().item()
-        raise ValueError(f"{name}: flow has {bad} NaN/inf values")
 
 
 def normalized_pair(v_pred: torch.Tensor, v_gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

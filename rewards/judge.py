@@ -6,7 +6,8 @@ asking for one digit 0-5; the first generated token is constrained to the six di
 output, its log-probs over the digits are softmaxed and `r = sum(k * p_k) / 5`. Evaluation rubric: the same
 call once per criterion (instruction fidelity, preservation, coherence), each mapped to [0, 1], and their mean.
 Side by side (evaluation, `compare`): [input, edit A, edit B] and one digit, 0 = A clearly better, 5 = B.
-Every prompt's text is in rewards/judge_prompts.py.
+Every prompt's text is in rewards/judge_prompts.py. Callers with prompts of their own (video curation,
+curation/prompts.py) ask for a digit (`rate`), free text (`generate`) or one of a few labels (`choose`).
 
 A timeout, HTTP error or unparseable reply is retried with exponential backoff and counted in
 `JudgeClient.metrics`; when the retry budget is spent a `JudgeError` is raised. A failure never becomes a score.
@@ -18,8 +19,9 @@ import io
 import math
 import time
 import weakref
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import httpx
 import torch
@@ -55,6 +57,9 @@ METRIC_KEYS = (
 # The events among them: also counted live as the Ray counter motionnft_judge_events{event}
 # (motionnft_core/telemetry.py).
 EVENT_KEYS = tuple(k for k in METRIC_KEYS if k not in ("peak_in_flight", "latency_ms_sum", "latency_ms_max"))
+CHOICE_MAX_TOKENS = 32  # tokens a `choose` answer may take (the longest label, with room for any tokenizer)
+
+T = TypeVar("T")
 
 
 class JudgeError(RuntimeError):
@@ -133,6 +138,30 @@ def expected_digit(probs: Sequence[float]) -> float:
 def expected_digit_score(probs: Sequence[float]) -> float:
     """r = sum(k * p_k) / 5: the expected digit mapped to [0, 1]."""
     return expected_digit(probs) / MAX_DIGIT
+
+
+def text_from_reply(reply: Mapping) -> str:
+    """The generated text of a chat-completion reply, stripped; UnparseableReply when there is none."""
+    try:
+        content = reply["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise UnparseableReply(f"no message content ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(content, str) or not content.strip():
+        raise UnparseableReply(f"empty or non-text content {content!r}")
+    return content.strip()
+
+
+def choice_from_reply(reply: Mapping, choices: Sequence[str]) -> str:
+    """The one of `choices` a reply names: exactly, else ignoring case and surrounding quotes and dots;
+    UnparseableReply otherwise (without a structured choice a model may answer anything)."""
+    text = text_from_reply(reply)
+    if text in choices:
+        return text
+    folded = {c.casefold(): c for c in choices}
+    found = folded.get(text.strip("\"'. ").casefold())
+    if found is None:
+        raise UnparseableReply(f"{text[:80]!r} is none of {list(choices)}")
+    return found
 
 
 def _check_image(name: str, image: torch.Tensor, ndim: int = 3) -> None:
@@ -241,6 +270,35 @@ class JudgeClient:
         urls = [_data_url(image, self.cfg.image_format) for image in (input_image, first, second)]
         return await self._ask(urls, pairwise_prompt(instruction))
 
+    async def rate(self, images: Sequence[torch.Tensor], prompt: str) -> tuple[list[float], int]:
+        """One digit 0-5 about `images` (uint8 (3, H, W), in order) asked with a whole `prompt` of the caller's:
+        the digit probabilities and the attempts used; JudgeError when the retry budget is spent."""
+        urls = self._image_urls(images)
+        self._check_instruction(prompt)
+        return await self._ask(urls, prompt)
+
+    async def generate(self, images: Sequence[torch.Tensor], prompt: str, max_tokens: int) -> tuple[str, int]:
+        """Free text (greedy, at most `max_tokens`) about `images` (possibly none): the stripped text and the
+        attempts used. An empty answer counts as unparseable (retried); JudgeError when the budget is spent."""
+        urls = self._image_urls(images)
+        self._check_instruction(prompt)
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        body = self._request_body(urls, prompt, max_tokens=max_tokens, digits=False)
+        return await self._request(body, text_from_reply)
+
+    async def choose(self, images: Sequence[torch.Tensor], prompt: str, choices: Sequence[str]) -> tuple[str, int]:
+        """One of `choices` (constrained with vLLM structured output unless `structured_output` is off) about
+        `images`: the choice and the attempts used; JudgeError when the retry budget is spent."""
+        urls = self._image_urls(images)
+        self._check_instruction(prompt)
+        if len(choices) < 2 or len(set(choices)) != len(choices):
+            raise ValueError(f"choices must be at least two distinct labels, got {list(choices)}")
+        body = self._request_body(urls, prompt, max_tokens=CHOICE_MAX_TOKENS, digits=False)
+        if self.cfg.structured_output:
+            body["structured_outputs"] = {"choice": list(choices)}
+        return await self._request(body, lambda reply: choice_from_reply(reply, choices))
+
     async def aclose(self) -> None:
         """Close the HTTP pool of the running event loop."""
         state = self._states.pop(asyncio.get_running_loop(), None)
@@ -254,6 +312,11 @@ class JudgeClient:
         await self.aclose()
 
     # ---- internals ----------------------------------------------------------------------------------------
+    def _image_urls(self, images: Sequence[torch.Tensor]) -> list[str]:
+        for i, image in enumerate(images):
+            _check_image(f"images[{i}]", image)
+        return [_data_url(image, self.cfg.image_format) for image in images]
+
     @staticmethod
     def _check_instruction(instruction: str) -> None:
         if not isinstance(instruction, str) or not instruction.strip():
@@ -274,17 +337,21 @@ class JudgeClient:
             sub_scores=sub_scores,
         )
 
-    def _request_body(self, image_urls: Sequence[str], prompt: str) -> dict:
+    def _request_body(self, image_urls: Sequence[str], prompt: str, *, max_tokens: int = 1,
+                      digits: bool = True) -> dict:  # fmt: skip
+        """A chat request: images then the prompt. `digits`: one token, its log-probs, the digit choice."""
         content = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
         content.append({"type": "text", "text": prompt})
-        body = {
+        body: dict[str, Any] = {
             "model": self.cfg.served_model_name,
             "messages": [{"role": "user", "content": content}],
-            "max_tokens": 1,
+            "max_tokens": max_tokens,
             "temperature": 0.0,
-            "logprobs": True,
-            "top_logprobs": 20,  # vLLM's maximum; the six digits are all that survive the choice mask
         }
+        if not digits:
+            return body
+        body["logprobs"] = True
+        body["top_logprobs"] = 20  # vLLM's maximum; the six digits are all that survive the choice mask
         if self.cfg.structured_output:
             # NOT "guided_choice": vLLM >= 0.1x ignores that key silently and returns free text.
             body["structured_outputs"] = {"choice": list(DIGITS)}
@@ -320,10 +387,13 @@ class JudgeClient:
         return k, self._skip_until[k] - now
 
     async def _ask(self, image_urls: Sequence[str], prompt: str) -> tuple[list[float], int]:
-        """One question about the images (data URLs, in order) with retries and failover: (digit probabilities,
-        attempts used), or JudgeError."""
+        """One digit question about the images (data URLs, in order): (digit probabilities, attempts used)."""
+        return await self._request(self._request_body(image_urls, prompt), digit_probs_from_reply)
+
+    async def _request(self, body: dict, parse: Callable[[Any], T]) -> tuple[T, int]:
+        """One request with retries and failover: (`parse` of the reply's JSON, attempts used), or JudgeError. A
+        reply `parse` rejects with ValueError (UnparseableReply) is retried max_retries times."""
         state = self._state()
-        body = self._request_body(image_urls, prompt)
         cfg, began = self.cfg, time.monotonic()
         reason, last_reply, previous, unparseable = "no attempt made", None, None, 0
         attempt = 0
@@ -378,7 +448,7 @@ class JudgeClient:
                 else:
                     transport_failure, self._fails[k] = False, 0
                     try:
-                        return digit_probs_from_reply(response.json()), attempt
+                        return parse(response.json()), attempt
                     except ValueError as exc:  # UnparseableReply, or a body that is not JSON
                         self._count("unparseable")
                         unparseable += 1

@@ -146,7 +146,7 @@ def s3_bucket(s3_server):
 
 # ------------------------------------------------------------------------------------------------ models, Ray
 
-FAMILIES = ("flux_kontext", "qwen_image_edit")
+FAMILIES = ("flux_kontext", "qwen_image_edit", "qwen_image_edit_plus", "flux2_klein", "flux2_dev")
 
 
 def synthetic_examples(folder: Path, n: int, *, size: int, seed: int, take: int | None = None) -> list:

@@ -1,7 +1,8 @@
 """MkDocs hook: fills `docs/configuration.md` with the configuration reference, generated from the config schema
 (`motionnft_core.config`'s dataclasses, the same source as `python -m learner.main --help`), so the page cannot
 drift from the code. Fields are read generically (`dataclasses.fields`, `field.metadata`): any metadata beside
-`help` (declared bounds such as `ge`, `le`, `choices`) is shown in the bounds column."""
+`help` (declared bounds such as `ge`, `le`, `choices`) is shown in the bounds column. The curation's own schema
+(`curation.config`) fills `docs/curation.md` the same way."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from curation import config as curation_schema  # noqa: E402
 from motionnft_core import config as schema  # noqa: E402
 
 PLACEHOLDER = "<!-- config-reference -->"
+CURATION_PLACEHOLDER = "<!-- curation-config-reference -->"
 BOUND_WORDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 
@@ -52,6 +55,11 @@ def _bounds(metadata: typing.Mapping[str, Any]) -> str:
             continue
         if key in BOUND_WORDS:
             parts.append(f"{BOUND_WORDS[key]} {value}")
+        elif key == "rule":  # config.py's declared `Rule`: its own wording of what it accepts, if it declares any
+            declared = any(getattr(value, name) is not None for name in ("ge", "gt", "le", "lt", "multiple_of",
+                                                                          "choices", "expected"))  # fmt: skip
+            if declared:
+                parts.append(value.expectation(integer=False))
         elif key == "choices":
             parts.append("one of " + ", ".join(str(x) for x in value))
         else:
@@ -74,10 +82,10 @@ def config_entries(cls: type = schema.Config, prefix: str = "") -> list[tuple[st
     return entries
 
 
-def render_reference() -> str:
+def render_reference(cls: type = schema.Config) -> str:
     """One table per section (`reward.flow` and `reward.judge` apart from `reward`): key, type, default, bounds,
     meaning."""
-    entries = config_entries()
+    entries = config_entries(cls)
     with_bounds = any(bounds for *_, bounds, _ in entries)  # the column appears once the schema declares bounds
     by_section: dict[str, list[tuple[str, str, str, str, str]]] = {}
     for entry in entries:
@@ -95,6 +103,8 @@ def render_reference() -> str:
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    if CURATION_PLACEHOLDER in markdown:
+        markdown = markdown.replace(CURATION_PLACEHOLDER, render_reference(curation_schema.CurateConfig))
     if PLACEHOLDER not in markdown:
         return markdown
     return markdown.replace(PLACEHOLDER, render_reference())

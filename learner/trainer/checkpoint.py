@@ -234,12 +234,9 @@ def export_lora(
     state: dict[str, torch.Tensor], out_dir: str | Path, *, family: str, rank: int, alpha: int, targets: list[str]
 ) -> Path:
     """Write an adapter so that `pipe.load_lora_weights(out_dir)` loads it into the matching diffusers pipeline."""
-    from diffusers import FluxKontextPipeline, QwenImageEditPipeline
+    from motionnft_core.models.families import policy_class
 
-    pipelines = {"flux_kontext": FluxKontextPipeline, "qwen_image_edit": QwenImageEditPipeline}
-    if family not in pipelines:
-        raise ValueError(f"export_lora: family must be one of {sorted(pipelines)}, got {family!r}")
-    pipeline = pipelines[family]
+    pipeline = policy_class(family).pipeline_class  # ValueError naming the families for an unknown one
     metadata = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(targets)}
     pipeline.save_lora_weights(
         str(out_dir),

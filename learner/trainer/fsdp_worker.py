@@ -161,7 +161,7 @@ class LearnerWorker:
             export_transformer(ema, dict(self.trainer.policy.transformer.config), out / "transformer")
         else:
             export_lora(ema, out / "lora", family=self.trainer.policy.family, rank=n.lora_rank, alpha=n.lora_alpha,
-                        targets=list(n.lora_targets))  # fmt: skip
+                        targets=self.trainer.policy.lora_target_modules(n.lora_targets))  # fmt: skip
 
     def load(self, source: str, retry: S3Retry | None = None) -> int:
         state = self.trainer.state_dict()

@@ -5,11 +5,13 @@ Accepted sources (docs/cluster.md):
 - a **parquet** file in the hub form of ``MotionEdit-Train`` / ``MotionEdit-Bench``: columns ``id``, ``prompt``,
   ``input_image``, ``target_image`` (the ``datasets`` library's Image form, a struct ``{bytes, path}``; plain
   binary or a path string also work; a ``path`` without bytes is read relative to the parquet file), optional
-  ``category``;
+  ``category``; ``input_image`` may also be a list of images (several input images, for the families that take
+  them; a MotionEdit row has one);
 - a **JSONL manifest**, the reference code's local form: one object per line
   ``{"prompt": ..., "image": [input_path, target_path]}`` with paths relative to the manifest file, optional
   ``id`` and ``category``; without an ``id`` the row gets a stable one derived from its content
-  (``<input stem>-<8 hex of sha1(prompt, paths)>``), so it does not change when rows are reordered;
+  (``<input stem>-<8 hex of sha1(prompt, paths)>``), so it does not change when rows are reordered; several input
+  images are ``[[input_path, reference_path, ...], target_path]``;
 - a **folder** holding ``*.parquet`` files, or ``*.jsonl`` manifests (searched recursively, hidden entries
   ignored, sorted by path; a folder with more than one kind is an error), or **example folders**::
 
@@ -23,6 +25,9 @@ Accepted sources (docs/cluster.md):
   (A parquet file fetched alone must embed its image bytes; path-only images come with a folder source.)
 
 Fields other than the known ones (e.g. the synthetic set's ``motion_dx``) are kept in ``MotionExample.extra``.
+
+With several input images the first is ``MotionExample.input_image``, the motion source the flow reward compares the
+edit with; the others, in order, are ``MotionExample.reference_images``; every one is checked and resized like it.
 
 Validation happens once, at load: every row is parsed and **both images are fully decoded** (``Image.load()``,
 not ``verify()``: ``verify`` checks PNG chunk CRCs but does nothing for JPEG, and a full decode catches every
@@ -51,7 +56,7 @@ import logging
 import operator
 import os
 import posixpath
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +119,12 @@ class MotionExample:
     target_image: torch.Tensor
     category: str | None
     extra: dict[str, Any] = field(default_factory=dict)  # unknown columns/keys, e.g. motion_dx
+    reference_images: tuple[torch.Tensor, ...] = ()  # input images after the first (the motion source), in order
+
+    @property
+    def input_images(self) -> list[torch.Tensor]:
+        """Every input image in order, the motion source first: what the policy conditions on."""
+        return [self.input_image, *self.reference_images]
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,7 @@ class _Record:
     category: str | None
     extra: dict[str, Any]
     where: RowRef
+    reference_images: tuple[ImageRef, ...] = ()
 
 
 class _RowError(Exception):
@@ -238,25 +250,26 @@ def _check_images(
     With one, an image narrower or lower than it is a bad row unless ``upscale_small``. Returns how many of
     the two images will be upscaled."""
     sizes = []
-    for label, ref in (("input image", record.input_image), ("target image", record.target_image)):
+    labelled = [("input image", record.input_image), ("target image", record.target_image)]
+    labelled += [(f"input image {i}", ref) for i, ref in enumerate(record.reference_images, start=2)]
+    for label, ref in labelled:
         try:
             sizes.append(_open_rgb(ref).size)
         except _DECODE_ERRORS as err:
             raise _RowError(f"cannot decode {_describe(ref, names, label)}: {err}") from err
     if resolution is None:
-        if sizes[0] != sizes[1]:
-            (wi, hi), (wt, ht) = sizes
-            raise _RowError(
-                f"input image is {wi}x{hi} but target image is {wt}x{ht} (give a resolution to resize both)"
-            )
+        for (label, _), (w, h) in zip(labelled[1:], sizes[1:], strict=True):
+            if (w, h) != sizes[0]:
+                wi, hi = sizes[0]
+                raise _RowError(f"input image is {wi}x{hi} but {label} is {w}x{h} (give a resolution to resize both)")
         return 0
     height, width = resolution
-    labels = ("input", "target")
+    labels = [label for label, _ in labelled]
     small = [(label, w, h) for label, (w, h) in zip(labels, sizes, strict=True) if w < width or h < height]
     if small and not upscale_small:
         label, w, h = small[0]
         raise _RowError(
-            f"{label} image is {w}x{h}, smaller than the resolution {width}x{height} (WxH); "
+            f"{label} is {w}x{h}, smaller than the resolution {width}x{height} (WxH); "
             "set data.upscale_small=true to upscale it"
         )
     return len(small)
@@ -305,6 +318,15 @@ def _parquet_image(value: Any, name: str, base: Path, names: _Names) -> ImageRef
     raise _RowError(f"missing field {name!r}")
 
 
+def _input_images(value: Any, name: str, image: Callable[[Any, str], ImageRef]) -> list[ImageRef]:
+    """One input image, or a non-empty list of them (the motion source first), each read by `image`."""
+    if not isinstance(value, list):
+        return [image(value, name)]
+    if not value:
+        raise _RowError(f"field {name!r} is an empty list of input images")
+    return [image(v, f"{name}[{i}]") for i, v in enumerate(value)]
+
+
 def _parquet_rows(path: Path, names: _Names) -> Iterator[tuple[RowRef, _Record | _RowError]]:
     parquet = pq.ParquetFile(path)
     columns = parquet.schema_arrow.names
@@ -317,14 +339,17 @@ def _parquet_rows(path: Path, names: _Names) -> Iterator[tuple[RowRef, _Record |
             raw_id = values.get("id")
             where = RowRef(names(path), row, raw_id if isinstance(raw_id, str) else None)
             try:
+                inputs = _input_images(values.get("input_image"), "input_image",
+                                       lambda v, name: _parquet_image(v, name, path.parent, names))  # fmt: skip
                 record = _Record(
                     id=_text(raw_id, "id"),
                     prompt=_text(values.get("prompt"), "prompt"),
-                    input_image=_parquet_image(values.get("input_image"), "input_image", path.parent, names),
+                    input_image=inputs[0],
                     target_image=_parquet_image(values.get("target_image"), "target_image", path.parent, names),
                     category=_category(values.get("category")),
                     extra={k: v for k, v in values.items() if k not in (*PARQUET_COLUMNS, "category")},
                     where=where,
+                    reference_images=tuple(inputs[1:]),
                 )
                 yield where, record
             except _RowError as err:
@@ -332,9 +357,10 @@ def _parquet_rows(path: Path, names: _Names) -> Iterator[tuple[RowRef, _Record |
             row += 1
 
 
-def _content_id(prompt: str, input_rel: str, target_rel: str) -> str:
+def _content_id(prompt: str, input_rel: str | list[str], target_rel: str) -> str:
     digest = hashlib.sha1(json.dumps([prompt, input_rel, target_rel]).encode()).hexdigest()[:8]
-    return f"{Path(input_rel).stem}-{digest}"
+    first = input_rel[0] if isinstance(input_rel, list) else input_rel
+    return f"{Path(first).stem}-{digest}"
 
 
 def _jsonl_rows(path: Path, names: _Names) -> Iterator[tuple[RowRef, _Record | _RowError]]:
@@ -360,17 +386,20 @@ def _jsonl_rows(path: Path, names: _Names) -> Iterator[tuple[RowRef, _Record | _
                 raise _RowError("missing field 'image'")
             if not isinstance(images, list) or len(images) != 2:
                 raise _RowError(f"field 'image' must be [input_path, target_path], got {images!r}")
-            input_path = _image_file(path.parent, images[0], "image[0]", names)
+            inputs = _input_images(images[0], "image[0]", lambda v, name: _image_file(path.parent, v, name, names))
             target_path = _image_file(path.parent, images[1], "image[1]", names)
-            record_id = _text(raw_id, "id") if "id" in values else _content_id(prompt, images[0], images[1])
+            first = images[0][0] if isinstance(images[0], list) else images[0]
+            rels = images[0] if isinstance(images[0], list) and len(images[0]) > 1 else first  # one: as before
+            record_id = _text(raw_id, "id") if "id" in values else _content_id(prompt, rels, images[1])
             record = _Record(
                 id=record_id,
                 prompt=prompt,
-                input_image=input_path,
+                input_image=inputs[0],
                 target_image=target_path,
                 category=_category(values.get("category")),
                 extra={k: v for k, v in values.items() if k not in (*JSONL_KEYS, "id", "category")},
                 where=RowRef(where.source, line_no, record_id, unit="line"),
+                reference_images=tuple(inputs[1:]),
             )
             yield record.where, record
         except _RowError as err:
@@ -588,6 +617,7 @@ class MotionEditDataset(Sequence[MotionExample]):
             target_image=_to_tensor(_fit(_open_rgb(record.target_image), self.resolution)),
             category=record.category,
             extra=dict(record.extra),
+            reference_images=tuple(_to_tensor(_fit(_open_rgb(r), self.resolution)) for r in record.reference_images),
         )
 
     @property
@@ -619,6 +649,27 @@ class MotionEditDataset(Sequence[MotionExample]):
             MotionEditDataset(evaluation, resolution=self.resolution),
         )
 
+    def split_by(self, column: str) -> tuple[MotionEditDataset, MotionEditDataset]:
+        """(train, eval) by each row's `column` ("train" or "eval"), the split a curated set was made with (by
+        source video, curation/output.py). A row without one of the two values raises DataError naming it; so does
+        an empty side."""
+        train, evaluation = [], []
+        for record in self._records:
+            value = record.extra.get(column)
+            if value not in ("train", "eval"):
+                raise DataError(f"{record.where}: data.split_column {column!r} is {value!r}, expected 'train' or "
+                                "'eval'")  # fmt: skip
+            (evaluation if value == "eval" else train).append(record)
+        if not train or not evaluation:
+            raise DataError(
+                f"split of {len(self)} examples by column {column!r} left the {'train' if not train else 'eval'} "
+                "side empty; curate more videos or another output.eval_fraction"
+            )
+        return (
+            MotionEditDataset(train, resolution=self.resolution),
+            MotionEditDataset(evaluation, resolution=self.resolution),
+        )
+
     def __repr__(self) -> str:
         return (
             f"MotionEditDataset(n={len(self)}, resolution={self.resolution}, skipped={len(self.skipped)}, "
@@ -638,7 +689,8 @@ class ExampleServer:
 
 
 def load_splits(cfg: Config) -> tuple[MotionEditDataset, MotionEditDataset]:
-    """The run's (train, eval) splits at the rollout resolution (`data.*`, `rollout.height/width`).
+    """The run's (train, eval) splits at the rollout resolution (`data.*`, `rollout.height/width`): by id hash, or
+    by `data.split_column` (a curated set's split by source video).
 
     Without `data.source`, `data.synthetic` examples are generated once into `<model.cache_dir>/synthetic`
     (keyed by the generator's source) and used; an `s3://` source is downloaded into `<model.cache_dir>/data`.
@@ -648,10 +700,12 @@ def load_splits(cfg: Config) -> tuple[MotionEditDataset, MotionEditDataset]:
     d, cache = cfg.data, Path(cfg.model.cache_dir).expanduser()
     source = d.source
     if not source:
-        name = f"n{d.synthetic}_s{d.synthetic_size}_seed{d.seed}-{builder_key(synthetic)}"
+        reference = "_ref" if d.synthetic_reference else ""
+        name = f"n{d.synthetic}_s{d.synthetic_size}_seed{d.seed}{reference}-{builder_key(synthetic)}"
         out = build_atomically(
             cache / "synthetic" / name,
-            lambda tmp: synthetic.generate_synthetic(tmp, d.synthetic, size=d.synthetic_size, seed=d.seed),
+            lambda tmp: synthetic.generate_synthetic(tmp, d.synthetic, size=d.synthetic_size, seed=d.seed,
+                                                     reference=d.synthetic_reference),  # fmt: skip
             complete=lambda p: (p / synthetic.PARQUET_NAME).is_file(),
             what="synthetic data set",
         )
@@ -663,6 +717,8 @@ def load_splits(cfg: Config) -> tuple[MotionEditDataset, MotionEditDataset]:
         cache_dir=str(cache / "data"),
         upscale_small=d.upscale_small or not d.source,
     )
+    if d.split_column:
+        return ds.split_by(d.split_column)
     if d.eval_fraction == 0:
         return ds, ds[0:0]
     return ds.split(d.eval_fraction, d.seed)

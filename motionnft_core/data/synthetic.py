@@ -25,7 +25,8 @@ frame shifted by ``pan_pixels`` along one axis, on top of the object's motion: w
 the two shots adds. The border the shift reveals repeats the edge pixels. Such an example records its shift in
 ``camera_dx`` / ``camera_dy`` (pixels); the others have no such fields.
 
-CLI: ``python -m motionnft_core.data.synthetic --out DIR --n N --size S [--seed 0] [--fmt parquet|jsonl]``.
+CLI: ``python -m motionnft_core.data.synthetic --out DIR --n N --size S [--seed 0] [--fmt parquet|jsonl]
+[--reference]``.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class SyntheticExample:
     object_color: str
     object_x: float
     object_y: float
+    reference_image: np.ndarray | None = None  # (H, W, 3) uint8: a second input image, when asked for
     camera_dx: int = 0  # the camera pan added to the target frame (pixels), 0 without one
     camera_dy: int = 0
 
@@ -155,11 +157,16 @@ def _compose(background: np.ndarray, sprite: Image.Image, cx: int, cy: int) -> n
     return np.asarray(img)
 
 
-def make_example(seed: int, index: int, size: int = DataConfig.synthetic_size, *,
+def make_example(seed: int, index: int, size: int = DataConfig.synthetic_size,
+                 reference: bool = DataConfig.synthetic_reference, *,
                  pan_share: float = DataConfig.synthetic_pan_share,
                  pan_pixels: int = DataConfig.synthetic_pan_pixels) -> SyntheticExample:  # fmt: skip
     """Render example ``index`` of the set with this ``seed`` (deterministic, independent of the set size); a
-    `pan_share` of examples gets a camera pan of `pan_pixels` on its target (module docstring)."""
+    `pan_share` of examples gets a camera pan of `pan_pixels` on its target (module docstring).
+
+    With ``reference``, the example gets a second input image: the object at its destination on a grey canvas (a
+    layout reference, for the families that take several input images). It draws no random number, so the
+    example's other images are the same with and without it."""
     if size < 32:
         raise ValueError(f"size must be >= 32 pixels so a moving shape fits, got {size}")
     rng = np.random.default_rng([seed, index, size])
@@ -209,6 +216,7 @@ def make_example(seed: int, index: int, size: int = DataConfig.synthetic_size, *
         object_color=color,
         object_x=float(cx),
         object_y=float(cy),
+        reference_image=_compose(np.full_like(background, 128), target_sprite, cx + dx, cy + dy) if reference else None,
         camera_dx=cam_dx,
         camera_dy=cam_dy,
     )
@@ -223,13 +231,14 @@ def _png_bytes(image: np.ndarray) -> bytes:
 _EXTRA_FIELDS = ("motion_dx", "motion_dy", "motion_rot", "object_shape", "object_color", "object_x", "object_y")
 
 
-def _hf_features_metadata() -> bytes:
-    """The ``huggingface`` schema metadata that makes ``datasets`` read the image columns as ``Image``."""
+def _hf_features_metadata(several: bool = False) -> bytes:
+    """The ``huggingface`` schema metadata that makes ``datasets`` read the image columns as ``Image`` (a list of
+    them for ``input_image`` with ``several`` input images)."""
     value = {"_type": "Value"}
     features = {
         "id": {**value, "dtype": "string"},
         "prompt": {**value, "dtype": "string"},
-        "input_image": {"_type": "Image"},
+        "input_image": [{"_type": "Image"}] if several else {"_type": "Image"},
         "target_image": {"_type": "Image"},
         "category": {**value, "dtype": "string"},
         "motion_dx": {**value, "dtype": "int32"},
@@ -243,13 +252,18 @@ def _hf_features_metadata() -> bytes:
     return json.dumps({"info": {"features": features}}).encode()
 
 
+def _inputs(ex: SyntheticExample) -> list[np.ndarray]:
+    return [ex.input_image] + ([] if ex.reference_image is None else [ex.reference_image])
+
+
 def _write_parquet(examples: list[SyntheticExample], path: Path) -> None:
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    several = examples[0].reference_image is not None  # then input_image is a list: the input, the reference
     schema = pa.schema(
         [
             ("id", pa.string()),
             ("prompt", pa.string()),
-            ("input_image", image_type),
+            ("input_image", pa.list_(image_type) if several else image_type),
             ("target_image", image_type),
             ("category", pa.string()),
             ("motion_dx", pa.int32()),
@@ -260,13 +274,16 @@ def _write_parquet(examples: list[SyntheticExample], path: Path) -> None:
             ("object_x", pa.float32()),
             ("object_y", pa.float32()),
         ],
-        metadata={b"huggingface": _hf_features_metadata()},
+        metadata={b"huggingface": _hf_features_metadata(several)},
     )
     rows = [
         {
             "id": ex.id,
             "prompt": ex.prompt,
-            "input_image": {"bytes": _png_bytes(ex.input_image), "path": f"{ex.id}_input.png"},
+            "input_image": (
+                [{"bytes": _png_bytes(im), "path": f"{ex.id}_input{i or ''}.png"} for i, im in enumerate(_inputs(ex))]
+                if several else {"bytes": _png_bytes(ex.input_image), "path": f"{ex.id}_input.png"}
+            ),
             "target_image": {"bytes": _png_bytes(ex.target_image), "path": f"{ex.id}_target.png"},
             "category": ex.category,
             **{name: getattr(ex, name) for name in _EXTRA_FIELDS},
@@ -280,9 +297,12 @@ def _write_jsonl(examples: list[SyntheticExample], out_dir: Path) -> Path:
     (out_dir / "images").mkdir(exist_ok=True)
     lines = []
     for ex in examples:
-        paths = [f"images/{ex.id}_input.png", f"images/{ex.id}_target.png"]
-        Image.fromarray(ex.input_image).save(out_dir / paths[0])
-        Image.fromarray(ex.target_image).save(out_dir / paths[1])
+        inputs = [f"images/{ex.id}_input{i or ''}.png" for i in range(len(_inputs(ex)))]
+        for rel, image in zip(inputs, _inputs(ex), strict=True):
+            Image.fromarray(image).save(out_dir / rel)
+        target = f"images/{ex.id}_target.png"
+        Image.fromarray(ex.target_image).save(out_dir / target)
+        paths = [inputs if len(inputs) > 1 else inputs[0], target]
         row = {"id": ex.id, "prompt": ex.prompt, "image": paths, "category": ex.category}
         row.update({name: getattr(ex, name) for name in _EXTRA_FIELDS})
         lines.append(json.dumps(row))
@@ -298,12 +318,14 @@ def generate_synthetic(
     size: int = DataConfig.synthetic_size,
     seed: int = DataConfig.seed,
     fmt: str = "parquet",
+    reference: bool = DataConfig.synthetic_reference,
 ) -> Path:
     """Write ``n`` synthetic motion edits to ``out_dir``; returns the parquet file or the JSONL manifest.
 
     ``fmt="parquet"``: ``out_dir/synthetic.parquet`` in the MotionEdit hub form (PNG bytes in
     ``{bytes, path}`` image structs). ``fmt="jsonl"``: ``out_dir/metadata.jsonl`` rows
     ``{"id", "prompt", "image": [input, target], "category", ...truth}`` with PNGs under ``out_dir/images/``.
+    With ``reference`` each row has two input images (`make_example`): a list in ``input_image`` / ``image[0]``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -311,7 +333,7 @@ def generate_synthetic(
         raise ValueError(f"fmt must be 'parquet' or 'jsonl', got {fmt!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    examples = [make_example(seed, i, size) for i in range(n)]
+    examples = [make_example(seed, i, size, reference) for i in range(n)]
     if fmt == "jsonl":
         return _write_jsonl(examples, out_dir)
     path = out_dir / PARQUET_NAME
@@ -326,8 +348,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=DataConfig.synthetic_size, help="image side in pixels (>= 32)")
     parser.add_argument("--seed", type=int, default=DataConfig.seed)
     parser.add_argument("--fmt", choices=("parquet", "jsonl"), default="parquet")
+    parser.add_argument("--reference", action="store_true", help="a second input image per example (make_example)")
     args = parser.parse_args(argv)
-    path = generate_synthetic(args.out, args.n, size=args.size, seed=args.seed, fmt=args.fmt)
+    path = generate_synthetic(args.out, args.n, size=args.size, seed=args.seed, fmt=args.fmt,
+                              reference=args.reference)
     print(f"wrote {args.n} examples ({args.size}x{args.size}) to {path}")
 
 

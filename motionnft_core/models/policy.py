@@ -1,6 +1,7 @@
-"""One editing-policy interface over FLUX.1 Kontext and Qwen-Image-Edit (docs/architecture.md).
+"""One editing-policy interface over every model family (docs/architecture.md): this base class and its helpers;
+each family's subclass lives in its own module, motionnft_core/models/families/ (the registry names them).
 
-The methods are the pipelines' phases, with the same names for both families:
+The methods are the pipelines' phases, with the same names for every family:
 `encode` (text + input-image latents, once per group) -> `prepare_latents` -> `velocity` (one transformer
 forward, the only thing the learner differentiates) -> `decode`; the rollouts' `Sampler` (actors/sampler.py)
 chains them with DPM-Solver++(2M). Each phase reuses the pipeline's own components and helper methods
@@ -23,15 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, QwenImageEditPipeline
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
 from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig
 from transformers.utils import logging as transformers_logging
 
 from motionnft_core import s3
-from motionnft_core.config import ModelConfig, NFTConfig
+from motionnft_core.config import EvalConfig, ModelConfig, NFTConfig
 from motionnft_core.models import fp8
+from motionnft_core.models.families import policy_class, policy_classes
 from motionnft_core.models.tiny import pipeline_source
 
 LORA_INITS = {"gaussian": "gaussian", "kaiming": True}  # our name -> peft's `init_lora_weights`; B = 0 in both
@@ -142,10 +144,46 @@ def resolve_model_path(path: str | os.PathLike, cache_dir: str | os.PathLike | N
 
 # ---------------------------------------------------------------------------------------- policy
 class EditPolicy:
-    """Base class: loading, LoRA, sigma grid, noise, sampling. Subclasses: encode, velocity, decode."""
+    """Base class: loading, LoRA, sigma grid, noise, sampling. Subclasses (one per family module): encode,
+    velocity, decode, and the family's settings below where the defaults do not fit it."""
 
     family: str
     pipeline_class: type[DiffusionPipeline]
+    config_name: str  # the JSON of its full-size component configs in motionnft_core/models/configs/
+    pads_text: bool = False  # pads the instruction to `model.max_sequence_length` tokens (the warm start records it)
+    max_input_images: int = 1  # input images an example may have (the first is the motion source)
+
+    # ------------------------------------------------------------------ family settings
+    @classmethod
+    def policy_kwargs(cls, model: ModelConfig) -> dict:
+        """The constructor's settings a run's `model.*` gives this family (none by default)."""
+        return {}
+
+    @classmethod
+    def eval_true_cfg(cls, cfg: EvalConfig) -> float:
+        """The true-CFG scale of the evaluation edits; <= 1 = none (the default: the family samples without CFG)."""
+        return 1.0
+
+    @classmethod
+    def eval_sampling(cls, cfg: EvalConfig) -> dict:
+        """The evaluation's guidance settings as a report names them."""
+        return {}
+
+    @contextmanager
+    def eval_guidance(self, cfg: EvalConfig) -> Iterator[None]:
+        """Inside: the policy's guidance as the evaluation samples (rollouts and training keep `model.*`'s)."""
+        yield
+
+    @classmethod
+    def stock_call_kwargs(cls, height: int, width: int) -> dict:
+        """Arguments of the stock pipeline's `__call__` that make it sample as the rollouts do (no CFG, the edit at
+        `height` x `width`): the parity-with-the-pipeline tests and the benchmark's naive loop use them."""
+        return {}
+
+    def lora_target_modules(self, requested: Sequence[str]) -> list[str]:
+        """peft's `target_modules` for the requested names (`nft.lora_targets`): where a block type names its layers
+        otherwise, the family maps them (the default: the names as given)."""
+        return list(requested)
 
     def __init__(self, pipe: DiffusionPipeline) -> None:
         self.pipe = pipe
@@ -178,9 +216,7 @@ class EditPolicy:
 
         `policy_kwargs` go to the family's constructor (e.g. `guidance_scale` for Kontext).
         """
-        if family not in POLICIES:
-            raise ValueError(f"family must be one of {sorted(POLICIES)}, got {family!r}")
-        policy_cls = POLICIES[family]
+        policy_cls = policy_class(family)  # ValueError naming the families for an unknown one
         if cls is not EditPolicy and cls is not policy_cls:
             raise ValueError(f"{cls.__name__}.from_pretrained cannot load family {family!r}")
         local = resolve_model_path(path, cache_dir)
@@ -190,15 +226,21 @@ class EditPolicy:
                 f"{path} holds a {saved_class}, but family {family!r} needs a {policy_cls.pipeline_class.__name__}"
             )
         pipe = policy_cls.pipeline_class.from_pretrained(local, dtype=dtype)
-        return cls.from_pipe(pipe.to(device), **policy_kwargs)
+        return cls.from_pipe(policy_cls.place(pipe, device, **policy_kwargs), **policy_kwargs)
+
+    @classmethod
+    def place(cls, pipe: DiffusionPipeline, device: torch.device | str, **policy_kwargs) -> DiffusionPipeline:
+        """Move the loaded pipeline to `device` (a family that keeps a component elsewhere says so here)."""
+        return pipe.to(device)
 
     @classmethod
     def from_pipe(cls, pipe: DiffusionPipeline, **policy_kwargs) -> "EditPolicy":
         """A frozen policy over a pipeline already in memory (e.g. motionnft_core.models.full_size's random full-size
         one); its family follows from the pipeline class."""
-        by_class = {p.pipeline_class: p for p in POLICIES.values()}
+        policies = policy_classes()
+        by_class = {p.pipeline_class: p for p in policies.values()}
         if type(pipe) not in by_class:
-            raise ValueError(f"no policy for a {type(pipe).__name__}; expected one of {sorted(POLICIES)}")
+            raise ValueError(f"no policy for a {type(pipe).__name__}; expected one of {sorted(policies)}")
         pipe.set_progress_bar_config(disable=True)
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
@@ -223,7 +265,8 @@ class EditPolicy:
         if init not in LORA_INITS:
             raise ValueError(f"init must be one of {sorted(LORA_INITS)}, got {init!r}")
         config = LoraConfig(
-            r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=LORA_INITS[init]
+            r=rank, lora_alpha=alpha, target_modules=self.lora_target_modules(target_modules),
+            init_lora_weights=LORA_INITS[init],
         )
         self.transformer.add_adapter(config, adapter_name=adapter_name)
 
@@ -371,6 +414,19 @@ class EditPolicy:
         )[0]
         return latents
 
+    def _input_slots(self, images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The input images as one (B, 3, H, W) tensor per input-image slot, in their order (the first is the motion
+        source); a single tensor is one slot. Raises for more slots than the family takes or slots of other shapes."""
+        slots = [images] if isinstance(images, torch.Tensor) else list(images)
+        if not 1 <= len(slots) <= self.max_input_images:
+            raise ValueError(
+                f"{self.family} takes 1 to {self.max_input_images} input images per example, got {len(slots)}"
+            )
+        shapes = [tuple(s.shape) for s in slots]
+        if len(set(shapes)) > 1:
+            raise ValueError(f"the input images of a batch must have one shape, got {shapes}")
+        return slots
+
     def _check_images(self, prompts: Sequence[str], images: torch.Tensor) -> tuple[int, int, int]:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -405,8 +461,9 @@ class EditPolicy:
         return ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
 
     # ------------------------------------------------------------------ phases (per family)
-    def encode(self, prompts: Sequence[str], images: torch.Tensor) -> Conditioning:
-        """Text and input-image conditioning for `prompts` and uint8 `images` (B, 3, H, W)."""
+    def encode(self, prompts: Sequence[str], images: torch.Tensor | Sequence[torch.Tensor]) -> Conditioning:
+        """Text and input-image conditioning for `prompts` and uint8 `images` (B, 3, H, W), or a sequence of such
+        tensors, one per input image in order, where the family takes several (`max_input_images`)."""
         raise NotImplementedError
 
     def velocity(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -416,151 +473,6 @@ class EditPolicy:
     def decode(self, x0: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Packed clean latents (B, L, D) -> uint8 images (B, 3, H, W)."""
         raise NotImplementedError
-
-
-class FluxKontextPolicy(EditPolicy):
-    """FLUX.1 Kontext: CLIP pooled + T5 text, input-image latents appended to the sequence (position-id
-    index 0 set to 1), distilled guidance embedding instead of CFG."""
-
-    family = "flux_kontext"
-    pipeline_class = FluxKontextPipeline
-
-    def __init__(
-        self,
-        pipe: FluxKontextPipeline,
-        *,
-        guidance_scale: float = ModelConfig.guidance,
-        max_sequence_length: int = ModelConfig.max_sequence_length,
-    ):
-        super().__init__(pipe)
-        self.guidance_scale = guidance_scale  # Kontext [dev]'s distilled guidance, used in rollouts and training
-        self.max_sequence_length = max_sequence_length  # T5 tokens, as the pipeline's default
-
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str], images: torch.Tensor) -> Conditioning:
-        batch, height, width = self._check_images(prompts, images)
-        prompt_embeds, pooled_prompt_embeds, text_ids = self.pipe.encode_prompt(
-            prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
-        )
-        latents = self.pipe._encode_vae_image(self._to_pixels(images), generator=None)  # (B, C, h, w), mode
-        _, channels, h, w = latents.shape
-        image_latents = self.pipe._pack_latents(latents, batch, channels, h, w)
-        # Position ids stay float32 whatever the model dtype (the transformer reads them as float anyway).
-        latent_ids = self.pipe._prepare_latent_image_ids(batch, h // 2, w // 2, self.device, torch.float32)
-        image_ids = latent_ids.clone()
-        image_ids[..., 0] = 1  # marks the condition image's tokens, as the pipeline does
-        return Conditioning(
-            tensors={
-                "prompt_embeds": prompt_embeds,  # (B, T, 4096) T5
-                "pooled_prompt_embeds": pooled_prompt_embeds,  # (B, 768) CLIP
-                "image_latents": image_latents,  # (B, L, D)
-            },
-            shared={  # (T, 3) zeros and (2L, 3): target tokens, then the condition image's
-                "txt_ids": text_ids.float(),
-                "img_ids": torch.cat([latent_ids, image_ids], dim=0),
-            },
-            height=height,
-            width=width,
-        )
-
-    def velocity(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        sigma = self._check_velocity_inputs(x_t, sigma, cond)
-        c = cond.to(self.device, self.dtype)
-        seq_len = x_t.shape[1]
-        hidden_states = torch.cat([x_t.to(self.device, self.dtype), c.tensors["image_latents"]], dim=1)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full((x_t.shape[0],), self.guidance_scale, device=self.device, dtype=torch.float32)
-        out = self.transformer(
-            hidden_states=hidden_states,
-            timestep=sigma,  # the pipeline passes timesteps / 1000 = sigma
-            guidance=guidance,
-            pooled_projections=c.tensors["pooled_prompt_embeds"],
-            encoder_hidden_states=c.tensors["prompt_embeds"],
-            txt_ids=c.shared["txt_ids"],
-            img_ids=c.shared["img_ids"],
-            return_dict=False,
-        )[0]
-        return out[:, :seq_len].to(x_t.dtype)  # the target tokens; the condition image's are dropped
-
-    @torch.no_grad()
-    def decode(self, x0: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        self.check_size(height, width)
-        latents = self.pipe._unpack_latents(x0.to(self.device), height, width, self.vae_scale_factor)
-        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
-        return self._to_uint8(images)
-
-
-class QwenImageEditPolicy(EditPolicy):
-    """Qwen-Image-Edit: Qwen2.5-VL encodes prompt + input image; input-image latents appended to the
-    sequence (described by `img_shapes`); a padding mask over the text; no CFG."""
-
-    family = "qwen_image_edit"
-    pipeline_class = QwenImageEditPipeline
-
-    def __init__(self, pipe: QwenImageEditPipeline):
-        super().__init__(pipe)
-
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str], images: torch.Tensor) -> Conditioning:
-        batch, height, width = self._check_images(prompts, images)
-        # The VL encoder sees the input image at its own size (the processor resizes within its pixel
-        # budget); the pipeline first resizes it to ~1 MP, here the edit size is the training resolution.
-        prompt_embeds, prompt_embeds_mask = self.pipe._get_qwen_prompt_embeds(
-            list(prompts), list(images.cpu()), device=self.device, dtype=self.dtype
-        )
-        pixels = self._to_pixels(images).unsqueeze(2)  # (B, 3, 1, H, W): one frame for the video VAE
-        latents = self.pipe._encode_vae_image(pixels, generator=None)  # (B, C, 1, h, w), normalized, mode
-        _, channels, _, h, w = latents.shape
-        image_latents = self.pipe._pack_latents(latents, batch, channels, h, w)
-        return Conditioning(
-            tensors={
-                "prompt_embeds": prompt_embeds,  # (B, T, D_text), zero-padded to the longest prompt
-                "prompt_embeds_mask": prompt_embeds_mask,  # (B, T) long, 1 = real token
-                "image_latents": image_latents,  # (B, L, D)
-            },
-            shared={},
-            height=height,
-            width=width,
-        )
-
-    def velocity(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        sigma = self._check_velocity_inputs(x_t, sigma, cond)
-        c = cond.to(self.device, self.dtype)
-        batch, seq_len = x_t.shape[:2]
-        hidden_states = torch.cat([x_t.to(self.device, self.dtype), c.tensors["image_latents"]], dim=1)
-        mask = c.tensors["prompt_embeds_mask"]
-        if mask.all():
-            mask = None  # as the pipeline: no padding -> unmasked (flash-capable) attention
-        patches = (1, cond.height // self.vae_scale_factor // 2, cond.width // self.vae_scale_factor // 2)
-        out = self.transformer(
-            hidden_states=hidden_states,
-            timestep=sigma,  # the pipeline passes timesteps / 1000 = sigma
-            guidance=None,
-            encoder_hidden_states_mask=mask,
-            encoder_hidden_states=c.tensors["prompt_embeds"],
-            img_shapes=[[patches, patches]] * batch,  # target, then the condition image (same size)
-            return_dict=False,
-        )[0]
-        return out[:, :seq_len].to(x_t.dtype)
-
-    @torch.no_grad()
-    def decode(self, x0: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        self.check_size(height, width)
-        latents = self.pipe._unpack_latents(x0.to(self.device), height, width, self.vae_scale_factor)
-        latents = latents.to(self.vae.dtype)  # (B, C, 1, h, w)
-        shape = (1, self.vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
-        std = torch.tensor(self.vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
-        images = self.vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
-        return self._to_uint8(images)
-
-
-POLICIES: dict[str, type[EditPolicy]] = {
-    FluxKontextPolicy.family: FluxKontextPolicy,
-    QwenImageEditPolicy.family: QwenImageEditPolicy,
-}
 
 
 def load_policy(
@@ -578,19 +490,22 @@ def load_policy(
     transformers_logging.disable_progress_bar()
     if path is None:
         path = pipeline_source(model)
-    extra = (
-        {"guidance_scale": model.guidance, "max_sequence_length": model.max_sequence_length}
-        if model.family == "flux_kontext"
-        else {}
-    )
     policy = EditPolicy.from_pretrained(
         path,
         family=model.family,
         dtype=getattr(torch, model.dtype),
         device="cuda" if use_gpu else "cpu",
         cache_dir=str(Path(model.cache_dir).expanduser() / "models"),
-        **extra,
+        **policy_class(model.family).policy_kwargs(model),
     )
     if lora is not None:
         policy.add_lora(rank=lora.lora_rank, alpha=lora.lora_alpha, target_modules=list(lora.lora_targets))
     return policy
+
+
+def __getattr__(name: str) -> type:
+    """The family classes by their old names here (`from motionnft_core.models.policy import FluxKontextPolicy`)."""
+    by_name = {cls.__name__: cls for cls in policy_classes().values()}
+    if name in by_name:
+        return by_name[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Tokenizers and the Qwen2-VL processor of both pipelines, built offline from a few sentences (no hub).
+"""Tokenizers and the Qwen2-VL / Pixtral processors of the pipelines, built offline from a few sentences (no hub).
 
 Every tokenizer is the real kind (CLIP byte-level BPE, T5 Unigram, Qwen2 byte-level BPE with ChatML and vision
 tokens), small and deterministic: the same one in every process and on every machine. The tiny pipelines, the
@@ -10,6 +10,8 @@ import json
 from tokenizers import AddedToken, pre_tokenizers, trainers
 from transformers import (
     CLIPTokenizer,
+    PixtralImageProcessor,
+    PixtralProcessor,
     Qwen2Tokenizer,
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
@@ -127,6 +129,26 @@ def build_qwen_tokenizer(vocab_size: int = 600) -> Qwen2Tokenizer:
         {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS]}
     )
     return tokenizer
+
+
+# Mistral's system / instruction markers around each message; an image part renders as the image token.
+MISTRAL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{% else %}[INST]{% endif %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% else %}<|image_pad|>{% endif %}"
+    "{% endfor %}"
+    "{% if message['role'] == 'system' %}[/SYSTEM_PROMPT]{% else %}[/INST]{% endif %}"
+    "{% endfor %}"
+)
+
+
+def build_pixtral_processor() -> PixtralProcessor:
+    """The processor of FLUX.2 [dev]'s Mistral-Small-3.1 encoder (a `PixtralProcessor`, which the pipeline calls
+    `apply_chat_template` on), over this module's Qwen2 BPE with a Mistral-style chat template and `<|image_pad|>` as
+    the image token (the real one is Mistral's Tekken tokenizer; the ids fit its vocabulary)."""
+    return PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=build_qwen_tokenizer(),
+                            chat_template=MISTRAL_CHAT_TEMPLATE, image_token="<|image_pad|>")  # fmt: skip
 
 
 def qwen_token_ids(tokenizer: Qwen2Tokenizer) -> dict[str, int]:

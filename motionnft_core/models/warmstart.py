@@ -51,6 +51,7 @@ from motionnft_core.config_loader import load_config_or_exit
 from motionnft_core.data.motionedit import MotionEditDataset
 from motionnft_core.data.synthetic import DIRECTIONS, JSONL_NAME, make_example
 from motionnft_core.models.demo import DemoSizes, build_demo_flux_kontext
+from motionnft_core.models.families import policy_class
 from motionnft_core.models.policy import Conditioning, EditPolicy
 
 RECORD_NAME = "warmstart.json"
@@ -182,9 +183,8 @@ def warm_start(
     if len(train_set) == 0:
         raise ValueError("warm start: the training set is empty")
     torch.manual_seed(demo.seed)
-    kwargs = {"guidance_scale": model.guidance, "max_sequence_length": model.max_sequence_length}
     family = model.family
-    policy = EditPolicy.from_pretrained(model_dir, family=family, **(kwargs if family == "flux_kontext" else {}))
+    policy = EditPolicy.from_pretrained(model_dir, family=family, **policy_class(family).policy_kwargs(model))
     t0 = time.perf_counter()
     vae_log: list[float] = []
     fit_vae(policy, torch.cat([_images(train_set, "input_image"), _images(train_set, "target_image")]), demo, vae_log)
@@ -222,8 +222,8 @@ def check_text_length(model: ModelConfig | EditPolicy, model_dir: str | os.PathL
     tokens (the pipeline default): the policy must be built with the recorded `max_sequence_length`.
     """
     record = Path(model_dir) / RECORD_NAME
-    if not record.is_file() or model.family != "flux_kontext":
-        return  # not a warm-started pipeline, or a family without T5 padding (Qwen-Image-Edit)
+    if not record.is_file() or not policy_class(model.family).pads_text:
+        return  # not a warm-started pipeline, or a family that does not pad its text (Qwen-Image-Edit)
     trained = json.loads(record.read_text())["settings"]["max_sequence_length"]
     if model.max_sequence_length != trained:
         raise ValueError(

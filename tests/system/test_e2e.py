@@ -58,6 +58,58 @@ def _main(args: list[str], timeout: int = 420, env: dict[str, str] | None = None
     return proc
 
 
+def test_qwen_image_edit_plus_trains_on_two_input_images(tmp_path):
+    """Qwen-Image-Edit-2511's pipeline end to end, two steps: every synthetic example with a second input image
+    (data.synthetic_reference), the held-out evaluation after each step (true CFG, the references included), a
+    LoRA export the stock pipeline loads."""
+    extra = ["data.synthetic_reference=true", "checkpoint.every=2", "eval.every=1", "eval.during_rows=2",
+             "eval.num_steps=2", "cluster.rollout_workers=1", "cluster.learner_ranks=1"]  # fmt: skip
+    proc = _main(_overrides(tmp_path, 2, family="qwen_image_edit_plus") + extra)
+    out = proc.stdout + proc.stderr
+    assert "qwen_image_edit_plus (tiny random weights, float32), LoRA r4 on" in out
+    metrics = harness.metrics_rows(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [0, 1] and all("learner/loss" in m for m in metrics)
+    assert all(m["eval/rows"] == 2 and 0 <= m["eval/mas"] <= 100 for m in metrics)
+    cfg = load_config(str(ROOT / "configs/tiny_cpu.yaml"),
+                      _overrides(tmp_path, 2, family="qwen_image_edit_plus") + extra)  # fmt: skip
+    train, _ = load_splits(cfg)
+    assert len(train[0].reference_images) == 1
+    exported = load_exported_policy(cfg, tmp_path / "ckpt" / "step_00000002" / "lora")
+    cond = exported.encode([train[0].prompt], [im[None] for im in train[0].input_images])
+    x = exported.prepare_latents(1, 64, 64, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v = exported.velocity(x, torch.tensor([0.5]), cond)
+        with exported.adapters_disabled():
+            assert (v - exported.velocity(x, torch.tensor([0.5]), cond)).abs().max() > 0  # the adapter trained
+
+
+def test_flux2_klein_trains_on_two_input_images(tmp_path):
+    """FLUX.2 [klein]'s pipeline end to end, two steps on one rollout worker and one learner rank: a second input
+    image per example, the held-out evaluation after each step, a LoRA export (the single-stream blocks'
+    fused layers included) that the stock pipeline loads."""
+    extra = ["data.synthetic_reference=true", "checkpoint.every=2", "eval.every=1", "eval.during_rows=2",
+             "eval.num_steps=2", "cluster.rollout_workers=1", "cluster.learner_ranks=1",
+             "model.max_sequence_length=64"]  # fmt: skip
+    proc = _main(_overrides(tmp_path, 2, family="flux2_klein") + extra)
+    out = proc.stdout + proc.stderr
+    assert "flux2_klein (tiny random weights, float32), LoRA r4 on" in out
+    metrics = harness.metrics_rows(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [0, 1] and all("learner/loss" in m for m in metrics)
+    assert all(m["eval/rows"] == 2 for m in metrics)
+    cfg = load_config(str(ROOT / "configs/tiny_cpu.yaml"), _overrides(tmp_path, 2, family="flux2_klein") + extra)
+    train, _ = load_splits(cfg)
+    exported = load_exported_policy(cfg, tmp_path / "ckpt" / "step_00000002" / "lora")
+    names = [n for n, _ in exported.transformer.named_parameters() if "lora_A" in n]
+    assert any("single_transformer_blocks" in n and "to_qkv_mlp_proj" in n for n in names)
+    assert any("single_transformer_blocks" in n and "attn.to_out.lora_A" in n for n in names)
+    cond = exported.encode([train[0].prompt], [im[None] for im in train[0].input_images])
+    x = exported.prepare_latents(1, 64, 64, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v = exported.velocity(x, torch.tensor([0.5]), cond)
+        with exported.adapters_disabled():
+            assert (v - exported.velocity(x, torch.tensor([0.5]), cond)).abs().max() > 0  # the adapter trained
+
+
 def test_qwen_image_edit_trains(tmp_path):
     """Qwen-Image-Edit end to end, with v_old / v_ref computed on the rollout pool (bench/README.md); its Ray metrics
     scraped from the embedded cluster's Prometheus endpoint while it runs; the held-out evaluation after every

@@ -337,7 +337,9 @@ def test_rayjob_declares_its_worker_groups_and_every_pool_fits_them():
     ]
 
 
-@pytest.mark.parametrize("config", ["configs/flux_kontext.yaml", "configs/qwen_image_edit.yaml"])
+@pytest.mark.parametrize("config", ["configs/flux_kontext.yaml", "configs/qwen_image_edit.yaml",
+                                    "configs/qwen_image_edit_plus.yaml", "configs/flux2_klein.yaml",
+                                    "configs/flux2_dev.yaml"])
 def test_gpu_configs_declare_the_autoscaler_node_types_and_fit_them(config):
     auto = _autoscaler()
     types = {name: {k: float(v) for k, v in t["resources"].items()} for name, t in auto["available_node_types"].items()

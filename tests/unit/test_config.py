@@ -10,8 +10,20 @@ from typing import Any, ClassVar
 import pytest
 import yaml
 
+from curation.config import CurateConfig, load_curate_config
+from curation.config import validate as validate_curation
 from learner.main import main
-from motionnft_core.config import Config, ConfigError, DataConfig, FlowRewardConfig, NFTConfig, Rule, _f, _Section
+from motionnft_core.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    FlowRewardConfig,
+    NFTConfig,
+    Rule,
+    _f,
+    _Section,
+    validate,
+)
 from motionnft_core.config_loader import config_from_dict, config_to_dict, describe, load_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,9 +46,11 @@ def test_defaults_are_the_published_values():
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
     """Every value a shipped config sets is what the loaded config holds (a section or key the loader did not
-    take would show here), and the loaded config round-trips through its dict form (a run's config.json)."""
+    take would show here), and the loaded config round-trips through its dict form (a run's config.json). The
+    curation's configs (curate_*.yaml) are read by its own schema."""
     path = ROOT / "configs" / name
-    cfg = load_config(path)
+    curation = name.startswith("curate_")
+    cfg = load_curate_config(path) if curation else load_config(path)
     loaded = config_to_dict(cfg)
 
     def leaves(tree: dict, prefix: str = ""):
@@ -49,7 +63,8 @@ def test_shipped_configs_load(name):
     for key, value in leaves(yaml.safe_load(path.read_text())):
         got = _at(loaded, key)
         assert got == (list(value) if isinstance(value, tuple) else value) or got == pytest.approx(value), key
-    assert config_from_dict(loaded) == cfg
+    schema = (CurateConfig, validate_curation) if curation else (Config, validate)
+    assert config_from_dict(loaded, *schema) == cfg
 
 
 def _at(tree: dict, dotted: str):

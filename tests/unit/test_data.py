@@ -167,6 +167,31 @@ def test_parquet_jsonl_and_folders_load_the_same_examples(synth, tmp_path):
     assert from_folders[1].extra["motion_dx"] == from_parquet[1].extra["motion_dx"]
 
 
+def test_several_input_images_load_from_parquet_and_jsonl_in_order(tmp_path):
+    """`input_image` (parquet) / `image[0]` (JSONL) may list several input images: the first is the motion source,
+    the others are `reference_images` in order; the synthetic layout reference leaves the other images as they were."""
+    plain = MotionEditDataset.from_source(generate_synthetic(tmp_path / "plain", 3, size=32, seed=1), on_error="raise")
+    loaded = []
+    for fmt in ("parquet", "jsonl"):
+        src = generate_synthetic(tmp_path / fmt, 3, size=32, seed=1, fmt=fmt, reference=True)
+        loaded.append(MotionEditDataset.from_source(src, on_error="raise", resolution=(32, 32)))
+    for i, ex in enumerate(plain):
+        truth = make_example(1, i, 32, reference=True)
+        for ds in loaded:
+            got = ds[i]
+            assert torch.equal(got.input_image, ex.input_image) and torch.equal(got.target_image, ex.target_image)
+            assert len(got.reference_images) == 1 and len(got.input_images) == 2
+            assert torch.equal(got.reference_images[0], torch.from_numpy(truth.reference_image.copy()).permute(2, 0, 1))
+        assert ex.reference_images == ()
+    assert loaded[0].ids == plain.ids  # parquet ids are the rows' own; JSONL ids come from the rows too
+
+    rows = pq.read_table(generate_synthetic(tmp_path / "empty", 1, size=32, reference=True)).to_pylist()
+    rows[0]["input_image"] = []
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "empty.parquet")
+    with pytest.raises(DataError, match="'input_image' is an empty list of input images"):
+        MotionEditDataset.from_source(tmp_path / "empty.parquet", on_error="raise")
+
+
 def test_folder_with_two_kinds_is_ambiguous(synth, tmp_path):
     shutil.copy(synth["parquet"], tmp_path / "a.parquet")
     shutil.copy(synth["jsonl"], tmp_path / "b.jsonl")

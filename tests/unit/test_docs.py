@@ -67,7 +67,7 @@ def test_the_configuration_page_has_the_placeholder_the_hook_fills():
 
 def test_the_evaluation_page_lists_every_eval_parameter():
     page = (ROOT / "docs" / "evaluation.md").read_text()
-    rows = set(re.findall(r"^\| `(eval\.[a-z_]+)` \|", page, re.MULTILINE))
+    rows = set(re.findall(r"^\| `(eval\.[a-z0-9_]+)` \|", page, re.MULTILINE))
     assert rows == {f"eval.{f.name}" for f in dataclasses.fields(config.EvalConfig)}
 
 
@@ -88,3 +88,15 @@ def test_a_metrics_line_with_an_unknown_key_is_caught(tmp_path):
     lines = tmp_path / "metrics.jsonl"
     lines.write_text('{"step": 0, "reward/mean": 0.5, "learner/loss": 1.0}\n{"step": 1, "no/such_key": 2}\n')
     assert undocumented_keys(lines) == ["no/such_key"]
+
+
+def test_the_curation_page_lists_every_curation_key():
+    from curation.config import CurateConfig
+
+    page = (ROOT / "docs" / "curation.md").read_text()
+    assert _hook().CURATION_PLACEHOLDER in page and "curation.md" in (ROOT / "mkdocs.yml").read_text()
+    rendered = _hook().on_page_markdown(page, None, None, None)
+    rows = set(re.findall(r"^\| `([a-z_.]+)` \|", rendered, re.MULTILINE))
+    keys = set(_all_keys(CurateConfig))
+    assert len(keys) > 50 and keys <= rows
+    assert "python -m curation.samples" in page and "configs/curate_tiny.yaml" in page

@@ -12,11 +12,15 @@ from motionnft_core.models.policy import EditPolicy
 
 SIZE = 512
 # Published sizes: FLUX.1 Kontext [dev] 12 B transformer, T5-v1.1-XXL encoder, CLIP ViT-L/14 text encoder;
-# Qwen-Image(-Edit) 20 B transformer, Qwen2.5-VL-7B; both VAEs well under 0.2 B.
+# Qwen-Image(-Edit) 20 B transformer, Qwen2.5-VL-7B; FLUX.2 [klein] 4B: 4 B transformer, Qwen3-4B;
+# FLUX.2 [dev]: 32 B transformer, Mistral-Small-3.1 24 B; every VAE well under 0.2 B.
 EXPECTED_BILLIONS = {
     "flux_kontext": {"transformer": (11.8, 12.0), "text_encoder_2": (4.7, 4.8), "text_encoder": (0.12, 0.13),
                      "vae": (0.08, 0.09)},
     "qwen_image_edit": {"transformer": (20.3, 20.5), "text_encoder": (8.2, 8.4), "vae": (0.12, 0.13)},
+    "qwen_image_edit_plus": {"transformer": (20.3, 20.5), "text_encoder": (8.2, 8.4), "vae": (0.12, 0.13)},
+    "flux2_klein": {"transformer": (3.8, 4.0), "text_encoder": (3.9, 4.1), "vae": (0.08, 0.09)},
+    "flux2_dev": {"transformer": (32.0, 32.4), "text_encoder": (23.5, 24.5), "vae": (0.08, 0.09)},
 }  # fmt: skip
 
 

@@ -25,9 +25,11 @@ from rewards.judge import (
     JudgeClient,
     JudgeError,
     UnparseableReply,
+    choice_from_reply,
     digit_probs_from_reply,
     expected_digit_score,
     score_prompt,
+    text_from_reply,
 )
 from rewards.judge_server import VLLMServer
 
@@ -92,6 +94,54 @@ def test_digit_probs_from_reply_hand_computed():
 def test_digit_probs_from_reply_rejects(reply, match):
     with pytest.raises(UnparseableReply, match=match):
         digit_probs_from_reply(reply)
+
+
+def _text_reply(content) -> dict:
+    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+
+
+def test_text_and_choice_replies():
+    assert text_from_reply(_text_reply("  Make the cat jump.\n")) == "Make the cat jump."
+    for bad in ("", "   ", None):
+        with pytest.raises(UnparseableReply, match="empty or non-text"):
+            text_from_reply(_text_reply(bad))
+    with pytest.raises(UnparseableReply, match="no message content"):
+        text_from_reply({"error": "boom"})
+    choices = ("Pose/Posture", "Locomotion/Distance")
+    assert choice_from_reply(_text_reply("Locomotion/Distance"), choices) == "Locomotion/Distance"
+    assert choice_from_reply(_text_reply('"pose/posture."'), choices) == "Pose/Posture"
+    with pytest.raises(UnparseableReply, match="is none of"):
+        choice_from_reply(_text_reply("Dancing"), choices)
+
+
+def test_generate_and_choose_check_their_arguments():
+    source, _ = _images()
+    client = _client("http://127.0.0.1:1/v1")
+    with pytest.raises(ValueError, match=r"images\[1\] must be uint8"):
+        asyncio.run(client.generate([source, source.float()], "Describe.", 8))
+    with pytest.raises(ValueError, match="max_tokens"):
+        asyncio.run(client.generate([source], "Describe.", 0))
+    with pytest.raises(ValueError, match="at least two distinct labels"):
+        asyncio.run(client.choose([source], "Which?", ["a", "a"]))
+    assert client.metrics["requests"] == 0
+
+
+def test_generate_rate_and_choose_against_the_served_tiny_judge(vllm_judge):
+    """The tiny random judge answers free text, a digit and a constrained choice under the client's counters."""
+    source, candidates = _images()
+    client = _client(vllm_judge.url, max_retries=3, backoff_s=0.05)
+
+    async def ask():
+        text = await client.generate([source, candidates[0]], "Describe the change.", 8)
+        probs = await client.rate([source, candidates[0]], "One digit from 0 to 5.")
+        choice = await client.choose([source], "Pick one.", ["Pose/Posture", "Locomotion/Distance"])
+        await client.aclose()
+        return text, probs, choice
+
+    (text, t_attempts), (probs, _), (choice, _) = asyncio.run(ask())
+    assert text and 1 <= t_attempts <= 4 and sum(probs) == pytest.approx(1.0)
+    assert choice in ("Pose/Posture", "Locomotion/Distance")
+    assert client.metrics["requests"] >= 3 and client.metrics["failures"] == 0
 
 
 def test_bad_inputs_name_the_field():

@@ -10,6 +10,7 @@ and pyproject declaring what the code imports and packaging every module of the 
     learner/driver/          the driver: wires the roles into the training loop                                 4
     learner/main.py          the training entry                                                                 5
     evaluation/              MotionEdit-Bench and held-out evaluation: its entry, built on the driver's pools   5
+    curation/                videos -> MotionEdit training pairs on Ray Data: its entry, on the judge and flow  5
 
 Each product module is classified by its path (the longest prefix in LEVELS); a module may import only modules
 of lower levels and of its own unit. A file no prefix classifies fails the test.
@@ -40,8 +41,10 @@ LEVELS = {
     "learner/driver": 4,
     "learner": 5,  # learner/main.py and the package's __init__
     "evaluation": 5,
+    "curation": 5,
 }
-PRODUCT = ("motionnft_core", "actors", "rewards", "learner", "evaluation")  # the installed top-level packages
+# the installed top-level packages
+PRODUCT = ("motionnft_core", "actors", "rewards", "learner", "evaluation", "curation")
 NOT_PRODUCT = {"tests", "bench", "scripts", "configs", "cluster", "constraints", "docs"}  # its users, or data
 MAX_SHARE = 0.40  # no unit holds much more than a third of the code
 
@@ -256,10 +259,32 @@ def test_declared_packages_that_are_not_imported_say_why():
 
 def test_plain_classes_import_without_ray():
     """The GPU benchmark machine has no Ray: the benchmark and the plain classes it drives (sampler, trainer,
-    reward scorer, policy and weights, full-size builders) must import, with all they import, while `import ray`
-    fails."""
+    reward scorer, policy and weights, full-size builders, the curation's flow stage) must import, with all they
+    import, while `import ray` fails."""
     modules = ["actors.sampler", "learner.trainer.nft_trainer", "learner.trainer.checkpoint", "rewards.scorer",
-               "motionnft_core.models.weights", "motionnft_core.models.full_size", "bench.train_step"]  # fmt: skip
+               "motionnft_core.models.weights", "motionnft_core.models.full_size", "bench.train_step",
+               "curation.stage_flow", "bench.curation_flow_gpu"]  # fmt: skip
     code = "import sys; sys.modules['ray'] = None\n" + "".join(f"import {m}\n" for m in modules)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+FAMILY_TEST = re.compile(r"\bfamily\s*(==|!=)")  # `model.family == "flux_kontext"`, `policy.family != ...`
+
+
+def _family_tests(paths: list[Path]) -> list[str]:
+    return [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in paths
+            for n, line in enumerate(p.read_text().splitlines(), start=1) if FAMILY_TEST.search(line)]  # fmt: skip
+
+
+def test_no_family_name_test_outside_the_family_modules():
+    """What differs between families is asked of the family's policy class (motionnft_core/models/families/):
+    a `family ==` test elsewhere is a place that a new family would have to find and edit."""
+    families = ROOT / "motionnft_core" / "models" / "families"
+    paths = [p for p in _product_files() + sorted((ROOT / "bench").rglob("*.py")) if families not in p.parents]
+    assert len(paths) > 50 and ROOT / "actors" / "eval_sampler.py" in paths
+    found = _family_tests(paths)
+    assert not found, "ask the family's policy class instead:\n  " + "\n  ".join(found)
+    for planted in ('if cfg.model.family == "flux_kontext":', "x.family!=y", "policy.family  == name"):
+        assert FAMILY_TEST.search(planted), planted
+    assert not FAMILY_TEST.search("families = policy_classes()")

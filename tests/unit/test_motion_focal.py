@@ -56,6 +56,18 @@ def test_pack_map_puts_each_2x2_patch_on_its_token_in_row_major_order(pipeline):
     assert EditPolicy.pack_map(policy, latent).tolist() == [2.5, 4.5, 10.5, 12.5]
 
 
+def test_flux2_pack_map_patchifies_then_packs_as_its_pipeline_does():
+    from diffusers import Flux2Pipeline
+
+    from motionnft_core.models.families.flux2 import Flux2Policy
+
+    policy = SimpleNamespace(pipe=Flux2Pipeline)
+    latent = torch.arange(16, dtype=torch.float64).reshape(4, 4)  # token (0, 0) covers 0, 1, 4, 5 ...
+    assert Flux2Policy.pack_map(policy, latent).tolist() == [2.5, 4.5, 10.5, 12.5]
+    wide = torch.arange(8, dtype=torch.float64).reshape(2, 4)  # one row of two tokens: patches (0,1,4,5), (2,3,6,7)
+    assert Flux2Policy.pack_map(policy, wide).tolist() == [2.5, 4.5]
+
+
 def test_token_weights_of_an_object_moving_in_one_corner():
     """64 x 64 pixels, an 8x VAE: an 8 x 8 latent, 16 tokens; the object moves 4 px in pixels 0:16 x 0:16, so
     exactly token 0 is hot."""

@@ -17,7 +17,7 @@ from PIL import Image
 from motionnft_core.models.policy import Conditioning, EditPolicy, FluxKontextPolicy, QwenImageEditPolicy
 from motionnft_core.models.tiny import build_tiny
 
-FAMILIES = ["flux_kontext", "qwen_image_edit"]
+FAMILIES = ["flux_kontext", "qwen_image_edit", "qwen_image_edit_plus", "flux2_klein", "flux2_dev"]
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 H, W = 64, 48  # non-square, so a swapped height/width cannot pass
 TOKENS = (H // 16) * (W // 16)  # packed latent tokens: 8x VAE, 2x2 packing
@@ -114,11 +114,17 @@ def _stop_after_first_step(pipe, step, timestep, callback_kwargs):
         ("flux_kontext", 64),
         # Qwen's pipeline resizes the input image to ~1 MP; at 1024^2 that resize is the identity.
         pytest.param("qwen_image_edit", 1024, marks=pytest.mark.slow),
+        # The Plus pipeline's ~1 MP is a module constant, set to the edit's area here (tests/unit/test_families.py
+        # checks it with two input images).
+        ("qwen_image_edit_plus", 64),
     ],
 )
-def test_velocity_matches_the_pipeline(tiny_dirs, family, size):
+def test_velocity_matches_the_pipeline(tiny_dirs, family, size, monkeypatch):
     """The first Euler step of the pipeline's own __call__ (its encoders, latents, ids / img_shapes, guidance,
     timestep scaling) equals ``noise + (sigma_1 - 1) * velocity(noise, 1)`` of the policy."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
+
+    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", size * size)
     policy = EditPolicy.from_pretrained(tiny_dirs[family], family=family)
     images = _images(1, seed=5, height=size, width=size)
     cond = policy.encode([PROMPT], images)
@@ -127,10 +133,7 @@ def test_velocity_matches_the_pipeline(tiny_dirs, family, size):
     x1 = noise + (grid[1] - grid[0]) * policy.velocity(noise, grid[:1], cond)
 
     kwargs = dict(height=size, width=size, num_inference_steps=2, latents=noise, output_type="latent")
-    if family == "flux_kontext":
-        kwargs.update(guidance_scale=2.5, max_area=size * size, _auto_resize=False)
-    else:
-        kwargs.update(true_cfg_scale=1.0)
+    kwargs.update(policy.stock_call_kwargs(size, size))
     pil = Image.fromarray(images[0].permute(1, 2, 0).numpy())
     reference = policy.pipe(pil, PROMPT, callback_on_step_end=_stop_after_first_step, **kwargs).images
     torch.testing.assert_close(x1, reference, atol=1e-5, rtol=1e-5)
@@ -155,13 +158,17 @@ def test_decode_is_inverse_of_encode_layout(policy):
 
 # ---------------------------------------------------------------------------------------- sigma grid
 def _expected_sigmas(family: str, n: int, height: int, width: int) -> list[float]:
-    """The grid written out by hand from the two real scheduler configs (docs/architecture.md)."""
+    """The grid written out by hand from the real scheduler configs (docs/architecture.md) and FLUX.2's mu."""
     seq = (height // 16) * (width // 16)
     if family == "flux_kontext":
         base_len, max_len, base_shift, max_shift, terminal = 256, 4096, 0.5, 1.15, None
     else:
         base_len, max_len, base_shift, max_shift, terminal = 256, 8192, 0.5, 0.9, 0.02
     mu = base_shift + (max_shift - base_shift) / (max_len - base_len) * (seq - base_len)
+    if family.startswith("flux2"):  # FLUX.2's empirical mu of (tokens, steps): linear in both, no terminal stretch
+        m200, m10 = 0.00016927 * seq + 0.45666666, 8.73809524e-05 * seq + 1.89833333
+        mu = m200 + (m200 - m10) / 190.0 * (n - 200) if seq <= 4300 else m200
+        terminal = None
     raw = np.linspace(1.0, 1.0 / n, n)
     shifted = [math.exp(mu) / (math.exp(mu) + (1 / s - 1)) for s in raw]
     if terminal is not None:

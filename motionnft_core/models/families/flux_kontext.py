@@ -1,0 +1,228 @@
+"""FLUX.1 Kontext [dev]: the policy over `FluxKontextPipeline`, its tiny and full-size builders.
+
+CLIP pooled + T5 text; the input image's latents appended to the sequence (position-id index 0 set to 1); a
+distilled guidance embedding instead of CFG, `model.guidance` in rollouts and training, `eval.kontext_guidance`
+in the evaluation.
+"""
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from motionnft_core.config import EvalConfig, ModelConfig
+from motionnft_core.models.full_size import layers, real_config
+from motionnft_core.models.policy import Conditioning, EditPolicy
+from motionnft_core.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+
+
+class FluxKontextPolicy(EditPolicy):
+    """FLUX.1 Kontext: CLIP pooled + T5 text, input-image latents appended to the sequence (position-id
+    index 0 set to 1), distilled guidance embedding instead of CFG."""
+
+    family = "flux_kontext"
+    pipeline_class = FluxKontextPipeline
+    config_name = "flux_kontext"
+    pads_text = True  # T5 text padded to max_sequence_length, and FLUX attends to the padding
+
+    def __init__(
+        self,
+        pipe: FluxKontextPipeline,
+        *,
+        guidance_scale: float = ModelConfig.guidance,
+        max_sequence_length: int = ModelConfig.max_sequence_length,
+    ):
+        super().__init__(pipe)
+        self.guidance_scale = guidance_scale  # Kontext [dev]'s distilled guidance, used in rollouts and training
+        self.max_sequence_length = max_sequence_length  # T5 tokens, as the pipeline's default
+
+    @classmethod
+    def policy_kwargs(cls, model: ModelConfig) -> dict:
+        return {"guidance_scale": model.guidance, "max_sequence_length": model.max_sequence_length}
+
+    @classmethod
+    def eval_sampling(cls, cfg: EvalConfig) -> dict:
+        return {"guidance": cfg.kontext_guidance}
+
+    @contextmanager
+    def eval_guidance(self, cfg: EvalConfig) -> Iterator[None]:
+        """The distilled guidance set to `eval.kontext_guidance` while sampling, then put back."""
+        saved = self.guidance_scale
+        self.guidance_scale = cfg.kontext_guidance
+        try:
+            yield
+        finally:
+            self.guidance_scale = saved
+
+    @classmethod
+    def stock_call_kwargs(cls, height: int, width: int) -> dict:
+        # No resize to a preferred Kontext resolution: the edit is made at the data's size.
+        return {"guidance_scale": 2.5, "max_area": height * width, "_auto_resize": False}
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], images: torch.Tensor | Sequence[torch.Tensor]) -> Conditioning:
+        images = self._input_slots(images)[0]
+        batch, height, width = self._check_images(prompts, images)
+        prompt_embeds, pooled_prompt_embeds, text_ids = self.pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        latents = self.pipe._encode_vae_image(self._to_pixels(images), generator=None)  # (B, C, h, w), mode
+        _, channels, h, w = latents.shape
+        image_latents = self.pipe._pack_latents(latents, batch, channels, h, w)
+        # Position ids stay float32 whatever the model dtype (the transformer reads them as float anyway).
+        latent_ids = self.pipe._prepare_latent_image_ids(batch, h // 2, w // 2, self.device, torch.float32)
+        image_ids = latent_ids.clone()
+        image_ids[..., 0] = 1  # marks the condition image's tokens, as the pipeline does
+        return Conditioning(
+            tensors={
+                "prompt_embeds": prompt_embeds,  # (B, T, 4096) T5
+                "pooled_prompt_embeds": pooled_prompt_embeds,  # (B, 768) CLIP
+                "image_latents": image_latents,  # (B, L, D)
+            },
+            shared={  # (T, 3) zeros and (2L, 3): target tokens, then the condition image's
+                "txt_ids": text_ids.float(),
+                "img_ids": torch.cat([latent_ids, image_ids], dim=0),
+            },
+            height=height,
+            width=width,
+        )
+
+    def velocity(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        sigma = self._check_velocity_inputs(x_t, sigma, cond)
+        c = cond.to(self.device, self.dtype)
+        seq_len = x_t.shape[1]
+        hidden_states = torch.cat([x_t.to(self.device, self.dtype), c.tensors["image_latents"]], dim=1)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((x_t.shape[0],), self.guidance_scale, device=self.device, dtype=torch.float32)
+        out = self.transformer(
+            hidden_states=hidden_states,
+            timestep=sigma,  # the pipeline passes timesteps / 1000 = sigma
+            guidance=guidance,
+            pooled_projections=c.tensors["pooled_prompt_embeds"],
+            encoder_hidden_states=c.tensors["prompt_embeds"],
+            txt_ids=c.shared["txt_ids"],
+            img_ids=c.shared["img_ids"],
+            return_dict=False,
+        )[0]
+        return out[:, :seq_len].to(x_t.dtype)  # the target tokens; the condition image's are dropped
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        self.check_size(height, width)
+        latents = self.pipe._unpack_latents(x0.to(self.device), height, width, self.vae_scale_factor)
+        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return self._to_uint8(images)
+
+
+def tiny_components(seed: int) -> dict:
+    """Components of a tiny FluxKontextPipeline (diffusers' dummy sizes, 8x VAE, 4 latent channels)."""
+    tokenizer = build_clip_tokenizer()
+    tokenizer_2 = build_t5_tokenizer()
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x (2x2 packing)
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # = T5 d_model
+        pooled_projection_dim=32,  # = CLIP hidden size
+        guidance_embeds=True,  # Kontext [dev] is guidance-distilled
+        axes_dims_rope=(4, 4, 8),  # sums to attention_head_dim
+    )
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=32,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,  # != 2, so the pooled output is taken at the first eos
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+    torch.manual_seed(seed)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's t5-v1_1-xxl
+            is_encoder_decoder=False,
+            pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+            decoder_start_token_id=tokenizer_2.pad_token_id,
+        )
+    )
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),  # 4 blocks -> 8x downsampling, as FLUX's VAE
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        use_quant_conv=False,  # FLUX's VAE has neither quant conv
+        use_post_quant_conv=False,
+        shift_factor=0.1159,  # FLUX's latent normalization
+        scaling_factor=0.3611,
+    )
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**real_config("flux_kontext")["scheduler"])  # the real one
+    return {
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "transformer": transformer,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def full_size_components(config: dict, text_layers: int | None) -> dict:
+    """Components at the real sizes from `config` (motionnft_core/models/full_size.py)."""
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
+    clip = {**layers(config["text_encoder"], "num_hidden_layers", text_layers),
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    t5 = {**layers(config["text_encoder_2"], "num_layers", text_layers), "pad_token_id": tokenizer_2.pad_token_id,
+          "eos_token_id": tokenizer_2.eos_token_id, "decoder_start_token_id": tokenizer_2.pad_token_id}  # fmt: skip
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
+        "vae": AutoencoderKL(**config["vae"]),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**clip)),
+        "tokenizer": tokenizer,
+        "text_encoder_2": T5EncoderModel(T5Config(**t5)),
+        "tokenizer_2": tokenizer_2,
+        "transformer": FluxTransformer2DModel(**config["transformer"]),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+POLICY = FluxKontextPolicy

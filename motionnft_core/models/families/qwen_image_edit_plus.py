@@ -1,0 +1,105 @@
+"""Qwen-Image-Edit-2509 / -2511 ("Plus"): the policy over `QwenImageEditPlusPipeline`, its tiny and full-size builders.
+
+The components are Qwen-Image-Edit's (Qwen2.5-VL, the same VAE and MMDiT; 2511's transformer sets `zero_cond_t`, the
+input images' tokens modulated at timestep 0), and an example has one to three input images: the VL encoder sees each
+as "Picture i:" at ~384^2 pixels, and each one's latents are appended to the sequence in order, described by
+`img_shapes`. The first input image is the motion source (the flow reward compares the edit with it). The pipeline
+makes each input image's latents at ~1 MP; here they are made at the edit's size, the training resolution (as the
+Qwen-Image-Edit policy does). No CFG in rollouts and training (the recipe's); true CFG (`eval.qwen_true_cfg` against
+`eval.negative_prompt`) in the evaluation, the model cards' published setting (docs/models.md).
+"""
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import QwenImageEditPlusPipeline
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE, calculate_dimensions
+from PIL import Image
+
+from motionnft_core.models.families import qwen_image_edit
+from motionnft_core.models.policy import Conditioning
+
+
+class QwenImageEditPlusPolicy(qwen_image_edit.QwenImageEditPolicy):
+    """Qwen-Image-Edit-2509/2511: one to three input images per example (module docstring); the rest (the VAE
+    decode, the evaluation's true CFG) is Qwen-Image-Edit's."""
+
+    family = "qwen_image_edit_plus"
+    pipeline_class = QwenImageEditPlusPipeline
+    config_name = "qwen_image_edit_plus"
+    max_input_images = 3  # the model cards: "optimal performance with 1 to 3 input images"
+
+    def _condition_image(self, image: torch.Tensor) -> Image.Image:
+        """uint8 (3, H, W) -> the PIL image the VL encoder sees, resized to ~384^2 pixels as the pipeline does."""
+        height, width = image.shape[-2:]
+        cond_width, cond_height = calculate_dimensions(CONDITION_IMAGE_SIZE, width / height)
+        pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+        return self.pipe.image_processor.resize(pil, cond_height, cond_width)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], images: torch.Tensor | Sequence[torch.Tensor]) -> Conditioning:
+        slots = self._input_slots(images)
+        batch, height, width = self._check_images(prompts, slots[0])
+        # One prompt at a time: the pipeline numbers the pictures of one prompt ("Picture 1: ... Picture n:").
+        texts = [
+            self.pipe._get_qwen_prompt_embeds(
+                [prompt], [self._condition_image(slot[row]) for slot in slots], device=self.device, dtype=self.dtype
+            )
+            for row, prompt in enumerate(prompts)
+        ]
+        packed = []
+        for slot in slots:
+            pixels = self._to_pixels(slot).unsqueeze(2)  # (B, 3, 1, H, W): one frame for the video VAE
+            latents = self.pipe._encode_vae_image(pixels, generator=None)  # (B, C, 1, h, w), normalized, mode
+            _, channels, _, h, w = latents.shape
+            packed.append(self.pipe._pack_latents(latents, batch, channels, h, w))
+        rows = [
+            Conditioning({"prompt_embeds": embeds, "prompt_embeds_mask": mask}, {}, height, width)
+            for embeds, mask in texts
+        ]
+        text = Conditioning.cat(rows)  # zero-pads the text to the longest prompt, masked
+        return Conditioning(
+            tensors={
+                "prompt_embeds": text.tensors["prompt_embeds"],  # (B, T, D_text)
+                "prompt_embeds_mask": text.tensors["prompt_embeds_mask"],  # (B, T) long, 1 = real token
+                "image_latents": torch.cat(packed, dim=1),  # (B, n * L, D): the input images in order
+            },
+            shared={},
+            height=height,
+            width=width,
+        )
+
+    def velocity(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        sigma = self._check_velocity_inputs(x_t, sigma, cond)
+        c = cond.to(self.device, self.dtype)
+        batch, seq_len = x_t.shape[:2]
+        image_latents = c.tensors["image_latents"]
+        hidden_states = torch.cat([x_t.to(self.device, self.dtype), image_latents], dim=1)
+        mask = c.tensors["prompt_embeds_mask"]
+        if mask.all():
+            mask = None  # as the pipeline: no padding -> unmasked (flash-capable) attention
+        patches = (1, cond.height // self.vae_scale_factor // 2, cond.width // self.vae_scale_factor // 2)
+        inputs = image_latents.shape[1] // seq_len  # every input image is at the edit's size
+        out = self.transformer(
+            hidden_states=hidden_states,
+            timestep=sigma,  # the pipeline passes timesteps / 1000 = sigma
+            guidance=None,
+            encoder_hidden_states_mask=mask,
+            encoder_hidden_states=c.tensors["prompt_embeds"],
+            img_shapes=[[patches] * (1 + inputs)] * batch,  # the target, then each input image
+            return_dict=False,
+        )[0]
+        return out[:, :seq_len].to(x_t.dtype)
+
+
+def tiny_components(seed: int) -> dict:
+    """Qwen-Image-Edit's tiny components with 2511's `zero_cond_t` transformer (its input-image tokens at t = 0)."""
+    return qwen_image_edit.tiny_components(seed, zero_cond_t=True)
+
+
+def full_size_components(config: dict, text_layers: int | None) -> dict:
+    """Components at the real sizes from `config` (motionnft_core/models/full_size.py): Qwen-Image-Edit's kinds."""
+    return qwen_image_edit.full_size_components(config, text_layers)
+
+
+POLICY = QwenImageEditPlusPolicy
