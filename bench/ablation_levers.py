@@ -31,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from motionnft_core.config import ModelConfig  # noqa: E402
 from motionnft_core.eval_stats import bootstrap_interval, outcomes  # noqa: E402
 
 CONFIG = ROOT / "configs" / "learn_demo.yaml"
@@ -165,8 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-limit", type=int, default=0, help="held-out rows scored per run (0 = all)")
     p.add_argument("--pan-share", type=float, default=0.5)
     p.add_argument("--pan-pixels", type=int, default=3)
-    p.add_argument("--work", default="/work/ablation/runs", help="run dirs")
-    p.add_argument("--cache", default="/work/ablation/cache", help="model.cache_dir: the demo's data and warm start")
+    p.add_argument("--work", default="runs/ablation_levers", help="run dirs (one per variant and seed)")
+    p.add_argument("--cache", default=ModelConfig.cache_dir, help="model.cache_dir: the demo's data and warm start")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--summarize-only", action="store_true", help="only read the runs there are and write the table")
     args = p.parse_args(argv)
