@@ -337,3 +337,25 @@ def test_an_embedded_cluster_too_small_for_the_workers_is_refused():
     check_cpus(cfg, 5.0)  # 2 + 2 + 0.5 (one judge actor; a scripted judge starts no replica)
     with pytest.raises(ConfigError, match="cluster.decode_workers: the pipeline asks for 4.5 CPUs"):
         check_cpus(cfg, 4.0)
+
+
+def test_videos_under_an_s3_prefix_are_listed_and_fetched(s3_bucket, tmp_path):
+    """`input.videos` as an s3:// prefix (moto): listed with the same filter as a folder (suffixes, in path order,
+    `input.limit`), fetched into `input.cache_dir` once, and decoded to the frames of the local file."""
+    from curation.config import InputConfig
+    from curation.video import list_videos, local_copy
+    from motionnft_core import s3
+
+    local = write_video(tmp_path / "clip.mp4", (texture(64, 64, seed=i) for i in range(36)), fps=12)  # 3 s
+    prefix = f"s3://{s3_bucket}/videos"
+    for key in ("b/two.mp4", "a/one.MP4", "notes.txt"):
+        s3.upload_file(local, f"{prefix}/{key}")
+    cfg = InputConfig(videos=prefix, cache_dir=str(tmp_path / "cache"))
+    assert list_videos(cfg) == [f"{prefix}/a/one.MP4", f"{prefix}/b/two.mp4"]
+    assert list_videos(InputConfig(videos=prefix, limit=1)) == [f"{prefix}/a/one.MP4"]
+    fetched = local_copy(f"{prefix}/b/two.mp4", cfg)
+    assert fetched.is_relative_to(tmp_path / "cache") and fetched.read_bytes() == local.read_bytes()
+    clips = CurateConfig().clips
+    frames = [f for _, f in decode(fetched, cfg, clips)[1]]
+    assert len(frames) == 36 and all(np.array_equal(a, b) for a, b in
+                                     zip(frames, [f for _, f in decode(local, cfg, clips)[1]], strict=True))
