@@ -83,20 +83,21 @@ def test_qwen_image_edit_plus_trains_on_two_input_images(tmp_path):
             assert (v - exported.velocity(x, torch.tensor([0.5]), cond)).abs().max() > 0  # the adapter trained
 
 
-def test_flux2_klein_trains_on_two_input_images(tmp_path):
-    """FLUX.2 [klein]'s pipeline end to end, two steps on one rollout worker and one learner rank: a second input
-    image per example, the held-out evaluation after each step, a LoRA export (the single-stream blocks'
-    fused layers included) that the stock pipeline loads."""
+@pytest.mark.parametrize("family", ["flux2_klein", "flux2_dev"])
+def test_flux2_trains_on_two_input_images(tmp_path, family):
+    """FLUX.2 [klein]'s and [dev]'s pipelines end to end, two steps on one rollout worker and one learner rank: a
+    second input image per example, the held-out evaluation after each step, a LoRA export (the single-stream
+    blocks' fused layers included) that the stock pipeline loads."""
     extra = ["data.synthetic_reference=true", "checkpoint.every=2", "eval.every=1", "eval.during_rows=2",
              "eval.num_steps=2", "cluster.rollout_workers=1", "cluster.learner_ranks=1",
              "model.max_sequence_length=64"]  # fmt: skip
-    proc = _main(_overrides(tmp_path, 2, family="flux2_klein") + extra)
+    proc = _main(_overrides(tmp_path, 2, family=family) + extra)
     out = proc.stdout + proc.stderr
-    assert "flux2_klein (tiny random weights, float32), LoRA r4 on" in out
+    assert f"{family} (tiny random weights, float32), LoRA r4 on" in out
     metrics = harness.metrics_rows(tmp_path / "run")
     assert [m["step"] for m in metrics] == [0, 1] and all("learner/loss" in m for m in metrics)
     assert all(m["eval/rows"] == 2 for m in metrics)
-    cfg = load_config(str(ROOT / "configs/tiny_cpu.yaml"), _overrides(tmp_path, 2, family="flux2_klein") + extra)
+    cfg = load_config(str(ROOT / "configs/tiny_cpu.yaml"), _overrides(tmp_path, 2, family=family) + extra)
     train, _ = load_splits(cfg)
     exported = load_exported_policy(cfg, tmp_path / "ckpt" / "step_00000002" / "lora")
     names = [n for n, _ in exported.transformer.named_parameters() if "lora_A" in n]
