@@ -152,6 +152,25 @@ FAMILIES = ("flux_kontext", "qwen_image_edit", "qwen_image_edit_plus", "flux2_kl
 FAMILY_PARAMS = [pytest.param(f, marks=() if f in FAMILIES[:2] else pytest.mark.slow) for f in FAMILIES]
 
 
+EDIT_PROMPT = "move the red square to the left"
+DOUBLE_STREAM_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def random_input_images(n: int, seed: int, size: int = 64) -> list:
+    """`n` random uint8 input images (1, 3, size, size): one per input slot of a multi-image family."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (1, 3, size, size), generator=g, dtype=torch.uint8) for _ in range(n)]
+
+
+def to_pil(image):
+    """A (1, 3, H, W) uint8 image as the PIL image a stock pipeline takes."""
+    from PIL import Image
+
+    return Image.fromarray(image[0].permute(1, 2, 0).numpy())
+
+
 def synthetic_examples(folder: Path, n: int, *, size: int, seed: int, take: int | None = None) -> list:
     """`take` (default all) of `n` synthetic examples through the real data path (parquet -> MotionEditDataset)."""
     from motionnft_core.data.motionedit import MotionEditDataset

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
-from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from actors.sampler import Sampler
@@ -19,21 +18,10 @@ from motionnft_core.config import FAMILIES, ModelConfig, RolloutConfig
 from motionnft_core.models.families import family_module, policy_class
 from motionnft_core.models.full_size import build_full_size, config_path, parameter_counts
 from motionnft_core.models.policy import EditPolicy
-from tests.conftest import synthetic_examples
+from tests.conftest import DOUBLE_STREAM_TARGETS, EDIT_PROMPT, random_input_images, synthetic_examples, to_pil
 
 PLUS = "qwen_image_edit_plus"
 SIZE = 64
-PROMPT = "move the red square to the left"
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-
-
-def _images(n: int, seed: int, size: int = SIZE) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (1, 3, size, size), generator=g, dtype=torch.uint8) for _ in range(n)]
-
-
-def _pil(image: torch.Tensor) -> Image.Image:
-    return Image.fromarray(image[0].permute(1, 2, 0).numpy())
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +47,17 @@ def test_the_registry_feeds_the_config_and_every_family_is_complete():
 def test_single_image_families_refuse_a_second_input_image(tiny_pipelines):
     policy = EditPolicy.from_pretrained(tiny_pipelines["qwen_image_edit"], family="qwen_image_edit")
     with pytest.raises(ValueError, match="qwen_image_edit takes 1 to 1 input images per example, got 2"):
-        policy.encode([PROMPT], _images(2, seed=0))
+        policy.encode([EDIT_PROMPT], random_input_images(2, seed=0))
 
 
 # ------------------------------------------------------------------------------------------------ several inputs
 def test_plus_conditions_on_every_input_image_in_order(plus):
-    one, two = _images(2, seed=1)
+    one, two = random_input_images(2, seed=1)
     x = plus.prepare_latents(1, SIZE, SIZE, torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.7])
-    single = plus.encode([PROMPT], [one])
-    both = plus.encode([PROMPT], [one, two])
-    swapped = plus.encode([PROMPT], [two, one])
+    single = plus.encode([EDIT_PROMPT], [one])
+    both = plus.encode([EDIT_PROMPT], [one, two])
+    swapped = plus.encode([EDIT_PROMPT], [two, one])
     tokens = plus.seq_len(SIZE, SIZE)
     assert single.tensors["image_latents"].shape[1] == tokens and both.tensors["image_latents"].shape[1] == 2 * tokens
     assert torch.equal(both.tensors["image_latents"][:, :tokens], single.tensors["image_latents"])
@@ -77,25 +65,25 @@ def test_plus_conditions_on_every_input_image_in_order(plus):
     assert (v_both - v_single).abs().max() > 1e-4  # the second image matters ...
     assert (v_both - v_swapped).abs().max() > 1e-4  # ... and so does the order
     with pytest.raises(ValueError, match="1 to 3 input images per example, got 4"):
-        plus.encode([PROMPT], _images(4, seed=2))
+        plus.encode([EDIT_PROMPT], random_input_images(4, seed=2))
     with pytest.raises(ValueError, match="one shape"):
-        plus.encode([PROMPT], [one, _images(1, seed=3, size=SIZE + 16)[0]])
+        plus.encode([EDIT_PROMPT], [one, random_input_images(1, seed=3, size=SIZE + 16)[0]])
 
 
-def test_plus_matches_the_stock_pipeline_with_two_input_images(plus, monkeypatch):
+def test_plus_matches_the_stock_pipeline_with_two_inputrandom_input_images(plus, monkeypatch):
     """The first Euler step of `QwenImageEditPlusPipeline.__call__` with two input images equals the policy's, its
     ~1 MP input-image size set to the edit's (the policy makes the input images' latents at the edit's size)."""
     monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", SIZE * SIZE)
-    images = _images(2, seed=4)
+    images = random_input_images(2, seed=4)
     noise = plus.prepare_latents(1, SIZE, SIZE, torch.Generator().manual_seed(3))
     grid = plus.sigmas(2, SIZE, SIZE)
-    x1 = noise + (grid[1] - grid[0]) * plus.velocity(noise, grid[:1], plus.encode([PROMPT], images))
+    x1 = noise + (grid[1] - grid[0]) * plus.velocity(noise, grid[:1], plus.encode([EDIT_PROMPT], images))
 
     def stop(pipe, step, timestep, callback_kwargs):
         pipe._interrupt = True  # the remaining steps are skipped; the latents come back as they are
         return {}
 
-    reference = plus.pipe([_pil(im) for im in images], PROMPT, height=SIZE, width=SIZE, num_inference_steps=2,
+    reference = plus.pipe([to_pil(im) for im in images], EDIT_PROMPT, height=SIZE, width=SIZE, num_inference_steps=2,
                           latents=noise, output_type="latent", callback_on_step_end=stop,
                           **plus.stock_call_kwargs(SIZE, SIZE)).images  # fmt: skip
     torch.testing.assert_close(x1, reference, atol=1e-5, rtol=1e-5)
@@ -103,15 +91,16 @@ def test_plus_matches_the_stock_pipeline_with_two_input_images(plus, monkeypatch
 
 def test_plus_lora_export_loads_into_the_stock_pipeline(tiny_pipelines, tmp_path):
     policy = EditPolicy.from_pretrained(tiny_pipelines[PLUS], family=PLUS)
-    policy.add_lora(rank=4, alpha=8, target_modules=TARGETS)
+    policy.add_lora(rank=4, alpha=8, target_modules=DOUBLE_STREAM_TARGETS)
     g = torch.Generator().manual_seed(7)
     trained = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in policy.lora_state_dict().items()}
     policy.load_lora_state_dict(trained)
-    export_lora(policy.lora_state_dict(), tmp_path / "lora", family=PLUS, rank=4, alpha=8, targets=TARGETS)
+    export_lora(policy.lora_state_dict(), tmp_path / "lora", family=PLUS, rank=4, alpha=8,
+                targets=DOUBLE_STREAM_TARGETS)
 
     stock = type(policy.pipe).from_pretrained(tiny_pipelines[PLUS])
     loaded = EditPolicy.from_pipe(stock)
-    cond = loaded.encode([PROMPT], _images(2, seed=5))
+    cond = loaded.encode([EDIT_PROMPT], random_input_images(2, seed=5))
     x = loaded.prepare_latents(1, SIZE, SIZE, torch.Generator().manual_seed(1))
     sigma = torch.tensor([0.5])
     with torch.no_grad():

@@ -10,27 +10,16 @@ import json
 import pytest
 import torch
 from diffusers import Flux2Transformer2DModel
-from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from learner.trainer.checkpoint import export_lora
 from motionnft_core.models.full_size import CONFIG_DIR, build_full_size, parameter_counts
 from motionnft_core.models.policy import EditPolicy
+from tests.conftest import DOUBLE_STREAM_TARGETS, EDIT_PROMPT, random_input_images, to_pil
 
 KLEIN, DEV = "flux2_klein", "flux2_dev"
 FLUX2 = [KLEIN, DEV]
 SIZE = 64
-PROMPT = "move the red square to the left"
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-
-
-def _images(n: int, seed: int, size: int = SIZE) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (1, 3, size, size), generator=g, dtype=torch.uint8) for _ in range(n)]
-
-
-def _pil(image: torch.Tensor) -> Image.Image:
-    return Image.fromarray(image[0].permute(1, 2, 0).numpy())
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +44,9 @@ def test_lora_covers_every_block_type(tiny_pipelines, family):
     `to_out` in each single-stream block; nothing else."""
     policy = EditPolicy.from_pretrained(tiny_pipelines[family], family=family)
     doubles, singles = len(policy.transformer.transformer_blocks), len(policy.transformer.single_transformer_blocks)
-    policy.add_lora(rank=2, alpha=2, target_modules=TARGETS)
+    policy.add_lora(rank=2, alpha=2, target_modules=DOUBLE_STREAM_TARGETS)
     found = _adapted(policy.transformer)
-    assert sorted(found["double"]) == sorted(TARGETS * doubles)
+    assert sorted(found["double"]) == sorted(DOUBLE_STREAM_TARGETS * doubles)
     assert sorted(found["single"]) == sorted(["to_qkv_mlp_proj", "to_out"] * singles)
     assert found["other"] == []
     only_q = EditPolicy.from_pretrained(tiny_pipelines[family], family=family)
@@ -66,10 +55,10 @@ def test_lora_covers_every_block_type(tiny_pipelines, family):
 
 
 def test_klein_conditions_on_every_input_image_in_order(klein):
-    one, two = _images(2, seed=1)
+    one, two = random_input_images(2, seed=1)
     x = klein.prepare_latents(1, SIZE, SIZE, torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.7])
-    single, both, swapped = (klein.encode([PROMPT], imgs) for imgs in ([one], [one, two], [two, one]))
+    single, both, swapped = (klein.encode([EDIT_PROMPT], imgs) for imgs in ([one], [one, two], [two, one]))
     tokens = klein.seq_len(SIZE, SIZE)
     assert both.tensors["image_latents"].shape[1] == 2 * tokens
     assert torch.equal(both.shared["img_ids"][tokens:2 * tokens], single.shared["img_ids"][tokens:])
@@ -78,7 +67,7 @@ def test_klein_conditions_on_every_input_image_in_order(klein):
     assert (v_both - v_single).abs().max() > 1e-4  # the second image matters ...
     assert (v_both - v_swapped).abs().max() > 1e-4  # ... and so does the order
     with pytest.raises(ValueError, match="1 to 4 input images per example, got 5"):
-        klein.encode([PROMPT], _images(5, seed=2))
+        klein.encode([EDIT_PROMPT], random_input_images(5, seed=2))
 
 
 @pytest.mark.parametrize("family, inputs", [(KLEIN, 1), (KLEIN, 2), (DEV, 2)])
@@ -87,10 +76,10 @@ def test_flux2_matches_the_stock_pipeline(tiny_pipelines, family, inputs):
     latents, position ids, empirical shift, guidance, timestep scaling) equals the policy's, with one and with two
     input images; and the policy's decode of the stock pipeline's latents equals the stock pipeline's image."""
     klein = EditPolicy.from_pretrained(tiny_pipelines[family], family=family)
-    images = _images(inputs, seed=4)
+    images = random_input_images(inputs, seed=4)
     noise = klein.prepare_latents(1, SIZE, SIZE, torch.Generator().manual_seed(3))
     grid = klein.sigmas(2, SIZE, SIZE)
-    x1 = noise + (grid[1] - grid[0]) * klein.velocity(noise, grid[:1], klein.encode([PROMPT], images))
+    x1 = noise + (grid[1] - grid[0]) * klein.velocity(noise, grid[:1], klein.encode([EDIT_PROMPT], images))
 
     seen = {}
 
@@ -101,7 +90,7 @@ def test_flux2_matches_the_stock_pipeline(tiny_pipelines, family, inputs):
 
     h = SIZE // 16
     unpacked = noise.reshape(1, h, h, -1).permute(0, 3, 1, 2)  # the pipeline packs the latents it is given
-    out = klein.pipe([_pil(im) for im in images], PROMPT, height=SIZE, width=SIZE, num_inference_steps=2,
+    out = klein.pipe([to_pil(im) for im in images], EDIT_PROMPT, height=SIZE, width=SIZE, num_inference_steps=2,
                      latents=unpacked, output_type="pt", callback_on_step_end=stop,
                      **klein.stock_call_kwargs(SIZE, SIZE)).images  # fmt: skip
     torch.testing.assert_close(x1, seen["latents"], atol=1e-5, rtol=1e-5)
@@ -113,17 +102,17 @@ def test_flux2_matches_the_stock_pipeline(tiny_pipelines, family, inputs):
 @pytest.mark.parametrize("family", FLUX2)
 def test_flux2_lora_export_loads_into_the_stock_pipeline(tiny_pipelines, tmp_path, family):
     policy = EditPolicy.from_pretrained(tiny_pipelines[family], family=family)
-    policy.add_lora(rank=4, alpha=8, target_modules=TARGETS)
+    policy.add_lora(rank=4, alpha=8, target_modules=DOUBLE_STREAM_TARGETS)
     g = torch.Generator().manual_seed(7)
     trained = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in policy.lora_state_dict().items()}
     policy.load_lora_state_dict(trained)
     assert any("single_transformer_blocks" in k and "to_qkv_mlp_proj" in k for k in trained)
     export_lora(policy.lora_state_dict(), tmp_path / "lora", family=family, rank=4, alpha=8,
-                targets=policy.lora_target_modules(TARGETS))  # fmt: skip
+                targets=policy.lora_target_modules(DOUBLE_STREAM_TARGETS))  # fmt: skip
 
     stock = type(policy.pipe).from_pretrained(tiny_pipelines[family])
     loaded = EditPolicy.from_pipe(stock)
-    cond = loaded.encode([PROMPT], _images(2, seed=5))
+    cond = loaded.encode([EDIT_PROMPT], random_input_images(2, seed=5))
     x = loaded.prepare_latents(1, SIZE, SIZE, torch.Generator().manual_seed(1))
     sigma = torch.tensor([0.5])
     with torch.no_grad():
@@ -146,18 +135,18 @@ def test_dev_prompt_cache_and_offloaded_text_encoder(tiny_pipelines):
     assert not hasattr(plain.pipe.text_encoder, "_hf_hook")
     calls = []
     planned.pipe.text_encoder.register_forward_hook(lambda module, args, out: calls.append(1))
-    images = _images(1, seed=6)
-    first = planned.encode([PROMPT], images)
-    again = planned.encode([PROMPT], images)
-    other = planned.encode(["turn the car", PROMPT], [torch.cat(images * 2)])
-    assert len(calls) == 2  # PROMPT once, then only the new prompt
-    reference = plain.encode([PROMPT], images)
+    images = random_input_images(1, seed=6)
+    first = planned.encode([EDIT_PROMPT], images)
+    again = planned.encode([EDIT_PROMPT], images)
+    other = planned.encode(["turn the car", EDIT_PROMPT], [torch.cat(images * 2)])
+    assert len(calls) == 2  # EDIT_PROMPT once, then only the new prompt
+    reference = plain.encode([EDIT_PROMPT], images)
     for cond in (first, again):
         torch.testing.assert_close(cond.tensors["prompt_embeds"], reference.tensors["prompt_embeds"])
         assert torch.equal(cond.shared["txt_ids"], reference.shared["txt_ids"])
     torch.testing.assert_close(other.tensors["prompt_embeds"][1:], reference.tensors["prompt_embeds"])
     planned.encode(["a", "b"], [torch.cat(images * 2)])  # two new prompts: the cache keeps the last 2
-    assert len(planned.prompt_cache) == 2 and PROMPT not in planned.prompt_cache
+    assert len(planned.prompt_cache) == 2 and EDIT_PROMPT not in planned.prompt_cache
     assert len(plain.prompt_cache) == 0  # off by default
 
 
