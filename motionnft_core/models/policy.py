@@ -276,6 +276,17 @@ class EditPolicy:
         self.transformer.set_adapter(adapter_name)
 
     @contextmanager
+    def guidance_as(self, scale: float) -> Iterator[None]:
+        """For a family with a distilled guidance embedding: its scale set to `scale` while inside, then put back
+        (the evaluation samples with the published setting, rollouts and training with `model.guidance`)."""
+        saved = self.guidance_scale
+        self.guidance_scale = scale
+        try:
+            yield
+        finally:
+            self.guidance_scale = saved
+
+    @contextmanager
     def adapters_disabled(self) -> Iterator[None]:
         """Run the base model (reference forwards, v_ref): all adapters off inside the block."""
         self.transformer.disable_adapters()

@@ -8,8 +8,7 @@ Its size plan (a 32 B transformer and a 24 B encoder on one 80 GB GPU): `model.p
 `model.text_encoder_offload` (flux2.py, docs/models.md).
 """
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
@@ -34,15 +33,9 @@ class Flux2DevPolicy(flux2.Flux2Policy):
     def eval_sampling(cls, cfg: EvalConfig) -> dict:
         return {"guidance": cfg.flux2_guidance}
 
-    @contextmanager
-    def eval_guidance(self, cfg: EvalConfig) -> Iterator[None]:
+    def eval_guidance(self, cfg: EvalConfig) -> AbstractContextManager[None]:
         """The distilled guidance set to `eval.flux2_guidance` while sampling, then put back."""
-        saved = self.guidance_scale
-        self.guidance_scale = cfg.flux2_guidance
-        try:
-            yield
-        finally:
-            self.guidance_scale = saved
+        return self.guidance_as(cfg.flux2_guidance)
 
     @classmethod
     def stock_call_kwargs(cls, height: int, width: int) -> dict:

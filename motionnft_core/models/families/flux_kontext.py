@@ -5,8 +5,8 @@ distilled guidance embedding instead of CFG, `model.guidance` in rollouts and tr
 in the evaluation.
 """
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
@@ -46,15 +46,9 @@ class FluxKontextPolicy(EditPolicy):
     def eval_sampling(cls, cfg: EvalConfig) -> dict:
         return {"guidance": cfg.kontext_guidance}
 
-    @contextmanager
-    def eval_guidance(self, cfg: EvalConfig) -> Iterator[None]:
+    def eval_guidance(self, cfg: EvalConfig) -> AbstractContextManager[None]:
         """The distilled guidance set to `eval.kontext_guidance` while sampling, then put back."""
-        saved = self.guidance_scale
-        self.guidance_scale = cfg.kontext_guidance
-        try:
-            yield
-        finally:
-            self.guidance_scale = saved
+        return self.guidance_as(cfg.kontext_guidance)
 
     @classmethod
     def stock_call_kwargs(cls, height: int, width: int) -> dict:
