@@ -286,7 +286,8 @@ def compare_manifest(cfg: Config, dirs: dict[str, str | None], split: str) -> di
                            "eval_fraction": cfg.data.eval_fraction, "seed": cfg.data.seed},
         "size": [cfg.rollout.height, cfg.rollout.width],
         "model": {"family": cfg.model.family, "path": cfg.model.path, "tiny": cfg.model.tiny, "dtype": cfg.model.dtype},
-        "eval": {k: getattr(cfg.eval, k) for k in MANIFEST_EVAL_KEYS},
+        "eval": {**{k: getattr(cfg.eval, k) for k in MANIFEST_EVAL_KEYS},
+                 **policy_class(cfg.model.family).eval_sampling(cfg.eval)},  # the family's own guidance keys
         "flow": flow,
         "judge": {"served_model_name": j.served_model_name, "model_path": j.model_path, "tiny": j.tiny},
         "prompt_digest": prompt_digest(),  # not the judge's URL: a resume may find it elsewhere

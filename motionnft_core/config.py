@@ -561,10 +561,13 @@ class EvalConfig(_Section):
                                  "protocol)", ge=0)  # fmt: skip
     flux2_guidance: float = _f(4.0, "FLUX.2 [dev]: distilled guidance of the evaluation edits (the model card's "
                                "guidance_scale 4)", ge=0)  # fmt: skip
-    qwen_true_cfg: float = _f(4.0, "Qwen-Image-Edit: true CFG scale of the evaluation edits (the paper's protocol); "
-                              "<= 1 = off", ge=0)  # fmt: skip
-    negative_prompt: str = _f(" ", "Qwen-Image-Edit: negative prompt of true CFG (diffusers' examples use \" \")",
-                              non_empty=True, expected="a non-empty string (\" \" is fine)")  # fmt: skip
+    klein_base_cfg: float = _f(4.0, "FLUX.2 [klein] Base checkpoints: CFG scale of the evaluation edits against the "
+                               "empty prompt (diffusers' Flux2KleinPipeline example; the distilled checkpoints "
+                               "sample without CFG); <= 1 = off", ge=0)  # fmt: skip
+    qwen_true_cfg: float = _f(4.0, "Qwen-Image-Edit and -Plus: true CFG scale of the evaluation edits (the paper's "
+                              "protocol); <= 1 = off", ge=0)  # fmt: skip
+    negative_prompt: str = _f(" ", "Qwen-Image-Edit and -Plus: negative prompt of true CFG (diffusers' examples "
+                              "use \" \")", non_empty=True, expected="a non-empty string (\" \" is fine)")  # fmt: skip
     chunk_rows: int = _f(8, "edits scored per chunk written: a crash loses at most this many scored rows per policy",
                          ge=1)  # fmt: skip
     mas_alpha: float = _f(0.7, "α in D = α·D_mag + (1 − α)·D_dir", ge=0, le=1)

@@ -32,6 +32,7 @@ from transformers.utils import logging as transformers_logging
 
 from motionnft_core import s3
 from motionnft_core.config import EvalConfig, ModelConfig, NFTConfig
+from motionnft_core.guidance import CFG
 from motionnft_core.models import fp8
 from motionnft_core.models.families import policy_class, policy_classes
 from motionnft_core.models.tiny import pipeline_source
@@ -159,14 +160,14 @@ class EditPolicy:
         """The constructor's settings a run's `model.*` gives this family (none by default)."""
         return {}
 
-    @classmethod
-    def eval_true_cfg(cls, cfg: EvalConfig) -> float:
-        """The true-CFG scale of the evaluation edits; <= 1 = none (the default: the family samples without CFG)."""
-        return 1.0
+    def eval_cfg(self, cfg: EvalConfig) -> CFG | None:
+        """The classifier-free guidance of the evaluation edits; None (the default) samples without CFG."""
+        return None
 
     @classmethod
     def eval_sampling(cls, cfg: EvalConfig) -> dict:
-        """The evaluation's guidance settings as a report names them."""
+        """The `eval.*` guidance settings the family's evaluation edits use, by key: a report shows them and a
+        comparison's manifest records them (a resumed comparison must have the same)."""
         return {}
 
     @contextmanager

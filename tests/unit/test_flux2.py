@@ -9,10 +9,12 @@ import json
 
 import pytest
 import torch
-from diffusers import Flux2Transformer2DModel
+from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
+from actors.eval_sampler import EvalSampler
 from learner.trainer.checkpoint import export_lora
+from motionnft_core.config import EvalConfig
 from motionnft_core.models.full_size import CONFIG_DIR, build_full_size, parameter_counts
 from motionnft_core.models.policy import EditPolicy
 from tests.conftest import DOUBLE_STREAM_TARGETS, EDIT_PROMPT, random_input_images, to_pil
@@ -97,6 +99,33 @@ def test_flux2_matches_the_stock_pipeline(tiny_pipelines, family, inputs):
     decoded = klein.decode(seen["latents"], SIZE, SIZE)
     expected = (out * 255).round().to(torch.uint8)
     assert (decoded.int() - expected.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("distilled", [True, False], ids=["distilled", "base"])
+def test_klein_evaluation_edit_is_the_stock_pipelines_at_the_published_setting(tiny_pipelines, distilled):
+    """The evaluation edit of a [klein] checkpoint equals `Flux2KleinPipeline.__call__`'s whole sampling at
+    `guidance_scale` = `eval.klein_base_cfg` for the same noise and steps: the pipeline applies CFG against "" to a
+    base checkpoint and ignores it for a distilled one, and so does the evaluation; on a base checkpoint the CFG
+    changes the edit."""
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_pipelines[KLEIN])
+    pipe.register_to_config(is_distilled=distilled)
+    policy = EditPolicy.from_pipe(pipe)
+    cfg = EvalConfig(num_steps=3, seed=11)
+    sampler = EvalSampler(policy, cfg)
+    assert (sampler.guidance is None) == distilled
+    images = random_input_images(2, seed=6)
+    edit = sampler.sample(EDIT_PROMPT, images[0][0], [images[1][0]])
+
+    noise = policy.prepare_latents(1, SIZE, SIZE, torch.Generator().manual_seed(cfg.seed))
+    h = SIZE // 16
+    stock = pipe([to_pil(im) for im in images], EDIT_PROMPT, height=SIZE, width=SIZE, num_inference_steps=3,
+                 guidance_scale=cfg.klein_base_cfg, latents=noise.reshape(1, h, h, -1).permute(0, 3, 1, 2),
+                 output_type="pt").images[0]  # fmt: skip
+    assert (edit.int() - (stock * 255).round().int()).abs().max() <= 1
+    unguided = EvalSampler(policy, EvalConfig(num_steps=3, seed=11, klein_base_cfg=1.0))
+    assert unguided.guidance is None
+    if not distilled:
+        assert (edit.int() - unguided.sample(EDIT_PROMPT, images[0][0], [images[1][0]]).int()).abs().max() > 1
 
 
 @pytest.mark.parametrize("family", FLUX2)

@@ -4,7 +4,7 @@ Every family module (motionnft_core/family_registry.py lists them) defines:
 
 - `POLICY`: its `EditPolicy` subclass (motionnft_core/models/policy.py), which carries what callers would otherwise
   ask by family name: the constructor's settings from `model.*` (`policy_kwargs`), the evaluation's sampling
-  settings (`eval_true_cfg`, `eval_guidance`, `eval_sampling`), the stock pipeline's call arguments for the
+  settings (`eval_cfg`, `eval_guidance`, `eval_sampling`), the stock pipeline's call arguments for the
   rollouts' settings (`stock_call_kwargs`), the LoRA target modules per block type (`lora_target_modules`), the
   name of its full-size config JSON (`config_name`);
 - `tiny_components(seed)`: the components of its tiny random-weight pipeline (motionnft_core/models/tiny.py);

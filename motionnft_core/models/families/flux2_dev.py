@@ -31,7 +31,7 @@ class Flux2DevPolicy(flux2.Flux2Policy):
 
     @classmethod
     def eval_sampling(cls, cfg: EvalConfig) -> dict:
-        return {"guidance": cfg.flux2_guidance}
+        return {"flux2_guidance": cfg.flux2_guidance}
 
     def eval_guidance(self, cfg: EvalConfig) -> AbstractContextManager[None]:
         """The distilled guidance set to `eval.flux2_guidance` while sampling, then put back."""

@@ -2,13 +2,16 @@
 encoder (the stacked hidden states of layers 9, 18 and 27), its tiny and full-size builders.
 
 The variants (docs/models.md): 4B (Qwen3-4B) and 9B (Qwen3-8B), each distilled (4 steps, no CFG) or base (50 steps,
-CFG); one pipeline class loads all four (`is_distilled` in its config). No guidance embedding; rollouts and training
-sample without CFG (the recipe's), and so does the evaluation, the distilled variants' published setting.
+CFG 4 against ""); one pipeline class loads all four (`is_distilled` in its `model_index.json`). No guidance
+embedding; rollouts and training sample every variant without CFG (the recipe's); the evaluation samples a base
+checkpoint with CFG `eval.klein_base_cfg`, as its pipeline does, and a distilled one without.
 """
 
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from motionnft_core.config import EvalConfig
+from motionnft_core.guidance import CFG, plain_cfg
 from motionnft_core.models.families import flux2
 from motionnft_core.models.full_size import layers, real_config
 from motionnft_core.models.tokenizers import build_qwen_tokenizer
@@ -22,6 +25,22 @@ class Flux2KleinPolicy(flux2.Flux2Policy):
     family = "flux2_klein"
     pipeline_class = Flux2KleinPipeline
     config_name = "flux2_klein"
+
+    @property
+    def is_distilled(self) -> bool:
+        """The checkpoint's own flag (`Flux2KleinPipeline`'s config): a distilled [klein] ignores CFG."""
+        return bool(self.pipe.config.get("is_distilled", False))
+
+    def eval_cfg(self, cfg: EvalConfig) -> CFG | None:
+        """A base checkpoint: CFG `eval.klein_base_cfg` against "" (the pipeline's negative prompt), combined as
+        the pipeline does; a distilled one: none (the pipeline ignores its guidance scale)."""
+        if self.is_distilled or cfg.klein_base_cfg <= 1:
+            return None
+        return CFG(cfg.klein_base_cfg, "", plain_cfg)
+
+    @classmethod
+    def eval_sampling(cls, cfg: EvalConfig) -> dict:
+        return {"klein_base_cfg": cfg.klein_base_cfg}  # used by a base checkpoint only (`eval_cfg`)
 
     @classmethod
     def stock_call_kwargs(cls, height: int, width: int) -> dict:

@@ -44,7 +44,7 @@ class FluxKontextPolicy(EditPolicy):
 
     @classmethod
     def eval_sampling(cls, cfg: EvalConfig) -> dict:
-        return {"guidance": cfg.kontext_guidance}
+        return {"kontext_guidance": cfg.kontext_guidance}
 
     def eval_guidance(self, cfg: EvalConfig) -> AbstractContextManager[None]:
         """The distilled guidance set to `eval.kontext_guidance` while sampling, then put back."""

@@ -18,6 +18,7 @@ from diffusers import (
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from motionnft_core.config import EvalConfig
+from motionnft_core.guidance import CFG, rescaled_cfg
 from motionnft_core.models.full_size import layers, real_config
 from motionnft_core.models.policy import Conditioning, EditPolicy
 from motionnft_core.models.tokenizers import build_qwen_processor, build_qwen_tokenizer, qwen_token_ids
@@ -34,13 +35,13 @@ class QwenImageEditPolicy(EditPolicy):
     def __init__(self, pipe: QwenImageEditPipeline):
         super().__init__(pipe)
 
-    @classmethod
-    def eval_true_cfg(cls, cfg: EvalConfig) -> float:
-        return cfg.qwen_true_cfg
+    def eval_cfg(self, cfg: EvalConfig) -> CFG | None:
+        """True CFG `eval.qwen_true_cfg` against `eval.negative_prompt`, rescaled as the pipeline does."""
+        return CFG(cfg.qwen_true_cfg, cfg.negative_prompt, rescaled_cfg) if cfg.qwen_true_cfg > 1 else None
 
     @classmethod
     def eval_sampling(cls, cfg: EvalConfig) -> dict:
-        return {"true_cfg": cfg.qwen_true_cfg, "negative_prompt": cfg.negative_prompt}
+        return {"qwen_true_cfg": cfg.qwen_true_cfg, "negative_prompt": cfg.negative_prompt}
 
     @classmethod
     def stock_call_kwargs(cls, height: int, width: int) -> dict:
