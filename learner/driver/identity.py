@@ -48,7 +48,16 @@ def _operational(key: str) -> bool:
     return any(key == op or key.startswith(f"{op}.") for op in OPERATIONAL)
 
 
-def training_keys_that_differ(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The training-relevant dotted keys whose values differ between two configs (as `config_to_dict` gives)."""
-    a, b = flat_config(saved), flat_config(current)
-    return sorted(k for k in a.keys() | b.keys() if not _operational(k) and a.get(k) != b.get(k))
+ABSENT = "<absent>"  # a key one config lacks and the schema does not know
+
+
+def training_keys_that_differ(saved: dict[str, Any], current: dict[str, Any],
+                              defaults: dict[str, Any] | None = None) -> list[str]:  # fmt: skip
+    """The training-relevant dotted keys whose values differ between two configs (as `config_to_dict` gives).
+
+    A key one side lacks counts as its value in `defaults` (the schema's): a checkpoint written before a key
+    existed resumes under the key's default, which keeps the behaviour of before (a new lever is off by default),
+    and is refused only when the run now sets the key otherwise."""
+    a, b, d = flat_config(saved), flat_config(current), flat_config(defaults or {})
+    return sorted(k for k in a.keys() | b.keys()
+                  if not _operational(k) and a.get(k, d.get(k, ABSENT)) != b.get(k, d.get(k, ABSENT)))  # fmt: skip

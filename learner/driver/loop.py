@@ -636,9 +636,11 @@ def start_state(cfg: Config, ckpt: CheckpointManager, *, resume: bool, overwrite
             print(f"--resume: no complete checkpoint under {cfg.checkpoint.dir}; starting fresh", flush=True)
         return DriverState(run_id=new_run_id()), None
     saved = ckpt.driver_state(latest)
-    if differ := training_keys_that_differ(saved["config"], config_to_dict(cfg)):
-        was, now = flat_config(saved["config"]), flat_config(config_to_dict(cfg))
-        shown = "; ".join(f"{k}: {was.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in differ)
+    defaults = config_to_dict(Config())
+    if differ := training_keys_that_differ(saved["config"], config_to_dict(cfg), defaults):
+        was, now, default = (flat_config(c) for c in (saved["config"], config_to_dict(cfg), defaults))
+        saved_value = {k: repr(was[k]) if k in was else f"absent (the default {default.get(k)!r})" for k in differ}
+        shown = "; ".join(f"{k}: {saved_value[k]} in the checkpoint, {now.get(k)!r} now" for k in differ)
         raise ConfigError(f"--resume: {ckpt.location(latest)} was trained with other values of {len(differ)} "
                           f"training-relevant key(s): {shown}. Start a new run in another checkpoint.dir, or "
                           "resume with the checkpoint's values")  # fmt: skip

@@ -91,6 +91,25 @@ def test_training_relevant_keys_are_all_but_the_operational_ones():
     assert got == ["data.seed", "model.family", "nft.beta", "reward.flow.q", "rollout.group_size"]
 
 
+def test_a_checkpoint_from_before_a_key_existed_resumes_under_its_default():
+    """A checkpoint's config that lacks a key (written before the key existed) reads as the key's default: the run
+    resumes while the key keeps its default, and is refused once the run sets it otherwise."""
+    from learner.driver.identity import training_keys_that_differ
+    from motionnft_core.config import Config
+    from motionnft_core.config_loader import config_to_dict, load_config
+
+    defaults = config_to_dict(Config())
+    old = config_to_dict(load_config("configs/tiny_cpu.yaml"))
+    del old["nft"]["motion_focal"], old["reward"]["preservation_weight"]  # as a checkpoint of before the levers
+    now = config_to_dict(load_config("configs/tiny_cpu.yaml"))
+    assert training_keys_that_differ(old, now, defaults) == []
+    assert training_keys_that_differ(old, now) == ["nft.motion_focal", "reward.preservation_weight"]  # no schema
+    turned_on = config_to_dict(load_config("configs/tiny_cpu.yaml", ["nft.motion_focal=true"]))
+    assert training_keys_that_differ(old, turned_on, defaults) == ["nft.motion_focal"]
+    old["nft"]["retired_key"] = 1  # a key the schema no longer knows still counts as a difference
+    assert training_keys_that_differ(old, now, defaults) == ["nft.retired_key"]
+
+
 def test_metrics_log_keeps_each_step_once_on_resume(tmp_path):
     from learner.driver.loop import MetricsLog
 
