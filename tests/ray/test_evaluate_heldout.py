@@ -61,6 +61,7 @@ def _alive_actors() -> int:
     return sum(a["State"] != "DEAD" for a in ray._private.state.actors().values())
 
 
+@pytest.mark.slow  # the CLI on the pools, every checkpoint: one of the fast loop's longest tests (CI runs it)
 def test_heldout_on_the_pools_scores_what_the_process_would(heldout_config, ray_cluster, capsys):
     path, cfg, ckpt = heldout_config
     before = _alive_actors()

@@ -95,6 +95,7 @@ def test_learner_group_on_ray(ray_cluster, world1, tiny_paths, tmp_path):
         group.shutdown()
 
 
+@pytest.mark.slow  # two rank actors started: one of the fast loop's longest tests (CI runs it)
 def test_learner_group_fails_fast_when_a_rank_fails_to_start(ray_cluster, tiny_paths):
     import time
 

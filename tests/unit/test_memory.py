@@ -88,6 +88,7 @@ def _fixed_step(rank: int, world: int, out_dir: str, path: str, micro_batch: int
     return {"metrics": metrics, "theta": trainer.gather("theta")}
 
 
+@pytest.mark.slow  # two gloo ranks probing: one of the fast loop's longest tests (CI runs it)
 def test_probe_leaves_no_trace_and_ranks_agree_on_the_smallest(tiny_pipelines, tmp_path):
     """Two ranks of 4 samples each, one measuring 10 GiB per sample (room for 5: micro-batch 4), the other 20
     (room for 2): both train with 2; the step after the probe equals a run set to micro-batch 2 from the start."""
