@@ -429,6 +429,8 @@ def test_every_declared_bound_is_reported_with_its_key(cls, f):
         ("cluster.node_types={gpu: {GPU: -1}}", "cluster.node_types.gpu.GPU: expected a value >= 0, got -1.0"),
         ("nft.lora_targets=[]", "nft.lora_targets: expected a non-empty list of module names, got ()"),
         ("reward.judge.restart_backoff_max_s=-1", "reward.judge.restart_backoff_max_s: expected a value >= 0"),
+        ("reward.judge.max_backoff_s=0.1", "reward.judge.max_backoff_s: expected a value >= reward.judge.backoff_s"),
+        ("reward.judge.max_backoff_s=-1", "reward.judge.max_backoff_s: expected a value >= 0"),
     ],
 )  # fmt: skip
 def test_declared_bounds_through_overrides(override, message):
