@@ -8,13 +8,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from motionnft_core.config import (
-    FLOW_ESTIMATORS,
     ConfigError,
-    FlowRewardConfig,
+    FlowEstimatorConfig,
     JudgeConfig,
+    JudgeServingConfig,
     _check,
     _dir,
     _f,
@@ -74,24 +74,15 @@ class ShotConfig(_Section):
 
 
 @dataclass(frozen=True)
-class FlowConfig(_Section):
-    """The flow stage: the estimator the flow reward uses (rewards/flow_model.py), in Ray Data actors."""
+class FlowConfig(FlowEstimatorConfig):
+    """The flow stage: the estimator the flow reward uses (its keys are `reward.flow`'s, FlowEstimatorConfig), in
+    Ray Data actors."""
 
     SECTION: ClassVar[str] = "flow"
-    estimator: str = _f("raft_large", "raft_large | raft_small (torchvision RAFT) | dis | farneback (OpenCV, CPU)",
-                        choices=FLOW_ESTIMATORS, expected=f"one of {FLOW_ESTIMATORS}")  # fmt: skip
-    weights: str = _f("", "RAFT weights file, local or s3://; empty = random init (wiring tests only)")
-    num_updates: int = _f(12, "RAFT refinement iterations", ge=1)
-    max_batch: int = _f(32, "pairs per estimator call", ge=1)
     batch_size: int = _f(32, "pairs per Ray Data batch handed to a flow actor", ge=1)
     workers: int = _f(1, "flow actors (Ray Data `concurrency`)", ge=1)
     gpus: float = _f(1.0, "GPUs per flow actor (0 on CPU)", ge=0)
     cpus: float = _f(1.0, "CPUs per flow actor", ge=0)
-
-    def reward_config(self) -> FlowRewardConfig:
-        """The same estimator settings in the form `rewards.flow_model.build_flow_estimator` takes."""
-        return FlowRewardConfig(estimator=self.estimator, weights=self.weights, num_updates=self.num_updates,
-                                max_batch=self.max_batch)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -120,42 +111,27 @@ class FilterConfig(_Section):
 
 
 @dataclass(frozen=True)
-class CurateJudgeConfig(_Section):
-    """Stage c: the judge server and client the trainer uses (rewards/judge_server.py, rewards/judge.py)."""
+class CurateJudgeConfig(JudgeServingConfig):
+    """Stage c: the judge server and client the trainer uses (rewards/judge_server.py, rewards/judge.py; their keys
+    are `reward.judge`'s, JudgeServingConfig), then the curation's own."""
 
     SECTION: ClassVar[str] = "judge"
-    url: str = _f("", "existing OpenAI-compatible endpoint (http://host:port/v1); empty = start vLLM replicas")
-    model_path: str = _f("", "judge model dir for the replicas this run starts (a Qwen2.5-VL class model)")
-    tiny: bool = _f(False, "serve the tiny random Qwen2-VL judge (wiring tests and demos: its verdicts mean nothing)")
+    retry_budget_s: float = _f(120.0, "how long one call retries transport failures across the replicas; then the "
+                               "pair is unverified", ge=0)  # fmt: skip
     scripted: str = _f("", "module:Class of a plain judge with the client's methods instead of a server (tests)")
-    served_model_name: str = _f("judge", "model name used in requests")
     replicas: int = _f(1, "vLLM replicas this run starts (judge.url empty)", ge=1)
     gpus: float = _f(1.0, "GPUs per replica (0 on CPU)", ge=0)
     cpus: float = _f(1.0, "CPUs per replica and per judge actor of the pipeline", ge=0)
-    max_model_len: int = _f(4096, "vLLM context length", ge=1)
-    startup_timeout_s: float = _f(300.0, "longest wait for a started replica to answer /health", gt=0)
     pass_digit: float = _f(3.0, "a criterion passes when its expected digit (0-5) reaches this", ge=0, le=5)
     max_tokens: int = _f(96, "longest motion summary and instruction generated (tokens)", ge=1)
     workers: int = _f(1, "judge actors of the pipeline (Ray Data `concurrency`)", ge=1)
     batch_size: int = _f(8, "pairs per Ray Data batch handed to a judge actor", ge=1)
-    timeout_s: float = _f(60.0, "per-request timeout", gt=0)
-    max_retries: int = _f(3, "retries of an unparseable reply before the pair is unverified", ge=0)
-    backoff_s: float = _f(0.5, "first retry delay; doubles per retry up to max_backoff_s", ge=0)
-    max_backoff_s: float = _f(30.0, "longest wait between two retries", ge=0)
-    retry_budget_s: float = _f(120.0, "how long one call retries transport failures; then the pair is unverified",
-                               ge=0)  # fmt: skip
-    max_concurrency: int = _f(16, "in-flight requests per judge actor", ge=1)
-    image_format: str = _f("png", "how images are sent: png | jpeg", choices=("png", "jpeg"))
-    structured_output: bool = _f(True, "constrain digits and categories with vLLM structured output")
-    api_key_env: str = _f("MOTIONNFT_JUDGE_API_KEY", "environment variable holding the judge's API key (never the "
-                          "key itself); unset: started replicas get a random key, an external url none")  # fmt: skip
 
     def _check_related(self) -> None:
         _check(len(self.given()) <= 1, "judge.url", "only one of judge.url, judge.model_path, judge.tiny=true and "
                "judge.scripted", self.given())  # fmt: skip
         _check(not self.scripted or ":" in self.scripted, "judge.scripted", "module:Class", self.scripted)
-        _check(self.max_backoff_s >= self.backoff_s, "judge.max_backoff_s", "a value >= judge.backoff_s",
-               self.max_backoff_s)  # fmt: skip
+        super()._check_related()
 
     def given(self) -> list[str]:
         """Which of the four judge sources are set (exactly one must be)."""
@@ -163,10 +139,10 @@ class CurateJudgeConfig(_Section):
         return [name for name, value in sources if value]
 
     def client_config(self) -> JudgeConfig:
-        """The client and server settings in the trainer's form (`reward.judge`)."""
-        shared = {f.name for f in dataclasses.fields(JudgeConfig)} & {f.name for f in dataclasses.fields(self)}
-        values: dict[str, Any] = {name: getattr(self, name) for name in shared}
-        return JudgeConfig(**{**values, "mode": "score", "on_outage": "drop"})
+        """The shared keys in the trainer's form (`reward.judge`): scored from log-probs, and a call that fails for
+        good drops the pair (unverified) instead of stopping anything; the trainer-only keys keep their defaults."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(JudgeServingConfig)}
+        return JudgeConfig(**shared, mode="score", on_outage="drop")
 
 
 @dataclass(frozen=True)

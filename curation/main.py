@@ -9,7 +9,8 @@ import argparse
 import os
 import sys
 
-from curation.config import ConfigError, describe_keys, load_curate_config_or_exit
+from curation.config import describe_keys, load_curate_config_or_exit
+from motionnft_core.cli import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,15 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from curation.pipeline import run_curation  # Ray and the models only once the config is good
 
-    try:
-        run_curation(cfg)
-    except ConfigError as err:  # found once the cluster is known
-        print(f"config error: {err}", file=sys.stderr, flush=True)
-        return 2
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    # A ConfigError found once the cluster is known ends as at load.
+    return run_command(lambda: run_curation(cfg), (FileNotFoundError, "error", 2))
 
 
 if __name__ == "__main__":

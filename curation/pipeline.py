@@ -17,7 +17,6 @@ one-machine cluster.
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,22 +29,16 @@ from curation.stage_cut import cut_video
 from curation.stage_flow import FlowStage
 from curation.stage_judge import JudgeStage
 from curation.video import list_videos, video_key
-from learner.driver.local_cluster import start_local_ray
+from learner.driver.ray_session import join_or_start
 from motionnft_core.models.tiny_judge import judge_source
 from motionnft_core.secret import Secret, secret_from_env
 from rewards.judge_server import JudgeServerActor
 
 
 def init_ray(cfg: CurateConfig) -> bool:
-    """Join `cluster.address` / RAY_ADDRESS, or start an embedded cluster; True when this run started one."""
-    if ray.is_initialized():
-        return False
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address)
-        return False
-    start_local_ray(cfg.cluster.num_cpus or None)
-    return True
+    """Join `cluster.address` / RAY_ADDRESS, or start an embedded cluster; True when this run started one (and so
+    shuts it down). A cluster a caller had already initialised (a test's shared one) is used and left running."""
+    return not ray.is_initialized() and join_or_start(cfg.cluster.address, cfg.cluster.num_cpus)
 
 
 def check_cpus(cfg: CurateConfig, cpus: float) -> None:

@@ -55,7 +55,7 @@ class FlowStage:
         if device is None:
             device = "cuda" if cfg.flow.gpus > 0 and torch.cuda.is_available() else "cpu"
         self.cfg, self.device = cfg, device
-        self.estimator = build_flow_estimator(cfg.flow.reward_config(), device=device, cache_dir=cfg.input.cache_dir)
+        self.estimator = build_flow_estimator(cfg.flow, device=device, cache_dir=cfg.input.cache_dir)
 
     def measure(self, inputs: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
         """The measures of uint8 (B, H, W, 3) input and target frames."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from evaluation.compare import check_judge, run_compare
 from evaluation.heldout import EvalInputError, run_heldout
-from motionnft_core.config import ConfigError
+from motionnft_core.cli import run_command
 from motionnft_core.config_loader import load_config_or_exit
 from motionnft_core.data.motionedit import DataError
 from motionnft_core.models.warmstart import resolve_demo
@@ -66,29 +66,27 @@ def _run_config_path(run_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        path = args.config or _run_config_path(Path(args.run))
-        cfg = load_config_or_exit(path, args.overrides)  # dotted overrides on top of the file
-        if args.command == "compare":
-            check_judge(cfg)  # before the demo's data and pipeline are built for nothing
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        cfg = resolve_demo(cfg)  # --config of a demo run: the same (cached) data and warm-started pipeline it trained
-        scale = args.grid_scale or max(1, math.ceil(96 / min(cfg.rollout.height, cfg.rollout.width)))
-        if args.command == "compare":
-            out = Path(args.out) if args.out else Path(cfg.logging.dir) / "compare"
-            run_compare(cfg, args.checkpoint, args.baseline, out, split=args.split, limit=args.limit,
-                        grid_rows=args.grid_rows, grid_scale=scale)  # fmt: skip
-        else:
-            out = Path(args.out) if args.out else Path(cfg.logging.dir) / "eval"
-            run_heldout(cfg, args.checkpoint, out, seed=args.seed, limit=args.limit, grid_rows=args.grid_rows,
-                        grid_scale=scale)  # fmt: skip
-    except ConfigError as e:  # found once the cluster is known: pools no node can hold
-        print(f"config error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except (EvalInputError, FileNotFoundError, DataError) as e:  # e.g. no judge, a missing checkpoint, a bad split
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    # A ConfigError found once the cluster is known (pools no node can hold) ends as at load; a request that cannot
+    # be done (no judge, a missing checkpoint, a bad split) prints its message.
+    return run_command(lambda: _evaluate(args), ((EvalInputError, FileNotFoundError, DataError), "error", 2))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    path = args.config or _run_config_path(Path(args.run))
+    cfg = load_config_or_exit(path, args.overrides)  # dotted overrides on top of the file
+    if args.command == "compare":
+        check_judge(cfg)  # before the demo's data and pipeline are built for nothing
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = resolve_demo(cfg)  # --config of a demo run: the same (cached) data and warm-started pipeline it trained
+    scale = args.grid_scale or max(1, math.ceil(96 / min(cfg.rollout.height, cfg.rollout.width)))
+    if args.command == "compare":
+        out = Path(args.out) if args.out else Path(cfg.logging.dir) / "compare"
+        run_compare(cfg, args.checkpoint, args.baseline, out, split=args.split, limit=args.limit,
+                    grid_rows=args.grid_rows, grid_scale=scale)  # fmt: skip
+    else:
+        out = Path(args.out) if args.out else Path(cfg.logging.dir) / "eval"
+        run_heldout(cfg, args.checkpoint, out, seed=args.seed, limit=args.limit, grid_rows=args.grid_rows,
+                    grid_scale=scale)  # fmt: skip
 
 
 if __name__ == "__main__":

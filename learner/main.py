@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from motionnft_core.config import ConfigError
+from motionnft_core.cli import run_command
 from motionnft_core.config_loader import config_to_dict, describe, load_config_or_exit
 
 
@@ -48,15 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = resolve_demo(cfg)  # demo.enabled: build the demo data and warm-started pipeline (once), train those
     print(f"config: {cfg.logging.dir}/config.json (--print-config shows it)", flush=True)
-    try:
-        train(cfg, resume=args.resume, overwrite=args.overwrite)
-    except ConfigError as e:  # found once checkpoints or the cluster are known: run identity, placement, reach
-        print(f"config error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except RunStopped as e:
-        print(f"run stopped: {e}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    # A ConfigError found once checkpoints or the cluster are known (run identity, placement, reach) ends as at load.
+    return run_command(lambda: train(cfg, resume=args.resume, overwrite=args.overwrite), (RunStopped, "run stopped", 1))
 
 
 if __name__ == "__main__":

@@ -266,17 +266,26 @@ class RolloutConfig(_Section):
 
 
 @dataclass(frozen=True)
-class FlowRewardConfig(_Section):
-    """Motion-alignment reward (docs/algorithm.md). Source of every constant's default: the published MotionNFT scorer,
-    elainew728/motion-edit train/flow_grpo/motionedit_scorer.py (the paper gives the decomposition, the code the
-    numbers); num_updates=12 is torchvision RAFT's default; max_batch is the H100 limit measured in bench/README.md."""
+class FlowEstimatorConfig(_Section):
+    """The optical-flow estimator's keys (rewards/flow_model.py), declared once for the two sections that pick one:
+    the flow reward (`reward.flow`) and the curation's flow stage (curation/config.py, `flow`). A base, never a
+    section of its own. num_updates=12 is torchvision RAFT's default; max_batch is the H100 limit measured in
+    bench/README.md."""
 
-    SECTION: ClassVar[str] = "reward.flow"
     estimator: str = _f("raft_large", "raft_large | raft_small (torchvision RAFT) | dis | farneback (OpenCV, CPU)",
                         choices=FLOW_ESTIMATORS, expected=f"one of {FLOW_ESTIMATORS}")  # fmt: skip
     weights: str = _f("", "RAFT weights file, local or s3://; empty = random init (tests only)")
     num_updates: int = _f(12, "RAFT refinement iterations (torchvision default)", ge=1)
     max_batch: int = _f(32, "pairs per estimator call (at most 32 at 512^2 on H100)", ge=1)
+
+
+@dataclass(frozen=True)
+class FlowRewardConfig(FlowEstimatorConfig):
+    """Motion-alignment reward (docs/algorithm.md). Source of every constant's default: the published MotionNFT scorer,
+    elainew728/motion-edit train/flow_grpo/motionedit_scorer.py (the paper gives the decomposition, the code the
+    numbers); the estimator's keys are FlowEstimatorConfig's."""
+
+    SECTION: ClassVar[str] = "reward.flow"
     cache_size: int = _f(4096, "input->target flows a reward worker keeps (LRU, float32 on the CPU: 2 MiB at 512^2)",
                          ge=0)  # fmt: skip
     q: float = _f(0.4, "exponent of the magnitude error L_q (reference scorer)", gt=0)
@@ -296,44 +305,56 @@ class FlowRewardConfig(_Section):
 
 
 @dataclass(frozen=True)
-class JudgeConfig(_Section):
-    SECTION: ClassVar[str] = "reward.judge"
+class JudgeServingConfig(_Section):
+    """The judge's server and client keys (rewards/judge_server.py, rewards/judge.py), declared once for the two
+    sections that run a judge: the trainer's (`reward.judge`) and the curation's (curation/config.py, `judge`).
+    A base, never a section of its own: its messages name the section that inherits it."""
+
     url: str = _f("", "existing OpenAI-compatible endpoint (http://host:port/v1); empty = start vLLM replicas")
-    model_path: str = _f("", "judge model dir for the replicas the service starts (reference: Qwen2.5-VL-32B)")
-    tiny: bool = _f(False, "build and serve a tiny random Qwen2-VL judge (CPU tests and demos)")
+    model_path: str = _f("", "judge model dir for the replicas the run starts (a Qwen2.5-VL class model; the "
+                         "reference: Qwen2.5-VL-32B)")  # fmt: skip
+    tiny: bool = _f(False, "build and serve a tiny random Qwen2-VL judge (CPU tests and demos: its verdicts mean "
+                    "nothing)")  # fmt: skip
     served_model_name: str = _f("judge", "model name used in requests")
+    max_model_len: int = _f(4096, "vLLM context length", ge=1)
+    startup_timeout_s: float = _f(300.0, "longest wait for a judge replica the run starts to answer /health", gt=0)
+    api_key_env: str = _f("MOTIONNFT_JUDGE_API_KEY", "environment variable holding the judge's API key (never the "
+                          "key itself); unset: started replicas get a random key, an external url none")  # fmt: skip
+    timeout_s: float = _f(60.0, "per-request timeout", gt=0)
+    max_retries: int = _f(3, "retries of a failed/unparseable request before the call fails (transport failures: "
+                          "retry_budget_s)", ge=0)  # fmt: skip
+    backoff_s: float = _f(0.5, "first retry delay; doubles per retry up to max_backoff_s", ge=0)
+    max_backoff_s: float = _f(30.0, "longest wait between two retries, and how long a failing replica is skipped",
+                              ge=0)  # fmt: skip
+    retry_budget_s: float = _f(600.0, "how long a judge call keeps retrying transport failures across the replicas; "
+                               "then reward.judge.on_outage applies", ge=0)  # fmt: skip
+    max_concurrency: int = _f(16, "in-flight requests per judge client (each reward worker or judge actor holds "
+                              "one)", ge=1)  # fmt: skip
+    image_format: str = _f("png", "how images are sent to the judge: png (lossless) | jpeg (smaller requests)",
+                           choices=("png", "jpeg"))  # fmt: skip
+    structured_output: bool = _f(True, "constrain each answer (a digit, a category) with vLLM structured output; "
+                                 "false for servers without it")  # fmt: skip
+
+    def _check_related(self) -> None:
+        _check(self.max_backoff_s >= self.backoff_s, f"{self.SECTION}.max_backoff_s",
+               f"a value >= {self.SECTION}.backoff_s", self.max_backoff_s)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class JudgeConfig(JudgeServingConfig):
+    """The training reward's judge: the shared server and client keys (JudgeServingConfig), then the trainer's."""
+
+    SECTION: ClassVar[str] = "reward.judge"
     mode: str = _f("score", "score: expected digit 0-5 from log-probs (training) | rubric: 3 criteria (eval)",
                    choices=("score", "rubric"))  # fmt: skip
     tensor_parallel_size: int = _f(1, "vLLM tensor parallel size per replica", ge=1)
-    max_model_len: int = _f(4096, "vLLM context length", ge=1)
-    timeout_s: float = _f(60.0, "per-request timeout", gt=0)
-    max_retries: int = _f(3, "retries of a failed/unparseable request before the group fails (transport failures: "
-                          "reward.judge.retry_budget_s)", ge=0)  # fmt: skip
-    backoff_s: float = _f(0.5, "first retry delay; doubles per retry up to max_backoff_s", ge=0)
-    max_backoff_s: float = _f(30.0, "longest wait between two retries, and how long a failing replica is skipped")
-    retry_budget_s: float = _f(600.0, "how long a judge call keeps retrying transport failures across the replicas; "
-                               "then reward.judge.on_outage applies", ge=0)  # fmt: skip
     on_outage: str = _f("stop", "a group the judge could not score in time: stop (checkpoint, then end the run) | "
                         "drop (leave the group out of the step, counted)", choices=("stop", "drop"))  # fmt: skip
     restart_backoff_s: float = _f(5.0, "a dead replica the service started is restarted after this; doubles per "
                                   "restart in a row, up to restart_backoff_max_s", ge=0)  # fmt: skip
     restart_backoff_max_s: float = _f(300.0, "longest wait before restarting a dead replica", ge=0)
-    max_concurrency: int = _f(16, "in-flight requests per reward worker", ge=1)
-    image_format: str = _f("png", "how images are sent to the judge: png (lossless) | jpeg (smaller requests)",
-                           choices=("png", "jpeg"))  # fmt: skip
-    structured_output: bool = _f(
-        True, "constrain the answer to one digit with vLLM structured output; false for servers without it"
-    )
-    startup_timeout_s: float = _f(300.0, "longest wait for a judge replica the service starts to answer /health",
-                                  gt=0)  # fmt: skip
     log_dir: str = _f("", "absolute folder, on each judge node, for each started replica's vLLM log (appended on "
                       "restart); empty = the node's temp dir", check=_absolute_or_empty)  # fmt: skip
-    api_key_env: str = _f("MOTIONNFT_JUDGE_API_KEY", "environment variable holding the judge's API key (never the "
-                          "key itself); unset: started replicas get a random key, an external url none")  # fmt: skip
-
-    def _check_related(self) -> None:
-        _check(self.max_backoff_s >= self.backoff_s, "reward.judge.max_backoff_s", "a value >= backoff_s",
-               self.max_backoff_s)  # fmt: skip
 
 
 @dataclass(frozen=True)

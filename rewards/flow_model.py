@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from motionnft_core import s3
-from motionnft_core.config import FlowRewardConfig
+from motionnft_core.config import FlowEstimatorConfig
 
 logger = logging.getLogger(__name__)
 
@@ -223,9 +223,11 @@ def _to_gray(images: torch.Tensor) -> list[np.ndarray]:
     return [cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) for image in hwc]
 
 
-def build_flow_estimator(cfg: FlowRewardConfig, *, device: str = "cpu", cache_dir: str | None = None) -> FlowEstimator:
-    """The estimator `reward.flow.estimator` names: "raft_large" | "raft_small" (torchvision RAFT with
-    `reward.flow.weights`, `num_updates`, `max_batch`) | "dis" | "farneback" (OpenCV on the CPU, no weights)."""
+def build_flow_estimator(cfg: FlowEstimatorConfig, *, device: str = "cpu",
+                         cache_dir: str | None = None) -> FlowEstimator:  # fmt: skip
+    """The estimator `reward.flow.estimator` (or the curation's `flow.estimator`) names: "raft_large" | "raft_small"
+    (torchvision RAFT with its `weights`, `num_updates`, `max_batch`) | "dis" | "farneback" (OpenCV on the CPU, no
+    weights)."""
     if cfg.estimator in ("raft_large", "raft_small"):
         return RAFTFlow(
             cfg.estimator.removeprefix("raft_"), weights=cfg.weights or None, num_updates=cfg.num_updates,

@@ -13,6 +13,7 @@ import yaml
 from curation.config import CurateConfig, load_curate_config
 from curation.config import validate as validate_curation
 from learner.main import main
+from motionnft_core.cli import run_command
 from motionnft_core.config import (
     Config,
     ConfigError,
@@ -184,6 +185,28 @@ def test_cli_reports_config_errors(capsys):
         main(["--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "rollout.group_size=0"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "rollout.group_size" in err and "Traceback" not in err
+
+
+def test_entries_end_a_run_with_one_line_and_a_status(capsys):
+    """The entries' shared ending (motionnft_core/cli.py): a ConfigError found during the run ends as at load, a
+    listed failure prints its label and status, anything else is a bug and keeps its traceback."""
+
+    def fails(err: BaseException):
+        def body() -> None:
+            raise err
+
+        return body
+
+    stopped = (RuntimeError, "run stopped", 1)
+    assert run_command(lambda: None, stopped) == 0
+    assert run_command(fails(ConfigError("cluster.x: expected y")), stopped) == 2
+    assert capsys.readouterr().err == "config error: cluster.x: expected y\n"
+    assert run_command(fails(RuntimeError("judge outage")), (OSError, "error", 2), stopped) == 1
+    assert capsys.readouterr().err == "run stopped: judge outage\n"
+    assert run_command(fails(FileNotFoundError("no x")), ((KeyError, OSError), "error", 2), stopped) == 2
+    assert capsys.readouterr().err == "error: no x\n"
+    with pytest.raises(KeyError):
+        run_command(fails(KeyError("bug")), stopped)
 
 
 @pytest.mark.parametrize(
@@ -429,6 +452,8 @@ def test_every_declared_bound_is_reported_with_its_key(cls, f):
         ("cluster.node_types={gpu: {GPU: -1}}", "cluster.node_types.gpu.GPU: expected a value >= 0, got -1.0"),
         ("nft.lora_targets=[]", "nft.lora_targets: expected a non-empty list of module names, got ()"),
         ("reward.judge.restart_backoff_max_s=-1", "reward.judge.restart_backoff_max_s: expected a value >= 0"),
+        ("reward.judge.max_backoff_s=0.1", "reward.judge.max_backoff_s: expected a value >= reward.judge.backoff_s"),
+        ("reward.judge.max_backoff_s=-1", "reward.judge.max_backoff_s: expected a value >= 0"),
     ],
 )  # fmt: skip
 def test_declared_bounds_through_overrides(override, message):

@@ -24,7 +24,9 @@ from curation.shots import cut_scores, detect_shots, signature
 from curation.stage_flow import decide, motion_measures
 from curation.stage_judge import judge_pair
 from curation.video import BadVideo, decode
+from motionnft_core.config import FlowEstimatorConfig, JudgeConfig
 from motionnft_core.data.motionedit import DataError, MotionEditDataset
+from rewards.flow_model import ClassicalFlow, build_flow_estimator
 from tests.curation_judge import INSTRUCTION, ScriptedJudge
 
 SHOTS = ShotConfig()
@@ -301,6 +303,20 @@ def test_config_needs_videos_and_one_judge(tmp_path):
         load_curate_config(path)
     cfg = load_curate_config(None, ["input.videos=/v", "judge.scripted=tests.curation_judge:PassingJudge"])
     assert cfg.judge.client_config().served_model_name == "judge" and isinstance(cfg, CurateConfig)
+
+
+def test_the_judge_and_flow_sections_are_the_trainers_keys_plus_their_own():
+    """The keys the curation shares with `reward.judge` / `reward.flow` are declared once (JudgeServingConfig,
+    FlowEstimatorConfig) and reach the judge client as set; the curation keeps its own retry budget."""
+    cfg = load_curate_config(None, ["input.videos=/v", "judge.tiny=true", "judge.max_concurrency=3",
+                                    "judge.image_format=jpeg", "flow.estimator=dis"])  # fmt: skip
+    client = cfg.judge.client_config()
+    assert (client.tiny, client.max_concurrency, client.image_format) == (True, 3, "jpeg")
+    assert (client.mode, client.on_outage, client.retry_budget_s) == ("score", "drop", 120.0)
+    assert JudgeConfig().retry_budget_s == 600.0 and isinstance(cfg.flow, FlowEstimatorConfig)
+    assert isinstance(build_flow_estimator(cfg.flow), ClassicalFlow)
+    with pytest.raises(ConfigError, match=r"^judge\.max_backoff_s: expected a value >= judge\.backoff_s, got 0\.1$"):
+        load_curate_config(None, ["input.videos=/v", "judge.tiny=true", "judge.max_backoff_s=0.1"])
 
 
 # ---- the trainer's split by column -----------------------------------------------------------------------------
