@@ -6,49 +6,25 @@ in the evaluation.
 """
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from motionnft_core.config import EvalConfig, ModelConfig
+from motionnft_core.models.families.flux import FluxPolicy
 from motionnft_core.models.full_size import layers, real_config
-from motionnft_core.models.policy import Conditioning, EditPolicy
+from motionnft_core.models.policy import Conditioning
 from motionnft_core.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 
-class FluxKontextPolicy(EditPolicy):
+class FluxKontextPolicy(FluxPolicy):
     """FLUX.1 Kontext: CLIP pooled + T5 text, input-image latents appended to the sequence (position-id
-    index 0 set to 1), distilled guidance embedding instead of CFG."""
+    index 0 set to 1), distilled guidance embedding instead of CFG (flux.FluxPolicy calls the transformer)."""
 
     family = "flux_kontext"
     pipeline_class = FluxKontextPipeline
     config_name = "flux_kontext"
-    pads_text = True  # T5 text padded to max_sequence_length, and FLUX attends to the padding
-
-    def __init__(
-        self,
-        pipe: FluxKontextPipeline,
-        *,
-        guidance_scale: float = ModelConfig.guidance,
-        max_sequence_length: int = ModelConfig.max_sequence_length,
-    ):
-        super().__init__(pipe)
-        self.guidance_scale = guidance_scale  # Kontext [dev]'s distilled guidance, used in rollouts and training
-        self.max_sequence_length = max_sequence_length  # T5 tokens, as the pipeline's default
-
-    @classmethod
-    def policy_kwargs(cls, model: ModelConfig) -> dict:
-        return {"guidance_scale": model.guidance, "max_sequence_length": model.max_sequence_length}
-
-    @classmethod
-    def eval_sampling(cls, cfg: EvalConfig) -> dict:
-        return {"kontext_guidance": cfg.kontext_guidance}
-
-    def eval_guidance(self, cfg: EvalConfig) -> AbstractContextManager[None]:
-        """The distilled guidance set to `eval.kontext_guidance` while sampling, then put back."""
-        return self.guidance_as(cfg.kontext_guidance)
+    eval_guidance_key = "kontext_guidance"
 
     @classmethod
     def stock_call_kwargs(cls, height: int, width: int) -> dict:
@@ -83,25 +59,9 @@ class FluxKontextPolicy(EditPolicy):
             width=width,
         )
 
-    def velocity(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        sigma = self._check_velocity_inputs(x_t, sigma, cond)
-        c = cond.to(self.device, self.dtype)
-        seq_len = x_t.shape[1]
-        hidden_states = torch.cat([x_t.to(self.device, self.dtype), c.tensors["image_latents"]], dim=1)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full((x_t.shape[0],), self.guidance_scale, device=self.device, dtype=torch.float32)
-        out = self.transformer(
-            hidden_states=hidden_states,
-            timestep=sigma,  # the pipeline passes timesteps / 1000 = sigma
-            guidance=guidance,
-            pooled_projections=c.tensors["pooled_prompt_embeds"],
-            encoder_hidden_states=c.tensors["prompt_embeds"],
-            txt_ids=c.shared["txt_ids"],
-            img_ids=c.shared["img_ids"],
-            return_dict=False,
-        )[0]
-        return out[:, :seq_len].to(x_t.dtype)  # the target tokens; the condition image's are dropped
+    def transformer_inputs(self, cond: Conditioning, seq_len: int) -> dict:
+        """FLUX's inputs and Kontext's pooled CLIP projection."""
+        return {**super().transformer_inputs(cond, seq_len), "pooled_projections": cond.tensors["pooled_prompt_embeds"]}
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor, height: int, width: int) -> torch.Tensor:

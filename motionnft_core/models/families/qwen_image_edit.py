@@ -71,25 +71,20 @@ class QwenImageEditPolicy(EditPolicy):
             width=width,
         )
 
-    def velocity(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        sigma = self._check_velocity_inputs(x_t, sigma, cond)
-        c = cond.to(self.device, self.dtype)
-        batch, seq_len = x_t.shape[:2]
-        hidden_states = torch.cat([x_t.to(self.device, self.dtype), c.tensors["image_latents"]], dim=1)
-        mask = c.tensors["prompt_embeds_mask"]
+    def transformer_inputs(self, cond: Conditioning, seq_len: int) -> dict:
+        """The text with its padding mask, and `img_shapes`: the target's patch grid, then each input image's
+        (every input image is at the edit's size)."""
+        mask = cond.tensors["prompt_embeds_mask"]
         if mask.all():
             mask = None  # as the pipeline: no padding -> unmasked (flash-capable) attention
         patches = (1, cond.height // self.vae_scale_factor // 2, cond.width // self.vae_scale_factor // 2)
-        out = self.transformer(
-            hidden_states=hidden_states,
-            timestep=sigma,  # the pipeline passes timesteps / 1000 = sigma
-            guidance=None,
-            encoder_hidden_states_mask=mask,
-            encoder_hidden_states=c.tensors["prompt_embeds"],
-            img_shapes=[[patches, patches]] * batch,  # target, then the condition image (same size)
-            return_dict=False,
-        )[0]
-        return out[:, :seq_len].to(x_t.dtype)
+        inputs = cond.tensors["image_latents"].shape[1] // seq_len
+        return {
+            "guidance": None,
+            "encoder_hidden_states_mask": mask,
+            "encoder_hidden_states": cond.tensors["prompt_embeds"],
+            "img_shapes": [[patches] * (1 + inputs)] * cond.batch,
+        }
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from motionnft_core.models.policy import Conditioning
 
 class QwenImageEditPlusPolicy(qwen_image_edit.QwenImageEditPolicy):
     """Qwen-Image-Edit-2509/2511: one to three input images per example (module docstring); the rest (the VAE
-    decode, the evaluation's true CFG) is Qwen-Image-Edit's."""
+    decode, the transformer call, the evaluation's true CFG) is Qwen-Image-Edit's."""
 
     family = "qwen_image_edit_plus"
     pipeline_class = QwenImageEditPlusPipeline
@@ -68,28 +68,6 @@ class QwenImageEditPlusPolicy(qwen_image_edit.QwenImageEditPolicy):
             height=height,
             width=width,
         )
-
-    def velocity(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        sigma = self._check_velocity_inputs(x_t, sigma, cond)
-        c = cond.to(self.device, self.dtype)
-        batch, seq_len = x_t.shape[:2]
-        image_latents = c.tensors["image_latents"]
-        hidden_states = torch.cat([x_t.to(self.device, self.dtype), image_latents], dim=1)
-        mask = c.tensors["prompt_embeds_mask"]
-        if mask.all():
-            mask = None  # as the pipeline: no padding -> unmasked (flash-capable) attention
-        patches = (1, cond.height // self.vae_scale_factor // 2, cond.width // self.vae_scale_factor // 2)
-        inputs = image_latents.shape[1] // seq_len  # every input image is at the edit's size
-        out = self.transformer(
-            hidden_states=hidden_states,
-            timestep=sigma,  # the pipeline passes timesteps / 1000 = sigma
-            guidance=None,
-            encoder_hidden_states_mask=mask,
-            encoder_hidden_states=c.tensors["prompt_embeds"],
-            img_shapes=[[patches] * (1 + inputs)] * batch,  # the target, then each input image
-            return_dict=False,
-        )[0]
-        return out[:, :seq_len].to(x_t.dtype)
 
 
 def tiny_components(seed: int) -> dict:
