@@ -92,40 +92,15 @@ def tiny_components(seed: int) -> dict:
     )
 
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            projection_dim=32,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            layer_norm_eps=1e-5,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,  # != 2, so the pooled output is taken at the first eos
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = _clip(tokenizer, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                         num_hidden_layers=2, num_attention_heads=4, projection_dim=32, max_position_embeddings=77,
+                         hidden_act="gelu", layer_norm_eps=1e-5)  # fmt: skip
 
     torch.manual_seed(seed)
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's t5-v1_1-xxl
-            is_encoder_decoder=False,
-            pad_token_id=tokenizer_2.pad_token_id,
-            eos_token_id=tokenizer_2.eos_token_id,
-            decoder_start_token_id=tokenizer_2.pad_token_id,
-        )
-    )
+    text_encoder_2 = _t5(tokenizer_2, vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                         num_heads=4, relative_attention_num_buckets=8,
+                         feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's t5-v1_1-xxl
+                         is_encoder_decoder=False)  # fmt: skip
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -158,20 +133,29 @@ def tiny_components(seed: int) -> dict:
     }
 
 
+def _clip(tokenizer, **config) -> CLIPTextModel:
+    """CLIP with the tokenizer's special tokens (its eos != 2, so the pooled output is taken at the first eos)."""
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    return CLIPTextModel(CLIPTextConfig(**{**config, **ids}))
+
+
+def _t5(tokenizer, **config) -> T5EncoderModel:
+    """T5's encoder with the tokenizer's special tokens."""
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "decoder_start_token_id": tokenizer.pad_token_id}  # fmt: skip
+    return T5EncoderModel(T5Config(**{**config, **ids}))
+
+
 def full_size_components(config: dict, text_layers: int | None) -> dict:
     """Components at the real sizes from `config` (motionnft_core/models/full_size.py)."""
     tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
-    clip = {**layers(config["text_encoder"], "num_hidden_layers", text_layers),
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
-    t5 = {**layers(config["text_encoder_2"], "num_layers", text_layers), "pad_token_id": tokenizer_2.pad_token_id,
-          "eos_token_id": tokenizer_2.eos_token_id, "decoder_start_token_id": tokenizer_2.pad_token_id}  # fmt: skip
     return {
         "scheduler": FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
         "vae": AutoencoderKL(**config["vae"]),
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**clip)),
+        "text_encoder": _clip(tokenizer, **layers(config["text_encoder"], "num_hidden_layers", text_layers)),
         "tokenizer": tokenizer,
-        "text_encoder_2": T5EncoderModel(T5Config(**t5)),
+        "text_encoder_2": _t5(tokenizer_2, **layers(config["text_encoder_2"], "num_layers", text_layers)),
         "tokenizer_2": tokenizer_2,
         "transformer": FluxTransformer2DModel(**config["transformer"]),
         "image_encoder": None,
