@@ -277,17 +277,6 @@ class EditPolicy:
         self.transformer.set_adapter(adapter_name)
 
     @contextmanager
-    def guidance_as(self, scale: float) -> Iterator[None]:
-        """For a family with a distilled guidance embedding: its scale set to `scale` while inside, then put back
-        (the evaluation samples with the published setting, rollouts and training with `model.guidance`)."""
-        saved = self.guidance_scale
-        self.guidance_scale = scale
-        try:
-            yield
-        finally:
-            self.guidance_scale = saved
-
-    @contextmanager
     def adapters_disabled(self) -> Iterator[None]:
         """Run the base model (reference forwards, v_ref): all adapters off inside the block."""
         self.transformer.disable_adapters()
@@ -479,7 +468,25 @@ class EditPolicy:
         raise NotImplementedError
 
     def velocity(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """v = eps - x0 predicted at x_t (B, L, D), noise level sigma (B,) in [0, 1]; differentiable."""
+        """v = eps - x0 predicted at x_t (B, L, D), noise level sigma (B,) in [0, 1]; differentiable. Every family's
+        pipeline makes it the same way: one transformer call over the target's tokens followed by the input images'
+        (`image_latents`), of which the target's are kept; the call's other arguments are the family's
+        (`transformer_inputs`)."""
+        sigma = self._check_velocity_inputs(x_t, sigma, cond)
+        c = cond.to(self.device, self.dtype)
+        seq_len = x_t.shape[1]
+        hidden_states = torch.cat([x_t.to(self.device, self.dtype), c.tensors["image_latents"]], dim=1)
+        out = self.transformer(
+            hidden_states=hidden_states,
+            timestep=sigma,  # the pipelines pass timesteps / 1000 = sigma
+            **self.transformer_inputs(c, seq_len),
+            return_dict=False,
+        )[0]
+        return out[:, :seq_len].to(x_t.dtype)  # the target tokens; the input images' are dropped
+
+    def transformer_inputs(self, cond: Conditioning, seq_len: int) -> dict:
+        """The transformer's arguments besides the tokens and the timestep (text, positions, guidance), from `cond`
+        on the model's device and dtype, for targets of `seq_len` tokens."""
         raise NotImplementedError
 
     def decode(self, x0: torch.Tensor, height: int, width: int) -> torch.Tensor:

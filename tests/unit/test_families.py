@@ -14,8 +14,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from actors.sampler import Sampler
 from learner.trainer.checkpoint import export_lora
-from motionnft_core.config import FAMILIES, ModelConfig, RolloutConfig
+from motionnft_core.config import FAMILIES, EvalConfig, ModelConfig, RolloutConfig
 from motionnft_core.models.families import family_module, policy_class
+from motionnft_core.models.families.flux import FluxPolicy
 from motionnft_core.models.full_size import build_full_size, config_path, parameter_counts
 from motionnft_core.models.policy import EditPolicy
 from tests.conftest import DOUBLE_STREAM_TARGETS, EDIT_PROMPT, random_input_images, synthetic_examples, to_pil
@@ -42,6 +43,26 @@ def test_the_registry_feeds_the_config_and_every_family_is_complete():
         policy_class("flux_dev")
     with pytest.raises(ValueError, match="family"):
         ModelConfig(family="flux_dev")
+
+
+def test_each_family_names_its_evaluation_guidance():
+    """The `eval.*` keys a report and a comparison's manifest show (`eval_sampling`), and the distilled guidance
+    scale while the evaluation samples (`eval_guidance`): `eval.*`'s for Kontext and FLUX.2 [dev], put back after;
+    [klein] has no guidance embedding to set."""
+    cfg = EvalConfig(kontext_guidance=3.5, flux2_guidance=4.5, klein_base_cfg=5.0, qwen_true_cfg=6.0,
+                     negative_prompt="blur")  # fmt: skip
+    qwen = {"qwen_true_cfg": 6.0, "negative_prompt": "blur"}
+    expected = {"flux_kontext": {"kontext_guidance": 3.5}, "qwen_image_edit": qwen, PLUS: qwen,
+                "flux2_klein": {"klein_base_cfg": 5.0}, "flux2_dev": {"flux2_guidance": 4.5}}  # fmt: skip
+    assert {family: policy_class(family).eval_sampling(cfg) for family in FAMILIES} == expected
+    for family, inside in {"flux_kontext": 3.5, "flux2_dev": 4.5, "flux2_klein": 1.0}.items():
+        policy = object.__new__(policy_class(family))  # no pipeline: eval_guidance reads and sets the scale only
+        policy.guidance_scale = 1.0
+        with policy.eval_guidance(cfg):
+            assert policy.guidance_scale == inside, family
+        assert policy.guidance_scale == 1.0
+    with pytest.raises(TypeError, match="Misnamed.eval_guidance_key: eval.kontext_scale is no key"):
+        type("Misnamed", (FluxPolicy,), {"eval_guidance_key": "kontext_scale"})
 
 
 def test_single_image_families_refuse_a_second_input_image(tiny_pipelines):

@@ -10,7 +10,8 @@ Every family module (motionnft_core/family_registry.py lists them) defines:
 - `tiny_components(seed)`: the components of its tiny random-weight pipeline (motionnft_core/models/tiny.py);
 - `full_size_components(config, text_layers)`: the components at the real sizes (motionnft_core/models/full_size.py).
 
-A module the registry does not list may hold what several families share (flux2.py: FLUX.2 [klein] and [dev]).
+A module the registry does not list may hold what several families share (flux2.py: FLUX.2 [klein] and [dev];
+flux.py: FLUX.1 Kontext and FLUX.2).
 The modules are imported by name, on first use: importing a family's diffusers pipeline costs seconds.
 """
 

@@ -29,17 +29,17 @@ from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
 from motionnft_core.config import ModelConfig
-from motionnft_core.models.policy import Conditioning, EditPolicy
+from motionnft_core.models.families.flux import FluxPolicy
+from motionnft_core.models.policy import Conditioning
 
 MU_STEPS = 50  # the pipelines' default step count: the shift `shift_mu` gives when no step count is asked
 ATTENTION = ("to_q", "to_k", "to_v")  # a double block's separate projections; a single block fuses them
 
 
-class Flux2Policy(EditPolicy):
-    """FLUX.2's latents, input images, transformer call, sigma grid and LoRA targets (module docstring); the text
-    encoder is the subclass's (`encode_text`)."""
+class Flux2Policy(FluxPolicy):
+    """FLUX.2's latents, input images, sigma grid and LoRA targets (module docstring); the transformer call is
+    flux.FluxPolicy's, the text encoder the subclass's (`encode_text`)."""
 
-    pads_text = True  # the text is padded to max_sequence_length, and FLUX.2 attends to the padding
     max_input_images = 4  # this service's bound (each input image adds an edit's worth of tokens), not the model's
 
     def __init__(
@@ -51,9 +51,7 @@ class Flux2Policy(EditPolicy):
         text_encoder_offload: bool = ModelConfig.text_encoder_offload,
         prompt_cache: int = ModelConfig.prompt_cache,
     ):
-        super().__init__(pipe)
-        self.guidance_scale = guidance_scale  # the distilled guidance embedding, where the transformer has one
-        self.max_sequence_length = max_sequence_length
+        super().__init__(pipe, guidance_scale=guidance_scale, max_sequence_length=max_sequence_length)
         self.prompt_cache = PromptCache(prompt_cache)
         self.text_encoder_offload = text_encoder_offload
         if text_encoder_offload:
@@ -71,8 +69,8 @@ class Flux2Policy(EditPolicy):
 
     @classmethod
     def policy_kwargs(cls, model: ModelConfig) -> dict:
-        return {"guidance_scale": model.guidance, "max_sequence_length": model.max_sequence_length,
-                "text_encoder_offload": model.text_encoder_offload, "prompt_cache": model.prompt_cache}  # fmt: skip
+        return {**super().policy_kwargs(model), "text_encoder_offload": model.text_encoder_offload,
+                "prompt_cache": model.prompt_cache}  # fmt: skip
 
     def lora_target_modules(self, requested: Sequence[str]) -> list[str]:
         """The requested names in the double-stream blocks, and in each single-stream block the fused
@@ -159,25 +157,6 @@ class Flux2Policy(EditPolicy):
             height=height,
             width=width,
         )
-
-    def velocity(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        sigma = self._check_velocity_inputs(x_t, sigma, cond)
-        c = cond.to(self.device, self.dtype)
-        seq_len = x_t.shape[1]
-        hidden_states = torch.cat([x_t.to(self.device, self.dtype), c.tensors["image_latents"]], dim=1)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full((x_t.shape[0],), self.guidance_scale, device=self.device, dtype=torch.float32)
-        out = self.transformer(
-            hidden_states=hidden_states,
-            timestep=sigma,  # the pipeline passes timesteps / 1000 = sigma
-            guidance=guidance,
-            encoder_hidden_states=c.tensors["prompt_embeds"],
-            txt_ids=c.shared["txt_ids"],
-            img_ids=c.shared["img_ids"],
-            return_dict=False,
-        )[0]
-        return out[:, :seq_len].to(x_t.dtype)  # the target tokens; the input images' are dropped
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -8,13 +8,11 @@ Its size plan (a 32 B transformer and a 24 B encoder on one 80 GB GPU): `model.p
 `model.text_encoder_offload` (flux2.py, docs/models.md).
 """
 
-from contextlib import AbstractContextManager
-
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
 
-from motionnft_core.config import EvalConfig, ModelConfig
+from motionnft_core.config import ModelConfig
 from motionnft_core.models.families import flux2
 from motionnft_core.models.full_size import layers, real_config
 from motionnft_core.models.tokenizers import build_pixtral_processor
@@ -28,14 +26,7 @@ class Flux2DevPolicy(flux2.Flux2Policy):
     family = "flux2_dev"
     pipeline_class = Flux2Pipeline
     config_name = "flux2_dev"
-
-    @classmethod
-    def eval_sampling(cls, cfg: EvalConfig) -> dict:
-        return {"flux2_guidance": cfg.flux2_guidance}
-
-    def eval_guidance(self, cfg: EvalConfig) -> AbstractContextManager[None]:
-        """The distilled guidance set to `eval.flux2_guidance` while sampling, then put back."""
-        return self.guidance_as(cfg.flux2_guidance)
+    eval_guidance_key = "flux2_guidance"
 
     @classmethod
     def stock_call_kwargs(cls, height: int, width: int) -> dict:

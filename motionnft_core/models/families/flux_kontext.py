@@ -6,49 +6,25 @@ in the evaluation.
 """
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from motionnft_core.config import EvalConfig, ModelConfig
+from motionnft_core.models.families.flux import FluxPolicy
 from motionnft_core.models.full_size import layers, real_config
-from motionnft_core.models.policy import Conditioning, EditPolicy
+from motionnft_core.models.policy import Conditioning
 from motionnft_core.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 
-class FluxKontextPolicy(EditPolicy):
+class FluxKontextPolicy(FluxPolicy):
     """FLUX.1 Kontext: CLIP pooled + T5 text, input-image latents appended to the sequence (position-id
-    index 0 set to 1), distilled guidance embedding instead of CFG."""
+    index 0 set to 1), distilled guidance embedding instead of CFG (flux.FluxPolicy calls the transformer)."""
 
     family = "flux_kontext"
     pipeline_class = FluxKontextPipeline
     config_name = "flux_kontext"
-    pads_text = True  # T5 text padded to max_sequence_length, and FLUX attends to the padding
-
-    def __init__(
-        self,
-        pipe: FluxKontextPipeline,
-        *,
-        guidance_scale: float = ModelConfig.guidance,
-        max_sequence_length: int = ModelConfig.max_sequence_length,
-    ):
-        super().__init__(pipe)
-        self.guidance_scale = guidance_scale  # Kontext [dev]'s distilled guidance, used in rollouts and training
-        self.max_sequence_length = max_sequence_length  # T5 tokens, as the pipeline's default
-
-    @classmethod
-    def policy_kwargs(cls, model: ModelConfig) -> dict:
-        return {"guidance_scale": model.guidance, "max_sequence_length": model.max_sequence_length}
-
-    @classmethod
-    def eval_sampling(cls, cfg: EvalConfig) -> dict:
-        return {"kontext_guidance": cfg.kontext_guidance}
-
-    def eval_guidance(self, cfg: EvalConfig) -> AbstractContextManager[None]:
-        """The distilled guidance set to `eval.kontext_guidance` while sampling, then put back."""
-        return self.guidance_as(cfg.kontext_guidance)
+    eval_guidance_key = "kontext_guidance"
 
     @classmethod
     def stock_call_kwargs(cls, height: int, width: int) -> dict:
@@ -83,25 +59,9 @@ class FluxKontextPolicy(EditPolicy):
             width=width,
         )
 
-    def velocity(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        sigma = self._check_velocity_inputs(x_t, sigma, cond)
-        c = cond.to(self.device, self.dtype)
-        seq_len = x_t.shape[1]
-        hidden_states = torch.cat([x_t.to(self.device, self.dtype), c.tensors["image_latents"]], dim=1)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full((x_t.shape[0],), self.guidance_scale, device=self.device, dtype=torch.float32)
-        out = self.transformer(
-            hidden_states=hidden_states,
-            timestep=sigma,  # the pipeline passes timesteps / 1000 = sigma
-            guidance=guidance,
-            pooled_projections=c.tensors["pooled_prompt_embeds"],
-            encoder_hidden_states=c.tensors["prompt_embeds"],
-            txt_ids=c.shared["txt_ids"],
-            img_ids=c.shared["img_ids"],
-            return_dict=False,
-        )[0]
-        return out[:, :seq_len].to(x_t.dtype)  # the target tokens; the condition image's are dropped
+    def transformer_inputs(self, cond: Conditioning, seq_len: int) -> dict:
+        """FLUX's inputs and Kontext's pooled CLIP projection."""
+        return {**super().transformer_inputs(cond, seq_len), "pooled_projections": cond.tensors["pooled_prompt_embeds"]}
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -132,40 +92,15 @@ def tiny_components(seed: int) -> dict:
     )
 
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            projection_dim=32,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            layer_norm_eps=1e-5,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,  # != 2, so the pooled output is taken at the first eos
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = _clip(tokenizer, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                         num_hidden_layers=2, num_attention_heads=4, projection_dim=32, max_position_embeddings=77,
+                         hidden_act="gelu", layer_norm_eps=1e-5)  # fmt: skip
 
     torch.manual_seed(seed)
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's t5-v1_1-xxl
-            is_encoder_decoder=False,
-            pad_token_id=tokenizer_2.pad_token_id,
-            eos_token_id=tokenizer_2.eos_token_id,
-            decoder_start_token_id=tokenizer_2.pad_token_id,
-        )
-    )
+    text_encoder_2 = _t5(tokenizer_2, vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                         num_heads=4, relative_attention_num_buckets=8,
+                         feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's t5-v1_1-xxl
+                         is_encoder_decoder=False)  # fmt: skip
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -198,20 +133,29 @@ def tiny_components(seed: int) -> dict:
     }
 
 
+def _clip(tokenizer, **config) -> CLIPTextModel:
+    """CLIP with the tokenizer's special tokens (its eos != 2, so the pooled output is taken at the first eos)."""
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    return CLIPTextModel(CLIPTextConfig(**{**config, **ids}))
+
+
+def _t5(tokenizer, **config) -> T5EncoderModel:
+    """T5's encoder with the tokenizer's special tokens."""
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "decoder_start_token_id": tokenizer.pad_token_id}  # fmt: skip
+    return T5EncoderModel(T5Config(**{**config, **ids}))
+
+
 def full_size_components(config: dict, text_layers: int | None) -> dict:
     """Components at the real sizes from `config` (motionnft_core/models/full_size.py)."""
     tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
-    clip = {**layers(config["text_encoder"], "num_hidden_layers", text_layers),
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
-    t5 = {**layers(config["text_encoder_2"], "num_layers", text_layers), "pad_token_id": tokenizer_2.pad_token_id,
-          "eos_token_id": tokenizer_2.eos_token_id, "decoder_start_token_id": tokenizer_2.pad_token_id}  # fmt: skip
     return {
         "scheduler": FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
         "vae": AutoencoderKL(**config["vae"]),
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**clip)),
+        "text_encoder": _clip(tokenizer, **layers(config["text_encoder"], "num_hidden_layers", text_layers)),
         "tokenizer": tokenizer,
-        "text_encoder_2": T5EncoderModel(T5Config(**t5)),
+        "text_encoder_2": _t5(tokenizer_2, **layers(config["text_encoder_2"], "num_layers", text_layers)),
         "tokenizer_2": tokenizer_2,
         "transformer": FluxTransformer2DModel(**config["transformer"]),
         "image_encoder": None,

@@ -49,47 +49,49 @@ class QwenImageEditPolicy(EditPolicy):
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], images: torch.Tensor | Sequence[torch.Tensor]) -> Conditioning:
-        images = self._input_slots(images)[0]
-        batch, height, width = self._check_images(prompts, images)
-        # The VL encoder sees the input image at its own size (the processor resizes within its pixel
-        # budget); the pipeline first resizes it to ~1 MP, here the edit size is the training resolution.
-        prompt_embeds, prompt_embeds_mask = self.pipe._get_qwen_prompt_embeds(
-            list(prompts), list(images.cpu()), device=self.device, dtype=self.dtype
-        )
-        pixels = self._to_pixels(images).unsqueeze(2)  # (B, 3, 1, H, W): one frame for the video VAE
-        latents = self.pipe._encode_vae_image(pixels, generator=None)  # (B, C, 1, h, w), normalized, mode
-        _, channels, _, h, w = latents.shape
-        image_latents = self.pipe._pack_latents(latents, batch, channels, h, w)
+        slots = self._input_slots(images)
+        batch, height, width = self._check_images(prompts, slots[0])
+        prompt_embeds, prompt_embeds_mask = self.encode_text(prompts, slots)
         return Conditioning(
             tensors={
                 "prompt_embeds": prompt_embeds,  # (B, T, D_text), zero-padded to the longest prompt
                 "prompt_embeds_mask": prompt_embeds_mask,  # (B, T) long, 1 = real token
-                "image_latents": image_latents,  # (B, L, D)
+                "image_latents": torch.cat([self._image_latents(slot) for slot in slots], dim=1),  # (B, n * L, D)
             },
             shared={},
             height=height,
             width=width,
         )
 
-    def velocity(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        sigma = self._check_velocity_inputs(x_t, sigma, cond)
-        c = cond.to(self.device, self.dtype)
-        batch, seq_len = x_t.shape[:2]
-        hidden_states = torch.cat([x_t.to(self.device, self.dtype), c.tensors["image_latents"]], dim=1)
-        mask = c.tensors["prompt_embeds_mask"]
+    def encode_text(self, prompts: Sequence[str], slots: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds, mask) of the VL encoder, which sees the prompts with the input image at its own size
+        (the processor resizes within its pixel budget; the pipeline first resizes it to ~1 MP, here the edit
+        size is the training resolution)."""
+        return self.pipe._get_qwen_prompt_embeds(
+            list(prompts), list(slots[0].cpu()), device=self.device, dtype=self.dtype
+        )
+
+    def _image_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> packed latents (B, L, D): the VAE's normalized mode, one video frame."""
+        pixels = self._to_pixels(images).unsqueeze(2)  # (B, 3, 1, H, W): one frame for the video VAE
+        latents = self.pipe._encode_vae_image(pixels, generator=None)  # (B, C, 1, h, w), normalized, mode
+        batch, channels, _, h, w = latents.shape
+        return self.pipe._pack_latents(latents, batch, channels, h, w)
+
+    def transformer_inputs(self, cond: Conditioning, seq_len: int) -> dict:
+        """The text with its padding mask, and `img_shapes`: the target's patch grid, then each input image's
+        (every input image is at the edit's size)."""
+        mask = cond.tensors["prompt_embeds_mask"]
         if mask.all():
             mask = None  # as the pipeline: no padding -> unmasked (flash-capable) attention
         patches = (1, cond.height // self.vae_scale_factor // 2, cond.width // self.vae_scale_factor // 2)
-        out = self.transformer(
-            hidden_states=hidden_states,
-            timestep=sigma,  # the pipeline passes timesteps / 1000 = sigma
-            guidance=None,
-            encoder_hidden_states_mask=mask,
-            encoder_hidden_states=c.tensors["prompt_embeds"],
-            img_shapes=[[patches, patches]] * batch,  # target, then the condition image (same size)
-            return_dict=False,
-        )[0]
-        return out[:, :seq_len].to(x_t.dtype)
+        inputs = cond.tensors["image_latents"].shape[1] // seq_len
+        return {
+            "guidance": None,
+            "encoder_hidden_states_mask": mask,
+            "encoder_hidden_states": cond.tensors["prompt_embeds"],
+            "img_shapes": [[patches] * (1 + inputs)] * cond.batch,
+        }
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor, height: int, width: int) -> torch.Tensor:

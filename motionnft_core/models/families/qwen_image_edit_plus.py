@@ -21,8 +21,9 @@ from motionnft_core.models.policy import Conditioning
 
 
 class QwenImageEditPlusPolicy(qwen_image_edit.QwenImageEditPolicy):
-    """Qwen-Image-Edit-2509/2511: one to three input images per example (module docstring); the rest (the VAE
-    decode, the evaluation's true CFG) is Qwen-Image-Edit's."""
+    """Qwen-Image-Edit-2509/2511: one to three input images per example (module docstring), each prompt encoded with
+    its pictures (`encode_text`); the rest (the input images' latents, the transformer call, the VAE decode, the
+    evaluation's true CFG) is Qwen-Image-Edit's."""
 
     family = "qwen_image_edit_plus"
     pipeline_class = QwenImageEditPlusPipeline
@@ -36,60 +37,18 @@ class QwenImageEditPlusPolicy(qwen_image_edit.QwenImageEditPolicy):
         pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
         return self.pipe.image_processor.resize(pil, cond_height, cond_width)
 
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str], images: torch.Tensor | Sequence[torch.Tensor]) -> Conditioning:
-        slots = self._input_slots(images)
-        batch, height, width = self._check_images(prompts, slots[0])
-        # One prompt at a time: the pipeline numbers the pictures of one prompt ("Picture 1: ... Picture n:").
-        texts = [
-            self.pipe._get_qwen_prompt_embeds(
+    def encode_text(self, prompts: Sequence[str], slots: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds, mask) of the VL encoder, one prompt at a time: the pipeline numbers the pictures of one
+        prompt ("Picture 1: ... Picture n:"); the rows are zero-padded to the longest prompt, masked."""
+        height, width = slots[0].shape[-2:]
+        rows = []
+        for row, prompt in enumerate(prompts):
+            embeds, mask = self.pipe._get_qwen_prompt_embeds(
                 [prompt], [self._condition_image(slot[row]) for slot in slots], device=self.device, dtype=self.dtype
             )
-            for row, prompt in enumerate(prompts)
-        ]
-        packed = []
-        for slot in slots:
-            pixels = self._to_pixels(slot).unsqueeze(2)  # (B, 3, 1, H, W): one frame for the video VAE
-            latents = self.pipe._encode_vae_image(pixels, generator=None)  # (B, C, 1, h, w), normalized, mode
-            _, channels, _, h, w = latents.shape
-            packed.append(self.pipe._pack_latents(latents, batch, channels, h, w))
-        rows = [
-            Conditioning({"prompt_embeds": embeds, "prompt_embeds_mask": mask}, {}, height, width)
-            for embeds, mask in texts
-        ]
-        text = Conditioning.cat(rows)  # zero-pads the text to the longest prompt, masked
-        return Conditioning(
-            tensors={
-                "prompt_embeds": text.tensors["prompt_embeds"],  # (B, T, D_text)
-                "prompt_embeds_mask": text.tensors["prompt_embeds_mask"],  # (B, T) long, 1 = real token
-                "image_latents": torch.cat(packed, dim=1),  # (B, n * L, D): the input images in order
-            },
-            shared={},
-            height=height,
-            width=width,
-        )
-
-    def velocity(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        sigma = self._check_velocity_inputs(x_t, sigma, cond)
-        c = cond.to(self.device, self.dtype)
-        batch, seq_len = x_t.shape[:2]
-        image_latents = c.tensors["image_latents"]
-        hidden_states = torch.cat([x_t.to(self.device, self.dtype), image_latents], dim=1)
-        mask = c.tensors["prompt_embeds_mask"]
-        if mask.all():
-            mask = None  # as the pipeline: no padding -> unmasked (flash-capable) attention
-        patches = (1, cond.height // self.vae_scale_factor // 2, cond.width // self.vae_scale_factor // 2)
-        inputs = image_latents.shape[1] // seq_len  # every input image is at the edit's size
-        out = self.transformer(
-            hidden_states=hidden_states,
-            timestep=sigma,  # the pipeline passes timesteps / 1000 = sigma
-            guidance=None,
-            encoder_hidden_states_mask=mask,
-            encoder_hidden_states=c.tensors["prompt_embeds"],
-            img_shapes=[[patches] * (1 + inputs)] * batch,  # the target, then each input image
-            return_dict=False,
-        )[0]
-        return out[:, :seq_len].to(x_t.dtype)
+            rows.append(Conditioning({"prompt_embeds": embeds, "prompt_embeds_mask": mask}, {}, height, width))
+        text = Conditioning.cat(rows)
+        return text.tensors["prompt_embeds"], text.tensors["prompt_embeds_mask"]
 
 
 def tiny_components(seed: int) -> dict:
