@@ -215,17 +215,20 @@ def tiny_paths(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def world1(tmp_path_factory):
-    """A world-1 gloo group in this process (NFTTrainer needs torch.distributed even alone)."""
+    """A world-1 gloo group in this process (NFTTrainer needs torch.distributed even alone); the thread count and
+    the cuDNN SDPA switch (a trainer sets it, process-wide) are what they were after the module."""
     import torch
     import torch.distributed as dist
 
     store = tmp_path_factory.mktemp("dist") / "store"
     threads = torch.get_num_threads()
+    cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
     torch.set_num_threads(1)  # the box is shared; one thread is faster than contending for two
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
     torch.set_num_threads(threads)
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
 
 
 # ------------------------------------------------------------------------------------ the learning demo's warm start

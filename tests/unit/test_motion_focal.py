@@ -141,20 +141,6 @@ def test_motion_focal_needs_the_flow_reward():
         validate(cfg)
 
 
-@pytest.fixture(scope="module")
-def world1(tmp_path_factory):
-    import torch.distributed as dist
-
-    store = tmp_path_factory.mktemp("dist") / "store"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    torch.set_num_threads(threads)
-    torch.backends.cuda.enable_cudnn_sdp(True)  # the trainers switch it, process-wide
-
-
 def test_the_trainer_step_with_mix_0_is_the_plain_step_and_the_heat_moves_it(world1, tiny_pipelines):
     """Tiny FLUX Kontext at 32 px (4 latent tokens): nft.motion_focal with m = 0 trains exactly as without it; with
     m = 1 and all the motion in one corner the step differs; a sample without its heat is refused."""
