@@ -181,6 +181,46 @@ def synthetic_examples(folder: Path, n: int, *, size: int, seed: int, take: int 
     return [data[i] for i in range(len(data) if take is None else take)]
 
 
+def random_lora_policy(pipeline_dir: Path, family: str):
+    """The tiny policy with a rank-4 adapter on DOUBLE_STREAM_TARGETS (the family's own layers added) holding seeded
+    random weights, so an export of it changes what the stock pipeline computes."""
+    import torch
+
+    from motionnft_core.models.policy import EditPolicy
+
+    policy = EditPolicy.from_pretrained(pipeline_dir, family=family)
+    policy.add_lora(rank=4, alpha=8, target_modules=DOUBLE_STREAM_TARGETS)
+    g = torch.Generator().manual_seed(7)
+    trained = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in policy.lora_state_dict().items()}
+    policy.load_lora_state_dict(trained)
+    return policy
+
+
+def assert_the_stock_pipeline_loads_the_export(policy, pipeline_dir: Path, folder: Path, targets: list[str]):
+    """Exports `policy`'s adapter (on `targets`) into `folder`, loads it into the stock diffusers pipeline with
+    `load_lora_weights`, and checks the velocity moves from the base one to exactly the policy's; returns that
+    pipeline."""
+    import torch
+
+    from learner.trainer.checkpoint import export_lora
+    from motionnft_core.models.policy import EditPolicy
+
+    export_lora(policy.lora_state_dict(), folder, family=policy.family, rank=4, alpha=8, targets=targets)
+    stock = type(policy.pipe).from_pretrained(pipeline_dir)
+    loaded = EditPolicy.from_pipe(stock)
+    cond = loaded.encode([EDIT_PROMPT], random_input_images(2, seed=5))
+    x = loaded.prepare_latents(1, 64, 64, torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.5])
+    with torch.no_grad():
+        v_base = loaded.velocity(x, sigma, cond)
+        stock.load_lora_weights(folder, adapter_name="default")
+        v_loaded = loaded.velocity(x, sigma, cond)
+        v_trained = policy.velocity(x, sigma, cond)
+    assert (v_loaded - v_base).abs().max() > 1e-3  # the adapter changes the stock pipeline's output ...
+    torch.testing.assert_close(v_loaded, v_trained, atol=1e-6, rtol=0)  # ... exactly as trained
+    return stock
+
+
 @pytest.fixture(scope="session")
 def tiny_pipelines(tmp_path_factory) -> dict:
     """Both tiny random pipelines, built offline once per session (saved with save_pretrained)."""
@@ -215,17 +255,20 @@ def tiny_paths(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def world1(tmp_path_factory):
-    """A world-1 gloo group in this process (NFTTrainer needs torch.distributed even alone)."""
+    """A world-1 gloo group in this process (NFTTrainer needs torch.distributed even alone); the thread count and
+    the cuDNN SDPA switch (a trainer sets it, process-wide) are what they were after the module."""
     import torch
     import torch.distributed as dist
 
     store = tmp_path_factory.mktemp("dist") / "store"
     threads = torch.get_num_threads()
+    cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
     torch.set_num_threads(1)  # the box is shared; one thread is faster than contending for two
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
     torch.set_num_threads(threads)
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
 
 
 # ------------------------------------------------------------------------------------ the learning demo's warm start

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-import yaml
 from PIL import Image
 
 from actors.eval_sampler import EvalSampler
@@ -23,11 +21,9 @@ from evaluation import compare as ev
 from evaluation import main as cli
 from evaluation.report import LABEL_BAND
 from evaluation.table import ScoreStore
-from learner.trainer.checkpoint import MARKER, export_lora, step_name
 from motionnft_core.config_loader import load_config
 from motionnft_core.models.weights import load_exported_policy
-
-RANK, ALPHA, TARGETS = 4, 8, ["to_q", "to_k", "to_v", "to_out.0"]
+from tests.eval_runs import ALPHA, RANK, TARGETS, adapter_state, cpu_pools, write_checkpoint, write_config
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +40,11 @@ def compare_config(tmp_path_factory, vllm_judge):
         "eval": {"num_steps": 2, "chunk_rows": 2, "bootstrap_samples": 200},
         "checkpoint": {"dir": str(root / "ckpt")},
         "logging": {"dir": str(root / "run")},
-        "cluster": {"rollout_workers": 2, "reward_workers": 1, "cpus_per_actor": 0.5, "rollout_gpus": 0,
-                    "reward_gpus": 0, "judge_gpus": 0},
+        "cluster": cpu_pools(2, judge=True),
     }  # fmt: skip
-    path = root / "run.yaml"
-    path.write_text(yaml.safe_dump(tree))
+    path = write_config(root, tree)
     cfg = load_config(path)
-    policy = load_exported_policy(cfg, None)  # a checkpoint with a random (non-zero) adapter
-    policy.add_lora(rank=RANK, alpha=ALPHA, target_modules=TARGETS)
-    g = torch.Generator().manual_seed(1)
-    state = {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in policy.lora_state_dict().items()}
-    ckpt = Path(cfg.checkpoint.dir) / step_name(4)
-    export_lora(state, ckpt / "lora", family="flux_kontext", rank=RANK, alpha=ALPHA, targets=TARGETS)
-    (ckpt / MARKER).write_text("4")
+    ckpt = write_checkpoint(cfg, 4, adapter_state(cfg, seed=1))  # a checkpoint with a random (non-zero) adapter
     return path, ckpt
 
 

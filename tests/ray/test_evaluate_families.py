@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from evaluation import main as cli
+from tests.eval_runs import cpu_pools, write_config
 
 pytestmark = pytest.mark.slow  # about 30 s a family; the fast loop keeps the first two families' evaluation tests
 
@@ -27,11 +27,9 @@ def test_heldout_and_compare_run_for_the_family(family, ray_cluster, vllm_judge,
         "eval": {"num_steps": 2, "bootstrap_samples": 100},
         "checkpoint": {"dir": str(tmp_path / "ckpt")},
         "logging": {"dir": str(tmp_path / "run")},
-        "cluster": {"rollout_workers": 1, "reward_workers": 1, "cpus_per_actor": 0.5, "rollout_gpus": 0,
-                    "reward_gpus": 0, "judge_gpus": 0},
+        "cluster": cpu_pools(1, judge=True),
     }  # fmt: skip
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(tree))
+    path = write_config(tmp_path, tree)
     assert cli.main(["heldout", "--config", str(path), "--checkpoint", "none", "--limit", "1"]) == 0
     held = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     assert held["n_examples"] == 1 and 0.0 <= held["results"][0]["mean"]["score"] <= 1.0

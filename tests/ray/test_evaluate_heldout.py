@@ -11,21 +11,17 @@ from pathlib import Path
 
 import pytest
 import ray
-import torch
-import yaml
 from PIL import Image
 
 from actors.sampler import Sampler
 from evaluation import heldout as ev
 from evaluation import main as cli
 from evaluation.report import LABEL_BAND
-from learner.trainer.checkpoint import MARKER, export_lora, step_name
 from motionnft_core.config_loader import config_to_dict, load_config
 from motionnft_core.data.motionedit import load_splits
 from motionnft_core.models.weights import load_exported_policy
 from rewards.flow_scorer import FlowItem, build_flow_scorer
-
-RANK, ALPHA, TARGETS = 4, 8, ["to_q", "to_k", "to_v", "to_out.0"]
+from tests.eval_runs import adapter_state, cpu_pools, kontext_run_tree, write_checkpoint, write_config
 
 
 @pytest.fixture(scope="module")
@@ -33,27 +29,9 @@ def heldout_config(tmp_path_factory):
     """A tiny run: 8 synthetic 32 px examples (about half held out), a 2-step solver, one checkpoint with a random
     (non-zero) adapter, two rollout workers and one reward worker."""
     root = tmp_path_factory.mktemp("heldout_run")
-    tree = {
-        "model": {"tiny": True, "family": "flux_kontext", "dtype": "float32", "cache_dir": str(root / "cache")},
-        "data": {"synthetic": 8, "synthetic_size": 32, "eval_fraction": 0.5, "seed": 0},
-        "rollout": {"group_size": 2, "prompts_per_step": 1, "num_steps": 2, "height": 32, "width": 32},
-        "reward": {"flow_weight": 1.0, "judge_weight": 0.0, "flow": {"estimator": "dis", "quantize": False}},
-        "nft": {"lora_rank": RANK, "lora_alpha": ALPHA, "lora_targets": TARGETS},
-        "checkpoint": {"dir": str(root / "ckpt")},
-        "logging": {"dir": str(root / "run")},
-        "cluster": {"rollout_workers": 2, "reward_workers": 1, "cpus_per_actor": 0.5, "rollout_gpus": 0,
-                    "reward_gpus": 0},
-    }  # fmt: skip
-    path = root / "run.yaml"
-    path.write_text(yaml.safe_dump(tree))
+    path = write_config(root, kontext_run_tree(root) | {"cluster": cpu_pools(2)})
     cfg = load_config(path)
-    policy = load_exported_policy(cfg, None)
-    policy.add_lora(rank=RANK, alpha=ALPHA, target_modules=TARGETS)
-    g = torch.Generator().manual_seed(3)
-    state = {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in policy.lora_state_dict().items()}
-    ckpt = Path(cfg.checkpoint.dir) / step_name(5)
-    export_lora(state, ckpt / "lora", family="flux_kontext", rank=RANK, alpha=ALPHA, targets=TARGETS)
-    (ckpt / MARKER).write_text("5")
+    ckpt = write_checkpoint(cfg, 5, adapter_state(cfg, seed=3))
     return path, cfg, ckpt
 
 

@@ -58,6 +58,16 @@ def _main(args: list[str], timeout: int = 420, env: dict[str, str] | None = None
     return proc
 
 
+def _assert_the_adapter_trained(exported, example) -> None:
+    """The exported adapter moves the policy's velocity on `example` (all its input images) off the base one."""
+    cond = exported.encode([example.prompt], [im[None] for im in example.input_images])
+    x = exported.prepare_latents(1, 64, 64, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v = exported.velocity(x, torch.tensor([0.5]), cond)
+        with exported.adapters_disabled():
+            assert (v - exported.velocity(x, torch.tensor([0.5]), cond)).abs().max() > 0
+
+
 def test_qwen_image_edit_plus_trains_on_two_input_images(tmp_path):
     """Qwen-Image-Edit-2511's pipeline end to end, two steps: every synthetic example with a second input image
     (data.synthetic_reference), the held-out evaluation after each step (true CFG, the references included), a
@@ -74,13 +84,7 @@ def test_qwen_image_edit_plus_trains_on_two_input_images(tmp_path):
                       _overrides(tmp_path, 2, family="qwen_image_edit_plus") + extra)  # fmt: skip
     train, _ = load_splits(cfg)
     assert len(train[0].reference_images) == 1
-    exported = load_exported_policy(cfg, tmp_path / "ckpt" / "step_00000002" / "lora")
-    cond = exported.encode([train[0].prompt], [im[None] for im in train[0].input_images])
-    x = exported.prepare_latents(1, 64, 64, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        v = exported.velocity(x, torch.tensor([0.5]), cond)
-        with exported.adapters_disabled():
-            assert (v - exported.velocity(x, torch.tensor([0.5]), cond)).abs().max() > 0  # the adapter trained
+    _assert_the_adapter_trained(load_exported_policy(cfg, tmp_path / "ckpt" / "step_00000002" / "lora"), train[0])
 
 
 @pytest.mark.parametrize("family", ["flux2_klein", "flux2_dev"])
@@ -103,12 +107,7 @@ def test_flux2_trains_on_two_input_images(tmp_path, family):
     names = [n for n, _ in exported.transformer.named_parameters() if "lora_A" in n]
     assert any("single_transformer_blocks" in n and "to_qkv_mlp_proj" in n for n in names)
     assert any("single_transformer_blocks" in n and "attn.to_out.lora_A" in n for n in names)
-    cond = exported.encode([train[0].prompt], [im[None] for im in train[0].input_images])
-    x = exported.prepare_latents(1, 64, 64, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        v = exported.velocity(x, torch.tensor([0.5]), cond)
-        with exported.adapters_disabled():
-            assert (v - exported.velocity(x, torch.tensor([0.5]), cond)).abs().max() > 0  # the adapter trained
+    _assert_the_adapter_trained(exported, train[0])
 
 
 def test_qwen_image_edit_trains(tmp_path):

@@ -12,21 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from evaluation import compare
 from evaluation import heldout as ev
 from evaluation import main as cli
 from evaluation.report import write_grid
-from learner.trainer.checkpoint import MARKER, export_lora, step_name
+from learner.trainer.checkpoint import export_lora, step_name
 from motionnft_core.config_loader import load_config
 from motionnft_core.models.weights import load_exported_policy
+from tests.eval_runs import ALPHA, RANK, TARGETS, adapter_state, kontext_run_tree, write_checkpoint, write_config
 from tests.storage_helpers import upload_dir
-
-RANK, ALPHA = 4, 8
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
 
 # ------------------------------------------------------------------------------------------------ files
 
@@ -102,33 +98,8 @@ def test_read_metrics_names_the_bad_line(tmp_path):
 def run_config(tmp_path_factory):
     """A tiny flux run: 8 synthetic 32 px examples (half held out), DIS flow reward, no judge."""
     root = tmp_path_factory.mktemp("eval_run")
-    tree = {
-        "model": {"tiny": True, "family": "flux_kontext", "dtype": "float32", "cache_dir": str(root / "cache")},
-        "data": {"synthetic": 8, "synthetic_size": 32, "eval_fraction": 0.5, "seed": 0},
-        "rollout": {"group_size": 2, "prompts_per_step": 1, "num_steps": 2, "height": 32, "width": 32},
-        "reward": {"flow_weight": 1.0, "judge_weight": 0.0, "flow": {"estimator": "dis", "quantize": False}},
-        "nft": {"lora_rank": RANK, "lora_alpha": ALPHA, "lora_targets": TARGETS},
-        "checkpoint": {"dir": str(root / "ckpt")},
-        "logging": {"dir": str(root / "run")},
-    }
-    path = root / "run.yaml"
-    path.write_text(yaml.safe_dump(tree))
+    path = write_config(root, kontext_run_tree(root))
     return path, load_config(path)
-
-
-def _adapter_state(cfg, seed: int) -> dict[str, torch.Tensor]:
-    """Random (non-zero B) adapter weights with the names `EditPolicy.lora_state_dict` uses."""
-    policy = load_exported_policy(cfg, None)
-    policy.add_lora(rank=RANK, alpha=ALPHA, target_modules=TARGETS)
-    g = torch.Generator().manual_seed(seed)
-    return {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in policy.lora_state_dict().items()}
-
-
-def _write_checkpoint(cfg, step: int, state: dict[str, torch.Tensor], *, rank: int = RANK) -> Path:
-    ckpt = Path(cfg.checkpoint.dir) / step_name(step)
-    export_lora(state, ckpt / "lora", family="flux_kontext", rank=rank, alpha=ALPHA, targets=TARGETS)
-    (ckpt / MARKER).write_text(str(step))
-    return ckpt
 
 
 def test_checkpoint_resolution(run_config, tmp_path):
@@ -148,8 +119,8 @@ def test_checkpoint_resolution(run_config, tmp_path):
 def test_loaded_adapter_is_the_exported_one(run_config):
     """load_policy (diffusers load_lora_weights) gives the same velocity as copying the weights in directly."""
     _, cfg = run_config
-    state = _adapter_state(cfg, seed=1)
-    ckpt = _write_checkpoint(cfg, 3, state)
+    state = adapter_state(cfg, seed=1)
+    ckpt = write_checkpoint(cfg, 3, state)
     assert ev.checkpoints_to_evaluate(cfg, "latest") == [(3, str(ckpt / "lora"))]
     assert ev.checkpoints_to_evaluate(cfg, str(ckpt)) == [(3, str(ckpt / "lora"))]
     assert ev.checkpoints_to_evaluate(cfg, str(ckpt / "lora")) == [(3, str(ckpt / "lora"))]
@@ -179,8 +150,8 @@ def test_a_checkpoint_on_s3_is_read_by_the_worker_that_loads_it(run_config, s3_b
     from motionnft_core.models.weights import LoraExport
 
     _, cfg = run_config
-    state = _adapter_state(cfg, seed=3)
-    local = _write_checkpoint(replace(cfg, checkpoint=replace(cfg.checkpoint, dir=str(tmp_path / "local"))), 5, state)
+    state = adapter_state(cfg, seed=3)
+    local = write_checkpoint(replace(cfg, checkpoint=replace(cfg.checkpoint, dir=str(tmp_path / "local"))), 5, state)
     (local / "learner").mkdir()
     (local / "learner" / "__0_0.distcp").write_bytes(b"learner shards, never needed to evaluate")
     root = f"s3://{s3_bucket}/run"
@@ -219,7 +190,7 @@ def test_a_checkpoint_on_s3_is_read_by_the_worker_that_loads_it(run_config, s3_b
 
 def test_rank_mismatch_names_the_config_keys(run_config, tmp_path):
     _, cfg = run_config
-    state = _adapter_state(cfg, seed=2)
+    state = adapter_state(cfg, seed=2)
     export_lora(state, tmp_path / "lora", family="flux_kontext", rank=RANK + 1, alpha=ALPHA, targets=TARGETS)
     with pytest.raises(ValueError, match="nft.lora_rank"):
         load_exported_policy(cfg, tmp_path / "lora")
@@ -291,8 +262,8 @@ def test_a_refused_comparison_writes_nothing_and_the_corrected_one_starts(run_co
     trace in --out, so the corrected command is not refused as "another comparison"."""
     path, cfg = run_config
     ckpt_dir = tmp_path / "ckpt"
-    _write_checkpoint(replace(cfg, checkpoint=replace(cfg.checkpoint, dir=str(ckpt_dir))), 7,
-                      _adapter_state(cfg, seed=4))  # fmt: skip
+    write_checkpoint(replace(cfg, checkpoint=replace(cfg.checkpoint, dir=str(ckpt_dir))), 7,
+                      adapter_state(cfg, seed=4))  # fmt: skip
     out = tmp_path / "compare"
     argv = ["compare", "--config", str(path), "--checkpoint", "latest", "--baseline", "base", "--out", str(out),
             f"checkpoint.dir={ckpt_dir}"]  # fmt: skip

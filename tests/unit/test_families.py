@@ -13,13 +13,20 @@ from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
 from torch.utils.flop_counter import FlopCounterMode
 
 from actors.sampler import Sampler
-from learner.trainer.checkpoint import export_lora
 from motionnft_core.config import FAMILIES, EvalConfig, ModelConfig, RolloutConfig
 from motionnft_core.models.families import family_module, policy_class
 from motionnft_core.models.families.flux import FluxPolicy
 from motionnft_core.models.full_size import build_full_size, config_path, parameter_counts
 from motionnft_core.models.policy import EditPolicy
-from tests.conftest import DOUBLE_STREAM_TARGETS, EDIT_PROMPT, random_input_images, synthetic_examples, to_pil
+from tests.conftest import (
+    DOUBLE_STREAM_TARGETS,
+    EDIT_PROMPT,
+    assert_the_stock_pipeline_loads_the_export,
+    random_input_images,
+    random_lora_policy,
+    synthetic_examples,
+    to_pil,
+)
 
 PLUS = "qwen_image_edit_plus"
 SIZE = 64
@@ -111,26 +118,9 @@ def test_plus_matches_the_stock_pipeline_with_two_inputrandom_input_images(plus,
 
 
 def test_plus_lora_export_loads_into_the_stock_pipeline(tiny_pipelines, tmp_path):
-    policy = EditPolicy.from_pretrained(tiny_pipelines[PLUS], family=PLUS)
-    policy.add_lora(rank=4, alpha=8, target_modules=DOUBLE_STREAM_TARGETS)
-    g = torch.Generator().manual_seed(7)
-    trained = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in policy.lora_state_dict().items()}
-    policy.load_lora_state_dict(trained)
-    export_lora(policy.lora_state_dict(), tmp_path / "lora", family=PLUS, rank=4, alpha=8,
-                targets=DOUBLE_STREAM_TARGETS)
-
-    stock = type(policy.pipe).from_pretrained(tiny_pipelines[PLUS])
-    loaded = EditPolicy.from_pipe(stock)
-    cond = loaded.encode([EDIT_PROMPT], random_input_images(2, seed=5))
-    x = loaded.prepare_latents(1, SIZE, SIZE, torch.Generator().manual_seed(1))
-    sigma = torch.tensor([0.5])
-    with torch.no_grad():
-        v_base = loaded.velocity(x, sigma, cond)
-        stock.load_lora_weights(tmp_path / "lora", adapter_name="default")
-        v_loaded = loaded.velocity(x, sigma, cond)
-        v_trained = policy.velocity(x, sigma, cond)
-    assert (v_loaded - v_base).abs().max() > 1e-3  # the adapter changes the stock pipeline's output ...
-    torch.testing.assert_close(v_loaded, v_trained, atol=1e-6, rtol=0)  # ... exactly as trained
+    policy = random_lora_policy(tiny_pipelines[PLUS], PLUS)
+    assert_the_stock_pipeline_loads_the_export(policy, tiny_pipelines[PLUS], tmp_path / "lora",
+                                               DOUBLE_STREAM_TARGETS)  # fmt: skip
 
 
 def test_the_synthetic_reference_changes_the_edit(plus, tmp_path):

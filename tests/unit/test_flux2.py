@@ -13,11 +13,17 @@ from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from actors.eval_sampler import EvalSampler
-from learner.trainer.checkpoint import export_lora
 from motionnft_core.config import EvalConfig
 from motionnft_core.models.full_size import CONFIG_DIR, build_full_size, parameter_counts
 from motionnft_core.models.policy import EditPolicy
-from tests.conftest import DOUBLE_STREAM_TARGETS, EDIT_PROMPT, random_input_images, to_pil
+from tests.conftest import (
+    DOUBLE_STREAM_TARGETS,
+    EDIT_PROMPT,
+    assert_the_stock_pipeline_loads_the_export,
+    random_input_images,
+    random_lora_policy,
+    to_pil,
+)
 
 KLEIN, DEV = "flux2_klein", "flux2_dev"
 FLUX2 = [KLEIN, DEV]
@@ -130,27 +136,10 @@ def test_klein_evaluation_edit_is_the_stock_pipelines_at_the_published_setting(t
 
 @pytest.mark.parametrize("family", FLUX2)
 def test_flux2_lora_export_loads_into_the_stock_pipeline(tiny_pipelines, tmp_path, family):
-    policy = EditPolicy.from_pretrained(tiny_pipelines[family], family=family)
-    policy.add_lora(rank=4, alpha=8, target_modules=DOUBLE_STREAM_TARGETS)
-    g = torch.Generator().manual_seed(7)
-    trained = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in policy.lora_state_dict().items()}
-    policy.load_lora_state_dict(trained)
-    assert any("single_transformer_blocks" in k and "to_qkv_mlp_proj" in k for k in trained)
-    export_lora(policy.lora_state_dict(), tmp_path / "lora", family=family, rank=4, alpha=8,
-                targets=policy.lora_target_modules(DOUBLE_STREAM_TARGETS))  # fmt: skip
-
-    stock = type(policy.pipe).from_pretrained(tiny_pipelines[family])
-    loaded = EditPolicy.from_pipe(stock)
-    cond = loaded.encode([EDIT_PROMPT], random_input_images(2, seed=5))
-    x = loaded.prepare_latents(1, SIZE, SIZE, torch.Generator().manual_seed(1))
-    sigma = torch.tensor([0.5])
-    with torch.no_grad():
-        v_base = loaded.velocity(x, sigma, cond)
-        stock.load_lora_weights(tmp_path / "lora", adapter_name="default")
-        v_loaded = loaded.velocity(x, sigma, cond)
-        v_trained = policy.velocity(x, sigma, cond)
-    assert (v_loaded - v_base).abs().max() > 1e-3  # the adapter changes the stock pipeline's output ...
-    torch.testing.assert_close(v_loaded, v_trained, atol=1e-6, rtol=0)  # ... exactly as trained
+    policy = random_lora_policy(tiny_pipelines[family], family)
+    assert any("single_transformer_blocks" in k and "to_qkv_mlp_proj" in k for k in policy.lora_state_dict())
+    stock = assert_the_stock_pipeline_loads_the_export(policy, tiny_pipelines[family], tmp_path / "lora",
+                                                       policy.lora_target_modules(DOUBLE_STREAM_TARGETS))  # fmt: skip
     assert len(_adapted(stock.transformer)["single"]) == 2 * len(stock.transformer.single_transformer_blocks)
 
 

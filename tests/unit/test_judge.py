@@ -52,6 +52,14 @@ def _images(k: int = 3, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     return source, candidates
 
 
+def _refused(client: JudgeClient, match: str) -> JudgeError:
+    """The JudgeError (its message matching `match`) that scoring one candidate with `client` ends in."""
+    source, candidates = _images()
+    with pytest.raises(JudgeError, match=match) as err:
+        asyncio.run(client.score(source, candidates[0], INSTRUCTION))
+    return err.value
+
+
 def _closed_port() -> int:
     return free_port("127.0.0.1")  # nothing listens here once the probing socket is closed
 
@@ -257,12 +265,10 @@ class TestAgainstVLLM:
         assert result.attempts == 3 and client.metrics["requests"] == 3
 
     def test_tiny_timeout_counts_then_raises(self, server):
-        source, candidates = _images()
         # 1 µs: a warm server with its prefix cache answered a 1 ms timeout in time (CI at 624c2c7).
         client = _client(server.url, timeout_s=1e-6, max_retries=2, backoff_s=0.01, retry_budget_s=0)
-        with pytest.raises(JudgeError, match="timeout after 1e-06s") as err:
-            asyncio.run(client.score(source, candidates[0], INSTRUCTION))
-        assert err.value.attempts == 3
+        err = _refused(client, "timeout after 1e-06s")
+        assert err.attempts == 3
         assert client.metrics["timeouts"] == 3
         assert client.metrics["retries"] == 2
         assert client.metrics["failures"] == 1
@@ -270,21 +276,17 @@ class TestAgainstVLLM:
     def test_reply_without_choice_mask_is_unparseable(self, server):
         # Without the structured choice the random model's first token is not a digit distribution: a real
         # 200 reply that must be retried and then rejected, never turned into a score.
-        source, candidates = _images()
         client = _client(server.url, structured_output=False, max_retries=1, backoff_s=0.01)
-        with pytest.raises(JudgeError, match="unparseable reply") as err:
-            asyncio.run(client.score(source, candidates[0], INSTRUCTION))
-        assert '"top_logprobs"' in err.value.last_reply
+        err = _refused(client, "unparseable reply")
+        assert '"top_logprobs"' in err.last_reply
         assert client.metrics["unparseable"] == 2
         assert client.metrics["retries"] == 1
         assert client.metrics["failures"] == 1
 
     def test_unknown_model_is_not_retried(self, server):
-        source, candidates = _images()
         client = _client(server.url, served_model_name="no-such-model", max_retries=3, backoff_s=0.01)
-        with pytest.raises(JudgeError, match="HTTP 404") as err:
-            asyncio.run(client.score(source, candidates[0], INSTRUCTION))
-        assert "no-such-model" in err.value.last_reply
+        err = _refused(client, "HTTP 404")
+        assert "no-such-model" in err.last_reply
         assert client.metrics["requests"] == 1
         assert client.metrics["client_errors"] == 1
         assert client.metrics["retries"] == 0

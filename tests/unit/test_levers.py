@@ -9,7 +9,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from actors.sampler import Sampler
 from learner.trainer.nft_trainer import NFTTrainer
@@ -19,18 +18,6 @@ from tests.learner_harness import EditPrompt, edit_prompts, load_policy, make_sa
 
 ROLLOUT = RolloutConfig(group_size=2, num_steps=3, height=32, width=32, micro_batch=4)
 COMPILE_TOL = 1e-5  # inductor fuses float32 ops differently; measured differences are ~1e-7
-
-
-@pytest.fixture(scope="module")
-def world1(tmp_path_factory):
-    store = tmp_path_factory.mktemp("dist") / "store"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    torch.set_num_threads(threads)
-    torch.backends.cuda.enable_cudnn_sdp(True)  # the trainers below switch it, process-wide
 
 
 def _prompts() -> list[EditPrompt]:

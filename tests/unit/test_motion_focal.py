@@ -1,7 +1,6 @@
 """Motion-focal token weights (learner/trainer/motion_focal.py) by hand values, the policies' packing of them, their
 place in the NFT loss, and the reward side that sends the heat (nft.motion_focal)."""
 
-import asyncio
 from types import SimpleNamespace
 
 import pytest
@@ -24,7 +23,7 @@ from motionnft_core.config import (
 from motionnft_core.models.policy import EditPolicy
 from rewards.flow_scorer import FlowRewardScorer
 from rewards.scorer import RewardScorer
-from tests.unit.golden.make_golden import PixelFlow, flow_items, loss_inputs
+from tests.unit.golden.make_golden import PixelFlow, flow_items, loss_inputs, score_groups
 
 
 def test_pool_to_grid_is_the_block_mean():
@@ -122,14 +121,7 @@ def test_the_reward_side_sends_the_prompts_heat_once_per_group():
         assert torch.equal(b["heat"], torch.linalg.vector_norm(v_gt, dim=-1))
     cfg = RewardConfig(flow_weight=1.0, judge_weight=0.0)
     scorer = RewardScorer(FlowRewardScorer(PixelFlow(), cfg.flow, heat=True), [], cfg)
-
-    async def run():
-        try:
-            return await scorer.score("p", "move", items[0].input, items[0].target, items[0].candidates)
-        finally:
-            await scorer.close()
-
-    group = asyncio.run(run())
+    (group,) = score_groups(scorer, items[:1])
     assert torch.equal(group.heat, hot[0]["heat"]) and "flow/heat" not in group.components
 
 
@@ -139,20 +131,6 @@ def test_motion_focal_needs_the_flow_reward():
                  reward=judge_only)  # fmt: skip
     with pytest.raises(ConfigError, match="nft.motion_focal"):
         validate(cfg)
-
-
-@pytest.fixture(scope="module")
-def world1(tmp_path_factory):
-    import torch.distributed as dist
-
-    store = tmp_path_factory.mktemp("dist") / "store"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    torch.set_num_threads(threads)
-    torch.backends.cuda.enable_cudnn_sdp(True)  # the trainers switch it, process-wide
 
 
 def test_the_trainer_step_with_mix_0_is_the_plain_step_and_the_heat_moves_it(world1, tiny_pipelines):

@@ -1,8 +1,6 @@
 """The static-region preservation term (rewards/preservation.py) by hand values, and its path through the flow scorer
 and the reward scorer (reward.preservation_weight)."""
 
-import asyncio
-
 import pytest
 import torch
 
@@ -10,7 +8,7 @@ from motionnft_core.config import ConfigError, FlowRewardConfig, RewardConfig
 from rewards.flow_scorer import FlowItem, FlowRewardScorer, preservation_constants
 from rewards.preservation import blend_preservation, grid_mask, preservation_score, static_mask
 from rewards.scorer import RewardScorer
-from tests.unit.golden.make_golden import PixelFlow, flow_items
+from tests.unit.golden.make_golden import PixelFlow, flow_items, score_groups
 
 H = W = 32
 THRESHOLD = 0.005  # diagonals: 0.23 px at 32 x 32
@@ -103,14 +101,7 @@ def test_reward_scorer_blends_and_logs_its_own_metric():
     items = flow_items()
     cfg = RewardConfig(flow_weight=1.0, judge_weight=0.0, preservation_weight=0.5)
     scorer = RewardScorer(FlowRewardScorer(PixelFlow(), cfg.flow, preservation=preservation_constants(cfg)), [], cfg)
-
-    async def run():
-        try:
-            return await scorer.score("p", "move", items[0].input, items[0].target, items[0].candidates)
-        finally:
-            await scorer.close()
-
-    group = asyncio.run(run())
+    (group,) = score_groups(scorer, items[:1])
     flow, pres = group.components["flow/reward"], group.components["preservation/score"]
     assert group.reward == [0.5 * f + 0.5 * p for f, p in zip(flow, pres, strict=True)]
     assert "flow/preservation" not in group.components and "preservation/static_share" in group.components

@@ -17,7 +17,7 @@ from motionnft_core.config import EvalConfig, FlowRewardConfig, RewardConfig
 from rewards.flow_reward import motion_alignment_reward
 from rewards.flow_scorer import FlowItem, FlowRewardScorer
 from rewards.mas import mas_constants, motion_alignment_score
-from rewards.scorer import RewardScorer
+from rewards.scorer import GroupReward, RewardScorer
 
 HERE = Path(__file__).resolve().parent
 FILES = {"flow_reward": "flow_reward.pt", "mas": "mas.pt", "flow_scorer": "flow_scorer.pt", "nft_loss": "nft_loss.pt"}
@@ -73,6 +73,18 @@ def flow_items() -> list[FlowItem]:
     return items
 
 
+def score_groups(scorer: RewardScorer, items: list[FlowItem]) -> list[GroupReward]:
+    """Each item's group through the reward scorer (instruction "move"), in order; the scorer is closed after."""
+
+    async def run() -> list[GroupReward]:
+        try:
+            return [await scorer.score(it.prompt_id, "move", it.input, it.target, it.candidates) for it in items]
+        finally:
+            await scorer.close()
+
+    return asyncio.run(run())
+
+
 def scorer_outputs() -> dict[str, torch.Tensor]:
     """The flow scorer's batch (per item, per key) and the reward scorer's blended group reward (flow only)."""
     items = flow_items()
@@ -80,15 +92,9 @@ def scorer_outputs() -> dict[str, torch.Tensor]:
     for i, result in enumerate(FlowRewardScorer(PixelFlow(), FlowRewardConfig(max_batch=3)).score(items)):
         out.update({f"item{i}/{k}": v for k, v in result.items()})
 
-    async def groups():
-        scorer = RewardScorer(FlowRewardScorer(PixelFlow(), FlowRewardConfig()), [],
-                              RewardConfig(flow_weight=0.5, judge_weight=0.0))  # fmt: skip
-        try:
-            return [await scorer.score(it.prompt_id, "move", it.input, it.target, it.candidates) for it in items]
-        finally:
-            await scorer.close()
-
-    for i, group in enumerate(asyncio.run(groups())):
+    scorer = RewardScorer(FlowRewardScorer(PixelFlow(), FlowRewardConfig()), [],
+                          RewardConfig(flow_weight=0.5, judge_weight=0.0))  # fmt: skip
+    for i, group in enumerate(score_groups(scorer, items)):
         out[f"group{i}/reward"] = torch.tensor(group.reward, dtype=torch.float64)
         out.update({f"group{i}/{k}": torch.tensor(v, dtype=torch.float64) for k, v in group.components.items()})
     return out
