@@ -38,7 +38,7 @@ class GroupReward:
     components: dict[str, list[float]] = field(default_factory=dict)  # flow/l_q, flow/reward, judge/score, ...
     timing: dict[str, float] = field(default_factory=dict)
     judge_digit_probs: list = field(default_factory=list)  # per candidate: the judge's P(digit 0..5) (lineage)
-    heat: Any = None  # nft.motion_focal: the prompt's |input->target flow| (H, W); the worker sends a reference
+    heat: Any = None  # nft.motion_focal: the prompt's |input->target flow| (H, W); the driver holds a reference
 
 
 def blend(flow: torch.Tensor | None, judge: torch.Tensor | None, *, flow_weight: float, judge_weight: float):

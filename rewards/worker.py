@@ -42,16 +42,19 @@ class RewardWorker:
     def where(self) -> str:
         return whereabouts()
 
-    async def score(self, example: Any, candidates: torch.Tensor) -> GroupReward:
+    @ray.method(num_returns=2)
+    async def score(self, example: Any, candidates: torch.Tensor) -> tuple[GroupReward, torch.Tensor | None]:
+        """The group's reward, and apart from it the prompt's motion heat (nft.motion_focal; None otherwise). The
+        heat is a return value of its own, not put here: its owner is then the caller, so the learner can still
+        fetch it after this worker is gone; the driver passes it on by reference and never fetches it."""
         self.calls += 1
         with self.busy.call():
             fault_point("reward.score", self.calls)
             out = await self.scorer.score(
                 example.id, example.prompt, example.input_image, example.target_image, candidates
             )
-        if out.heat is not None:  # nft.motion_focal: the learner fetches it by reference, the driver never does
-            out.heat = ray.put(out.heat)
-        return out
+        heat, out.heat = out.heat, None
+        return out, heat
 
     async def score_edits(self, cfg: EvalConfig, parts: int, *rows_then_edits: Any) -> list[dict]:
         """MAS and rubric of evaluation edits: n data rows, then their n edits (uint8 (3, H, W)), then with

@@ -55,7 +55,7 @@ def main(cache_dir: str) -> None:
     image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g)
     example = MotionExample("probe-0", "move the square to the right", image, image.roll(8, -1), None)
     candidates = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=g)
-    group = ray.get(worker.score.remote(example, candidates))
+    group, _ = ray.get(worker.score.remote(example, candidates))
     counters = ray.get(worker.counters.remote())
     denied = ray.get(unauthorized.remote(url))
     log = ray.get(judge.log_tail.remote(100_000))

@@ -225,13 +225,21 @@ def score_groups(pools: Pools, batch: StepRollouts) -> tuple[list[GroupReward | 
     up = pools.rewards.up()
     scorer = [up[g % len(up)] for g in range(len(batch.groups))]
     sent_at = [time.monotonic()] * len(scorer)
-    refs = [pools.rewards.actors[w].score.remote(batch.examples[g], batch.images[g]) for g, w in enumerate(scorer)]
+
+    def score(g: int) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+        """(reward ref, heat ref) of group g; the heat ref is this process's, so it outlives the reward worker."""
+        return pools.rewards.actors[scorer[g]].score.remote(batch.examples[g], batch.images[g])
+
+    calls = [score(g) for g in range(len(scorer))]
+    refs, heats = [c[0] for c in calls], [c[1] for c in calls]
     results: list[GroupReward | JudgeError] = []
     for g in range(len(refs)):
         telemetry.queue_depths(sampled=batch.meta, scored=refs)  # each time a group is taken: what waits where
         while True:
             try:
-                results.append(ray.get(refs[g]))
+                result = ray.get(refs[g])
+                result.heat = heats[g]  # by reference: the learner fetches it (nft.motion_focal), never the driver
+                results.append(result)
                 break
             except ray.exceptions.RayError as e:  # raised in the reward worker, by an argument's task, or its death
                 cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
@@ -252,7 +260,7 @@ def score_groups(pools: Pools, batch: StepRollouts) -> tuple[list[GroupReward | 
             else:
                 pools.rewards.crashed(scorer[g], sent_at[g], crash)
             scorer[g], sent_at[g] = pools.rewards.pick(avoid=scorer[g]), time.monotonic()
-            refs[g] = pools.rewards.actors[scorer[g]].score.remote(batch.examples[g], batch.images[g])
+            refs[g], heats[g] = score(g)
     telemetry.queue_depths(sampled=batch.meta, scored=refs)
     return results, ray.get(batch.meta)
 

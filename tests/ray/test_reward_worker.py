@@ -41,7 +41,7 @@ def test_reward_pool_scores_groups_with_flow_and_live_judge(ray_cluster, vllm_ju
     worker = ray.remote(RewardWorker).options(num_cpus=0.5).remote(spec, "reward-live")
     example_refs = [ray.put(ex) for ex in examples[:3]]
     image_refs = [ray.put(_candidates(ex)) for ex in examples[:3]]
-    results = ray.get([worker.score.remote(e, i) for e, i in zip(example_refs, image_refs, strict=True)])
+    results = ray.get([worker.score.remote(e, i)[0] for e, i in zip(example_refs, image_refs, strict=True)])
     for ex, res in zip(examples[:3], results, strict=True):
         assert res.prompt_id == ex.id and len(res.reward) == 3
         flow, judge = res.components["flow/reward"], res.components["judge/score"]
