@@ -37,7 +37,6 @@ def install() -> None:
     # torch's default 2 threads on 2 cores left every call waiting on the others (load 9, calls 10x slower).
     torch.set_num_threads(1)
 
-    from motionnft_core.models.policy import FluxKontextPolicy, QwenImageEditPolicy
     from rewards.flow_model import ClassicalFlow, RAFTFlow
 
     training = Training(log)
@@ -45,13 +44,23 @@ def install() -> None:
     def forward(self, x_t, *args, **kwargs) -> float:
         return x_t.shape[0] * holds["forward_s"]
 
-    for cls in (FluxKontextPolicy, QwenImageEditPolicy):
+    for cls in defining_classes("velocity"):
         cls.velocity = training.forward(cls.velocity, lambda self, x_t, *a, **k: x_t.shape[0] * holds["train_s"],
                                         held(cls.velocity, forward, "velocity", log))  # fmt: skip
+    for cls in defining_classes("decode"):
         cls.decode = held(cls.decode, lambda self, x0, *a, **k: x0.shape[0] * holds["decode_s"], "decode", log)
     for cls in (ClassicalFlow, RAFTFlow):
         cls.__call__ = held(cls.__call__, lambda self, src, dst: src.shape[0] * holds["flow_s"], "flow", log)
     torch.Tensor.backward = training.backward(torch.Tensor.backward)
+
+
+def defining_classes(method: str) -> list[type]:
+    """The classes whose own `method` every policy family runs: wrapping each of them once holds every family's
+    call exactly once (a family inheriting the method is held through its base; wrapping it too would hold twice)."""
+    from motionnft_core.models.families import policy_classes
+
+    owners = {next(k for k in cls.__mro__ if method in vars(k)) for cls in policy_classes().values()}
+    return sorted(owners, key=lambda k: k.__qualname__)
 
 
 def _wait(name: str, hold: float, t0: float, log: Path) -> None:

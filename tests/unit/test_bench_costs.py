@@ -79,3 +79,18 @@ def test_sim_holds_last_their_gpu_duration_and_hold_forward_and_backward_as_one(
     calls = read_calls(tmp_path)
     assert [c["call"] for c in calls] == ["forward+backward", "velocity", "decode"]
     assert [c["hold"] for c in calls] == pytest.approx([0.1, 0.0, 0.15])
+
+
+def test_sim_holds_hold_every_familys_model_calls_once():
+    """The scale simulation wraps the class that defines each family's velocity and decode, once: every family is
+    held, none twice (a family inheriting a wrapped method would otherwise be wrapped again)."""
+    from bench.sim_holds import defining_classes
+    from motionnft_core.models.families import policy_classes
+
+    for method in ("velocity", "decode"):
+        owners = defining_classes(method)
+        assert len(owners) == len(set(owners))
+        for family, cls in policy_classes().items():
+            defining = next(k for k in cls.__mro__ if method in vars(k))
+            assert defining in owners, (family, method)
+            assert not any(k in owners for k in cls.__mro__ if k is not defining), (family, method)  # not twice
