@@ -48,7 +48,7 @@ def _operational(key: str) -> bool:
     return any(key == op or key.startswith(f"{op}.") for op in OPERATIONAL)
 
 
-ABSENT = "<absent>"  # a key one config lacks and the schema does not know
+_ABSENT = object()  # a key one config lacks and the schema does not know: equal to no value
 
 
 def training_keys_that_differ(saved: dict[str, Any], current: dict[str, Any],
@@ -60,4 +60,4 @@ def training_keys_that_differ(saved: dict[str, Any], current: dict[str, Any],
     and is refused only when the run now sets the key otherwise."""
     a, b, d = flat_config(saved), flat_config(current), flat_config(defaults or {})
     return sorted(k for k in a.keys() | b.keys()
-                  if not _operational(k) and a.get(k, d.get(k, ABSENT)) != b.get(k, d.get(k, ABSENT)))  # fmt: skip
+                  if not _operational(k) and a.get(k, d.get(k, _ABSENT)) != b.get(k, d.get(k, _ABSENT)))  # fmt: skip

@@ -644,9 +644,9 @@ def start_state(cfg: Config, ckpt: CheckpointManager, *, resume: bool, overwrite
             print(f"--resume: no complete checkpoint under {cfg.checkpoint.dir}; starting fresh", flush=True)
         return DriverState(run_id=new_run_id()), None
     saved = ckpt.driver_state(latest)
-    defaults = config_to_dict(Config())
-    if differ := training_keys_that_differ(saved["config"], config_to_dict(cfg), defaults):
-        was, now, default = (flat_config(c) for c in (saved["config"], config_to_dict(cfg), defaults))
+    current, defaults = config_to_dict(cfg), config_to_dict(Config())
+    if differ := training_keys_that_differ(saved["config"], current, defaults):
+        was, now, default = (flat_config(c) for c in (saved["config"], current, defaults))
         saved_value = {k: repr(was[k]) if k in was else f"absent (the default {default.get(k)!r})" for k in differ}
         shown = "; ".join(f"{k}: {saved_value[k]} in the checkpoint, {now.get(k)!r} now" for k in differ)
         raise ConfigError(f"--resume: {ckpt.location(latest)} was trained with other values of {len(differ)} "
