@@ -31,3 +31,8 @@ class CFG:
     def __post_init__(self) -> None:
         if not self.scale > 1.0:
             raise ValueError(f"CFG scale must be > 1 (<= 1 is no CFG: give none), got {self.scale}")
+
+    @classmethod
+    def at(cls, scale: float, negative_prompt: str, combine: Callable) -> "CFG | None":
+        """The guidance at `scale`, or None where the scale turns it off (<= 1, as the pipelines and `eval.*`)."""
+        return cls(scale, negative_prompt, combine) if scale > 1.0 else None

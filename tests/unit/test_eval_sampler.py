@@ -20,6 +20,7 @@ def test_cfg_rules_hand_computed():
         assert torch.allclose(rule(cond, uncond, 1.0), cond)  # scale 1: the conditional prediction
     with pytest.raises(ValueError, match="CFG scale must be > 1"):
         CFG(1.0, "", plain_cfg)
+    assert CFG.at(1.0, "", plain_cfg) is None and CFG.at(4.0, " ", rescaled_cfg) == CFG(4.0, " ", rescaled_cfg)
 
 
 @pytest.mark.parametrize("family", ["flux_kontext", "qwen_image_edit"])

@@ -34,9 +34,7 @@ class Flux2KleinPolicy(flux2.Flux2Policy):
     def eval_cfg(self, cfg: EvalConfig) -> CFG | None:
         """A base checkpoint: CFG `eval.klein_base_cfg` against "" (the pipeline's negative prompt), combined as
         the pipeline does; a distilled one: none (the pipeline ignores its guidance scale)."""
-        if self.is_distilled or cfg.klein_base_cfg <= 1:
-            return None
-        return CFG(cfg.klein_base_cfg, "", plain_cfg)
+        return None if self.is_distilled else CFG.at(cfg.klein_base_cfg, "", plain_cfg)
 
     @classmethod
     def eval_sampling(cls, cfg: EvalConfig) -> dict:

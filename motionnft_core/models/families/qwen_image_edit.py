@@ -37,7 +37,7 @@ class QwenImageEditPolicy(EditPolicy):
 
     def eval_cfg(self, cfg: EvalConfig) -> CFG | None:
         """True CFG `eval.qwen_true_cfg` against `eval.negative_prompt`, rescaled as the pipeline does."""
-        return CFG(cfg.qwen_true_cfg, cfg.negative_prompt, rescaled_cfg) if cfg.qwen_true_cfg > 1 else None
+        return CFG.at(cfg.qwen_true_cfg, cfg.negative_prompt, rescaled_cfg)
 
     @classmethod
     def eval_sampling(cls, cfg: EvalConfig) -> dict:
